@@ -1,0 +1,15 @@
+//! EROFS images, written and read in pure Rust.
+//!
+//! - [`format`]: the on-disk structures, one module, like erofs-utils' `erofs_fs.h`.
+//! - [`writer`]: a streaming image writer. File data is appended block by block as it
+//!   arrives (one pass, no unpacked copy); directories, inodes and xattrs are kept in
+//!   memory as a [`writer::Tree`] and laid out after the data when the image is finished.
+//! - [`reader`]: reads an image without mounting it (inspect, list, cat, and tests).
+//!
+//! The writer is the product's core and is written by hand on purpose: the converter
+//! streams tar bodies straight into data blocks, which no existing crate offers, and the
+//! layout decisions (inline tails, shared xattrs, deterministic order) are ours to own.
+
+pub mod format;
+pub mod reader;
+pub mod writer;

@@ -1,0 +1,1 @@
+//! Reading EROFS images without mounting them.

@@ -1,0 +1,1 @@
+//! One-pass conversion of OCI layers into EROFS images.
