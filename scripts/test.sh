@@ -1,0 +1,113 @@
+#!/bin/bash
+# The one "run all tests" command of dedup-snapshotter.
+#
+#   sudo scripts/test.sh            (as root, on Debian 12)
+#
+# 1. installs the Debian packages the tests use, when missing;
+# 2. checks it is root and that the kernel has erofs and overlay
+#    (modprobe-ing them if needed), failing loudly otherwise;
+# 3. cargo fmt --check, cargo clippy -D warnings, cargo build --release;
+# 4. warms the debian-minbase fixture (debootstrap, a few minutes the first
+#    time; cached in ${DEDUP_CACHE:-/var/cache/dedup-snapshotter-tests});
+# 5. cargo test --workspace --release, then one closing summary line
+#    "tests: N passed, N failed, N skipped" (skipped = #[ignore]d).
+#
+# Exits non-zero on any failure.  Extra arguments go to `cargo test` (after
+# the workspace selection), e.g. `scripts/test.sh -- --nocapture`.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+die() {
+    printf 'test.sh: FATAL: %s\n' "$*" >&2
+    exit 1
+}
+
+# --- root -------------------------------------------------------------------
+[[ $(id -u) -eq 0 ]] || die "must run as root (tests mount EROFS images with mount(2) and run debootstrap)"
+
+# --- cargo on PATH (rustup installs into ~/.cargo/bin) ------------------------
+if ! command -v cargo >/dev/null && [[ -f "$HOME/.cargo/env" ]]; then
+    # shellcheck source=/dev/null
+    . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null || die "cargo not found (install Rust with rustup)"
+
+# --- Debian packages ------------------------------------------------------------
+# package => a file it installs (cheap "is it there?" check without dpkg locks)
+declare -A PKG_FILE=(
+    [erofs-utils]=/usr/bin/fsck.erofs
+    [attr]=/usr/bin/getfattr
+    [debootstrap]=/usr/sbin/debootstrap
+    [pigz]=/usr/bin/pigz
+    [zstd]=/usr/bin/zstd
+    [python3]=/usr/bin/python3
+    [busybox-static]=/bin/busybox
+    [fuse3]=/usr/bin/fusermount3
+    [kmod]=/sbin/modprobe
+)
+missing=()
+for pkg in "${!PKG_FILE[@]}"; do
+    [[ -e "${PKG_FILE[$pkg]}" ]] || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    step "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# --- kernel file systems -----------------------------------------------------
+for fs in erofs overlay; do
+    if ! grep -qw "$fs" /proc/filesystems; then
+        step "modprobe $fs"
+        modprobe "$fs" || true
+    fi
+    grep -qw "$fs" /proc/filesystems ||
+        die "the kernel has no '$fs' file system (not in /proc/filesystems, modprobe $fs failed); the tests cannot run here"
+done
+
+# --- lint, build ----------------------------------------------------------------
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo build --workspace --release"
+cargo build --workspace --release
+
+# --- fixtures -------------------------------------------------------------------
+FIXTURE=crates/dedup-snapshotter/tests/fixtures/debian-minbase.sh
+if [[ -f "$FIXTURE" ]]; then
+    step "warming the debian-minbase fixture"
+    tgz=$(bash "$FIXTURE")
+    [[ -s "$tgz" ]] || die "$FIXTURE printed '$tgz', which is not a non-empty file"
+    echo "fixture: $tgz" >&2
+else
+    echo "note: $FIXTURE not found, no fixture to warm" >&2
+fi
+
+# --- tests ----------------------------------------------------------------------
+step "cargo test --workspace --release $*"
+log=$(mktemp /tmp/dedup-test.XXXXXX.log)
+trap 'rm -f "$log"' EXIT
+rc=0
+cargo test --workspace --release "$@" 2>&1 | tee "$log" || rc=$?
+
+# One closing line over all test binaries (cargo prints one "test result:"
+# line per binary, the last being the doc-tests of the last crate).
+awk '
+    /^test result: / {
+        for (i = 1; i <= NF; i++) {
+            if ($(i) ~ /^passed/)  p += $(i - 1)
+            if ($(i) ~ /^failed/)  f += $(i - 1)
+            if ($(i) ~ /^ignored/) s += $(i - 1)
+        }
+        n++
+    }
+    END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }
+' "$log"
+exit "$rc"
