@@ -1,1 +1,203 @@
-fn main() {}
+//! `dedup-snapshotter`: a containerd snapshotter and differ that stores image layers
+//! as EROFS images. This binary carries the daemon and the tools around it.
+
+use std::fs::File;
+use std::io::{self, IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+// mod inspect;
+
+#[derive(Parser)]
+#[command(name = "dedup-snapshotter", version, about = "A containerd snapshotter and differ storing layers as EROFS images")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert an OCI layer (tar, tar+gzip, tar+zstd) into an EROFS image in one pass.
+    Convert {
+        /// The layer's media type; by default the compression is detected from the stream.
+        #[arg(long)]
+        media_type: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Do not pack small files and tails after their inodes (block-aligned data).
+        #[arg(long)]
+        no_inline: bool,
+        /// Largest uncompressed layer accepted, in bytes (suffixes K, M, G, T).
+        #[arg(long, value_parser = parse_size, default_value = "64G")]
+        max_size: u64,
+        /// fsync the image before renaming it into place.
+        #[arg(long)]
+        fsync: bool,
+        /// The layer file, or `-` for standard input.
+        input: PathBuf,
+        /// The EROFS image to write.
+        output: PathBuf,
+    },
+    /// Show an EROFS image's superblock.
+    Inspect {
+        /// The image.
+        image: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a directory (or one entry) of an EROFS image.
+    Ls {
+        /// The image.
+        image: PathBuf,
+        /// The path inside the image (default `/`).
+        path: Option<String>,
+        /// List recursively.
+        #[arg(short = 'R', long)]
+        recursive: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a file from an EROFS image.
+    Cat {
+        /// The image.
+        image: PathBuf,
+        /// The file's path inside the image.
+        path: String,
+    },
+    /// Decompress a gzip or zstd file with the converter's decompressor and discard the
+    /// output: the benchmark's baseline.
+    BenchDecompress {
+        /// The compressed file.
+        input: PathBuf,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let mult = match s[i..].to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+                "K" => 1u64 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                "" => 1,
+                other => return Err(format!("unknown size suffix {other:?}")),
+            };
+            (&s[..i], mult)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("bad size {s:?}"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} too large"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Convert { media_type, json, no_inline, max_size, fsync, input, output } => {
+            let mut opts = layer_convert::Options::from_env();
+            opts.media_type = media_type;
+            opts.inline_data = !no_inline;
+            opts.max_size = max_size;
+            opts.fsync = fsync;
+            convert(&input, &output, &opts, json)
+        }
+        Command::Inspect { .. } | Command::Ls { .. } | Command::Cat { .. } => anyhow::bail!("reader not wired yet"),
+        Command::BenchDecompress { input } => bench_decompress(&input),
+    }
+}
+
+fn convert(input: &PathBuf, output: &PathBuf, opts: &layer_convert::Options, json: bool) -> Result<()> {
+    let (reader, total): (Box<dyn Read + Send>, Option<u64>) = if input.as_os_str() == "-" {
+        (Box::new(io::stdin()), None)
+    } else {
+        let f = File::open(input).with_context(|| format!("opening {}", input.display()))?;
+        let len = f.metadata().ok().map(|m| m.len());
+        (Box::new(f), len)
+    };
+    // A bar only where someone watches, and only when it will be on screen a while.
+    let bar = (io::stderr().is_terminal() && total.is_none_or(|t| t > 32 << 20)).then(|| {
+        let bar = match total {
+            Some(t) => ProgressBar::new(t),
+            None => ProgressBar::no_length(),
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {bytes}/{total_bytes} {bytes_per_sec} {wide_bar} {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let progress = bar.clone().map(|b| move |n: u64| b.set_position(n));
+    let report = layer_convert::convert(reader, output, opts, progress.as_ref().map(|p| p as &(dyn Fn(u64) + Sync)));
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let report = report.with_context(|| format!("converting {}", input.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("diff id:       {}", report.diff_id);
+        println!("input digest:  {}", report.input_digest);
+        println!("compression:   {}", report.compression.name());
+        println!("input size:    {}", report.input_size);
+        println!("tar size:      {}", report.uncompressed_size);
+        println!("image size:    {}", report.output_size);
+        println!("entries:       {}", report.entries);
+        println!("time:          {:.3}s", report.seconds);
+    }
+    Ok(())
+}
+
+fn bench_decompress(input: &PathBuf) -> Result<()> {
+    let started = Instant::now();
+    let f = File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let mut src = io::BufReader::with_capacity(256 << 10, f);
+    let head = io::BufRead::fill_buf(&mut src)?;
+    let c = layer_convert::Compression::sniff(head)?;
+    let mut dec: Box<dyn Read> = match c {
+        layer_convert::Compression::Gzip => Box::new(flate2_reader(src)),
+        layer_convert::Compression::Zstd => Box::new(zstd_reader(src)?),
+        layer_convert::Compression::None => Box::new(src),
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = dec.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    println!(
+        "{}",
+        serde_json::json!({"compression": c.name(), "uncompressed_size": total, "seconds": started.elapsed().as_secs_f64()})
+    );
+    Ok(())
+}
+
+fn flate2_reader<R: io::BufRead>(r: R) -> impl Read {
+    layer_convert::stream::gzip_decoder(r)
+}
+
+fn zstd_reader<R: io::BufRead>(r: R) -> Result<impl Read> {
+    Ok(layer_convert::stream::zstd_decoder(r)?)
+}

@@ -1,1 +1,880 @@
 //! The streaming EROFS image writer.
+//!
+//! An image is produced in two steps:
+//!
+//! 1. While the source is read (a tar stream, a directory walk), each regular file's
+//!    body goes straight to the output with [`ImageWriter::write_file_data`]: full
+//!    blocks are appended to the data area as they arrive, and the tail (size mod block
+//!    size) is either kept in memory to be packed after the inode (`FLAT_INLINE`) or
+//!    padded out to a block right away (`FLAT_PLAIN`). Nothing is ever re-read, so the
+//!    source is consumed in one pass and memory holds only metadata and small tails.
+//! 2. [`ImageWriter::finish`] lays out everything else after the file data: directory
+//!    blocks, the shared xattr area, the inodes (with inline xattrs and tails), and
+//!    finally the superblock in block 0.
+//!
+//! Layout of a finished image (block numbers grow downwards):
+//!
+//! ```text
+//! block 0          superblock at byte 1024
+//! blocks 1..D      file bodies, in arrival order
+//! blocks D..M      directory blocks and long symlink targets that are not inlined
+//! blocks M..       meta area: shared xattrs, then inodes (root first), 32-byte slots
+//! ```
+//!
+//! The output is a pure function of the tree and the data given: directory entries are
+//! sorted, nodes are laid out in depth-first order of sorted names, and the shared xattr
+//! table is ordered by first use, so the same input always gives the same bytes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, BufRead, Seek, SeekFrom, Write};
+
+use crate::format::{self, mode, Dirent, Inode, SuperBlock, XattrEntry, XattrIbodyHeader};
+
+/// Errors from building an image.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading the source or writing the image failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The tree cannot be represented in EROFS (names, sizes, addresses out of range).
+    #[error("{0}")]
+    Unrepresentable(String),
+}
+
+/// Result of writer operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How the image is written.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Pack small files and tails right after their inode. Off gives block-aligned data
+    /// for every file, which layers that will later be merged or chunk-shared prefer.
+    pub inline_data: bool,
+    /// Timestamp compact inodes report; inodes with any other mtime are extended.
+    pub build_time: u64,
+    /// Nanoseconds part of [`Options::build_time`].
+    pub build_time_nsec: u32,
+    /// Filesystem UUID.
+    pub uuid: [u8; 16],
+    /// Volume label.
+    pub volume_name: [u8; 16],
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { inline_data: true, build_time: 0, build_time_nsec: 0, uuid: [0; 16], volume_name: [0; 16] }
+    }
+}
+
+/// The block size this writer produces (4 KiB, the page size the kernel wants).
+pub const BLOCK_SIZE: u64 = 4096;
+const BLKSZBITS: u8 = 12;
+const BS: usize = BLOCK_SIZE as usize;
+/// Marks "no block" in `raw_blkaddr`, as erofs-utils does.
+const NULL_ADDR: u32 = u32::MAX;
+
+/// Index of a node in a [`Tree`].
+pub type NodeId = u32;
+
+/// One extended attribute, split into the EROFS prefix index and the name suffix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Xattr {
+    /// Prefix index (`format::xattr_index`).
+    pub index: u8,
+    /// Name after the prefix.
+    pub suffix: Box<[u8]>,
+    /// Value.
+    pub value: Box<[u8]>,
+}
+
+impl Xattr {
+    /// Builds an xattr from its full name. Fails when EROFS has no prefix for the name
+    /// or the name or value is too long for the format.
+    pub fn new(name: &[u8], value: &[u8]) -> Result<Xattr> {
+        let shown = || String::from_utf8_lossy(name).into_owned();
+        let (index, suffix) = format::split_xattr_name(name)
+            .ok_or_else(|| Error::Unrepresentable(format!("xattr {:?}: namespace not supported by EROFS", shown())))?;
+        if suffix.len() > 255 {
+            return Err(Error::Unrepresentable(format!("xattr {:?}: name longer than 255 bytes", shown())));
+        }
+        if value.len() > 65535 {
+            return Err(Error::Unrepresentable(format!("xattr {:?}: value longer than 65535 bytes", shown())));
+        }
+        Ok(Xattr { index, suffix: suffix.into(), value: value.into() })
+    }
+
+    /// The full name, e.g. `user.foo`.
+    pub fn name(&self) -> Vec<u8> {
+        format::join_xattr_name(self.index, &self.suffix).unwrap_or_default()
+    }
+
+    fn entry_size(&self) -> usize {
+        format::xattr_entry_size(self.suffix.len(), self.value.len())
+    }
+}
+
+/// Inode metadata of a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// Permission bits (07777); the type comes from the node's [`Body`].
+    pub perm: u16,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: u64,
+    /// Modification time, nanoseconds.
+    pub mtime_nsec: u32,
+    /// Extended attributes, kept sorted and unique by name.
+    pub xattrs: Vec<Xattr>,
+}
+
+impl Meta {
+    /// Sets (or replaces) an xattr, keeping the list sorted by name.
+    pub fn set_xattr(&mut self, x: Xattr) {
+        match self.xattrs.binary_search_by(|o| (o.index, &o.suffix).cmp(&(x.index, &x.suffix))) {
+            Ok(i) => self.xattrs[i] = x,
+            Err(i) => self.xattrs.insert(i, x),
+        }
+    }
+
+    /// Worst-case size of the xattr body: every xattr inline.
+    fn xattr_upper_bound(&self) -> usize {
+        let inline: usize = self.xattrs.iter().map(Xattr::entry_size).sum();
+        format::xattr_ibody_size(format::xattr_icount(0, inline) as u16)
+    }
+}
+
+/// Where a regular file's body is in the image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileData {
+    /// File size in bytes.
+    pub size: u64,
+    /// First data block (meaningless when `blocks` is 0).
+    pub blkaddr: u32,
+    /// Data blocks written, including a padded tail block when the tail is not inline.
+    pub blocks: u32,
+    /// The tail, to be packed after the inode.
+    pub tail: Option<Box<[u8]>>,
+}
+
+/// What a node is, with its type-specific payload.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// A directory and its children, sorted by name.
+    Dir(BTreeMap<Box<[u8]>, NodeId>),
+    /// A regular file whose data is already in the image.
+    File(FileData),
+    /// A symbolic link and its target.
+    Symlink(Box<[u8]>),
+    /// A character device (major, minor).
+    CharDev(u32, u32),
+    /// A block device (major, minor).
+    BlockDev(u32, u32),
+    /// A named pipe.
+    Fifo,
+    /// A socket.
+    Socket,
+}
+
+impl Body {
+    fn type_bits(&self) -> u16 {
+        match self {
+            Body::Dir(_) => mode::S_IFDIR,
+            Body::File(_) => mode::S_IFREG,
+            Body::Symlink(_) => mode::S_IFLNK,
+            Body::CharDev(..) => mode::S_IFCHR,
+            Body::BlockDev(..) => mode::S_IFBLK,
+            Body::Fifo => mode::S_IFIFO,
+            Body::Socket => mode::S_IFSOCK,
+        }
+    }
+}
+
+/// A node: metadata and body.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Inode metadata.
+    pub meta: Meta,
+    /// Type and payload.
+    pub body: Body,
+}
+
+impl Node {
+    /// A new empty directory.
+    pub fn dir(meta: Meta) -> Node {
+        Node { meta, body: Body::Dir(BTreeMap::new()) }
+    }
+
+    /// Whether this node is a directory.
+    pub fn is_dir(&self) -> bool {
+        matches!(self.body, Body::Dir(_))
+    }
+}
+
+/// The file tree of an image being built: an arena of nodes, node 0 the root.
+///
+/// Hard links are several directory entries naming the same node. Nodes unlinked from
+/// the tree (replaced by a later entry) stay in the arena and are simply not written.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    nodes: Vec<Node>,
+}
+
+impl Tree {
+    /// A tree holding only the root directory.
+    pub fn new(root: Meta) -> Tree {
+        Tree { nodes: vec![Node::dir(root)] }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> NodeId {
+        0
+    }
+
+    /// A node by id.
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id as usize]
+    }
+
+    /// A node by id, for changes.
+    pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        &mut self.nodes[id as usize]
+    }
+
+    /// Adds an unlinked node; link it with [`Tree::link`].
+    pub fn add(&mut self, node: Node) -> NodeId {
+        self.nodes.push(node);
+        (self.nodes.len() - 1) as NodeId
+    }
+
+    /// Number of nodes in the arena (linked or not).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the arena holds only the root.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.len() <= 1
+    }
+
+    /// The child of `dir` called `name`.
+    pub fn child(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
+        match &self.node(dir).body {
+            Body::Dir(children) => children.get(name).copied(),
+            _ => None,
+        }
+    }
+
+    /// Links `node` into `dir` under `name`, returning what was there before.
+    /// Panics if `dir` is not a directory (a caller bug).
+    pub fn link(&mut self, dir: NodeId, name: &[u8], node: NodeId) -> Option<NodeId> {
+        match &mut self.node_mut(dir).body {
+            Body::Dir(children) => children.insert(name.into(), node),
+            _ => panic!("link into a non-directory node"),
+        }
+    }
+
+    /// Unlinks `name` from `dir`, returning the node that was there.
+    pub fn unlink(&mut self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
+        match &mut self.node_mut(dir).body {
+            Body::Dir(children) => children.remove(name),
+            _ => None,
+        }
+    }
+}
+
+/// Figures about a finished image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Inodes written.
+    pub inodes: u64,
+    /// Total blocks.
+    pub blocks: u32,
+    /// Image size in bytes.
+    pub bytes: u64,
+    /// Blocks holding file bodies.
+    pub data_blocks: u32,
+    /// Start of the meta area.
+    pub meta_blkaddr: u32,
+    /// nid of the root directory.
+    pub root_nid: u16,
+    /// Shared xattr entries.
+    pub shared_xattrs: usize,
+}
+
+/// Writes an image: file bodies first, as they stream in, then everything else.
+pub struct ImageWriter<W: Write + Seek> {
+    out: W,
+    opts: Options,
+    /// Next free block in the data area.
+    next_block: u32,
+}
+
+impl<W: Write + Seek> ImageWriter<W> {
+    /// Starts an image in `out`, which must be empty: block 0 is left for the
+    /// superblock, file data starts at block 1.
+    pub fn new(mut out: W, opts: Options) -> Result<Self> {
+        out.seek(SeekFrom::Start(BLOCK_SIZE))?;
+        Ok(ImageWriter { out, opts, next_block: 1 })
+    }
+
+    /// The options this writer was made with.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Sets the UUID; it is written with the superblock, last, so it may depend on
+    /// everything read (e.g. the input's digest).
+    pub fn set_uuid(&mut self, uuid: [u8; 16]) {
+        self.opts.uuid = uuid;
+    }
+
+    /// Whether a file of `size` bytes with `meta` will get its tail inlined. The answer
+    /// must be known before the body streams past, so it assumes the worst case (an
+    /// extended inode, every xattr inline); [`ImageWriter::finish`] can only do better.
+    pub fn will_inline_tail(&self, meta: &Meta, size: u64) -> bool {
+        let tail = (size % BLOCK_SIZE) as usize;
+        self.opts.inline_data
+            && tail != 0
+            && format::EXTENDED_INODE_SIZE + meta.xattr_upper_bound() + tail <= BS
+    }
+
+    /// Streams a regular file's body of exactly `size` bytes from `src` into the data
+    /// area. Ends with `UnexpectedEof` if `src` runs dry first.
+    pub fn write_file_data<R: BufRead + ?Sized>(&mut self, src: &mut R, size: u64, meta: &Meta) -> Result<FileData> {
+        if size == 0 {
+            return Ok(FileData { size, blkaddr: NULL_ADDR, blocks: 0, tail: None });
+        }
+        let inline = self.will_inline_tail(meta, size);
+        let full = size / BLOCK_SIZE;
+        let tail_len = (size % BLOCK_SIZE) as usize;
+        let blocks = full + u64::from(tail_len != 0 && !inline);
+        let blkaddr = self.next_block;
+        let end = u64::from(blkaddr) + blocks;
+        if end > u64::from(u32::MAX) {
+            return Err(Error::Unrepresentable("image larger than 16 TiB".into()));
+        }
+        copy_exact(src, &mut self.out, full * BLOCK_SIZE)?;
+        let tail = if tail_len == 0 {
+            None
+        } else if inline {
+            let mut t = vec![0u8; tail_len];
+            read_exact(src, &mut t)?;
+            Some(t.into_boxed_slice())
+        } else {
+            copy_exact(src, &mut self.out, tail_len as u64)?;
+            self.out.write_all(&ZEROS[..BS - tail_len])?;
+            None
+        };
+        self.next_block = end as u32;
+        Ok(FileData { size, blkaddr: if full > 0 || tail.is_none() { blkaddr } else { NULL_ADDR }, blocks: blocks as u32, tail })
+    }
+
+    /// Lays out and writes everything but file bodies, then the superblock. Returns
+    /// the output (positioned at its end) and a summary.
+    pub fn finish(mut self, tree: &Tree) -> Result<(W, Summary)> {
+        let data_blocks = self.next_block - 1;
+        let plan = Plan::new(tree, &self.opts, self.next_block)?;
+
+        // Late data: directory blocks and symlink targets that do not fit inline.
+        for slot in &plan.slots {
+            if slot.late_blocks == 0 {
+                continue;
+            }
+            let bytes = plan.late_bytes(tree, slot);
+            let full = slot.late_blocks as usize * BS;
+            let n = full.min(bytes.len());
+            self.out.write_all(&bytes[..n])?;
+            self.out.write_all(&ZEROS[..full - n])?;
+        }
+
+        // The meta area: shared xattrs, then inodes in their slots.
+        let mut meta = Vec::with_capacity(plan.meta_bytes as usize);
+        meta.extend_from_slice(&plan.shared_area);
+        for slot in &plan.slots {
+            meta.resize((slot.nid as usize) << format::ISLOT_BITS, 0);
+            plan.encode_inode(tree, slot, &mut meta);
+        }
+        let meta_len = (meta.len() as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        meta.resize(meta_len as usize, 0);
+        self.out.write_all(&meta)?;
+
+        let blocks = u64::from(plan.meta_blkaddr) + meta_len / BLOCK_SIZE;
+        let blocks = u32::try_from(blocks).map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
+        let sb = SuperBlock {
+            blkszbits: BLKSZBITS,
+            root_nid: plan.root_nid,
+            inos: plan.slots.len() as u64,
+            build_time: self.opts.build_time,
+            build_time_nsec: self.opts.build_time_nsec,
+            blocks,
+            meta_blkaddr: plan.meta_blkaddr,
+            xattr_blkaddr: plan.meta_blkaddr,
+            uuid: self.opts.uuid,
+            volume_name: self.opts.volume_name,
+            ..Default::default()
+        };
+        self.out.seek(SeekFrom::Start(format::SUPER_OFFSET))?;
+        self.out.write_all(&sb.encode())?;
+        self.out.seek(SeekFrom::Start(u64::from(blocks) * BLOCK_SIZE))?;
+        self.out.flush()?;
+        let summary = Summary {
+            inodes: plan.slots.len() as u64,
+            blocks,
+            bytes: u64::from(blocks) * BLOCK_SIZE,
+            data_blocks,
+            meta_blkaddr: plan.meta_blkaddr,
+            root_nid: plan.root_nid,
+            shared_xattrs: plan.shared_ids.len(),
+        };
+        Ok((self.out, summary))
+    }
+}
+
+static ZEROS: [u8; BS] = [0; BS];
+
+fn copy_exact<R: BufRead + ?Sized, W: Write>(src: &mut R, out: &mut W, mut n: u64) -> io::Result<()> {
+    while n > 0 {
+        let buf = src.fill_buf()?;
+        if buf.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended inside file data"));
+        }
+        let take = buf.len().min(n as usize);
+        out.write_all(&buf[..take])?;
+        src.consume(take);
+        n -= take as u64;
+    }
+    Ok(())
+}
+
+fn read_exact<R: BufRead + ?Sized>(src: &mut R, mut dst: &mut [u8]) -> io::Result<()> {
+    while !dst.is_empty() {
+        let buf = src.fill_buf()?;
+        if buf.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended inside file data"));
+        }
+        let take = buf.len().min(dst.len());
+        dst[..take].copy_from_slice(&buf[..take]);
+        src.consume(take);
+        dst = &mut dst[take..];
+    }
+    Ok(())
+}
+
+/// Where one reachable node goes.
+struct Slot {
+    id: NodeId,
+    nid: u64,
+    ino: u32,
+    nlink: u32,
+    /// nid of the parent directory (directories only).
+    parent_nid: u64,
+    extended: bool,
+    xattr_icount: u16,
+    /// Shared xattr ids of this node, then its inline xattrs, in order.
+    shared: Vec<u32>,
+    inline_xattrs: Vec<usize>,
+    /// Bytes of inline tail after the xattrs.
+    inline_len: usize,
+    /// Size of the data (file, directory or symlink target).
+    size: u64,
+    /// Data blocks in the late area (directories, long symlinks).
+    late_blkaddr: u32,
+    late_blocks: u32,
+    /// Directory only: entries (name, child id) sorted, with "." and "..".
+    dir_blocks: Vec<std::ops::Range<usize>>,
+}
+
+/// The layout of everything written by `finish`.
+struct Plan {
+    slots: Vec<Slot>,
+    /// NodeId -> index in `slots`.
+    index: Vec<u32>,
+    shared_area: Vec<u8>,
+    shared_ids: HashMap<Xattr, u32>,
+    meta_blkaddr: u32,
+    meta_bytes: u64,
+    root_nid: u16,
+}
+
+impl Plan {
+    fn new(tree: &Tree, opts: &Options, late_start: u32) -> Result<Plan> {
+        let (order, nlink, parents) = walk(tree)?;
+
+        let mut index = vec![u32::MAX; tree.len()];
+        for (i, id) in order.iter().enumerate() {
+            index[*id as usize] = i as u32;
+        }
+
+        // Values carried by more than one inode are stored once in the shared area.
+        let mut uses: HashMap<&Xattr, u32> = HashMap::new();
+        for id in &order {
+            for x in &tree.node(*id).meta.xattrs {
+                *uses.entry(x).or_default() += 1;
+            }
+        }
+        let mut shared_area = Vec::new();
+        let mut shared_ids = HashMap::new();
+        for id in &order {
+            for x in &tree.node(*id).meta.xattrs {
+                if uses[x] > 1 && !shared_ids.contains_key(x) {
+                    shared_ids.insert(x.clone(), (shared_area.len() / 4) as u32);
+                    XattrEntry::encode_into(x.index, &x.suffix, &x.value, &mut shared_area);
+                }
+            }
+        }
+
+        let mut slots = Vec::with_capacity(order.len());
+        // Inodes start after the shared area and never at nid 0.
+        let mut cursor = (shared_area.len() as u64).max(32).next_multiple_of(32);
+        let mut late_cursor = u64::from(late_start);
+        for (i, &id) in order.iter().enumerate() {
+            let node = tree.node(id);
+            let m = &node.meta;
+            let mut shared = Vec::new();
+            let mut inline_xattrs = Vec::new();
+            let mut inline_bytes = 0;
+            for (xi, x) in m.xattrs.iter().enumerate() {
+                match shared_ids.get(x) {
+                    Some(sid) => shared.push(*sid),
+                    None => {
+                        inline_xattrs.push(xi);
+                        inline_bytes += x.entry_size();
+                    }
+                }
+            }
+            if shared.len() > 255 {
+                return Err(Error::Unrepresentable("more than 255 shared xattrs on one inode".into()));
+            }
+            let icount = format::xattr_icount(shared.len(), inline_bytes);
+            let xattr_icount = u16::try_from(icount)
+                .map_err(|_| Error::Unrepresentable("xattrs of one inode exceed 256 KiB".into()))?;
+            let xattr_size = format::xattr_ibody_size(xattr_icount);
+
+            let mut dir_blocks = Vec::new();
+            let (size, tail_len, late_blocks) = match &node.body {
+                Body::File(f) => (f.size, f.tail.as_ref().map_or(0, |t| t.len()), 0),
+                Body::Symlink(t) => split_data(t.len() as u64, opts, m, xattr_size),
+                Body::Dir(children) => {
+                    let entries = dir_entries(children, &[]);
+                    let (blocks, size) = pack_dir(&entries);
+                    dir_blocks = blocks;
+                    split_data(size, opts, m, xattr_size)
+                }
+                _ => (0, 0, 0),
+            };
+            let nlink_v = nlink[id as usize];
+            let extended = m.uid > 0xffff
+                || m.gid > 0xffff
+                || size > u64::from(u32::MAX)
+                || nlink_v > 0xffff
+                || m.mtime != opts.build_time
+                || m.mtime_nsec != opts.build_time_nsec;
+            let isize = if extended { format::EXTENDED_INODE_SIZE } else { format::COMPACT_INODE_SIZE };
+            let total = (isize + xattr_size + tail_len) as u64;
+            // An inline tail must sit in the same block as its inode; keep every small
+            // inode within one block so readers never straddle.
+            if total <= BLOCK_SIZE && cursor % BLOCK_SIZE + total > BLOCK_SIZE {
+                cursor = cursor.next_multiple_of(BLOCK_SIZE);
+            }
+            let nid = cursor >> format::ISLOT_BITS;
+            cursor += total.next_multiple_of(32);
+            let late_blkaddr = if late_blocks > 0 { late_cursor as u32 } else { NULL_ADDR };
+            late_cursor += u64::from(late_blocks);
+            slots.push(Slot {
+                id,
+                nid,
+                ino: i as u32 + 1,
+                nlink: nlink_v,
+                parent_nid: 0,
+                extended,
+                xattr_icount,
+                shared,
+                inline_xattrs,
+                inline_len: tail_len,
+                size,
+                late_blkaddr,
+                late_blocks,
+                dir_blocks,
+            });
+        }
+        for (i, slot) in slots.iter_mut().enumerate() {
+            slot.parent_nid = u64::from(parents[i]);
+        }
+        // parents[] holds slot indexes; turn them into nids.
+        let nids: Vec<u64> = slots.iter().map(|s| s.nid).collect();
+        for slot in &mut slots {
+            slot.parent_nid = nids[slot.parent_nid as usize];
+        }
+        let root_nid = u16::try_from(slots[0].nid)
+            .map_err(|_| Error::Unrepresentable("shared xattr area too large for the root nid".into()))?;
+        let meta_blkaddr = u32::try_from(late_cursor)
+            .map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
+        Ok(Plan {
+            slots,
+            index,
+            shared_area,
+            shared_ids,
+            meta_blkaddr,
+            meta_bytes: cursor,
+            root_nid,
+        })
+    }
+
+    fn nid_of(&self, id: NodeId) -> u64 {
+        self.slots[self.index[id as usize] as usize].nid
+    }
+
+    /// The bytes of a directory or symlink (the whole data, tail included).
+    fn late_bytes(&self, tree: &Tree, slot: &Slot) -> Vec<u8> {
+        match &tree.node(slot.id).body {
+            Body::Symlink(t) => t.to_vec(),
+            Body::Dir(children) => self.dir_bytes(tree, children, slot),
+            _ => Vec::new(),
+        }
+    }
+
+    fn dir_bytes(&self, tree: &Tree, children: &BTreeMap<Box<[u8]>, NodeId>, slot: &Slot) -> Vec<u8> {
+        let dots: [(&[u8], Option<u64>, u8); 2] =
+            [(b".", Some(slot.nid), format::ft::DIR), (b"..", Some(slot.parent_nid), format::ft::DIR)];
+        let entries = dir_entries(children, &dots);
+        let mut out = Vec::with_capacity(slot.dir_blocks.len() * BS);
+        for (bi, range) in slot.dir_blocks.iter().enumerate() {
+            let start = out.len();
+            let ents = &entries[range.clone()];
+            let mut nameoff = ents.len() * format::DIRENT_SIZE;
+            for e in ents {
+                let (nid, ft) = match e.1 {
+                    DirTarget::Node(id) => (self.nid_of(id), format::file_type_of(tree.node(id).body.type_bits())),
+                    DirTarget::Fixed(nid, ft) => (nid, ft),
+                };
+                out.extend_from_slice(&Dirent { nid, nameoff: nameoff as u16, file_type: ft }.encode());
+                nameoff += e.0.len();
+            }
+            for e in ents {
+                out.extend_from_slice(e.0);
+            }
+            if bi + 1 < slot.dir_blocks.len() {
+                out.resize(start + BS, 0);
+            }
+        }
+        out
+    }
+
+    fn encode_inode(&self, tree: &Tree, slot: &Slot, out: &mut Vec<u8>) {
+        let node = tree.node(slot.id);
+        let m = &node.meta;
+        let (layout, i_u) = match &node.body {
+            Body::File(f) => {
+                if f.tail.is_some() {
+                    (format::LAYOUT_FLAT_INLINE, f.blkaddr)
+                } else {
+                    (format::LAYOUT_FLAT_PLAIN, f.blkaddr)
+                }
+            }
+            Body::Dir(_) | Body::Symlink(_) => {
+                let layout = if slot.inline_len > 0 { format::LAYOUT_FLAT_INLINE } else { format::LAYOUT_FLAT_PLAIN };
+                (layout, slot.late_blkaddr)
+            }
+            Body::CharDev(ma, mi) | Body::BlockDev(ma, mi) => (format::LAYOUT_FLAT_PLAIN, format::encode_dev(*ma, *mi)),
+            Body::Fifo | Body::Socket => (format::LAYOUT_FLAT_PLAIN, 0),
+        };
+        let inode = Inode {
+            extended: slot.extended,
+            layout,
+            xattr_icount: slot.xattr_icount,
+            mode: node.body.type_bits() | (m.perm & 0o7777),
+            nlink: slot.nlink,
+            size: slot.size,
+            i_u,
+            ino: slot.ino,
+            uid: m.uid,
+            gid: m.gid,
+            mtime: m.mtime,
+            mtime_nsec: m.mtime_nsec,
+        };
+        inode.encode_into(out);
+        if slot.xattr_icount > 0 {
+            out.extend_from_slice(&XattrIbodyHeader { shared_count: slot.shared.len() as u8 }.encode());
+            for id in &slot.shared {
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+            for &xi in &slot.inline_xattrs {
+                let x = &m.xattrs[xi];
+                XattrEntry::encode_into(x.index, &x.suffix, &x.value, out);
+            }
+        }
+        if slot.inline_len > 0 {
+            match &node.body {
+                Body::File(f) => out.extend_from_slice(f.tail.as_deref().unwrap_or_default()),
+                _ => {
+                    let bytes = self.late_bytes(tree, slot);
+                    out.extend_from_slice(&bytes[bytes.len() - slot.inline_len..]);
+                }
+            }
+        }
+    }
+}
+
+/// Splits in-memory data (directory, symlink) into late blocks and an inline tail:
+/// returns (size, inline tail length, late blocks).
+fn split_data(size: u64, opts: &Options, m: &Meta, xattr_size: usize) -> (u64, usize, u32) {
+    let tail = (size % BLOCK_SIZE) as usize;
+    let full = (size / BLOCK_SIZE) as u32;
+    // Same worst case as for files, so the decision never depends on the inode
+    // layout chosen a moment later.
+    let fits = tail != 0 && format::EXTENDED_INODE_SIZE + xattr_size.max(m.xattr_upper_bound()) + tail <= BS;
+    if opts.inline_data && fits {
+        (size, tail, full)
+    } else {
+        (size, 0, size.div_ceil(BLOCK_SIZE) as u32)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum DirTarget {
+    Node(NodeId),
+    Fixed(u64, u8),
+}
+
+/// All entries of a directory, sorted byte-wise as the kernel's lookup requires,
+/// "." and ".." included at their sorted place.
+fn dir_entries<'a>(
+    children: &'a BTreeMap<Box<[u8]>, NodeId>,
+    dots: &[(&'a [u8], Option<u64>, u8)],
+) -> Vec<(&'a [u8], DirTarget)> {
+    let dots: Vec<(&[u8], DirTarget)> = if dots.is_empty() {
+        vec![(b".", DirTarget::Fixed(0, format::ft::DIR)), (b"..", DirTarget::Fixed(0, format::ft::DIR))]
+    } else {
+        dots.iter().map(|(n, nid, ft)| (*n, DirTarget::Fixed(nid.unwrap_or(0), *ft))).collect()
+    };
+    let mut v: Vec<(&[u8], DirTarget)> = Vec::with_capacity(children.len() + 2);
+    let mut dots = dots.into_iter().peekable();
+    for (name, &id) in children {
+        while let Some(d) = dots.peek() {
+            if d.0 < &name[..] {
+                v.push(dots.next().unwrap());
+            } else {
+                break;
+            }
+        }
+        v.push((name, DirTarget::Node(id)));
+    }
+    v.extend(dots);
+    v
+}
+
+/// Packs sorted entries into directory blocks: returns each block's entry range and
+/// the directory size (full blocks plus the used part of the last one).
+fn pack_dir(entries: &[(&[u8], DirTarget)]) -> (Vec<std::ops::Range<usize>>, u64) {
+    let mut blocks = Vec::new();
+    let mut start = 0;
+    let mut used = 0;
+    for (i, e) in entries.iter().enumerate() {
+        let need = format::DIRENT_SIZE + e.0.len();
+        if used + need > BS {
+            blocks.push(start..i);
+            start = i;
+            used = 0;
+        }
+        used += need;
+    }
+    blocks.push(start..entries.len());
+    let size = (blocks.len() as u64 - 1) * BLOCK_SIZE + used as u64;
+    (blocks, size)
+}
+
+/// Depth-first order of reachable nodes (root first, children by name), link counts
+/// by NodeId, and each slot's parent slot index.
+fn walk(tree: &Tree) -> Result<(Vec<NodeId>, Vec<u32>, Vec<u32>)> {
+    let mut nlink = vec![0u32; tree.len()];
+    let mut seen = vec![false; tree.len()];
+    let mut order = Vec::new();
+    let mut parents = Vec::new();
+    // (node, parent slot index)
+    let mut stack: Vec<(NodeId, u32)> = vec![(tree.root(), 0)];
+    seen[0] = true;
+    while let Some((id, parent)) = stack.pop() {
+        let slot = order.len() as u32;
+        order.push(id);
+        parents.push(if id == tree.root() { slot } else { parent });
+        if let Body::Dir(children) = &tree.node(id).body {
+            let mut subdirs = 0u32;
+            // Reverse so the stack pops children in name order.
+            for (_, &c) in children.iter().rev() {
+                let child = tree.node(c);
+                if child.is_dir() {
+                    subdirs += 1;
+                    if seen[c as usize] {
+                        return Err(Error::Unrepresentable("directory linked twice".into()));
+                    }
+                } else {
+                    nlink[c as usize] += 1;
+                    if seen[c as usize] {
+                        continue;
+                    }
+                }
+                seen[c as usize] = true;
+                stack.push((c, slot));
+            }
+            nlink[id as usize] = 2 + subdirs;
+        }
+    }
+    Ok((order, nlink, parents))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn meta(perm: u16) -> Meta {
+        Meta { perm, ..Default::default() }
+    }
+
+    #[test]
+    fn dir_entries_sort_dots_in_place() {
+        let mut c = BTreeMap::new();
+        c.insert(b"-a".to_vec().into_boxed_slice(), 1);
+        c.insert(b"a".to_vec().into_boxed_slice(), 2);
+        let names: Vec<&[u8]> = dir_entries(&c, &[]).iter().map(|e| e.0).collect();
+        assert_eq!(names, vec![&b"-a"[..], b".", b"..", b"a"]);
+    }
+
+    #[test]
+    fn pack_dir_splits_blocks() {
+        let names: Vec<Vec<u8>> = (0..1000).map(|i| format!("name-{i:05}").into_bytes()).collect();
+        let entries: Vec<(&[u8], DirTarget)> = names.iter().map(|n| (&n[..], DirTarget::Fixed(0, 1))).collect();
+        let (blocks, size) = pack_dir(&entries);
+        let per_block = BS / (12 + 10);
+        assert_eq!(blocks[0], 0..per_block);
+        assert_eq!(blocks.len(), 1000usize.div_ceil(per_block));
+        assert_eq!(size, (blocks.len() as u64 - 1) * BLOCK_SIZE + (1000 % per_block) as u64 * 22);
+    }
+
+    #[test]
+    fn small_image_has_superblock_and_root() {
+        let mut tree = Tree::new(meta(0o755));
+        let mut w = ImageWriter::new(Cursor::new(Vec::new()), Options::default()).unwrap();
+        let m = meta(0o644);
+        let data = w.write_file_data(&mut &b"hello"[..], 5, &m).unwrap();
+        assert!(data.tail.is_some());
+        let f = tree.add(Node { meta: m, body: Body::File(data) });
+        tree.link(0, b"hello.txt", f);
+        let (out, summary) = w.finish(&tree).unwrap();
+        let img = out.into_inner();
+        assert_eq!(img.len() as u64, summary.bytes);
+        let sb = SuperBlock::decode(&img[1024..]).unwrap();
+        assert_eq!(sb.inos, 2);
+        assert_eq!(sb.root_nid, 1);
+    }
+
+    #[test]
+    fn truncated_body_is_an_error() {
+        let mut w = ImageWriter::new(Cursor::new(Vec::new()), Options::default()).unwrap();
+        let err = w.write_file_data(&mut &b"abc"[..], 10, &meta(0o644)).unwrap_err();
+        assert!(matches!(err, Error::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof));
+    }
+}

@@ -1,1 +1,22 @@
-//! One-pass conversion of OCI layers into EROFS images.
+//! One-pass conversion of OCI image layers into EROFS images.
+//!
+//! A layer (tar, tar+gzip or tar+zstd) is decompressed on one thread while another
+//! parses the tar stream and writes the image: file bodies go straight into EROFS data
+//! blocks, metadata is collected in memory and written at the end. There is no unpacked
+//! copy on disk and memory is bounded by the layer's metadata, not its size.
+//!
+//! ```no_run
+//! let input = std::fs::File::open("layer.tar.gz")?;
+//! let report = layer_convert::convert(input, "layer.erofs".as_ref(), &Default::default(), None)?;
+//! println!("diffID {}", report.diff_id);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod convert;
+mod error;
+pub mod stream;
+pub mod tar;
+
+pub use convert::{convert, Options, Report, DEFAULT_MAX_SIZE};
+pub use error::{Error, ErrorKind};
+pub use stream::Compression;

@@ -1,0 +1,440 @@
+//! The layer converter: tar entries in, an EROFS image out, in one pass.
+//!
+//! Entries are applied to an in-memory [`Tree`] with the semantics containerd's
+//! applier gives a layer on disk (a later entry replaces an earlier one, parents are
+//! created as needed, OCI whiteouts become overlayfs whiteouts), while file bodies go
+//! straight from the decompressed stream into the image's data area.
+
+use std::fs::{self, File};
+use std::io::{BufRead, BufWriter, Read};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use erofs::writer::{self, Body, ImageWriter, Meta, Node, NodeId, Tree, Xattr};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, ErrorKind};
+use crate::stream::{self, Compression};
+use crate::tar::{self, Kind, TarReader};
+
+/// Default bound on the uncompressed size of a layer: large enough for real images
+/// (model weights, toolchains), small enough to stop a decompression bomb well
+/// before it fills a disk.
+pub const DEFAULT_MAX_SIZE: u64 = 64 << 30;
+
+const OPAQUE_NAME: &[u8] = b"overlay.opaque";
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+
+/// How to convert.
+#[derive(Clone)]
+pub struct Options {
+    /// The layer's media type; `None` detects the compression from the stream.
+    pub media_type: Option<String>,
+    /// Largest uncompressed size accepted.
+    pub max_size: u64,
+    /// Pack small files and tails after their inodes.
+    pub inline_data: bool,
+    /// Timestamp for compact inodes and implied directories (SOURCE_DATE_EPOCH or 0).
+    pub build_time: u64,
+    /// fsync the image before renaming it into place.
+    pub fsync: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { media_type: None, max_size: DEFAULT_MAX_SIZE, inline_data: true, build_time: 0, fsync: false }
+    }
+}
+
+impl Options {
+    /// Defaults, with the build time taken from `SOURCE_DATE_EPOCH` when set.
+    pub fn from_env() -> Options {
+        let build_time = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        Options { build_time, ..Options::default() }
+    }
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// `sha256:<hex>` of the uncompressed tar (the layer's diffID).
+    pub diff_id: String,
+    /// `sha256:<hex>` of the input as given.
+    pub input_digest: String,
+    /// Input bytes.
+    pub input_size: u64,
+    /// Uncompressed tar bytes.
+    pub uncompressed_size: u64,
+    /// Image bytes.
+    pub output_size: u64,
+    /// Tar entries applied (extension headers not counted).
+    pub entries: u64,
+    /// Compression of the input.
+    pub compression: Compression,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Converts a layer read from `input` into an EROFS image at `output`.
+///
+/// The image is written to a temporary file beside `output` and renamed only on
+/// success; on any error nothing is left behind.
+pub fn convert<R: Read + Send>(
+    input: R,
+    output: &Path,
+    opts: &Options,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+) -> Result<Report, Error> {
+    let started = Instant::now();
+    let compression = match &opts.media_type {
+        Some(mt) => Some(Compression::from_media_type(mt)?),
+        None => None,
+    };
+    let tmp = TempOutput::create(output)?;
+    let out = BufWriter::with_capacity(1 << 20, tmp.file.try_clone().map_err(Error::io)?);
+    let wopts = writer::Options {
+        inline_data: opts.inline_data,
+        build_time: opts.build_time,
+        ..Default::default()
+    };
+    let image = ImageWriter::new(out, wopts).map_err(werr)?;
+
+    let ((summary, entries, diff, usize_, input_stats), compression) =
+        stream::with_uncompressed(input, compression, opts.max_size, progress, |s| {
+            let r = build(s, image, opts.build_time);
+            let r = match r {
+                Err(e) => Err(s.take_failure().unwrap_or(e)),
+                Ok(v) => Ok(v),
+            };
+            let (mut image, tree, entries) = r?;
+            let (diff, size, stats) = s.digests();
+            let stats = stats.ok_or_else(|| Error::new(ErrorKind::Io, "input ended without its digest"))?;
+            // The UUID is known only now: derived from the input digest so the same
+            // input gives the same image.
+            image.set_uuid(uuid_from(&stats.digest));
+            let (mut w, summary) = image.finish(&tree).map_err(werr)?;
+            std::io::Write::flush(&mut w).map_err(Error::io)?;
+            Ok((summary, entries, diff, size, stats))
+        })?;
+
+    if opts.fsync {
+        tmp.file.sync_all().map_err(Error::io)?;
+    }
+    tmp.persist(opts.fsync)?;
+    Ok(Report {
+        diff_id: format!("sha256:{}", hex::encode(diff)),
+        input_digest: format!("sha256:{}", hex::encode(input_stats.digest)),
+        input_size: input_stats.size,
+        uncompressed_size: usize_,
+        output_size: summary.bytes,
+        entries,
+        compression,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn werr(e: writer::Error) -> Error {
+    match e {
+        writer::Error::Io(e) => Error::io(e),
+        writer::Error::Unrepresentable(m) => Error::new(ErrorKind::Unsupported, m),
+    }
+}
+
+/// An RFC 4122 UUID (version 5 layout) from the first bytes of a digest.
+fn uuid_from(digest: &[u8; 32]) -> [u8; 16] {
+    let mut u: [u8; 16] = digest[..16].try_into().unwrap();
+    u[6] = (u[6] & 0x0f) | 0x50;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+type Built<W> = (ImageWriter<W>, Tree, u64);
+
+/// Applies every tar entry to the tree, streaming file bodies into the image.
+fn build<S: BufRead, W: std::io::Write + std::io::Seek>(
+    s: &mut S,
+    mut image: ImageWriter<W>,
+    build_time: u64,
+) -> Result<Built<W>, Error> {
+    let implied = Meta { perm: 0o755, uid: 0, gid: 0, mtime: build_time, mtime_nsec: 0, xattrs: Vec::new() };
+    let mut b = Builder { tree: Tree::new(implied.clone()), implied };
+    let mut tar = TarReader::new(s);
+    let mut entries = 0u64;
+    while let Some(e) = tar.next_entry()? {
+        entries += 1;
+        let name = e.display_path();
+        b.apply(&e, &mut tar, &mut image).map_err(|err| err.entry(&name).at(e.offset))?;
+    }
+    tar::drain(tar.body()).map_err(Error::io)?;
+    Ok((image, b.tree, entries))
+}
+
+struct Builder {
+    tree: Tree,
+    implied: Meta,
+}
+
+/// Splits a tar path into clean components: `.` and empty parts dropped, `..` resolved
+/// lexically. Escaping the root is an error, not a clamp: a layer that tries it is
+/// hostile or broken, and either way should not be unpacked.
+fn clean_path(p: &[u8]) -> Result<Vec<&[u8]>, Error> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for c in p.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                if parts.pop().is_none() {
+                    return Err(Error::new(ErrorKind::PathEscape, "the path leads outside the layer root"));
+                }
+            }
+            _ => {
+                if c.len() > erofs::format::NAME_LEN {
+                    return Err(Error::new(ErrorKind::Unsupported, "a path component is longer than 255 bytes"));
+                }
+                parts.push(c);
+            }
+        }
+    }
+    Ok(parts)
+}
+
+fn is_whiteout_node(n: &Node) -> bool {
+    matches!(n.body, Body::CharDev(0, 0))
+}
+
+fn opaque() -> Xattr {
+    Xattr { index: erofs::format::xattr_index::TRUSTED, suffix: OPAQUE_NAME.into(), value: (*b"y").into() }
+}
+
+impl Builder {
+    fn meta_of(&self, e: &tar::Entry) -> Result<Meta, Error> {
+        let uid = u32::try_from(e.uid).map_err(|_| Error::new(ErrorKind::Unsupported, "uid above 2^32"))?;
+        let gid = u32::try_from(e.gid).map_err(|_| Error::new(ErrorKind::Unsupported, "gid above 2^32"))?;
+        // EROFS stores unsigned times; pre-1970 times are clamped to the epoch.
+        let (mtime, mtime_nsec) = if e.mtime < 0 { (0, 0) } else { (e.mtime as u64, e.mtime_nsec) };
+        let mut meta = Meta { perm: (e.mode & 0o7777) as u16, uid, gid, mtime, mtime_nsec, xattrs: Vec::new() };
+        for (name, value) in &e.xattrs {
+            // overlayfs reads trusted.overlay.* from its layers (opaque, redirect,
+            // metacopy): a layer must not be able to set them, only whiteouts can.
+            if name.starts_with(b"trusted.overlay.") {
+                continue;
+            }
+            let x = Xattr::new(name, value).map_err(|e| Error::new(ErrorKind::Unsupported, e.to_string()))?;
+            meta.set_xattr(x);
+        }
+        Ok(meta)
+    }
+
+    /// Finds or creates the directory `parts`, creating missing parents with default
+    /// metadata. A whiteout in the way becomes an opaque directory (the lower one is
+    /// deleted, this layer's takes its place); anything else in the way is an error.
+    fn ensure_dir(&mut self, parts: &[&[u8]]) -> Result<NodeId, Error> {
+        let mut dir = self.tree.root();
+        for part in parts {
+            dir = match self.tree.child(dir, part) {
+                Some(id) if self.tree.node(id).is_dir() => id,
+                Some(id) if is_whiteout_node(self.tree.node(id)) => {
+                    let mut meta = self.implied.clone();
+                    meta.set_xattr(opaque());
+                    let new = self.tree.add(Node::dir(meta));
+                    self.tree.link(dir, part, new);
+                    new
+                }
+                Some(_) => {
+                    return Err(Error::new(
+                        ErrorKind::NotADirectory,
+                        format!("parent {:?} is not a directory in this layer", String::from_utf8_lossy(part)),
+                    ))
+                }
+                None => {
+                    let new = self.tree.add(Node::dir(self.implied.clone()));
+                    self.tree.link(dir, part, new);
+                    new
+                }
+            };
+        }
+        Ok(dir)
+    }
+
+    /// Looks up an existing path without creating anything or following symlinks.
+    fn lookup(&self, parts: &[&[u8]]) -> Option<NodeId> {
+        let mut cur = self.tree.root();
+        for p in parts {
+            cur = self.tree.child(cur, p)?;
+        }
+        Some(cur)
+    }
+
+    fn apply<R: BufRead, W: std::io::Write + std::io::Seek>(
+        &mut self,
+        e: &tar::Entry,
+        tar: &mut TarReader<R>,
+        image: &mut ImageWriter<W>,
+    ) -> Result<(), Error> {
+        let kind = e.kind.expect("reader returns typed entries");
+        let parts = clean_path(&e.path)?;
+        let Some((&name, parents)) = parts.split_last() else {
+            // The root itself ("./"): a directory entry sets the root's metadata.
+            if kind == Kind::Dir {
+                let meta = self.meta_of(e)?;
+                self.tree.node_mut(self.tree.root()).meta = meta;
+                return Ok(());
+            }
+            return Err(Error::new(ErrorKind::NotADirectory, "the layer root must be a directory"));
+        };
+
+        if let Some(rest) = name.strip_prefix(WHITEOUT_PREFIX) {
+            let dir = self.ensure_dir(parents)?;
+            if name == OPAQUE_MARKER {
+                self.tree.node_mut(dir).meta.set_xattr(opaque());
+            } else if rest.starts_with(WHITEOUT_PREFIX) {
+                // Other `.wh..wh.` names are aufs bookkeeping with no meaning here.
+            } else if rest.is_empty() {
+                return Err(Error::new(ErrorKind::Unsupported, "whiteout without a name"));
+            } else if self.tree.child(dir, rest).is_none() {
+                // A whiteout hides lower layers only; an entry of this same layer wins.
+                let mut meta = self.meta_of(e)?;
+                meta.perm = 0;
+                meta.xattrs.clear();
+                let id = self.tree.add(Node { meta, body: Body::CharDev(0, 0) });
+                self.tree.link(dir, rest, id);
+            }
+            return Ok(());
+        }
+
+        let dir = self.ensure_dir(parents)?;
+        let existing = self.tree.child(dir, name);
+        let mut meta = self.meta_of(e)?;
+        let body = match kind {
+            Kind::Dir => {
+                if let Some(id) = existing {
+                    let node = self.tree.node(id);
+                    let keep_opaque = is_whiteout_node(node) || node.meta.xattrs.contains(&opaque());
+                    if keep_opaque {
+                        meta.set_xattr(opaque());
+                    }
+                    if node.is_dir() {
+                        self.tree.node_mut(id).meta = meta;
+                        return Ok(());
+                    }
+                }
+                Body::Dir(Default::default())
+            }
+            Kind::File => {
+                let data = image.write_file_data(tar.body(), e.size, &meta).map_err(|err| match err {
+                    writer::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        Error::new(ErrorKind::Truncated, "stream ended inside the file's data")
+                    }
+                    other => werr(other),
+                })?;
+                tar.body_done();
+                Body::File(data)
+            }
+            Kind::HardLink => {
+                let target_parts = clean_path(&e.link)?;
+                let target = self.lookup(&target_parts).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::LinkTarget,
+                        format!("hard link target {:?} is not in the layer", String::from_utf8_lossy(&e.link)),
+                    )
+                })?;
+                if self.tree.node(target).is_dir() {
+                    return Err(Error::new(ErrorKind::LinkTarget, "hard link to a directory"));
+                }
+                self.tree.link(dir, name, target);
+                return Ok(());
+            }
+            Kind::Symlink => {
+                if e.link.is_empty() {
+                    return Err(Error::new(ErrorKind::Unsupported, "symlink with an empty target"));
+                }
+                // Linux gives every symlink mode 0777, whatever the header says.
+                meta.perm = 0o777;
+                Body::Symlink(e.link.clone().into_boxed_slice())
+            }
+            Kind::CharDev => Body::CharDev(e.devmajor, e.devminor),
+            Kind::BlockDev => Body::BlockDev(e.devmajor, e.devminor),
+            Kind::Fifo => Body::Fifo,
+        };
+        let id = self.tree.add(Node { meta, body });
+        self.tree.link(dir, name, id);
+        Ok(())
+    }
+}
+
+/// The image being written: a temporary file beside the output, removed unless
+/// [`TempOutput::persist`] renames it into place.
+struct TempOutput {
+    file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    done: bool,
+}
+
+impl TempOutput {
+    fn create(dest: &Path) -> Result<TempOutput, Error> {
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = dest
+            .file_name()
+            .ok_or_else(|| Error::new(ErrorKind::Io, format!("output {} has no file name", dest.display())))?;
+        let nonce = Sha256::digest(format!("{:?}{}", Instant::now(), std::process::id()));
+        let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), hex::encode(&nonce[..6])));
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(e).entry(&tmp.display().to_string()))?;
+        Ok(TempOutput { file, tmp, dest: dest.to_path_buf(), done: false })
+    }
+
+    fn persist(mut self, sync_dir: bool) -> Result<(), Error> {
+        fs::rename(&self.tmp, &self.dest).map_err(Error::io)?;
+        self.done = true;
+        if sync_dir {
+            if let Some(dir) = self.dest.parent() {
+                let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+                File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempOutput {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_cleaned() {
+        assert_eq!(clean_path(b"./a//b/./c/").unwrap(), vec![&b"a"[..], b"b", b"c"]);
+        assert_eq!(clean_path(b"/etc/passwd").unwrap(), vec![&b"etc"[..], b"passwd"]);
+        assert_eq!(clean_path(b"a/x/../b").unwrap(), vec![&b"a"[..], b"b"]);
+        assert_eq!(clean_path(b"./").unwrap(), Vec::<&[u8]>::new());
+        assert_eq!(clean_path(b"../evil").unwrap_err().kind, ErrorKind::PathEscape);
+        assert_eq!(clean_path(b"a/../../evil").unwrap_err().kind, ErrorKind::PathEscape);
+    }
+
+    #[test]
+    fn media_types_map_to_compressions() {
+        let c = |m: &str| Compression::from_media_type(m).map_err(|e| e.kind);
+        assert_eq!(c("application/vnd.oci.image.layer.v1.tar"), Ok(Compression::None));
+        assert_eq!(c("application/vnd.oci.image.layer.v1.tar+gzip"), Ok(Compression::Gzip));
+        assert_eq!(c("application/vnd.oci.image.layer.v1.tar+zstd"), Ok(Compression::Zstd));
+        assert_eq!(c("application/vnd.docker.image.rootfs.diff.tar.gzip"), Ok(Compression::Gzip));
+        assert_eq!(c("application/vnd.oci.image.layer.v1.tar+bzip2"), Err(ErrorKind::Unsupported));
+        assert_eq!(c("application/vnd.erofs.layer.v1"), Err(ErrorKind::Unsupported));
+    }
+}
