@@ -1,0 +1,512 @@
+//! Inputs the converter must refuse: every case must exit non-zero, print an
+//! `error:` line naming the problem (and the tar entry where there is one),
+//! and leave nothing behind: no OUTPUT and no `.OUTPUT.tmp*` next to it.
+//! Also: stdin (`-`) input works and gives the same image as a file.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+/// A fresh directory holding only the would-be OUTPUT, so "nothing left
+/// behind" is simply "the directory is still empty".
+struct Case {
+    work: tempfile::TempDir,
+    outdir: PathBuf,
+}
+
+impl Case {
+    fn new() -> Case {
+        let work = tempdir();
+        let outdir = work.path().join("out");
+        fs::create_dir(&outdir).unwrap();
+        Case { work, outdir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+
+    fn output(&self) -> PathBuf {
+        self.outdir.join("layer.erofs")
+    }
+
+    /// Converts `input` and asserts a clean failure whose stderr mentions,
+    /// case-insensitively, at least one string of each group in `mentions`.
+    fn expect_failure(&self, what: &str, input: &Path, extra: &[&str], mentions: &[&[&str]]) {
+        let out = convert(input, &self.output(), extra);
+        self.check_failure(what, &out, mentions);
+    }
+
+    fn check_failure(&self, what: &str, out: &Output, mentions: &[&[&str]]) {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let mut errs = Vec::new();
+        if out.status.success() {
+            errs.push("exited 0".to_string());
+        }
+        if !stderr.lines().any(|l| l.starts_with("error:")) {
+            errs.push("no stderr line starts with `error:`".to_string());
+        }
+        let lower = stderr.to_lowercase();
+        for group in mentions {
+            if !group.iter().any(|m| lower.contains(&m.to_lowercase())) {
+                errs.push(format!("stderr mentions none of {group:?}"));
+            }
+        }
+        let left = dir_entries(&self.outdir);
+        if !left.is_empty() {
+            errs.push(format!("left behind in OUTPUT's directory: {left:?}"));
+        }
+        assert!(
+            errs.is_empty(),
+            "{what}: {}\nexit: {}\nstderr:\n{stderr}",
+            errs.join("; "),
+            out.status
+        );
+    }
+}
+
+/// Writes a small valid tar: `d/`, `d/file1` (1000 bytes), `d/file2` (3000
+/// bytes), laid out as headers at 0, 512, 2048 and data at 1024, 2560.
+fn base_tar(path: &Path) -> Vec<u8> {
+    python(
+        r#"
+import io, sys, tarfile
+with tarfile.open(sys.argv[1], "w", format=tarfile.USTAR_FORMAT) as t:
+    ti = tarfile.TarInfo("d"); ti.type = tarfile.DIRTYPE; ti.mode = 0o755; t.addfile(ti)
+    for name, size in (("d/file1", 1000), ("d/file2", 3000)):
+        ti = tarfile.TarInfo(name); ti.size = size
+        t.addfile(ti, io.BytesIO(bytes((i * 7) % 251 for i in range(size))))
+"#,
+        &[path.as_os_str()],
+    );
+    let b = fs::read(path).unwrap();
+    assert_eq!(
+        &b[2048..2055],
+        b"d/file2",
+        "unexpected layout of the base tar"
+    );
+    b
+}
+
+/// Recomputes a ustar header's checksum after editing it.
+fn fix_checksum(hdr: &mut [u8]) {
+    hdr[148..156].fill(b' ');
+    let sum: u32 = hdr[..512].iter().map(|&b| u32::from(b)).sum();
+    hdr[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}
+
+/// Writes an uncompressed tar with python's tarfile from `body` (helpers
+/// `add(name, kind, data, link)`).
+fn crafted_tar(path: &Path, body: &str) {
+    python(
+        &format!(
+            r#"
+import io, sys, tarfile
+t = tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT)
+def add(name, kind="f", data=b"", link=""):
+    ti = tarfile.TarInfo(name)
+    ti.type = {{"f": tarfile.REGTYPE, "d": tarfile.DIRTYPE, "l": tarfile.SYMTYPE, "h": tarfile.LNKTYPE}}[kind]
+    ti.linkname = link
+    ti.size = len(data)
+    t.addfile(ti, io.BytesIO(data) if kind == "f" else None)
+{body}
+t.close()
+"#
+        ),
+        &[path.as_os_str()],
+    );
+}
+
+fn write(path: &Path, data: &[u8]) -> PathBuf {
+    fs::write(path, data).unwrap();
+    path.to_path_buf()
+}
+
+fn gzip_bytes(data: &[u8]) -> Vec<u8> {
+    pipe(&["gzip", "-c", "-n"], data)
+}
+
+fn zstd_bytes(data: &[u8]) -> Vec<u8> {
+    pipe(&["zstd", "-c", "-q"], data)
+}
+
+fn pipe(cmd: &[&str], data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&data).unwrap());
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    assert!(out.status.success(), "{cmd:?} failed");
+    out.stdout
+}
+
+// Words a message about a damaged stream plausibly uses.
+const DAMAGED: &[&str] = &[
+    "truncat",
+    "unexpected end",
+    "eof",
+    "corrupt",
+    "invalid",
+    "short",
+    "incomplete",
+];
+
+#[test]
+fn truncated_tar_mid_header() {
+    let c = Case::new();
+    let tar = base_tar(&c.path("base.tar"));
+    let input = write(&c.path("cut.tar"), &tar[..2048 + 100]);
+    c.expect_failure("tar cut inside a header", &input, &[], &[DAMAGED]);
+}
+
+#[test]
+fn truncated_tar_mid_data() {
+    let c = Case::new();
+    let tar = base_tar(&c.path("base.tar"));
+    let input = write(&c.path("cut.tar"), &tar[..2560 + 500]);
+    c.expect_failure(
+        "tar cut inside d/file2's data",
+        &input,
+        &[],
+        &[DAMAGED, &["d/file2"]],
+    );
+}
+
+/// A tar that simply stops after a complete entry (no end-of-archive
+/// blocks) is also truncated: the last entry could have been cut.
+#[test]
+fn truncated_tar_between_entries_is_accepted_or_named() {
+    let c = Case::new();
+    let tar = base_tar(&c.path("base.tar"));
+    let input = write(&c.path("cut.tar"), &tar[..2048]);
+    let out = convert(&input, &c.output(), &[]);
+    // Accepting is what GNU tar and Go's archive/tar do (a missing
+    // end-of-archive marker is tolerated); failing must still be clean.
+    if !out.status.success() {
+        c.check_failure("tar without end-of-archive", &out, &[]);
+    } else {
+        fs::remove_file(c.output()).unwrap();
+    }
+}
+
+#[test]
+fn bad_header_checksum() {
+    let c = Case::new();
+    let mut tar = base_tar(&c.path("base.tar"));
+    tar[2048 + 148..2048 + 156].copy_from_slice(b"0001234\0");
+    let input = write(&c.path("bad.tar"), &tar);
+    c.expect_failure(
+        "bad checksum on d/file2's header",
+        &input,
+        &[],
+        &[&["checksum"]],
+    );
+}
+
+#[test]
+fn size_larger_than_stream() {
+    let c = Case::new();
+    let mut tar = base_tar(&c.path("base.tar"));
+    let h = &mut tar[2048..2560];
+    h[124..136].copy_from_slice(b"00000100000\0"); // 32 KiB, stream has ~3.5 KiB left
+    fix_checksum(h);
+    let input = write(&c.path("big.tar"), &tar);
+    c.expect_failure(
+        "d/file2 claims more data than the stream has",
+        &input,
+        &[],
+        &[DAMAGED, &["d/file2"]],
+    );
+}
+
+#[test]
+fn truncated_gzip() {
+    let c = Case::new();
+    let gz = gzip_bytes(&base_tar(&c.path("base.tar")));
+    let input = write(&c.path("cut.tar.gz"), &gz[..gz.len() / 2]);
+    c.expect_failure("gzip cut in half", &input, &[], &[DAMAGED]);
+}
+
+#[test]
+fn corrupt_gzip() {
+    let c = Case::new();
+    let gz = gzip_bytes(&base_tar(&c.path("base.tar")));
+    let mut bad = gz.clone();
+    // Flip bytes in the middle of the deflate stream (header is 10 bytes,
+    // trailer 8): either the stream is invalid or the CRC32 catches it.
+    let mid = gz.len() / 2;
+    for b in &mut bad[mid..mid + 4] {
+        *b ^= 0x5a;
+    }
+    let input = write(&c.path("bad.tar.gz"), &bad);
+    let mut words = DAMAGED.to_vec();
+    words.extend(["crc", "checksum", "deflate", "gzip"]);
+    c.expect_failure("gzip with flipped bytes", &input, &[], &[&words]);
+}
+
+#[test]
+fn gzip_with_bad_crc_trailer() {
+    let c = Case::new();
+    let mut gz = gzip_bytes(&base_tar(&c.path("base.tar")));
+    let n = gz.len();
+    gz[n - 8] ^= 0xff; // CRC32 of the data: the only thing that can catch bit rot
+    let input = write(&c.path("crc.tar.gz"), &gz);
+    let mut words = DAMAGED.to_vec();
+    words.extend(["crc", "checksum", "gzip"]);
+    c.expect_failure("gzip with a wrong CRC32", &input, &[], &[&words]);
+}
+
+#[test]
+fn truncated_zstd() {
+    let c = Case::new();
+    let zst = zstd_bytes(&base_tar(&c.path("base.tar")));
+    let input = write(&c.path("cut.tar.zst"), &zst[..zst.len() / 2]);
+    c.expect_failure("zstd cut in half", &input, &[], &[DAMAGED]);
+}
+
+#[test]
+fn corrupt_zstd() {
+    let c = Case::new();
+    // Incompressible content so the frame is mostly literal blocks and
+    // flipping bytes in the middle cannot hit only padding.
+    let mut data = base_tar(&c.path("base.tar"));
+    data.truncate(1024);
+    data.extend(pseudo_random(64 * 1024, 5));
+    let zst = pipe(&["zstd", "-c", "-q", "--check"], &data);
+    let mut bad = zst.clone();
+    let mid = zst.len() / 2;
+    for b in &mut bad[mid..mid + 8] {
+        *b ^= 0xa5;
+    }
+    let input = write(&c.path("bad.tar.zst"), &bad);
+    let mut words = DAMAGED.to_vec();
+    words.extend(["checksum", "zstd", "corrupt", "unknown", "error"]);
+    c.expect_failure("zstd with flipped bytes", &input, &[], &[&words]);
+}
+
+#[test]
+fn path_escaping_root() {
+    for name in ["../evil", "a/../../evil", "./../evil"] {
+        let c = Case::new();
+        let input = c.path("escape.tar");
+        crafted_tar(
+            &input,
+            &format!("add('ok', data=b'fine')\nadd({name:?}, data=b'x')"),
+        );
+        c.expect_failure(&format!("entry {name}"), &input, &[], &[&["evil"]]);
+    }
+}
+
+#[test]
+fn hard_link_to_missing_target() {
+    let c = Case::new();
+    let input = c.path("hl.tar");
+    crafted_tar(
+        &input,
+        "add('present', data=b'x')\nadd('hl_entry', 'h', link='no_such_target')",
+    );
+    c.expect_failure(
+        "hard link to a path not in the layer",
+        &input,
+        &[],
+        &[&["hl_entry", "no_such_target"]],
+    );
+}
+
+#[test]
+fn entry_under_a_regular_file() {
+    let c = Case::new();
+    let input = c.path("under-file.tar");
+    crafted_tar(&input, "add('f', data=b'file')\nadd('f/child', data=b'x')");
+    c.expect_failure("f/child where f is a file", &input, &[], &[&["f/child"]]);
+}
+
+/// Following the symlink would write outside the layer (or into another
+/// directory than the name says): it must be refused, not resolved.
+#[test]
+fn entry_under_a_symlink() {
+    for (target, what) in [("d", "inside"), ("/etc", "absolute"), ("../..", "escaping")] {
+        let c = Case::new();
+        let input = c.path("under-link.tar");
+        crafted_tar(
+            &input,
+            &format!("add('d', 'd')\nadd('s', 'l', link={target:?})\nadd('s/child', data=b'x')"),
+        );
+        c.expect_failure(
+            &format!("s/child where s is a symlink ({what})"),
+            &input,
+            &[],
+            &[&["s/child"]],
+        );
+    }
+}
+
+/// 2 GiB of zeros in a ~2 MiB gzip, converted with `--max-size 100M`: the
+/// converter must stop at the limit instead of writing a 2 GiB image.
+#[test]
+fn decompression_bomb_hits_max_size() {
+    require_root_and_kernel();
+    let c = Case::new();
+    let bomb = c.path("bomb.tar.gz");
+    // A valid header for a 2 GiB file, then the zeros, streamed through gzip.
+    let hdr = python(
+        r#"
+import sys, tarfile
+ti = tarfile.TarInfo("zeros"); ti.size = 2 << 30
+sys.stdout.buffer.write(ti.tobuf(format=tarfile.USTAR_FORMAT))
+"#,
+        &[],
+    )
+    .stdout;
+    fs::write(c.path("hdr"), hdr).unwrap();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("(cat \"$1\"; head -c 2G /dev/zero; head -c 1024 /dev/zero) | gzip -1 -c > \"$2\"")
+        .arg("sh")
+        .arg(c.path("hdr"))
+        .arg(&bomb)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let start = std::time::Instant::now();
+    c.expect_failure(
+        "2 GiB gzip bomb with --max-size 100M",
+        &bomb,
+        &["--max-size", "100M"],
+        &[&["max-size", "max size", "limit", "exceed", "too large"]],
+    );
+    // Stopping at the limit means reading ~100 MiB, not 2 GiB.
+    assert!(
+        start.elapsed().as_secs() < 60,
+        "took {:?}: the limit must stop decompression early",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn unknown_compression_xz() {
+    let c = Case::new();
+    let xz = pipe(&["xz", "-c"], &base_tar(&c.path("base.tar")));
+    let input = write(&c.path("layer.tar.xz"), &xz);
+    c.expect_failure(
+        "xz-compressed input",
+        &input,
+        &[],
+        &[&[
+            "xz",
+            "compress",
+            "unknown",
+            "unsupported",
+            "not a tar",
+            "format",
+        ]],
+    );
+}
+
+#[test]
+fn unknown_media_type() {
+    let c = Case::new();
+    let input = write(&c.path("layer.tar"), &base_tar(&c.path("base.tar")));
+    c.expect_failure(
+        "unknown --media-type",
+        &input,
+        &["--media-type", "application/vnd.example.layer.v1.tar+lz4"],
+        &[&[
+            "application/vnd.example.layer.v1.tar+lz4",
+            "media type",
+            "media-type",
+        ]],
+    );
+}
+
+#[test]
+fn missing_input_file() {
+    let c = Case::new();
+    let input = c.path("does-not-exist.tar");
+    c.expect_failure("missing input", &input, &[], &[&["does-not-exist.tar"]]);
+}
+
+/// `-` reads the layer from stdin: same image and report as from a file.
+#[test]
+fn stdin_input_matches_file_input() {
+    require_root_and_kernel();
+    let c = Case::new();
+    let tar = base_tar(&c.path("base.tar"));
+    for (name, data) in [
+        ("layer.tar", tar.clone()),
+        ("layer.tar.gz", gzip_bytes(&tar)),
+        ("layer.tar.zst", zstd_bytes(&tar)),
+    ] {
+        let input = write(&c.path(name), &data);
+        let from_file = c.path(&format!("{name}.file.erofs"));
+        let file_report = convert_ok(&input, &from_file, &[]);
+        let from_stdin = c.path(&format!("{name}.stdin.erofs"));
+        let out = Command::new(bin())
+            .args(["convert", "--json", "-"])
+            .arg(&from_stdin)
+            .stdin(fs::File::open(&input).unwrap())
+            .output()
+            .unwrap();
+        let stdin_report = parse_report(&out, &format!("convert - ({name} on stdin)"));
+        assert!(
+            fs::read(&from_file).unwrap() == fs::read(&from_stdin).unwrap(),
+            "{name}: image from stdin differs from image from the file"
+        );
+        for k in [
+            "diff_id",
+            "input_digest",
+            "input_size",
+            "uncompressed_size",
+            "compression",
+            "entries",
+        ] {
+            assert_eq!(file_report[k], stdin_report[k], "{name}: report field {k}");
+        }
+        assert_eq!(
+            stdin_report["input_digest"].as_str(),
+            Some(sha256_hex(&data).as_str())
+        );
+        assert_eq!(
+            stdin_report["diff_id"].as_str(),
+            Some(sha256_hex(&tar).as_str())
+        );
+        fsck(&from_stdin);
+    }
+}
+
+/// A pipe on stdin must work too (not only a seekable file), e.g. `curl | convert -`.
+#[test]
+fn stdin_pipe_input() {
+    let c = Case::new();
+    let tar = base_tar(&c.path("base.tar"));
+    let gz = gzip_bytes(&tar);
+    let mut child = Command::new(bin())
+        .args(["convert", "--json", "-"])
+        .arg(c.output())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&gz).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let report = parse_report(&out, "convert - (gzip through a pipe)");
+    assert_eq!(report["diff_id"].as_str(), Some(sha256_hex(&tar).as_str()));
+    assert_eq!(report["compression"].as_str(), Some("gzip"));
+    fsck(&c.output());
+}
