@@ -6,8 +6,10 @@
 #   sudo scripts/bench.sh [-n REPS] [LAYER.tar.gz]
 #
 # Rows (each run REPS times, default 3, interleaved; the median is reported):
-#   gunzip (flate2/zlib-rs)  dedup-snapshotter bench-gunzip  (same decompressor
-#                            as convert; only when the binary has that command)
+#   decompress (converter)   dedup-snapshotter bench-decompress: the same
+#                            decompressor as convert (flate2 with zlib-rs for
+#                            gzip, zstd), output discarded; for .tar.gz and
+#                            .tar.zst (only when the binary has the command)
 #   gzip -dc, pigz -dc       reference decompressors, output to /dev/null
 #   convert .tar.gz          dedup-snapshotter convert --json  -> image
 #   tar -xzf, mkfs.erofs     the two-step baseline: extract into a fresh dir,
@@ -113,7 +115,7 @@ if [[ ! -s $ZST || $ZST -ot $TAR ]]; then
 fi
 
 # --- what the binary can do -----------------------------------------------------
-HAVE_CONVERT=0 HAVE_GUNZIP=0
+HAVE_CONVERT=0 DECOMP=
 has_cmd() {
     local help
     [[ -x $BIN ]] || return 1
@@ -121,9 +123,14 @@ has_cmd() {
     grep -qi "^usage:.*$1" <<<"$help"
 }
 has_cmd convert && HAVE_CONVERT=1
-has_cmd bench-gunzip && HAVE_GUNZIP=1
+for c in bench-decompress bench-gunzip; do
+    if has_cmd "$c"; then
+        DECOMP=$c
+        break
+    fi
+done
 ((HAVE_CONVERT)) || note "warning: '$BIN convert' is not available: convert rows skipped"
-((HAVE_GUNZIP)) || note "note: '$BIN bench-gunzip' is not available: gzip -dc / pigz -dc stand in for decompression alone"
+[[ -n $DECOMP ]] || note "note: '$BIN bench-decompress' is not available: gzip -dc stands in for decompression alone"
 
 # --- measuring --------------------------------------------------------------------
 RAW="$BENCH_DIR/raw.tsv"
@@ -163,12 +170,13 @@ size_of input.tar.gz "$TGZ"
 size_of input.tar "$TAR"
 size_of input.tar.zst "$ZST"
 
-note "==> $REPS repetition(s); input $TGZ"
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+note "==> $REPS repetition(s); input $TGZ; load average $LOAD_START"
 for ((rep = 1; rep <= REPS; rep++)); do
     # (a) decompression alone
-    if ((HAVE_GUNZIP)); then
+    if [[ -n $DECOMP ]]; then
         warm "$TGZ"
-        measure "gunzip-zlib-rs" "$rep" "$WORK/bench-gunzip.$rep.out" "$BIN" bench-gunzip "$TGZ"
+        measure "decompress tar.gz (converter)" "$rep" "$BENCH_DIR/decompress-tar.gz.$rep.out" "$BIN" "$DECOMP" "$TGZ"
     fi
     warm "$TGZ"
     measure "gzip -dc" "$rep" /dev/null gzip -dc "$TGZ"
@@ -205,6 +213,10 @@ for ((rep = 1; rep <= REPS; rep++)); do
     rm -rf "$WORK/rootfs" "$WORK/mkfs.erofs" "$WORK/mkfs-noinline.erofs"
 
     # (d) zstd and plain tar
+    if [[ $DECOMP == bench-decompress ]]; then
+        warm "$ZST"
+        measure "decompress tar.zst (converter)" "$rep" "$BENCH_DIR/decompress-tar.zst.$rep.out" "$BIN" "$DECOMP" "$ZST"
+    fi
     warm "$ZST"
     measure "zstd -dc" "$rep" /dev/null zstd -dc "$ZST"
     if ((HAVE_CONVERT)); then
@@ -233,8 +245,10 @@ META="$BENCH_DIR/meta.tsv"
     printf 'pigz\t%s\n' "$(pigz --version 2>&1 | head -n1)"
     printf 'zstd\t%s\n' "$(zstd --version | head -n1)"
     printf 'reps\t%s\n' "$REPS"
+    printf 'loadavg_start\t%s\n' "$LOAD_START"
+    printf 'loadavg_end\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
     printf 'input\t%s\n' "$TGZ"
-    printf 'bench_gunzip\t%s\n' "$HAVE_GUNZIP"
+    printf 'decompress_command\t%s\n' "${DECOMP:-none}"
 } >"$META"
 
 python3 - "$BENCH_DIR" <<'PY'
@@ -260,10 +274,10 @@ for mk in ["mkfs.erofs", "mkfs.erofs -Enoinline_data"]:
             for rep, (t, m) in samples["tar -xzf"].items() if rep in samples[mk]
         }
 
-order = ["gunzip-zlib-rs", "gzip -dc", "pigz -dc", "convert tar.gz",
+order = ["decompress tar.gz (converter)", "gzip -dc", "pigz -dc", "convert tar.gz",
          "tar -xzf", "mkfs.erofs", "mkfs.erofs -Enoinline_data",
          "tar -xzf + mkfs.erofs", "tar -xzf + mkfs.erofs -Enoinline_data",
-         "zstd -dc", "convert tar.zst", "convert tar"]
+         "decompress tar.zst (converter)", "zstd -dc", "convert tar.zst", "convert tar"]
 rows = []
 for name in order + sorted(set(samples) - set(order)):
     if name not in samples:
@@ -291,7 +305,7 @@ def ratio(name, num, den, target=None, cmp=None):
         r["met"] = v <= target if cmp == "<=" else v >= target
     return r
 
-dec = "gunzip-zlib-rs" if "gunzip-zlib-rs" in med else "gzip -dc"
+dec = "decompress tar.gz (converter)" if "decompress tar.gz (converter)" in med else "gzip -dc"
 ratios = [r for r in [
     ratio("convert / decompression alone", "convert tar.gz", dec, 1.15, "<="),
     ratio("convert / gzip -dc", "convert tar.gz", "gzip -dc") if dec != "gzip -dc" else None,
@@ -299,6 +313,7 @@ ratios = [r for r in [
     ratio("(tar -xzf + mkfs.erofs) / convert", "tar -xzf + mkfs.erofs", "convert tar.gz", 1.8, ">="),
     ratio("(tar -xzf + mkfs.erofs -Enoinline_data) / convert",
           "tar -xzf + mkfs.erofs -Enoinline_data", "convert tar.gz", 1.8, ">="),
+    ratio("convert .tar.zst / decompression alone", "convert tar.zst", "decompress tar.zst (converter)"),
     ratio("convert .tar.zst / zstd -dc", "convert tar.zst", "zstd -dc"),
 ] if r]
 
@@ -326,7 +341,12 @@ md.append(f"Input: `{os.path.basename(meta['input'])}` {mb(sizes['input.tar.gz']
           + (f", {entries} entries" if entries is not None else "") + ".  ")
 md.append(f"Machine: {meta['cpus']} cores ({meta['cpu']}), kernel {meta['kernel']}; "
           f"erofs-utils {meta['erofs-utils']}; commit {meta['commit']}; {meta['date']}; "
-          f"median of {meta['reps']} run(s), page cache warm.")
+          f"median of {meta['reps']} run(s), page cache warm; "
+          f"load average {meta['loadavg_start']} before, {meta['loadavg_end']} after.")
+if max(float(meta['loadavg_start'].split()[0]), float(meta['loadavg_end'].split()[0])) > 0.5:
+    md.append("")
+    md.append("**Warning: the machine was busy with other work during this run; "
+              "times are noisy. Rerun on an idle machine for numbers to quote.**")
 md.append("")
 md.append("| step | median s | min s | max s | peak RSS MiB |")
 md.append("| --- | ---: | ---: | ---: | ---: |")
@@ -349,7 +369,7 @@ if imgs:
 if dec == "gzip -dc":
     md.append("")
     md.append("Decompression alone is measured with `gzip -dc` here (the binary has no "
-              "`bench-gunzip` yet), not with the converter's own decompressor.")
+              "`bench-decompress`), not with the converter's own decompressor.")
 text = "\n".join(md) + "\n"
 with open(os.path.join(d, "results.md"), "w") as f:
     f.write(text)
