@@ -7,7 +7,7 @@
 //! writes EROFS. Chunks travel through a bounded channel and come back for reuse, so
 //! memory stays at a few MiB whatever the layer size.
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, Read};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 
 use sha2::{Digest, Sha256};
@@ -103,31 +103,9 @@ pub struct InputStats {
     pub size: u64,
 }
 
-/// A reader that hashes what passes through and reports progress.
-struct Hashing<'p, R> {
-    inner: R,
-    hasher: Sha256,
-    count: u64,
-    progress: Option<&'p (dyn Fn(u64) + Sync)>,
-    reported: u64,
-}
-
-impl<R: Read> Read for Hashing<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.count += n as u64;
-        if let Some(p) = self.progress {
-            if self.count - self.reported >= 1 << 20 || n == 0 {
-                p(self.count);
-                self.reported = self.count;
-            }
-        }
-        Ok(n)
-    }
-}
-
 enum Msg {
+    /// The producer's first message: the compression it found.
+    Start(Compression),
     Data(Vec<u8>),
     Done(InputStats),
     Failed(Error),
@@ -136,46 +114,88 @@ enum Msg {
 const CHUNK: usize = 1 << 20;
 const IN_FLIGHT: usize = 4;
 
-/// Runs the producer: reads `input`, decompresses it, and sends chunks of at most
-/// 1 MiB until the end, an error, or the consumer hanging up. `max_size` bounds the
-/// uncompressed bytes (a decompression bomb stops here, not in the filesystem).
-fn produce<R: Read>(
-    input: R,
-    compression: Option<Compression>,
-    max_size: u64,
+/// Reads the input on a thread of its own, hashing it (the input digest) and
+/// reporting progress, so the decompressor's core does nothing but inflate.
+fn read_input<R: Read>(
+    mut input: R,
     progress: Option<&(dyn Fn(u64) + Sync)>,
     tx: SyncSender<Msg>,
     recycle: Receiver<Vec<u8>>,
-    detected: &mut Compression,
 ) {
-    let hashing = Hashing { inner: input, hasher: Sha256::new(), count: 0, progress, reported: 0 };
-    let mut src = BufReader::with_capacity(256 << 10, hashing);
-    let result = (|| -> Result<(), Error> {
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    loop {
+        let mut buf = recycle.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+        buf.resize(CHUNK, 0);
+        let n = match input.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = tx.send(Msg::Failed(Error::io(e)));
+                return;
+            }
+        };
+        if n == 0 {
+            if let Some(p) = progress {
+                p(size);
+            }
+            let _ = tx.send(Msg::Done(InputStats { digest: hasher.finalize().into(), size }));
+            return;
+        }
+        buf.truncate(n);
+        hasher.update(&buf);
+        size += n as u64;
+        if let Some(p) = progress {
+            p(size);
+        }
+        if tx.send(Msg::Data(buf)).is_err() {
+            return;
+        }
+    }
+}
+
+/// The decompressor: reads the input chunks, inflates, and sends chunks of at most
+/// 1 MiB downstream until the end, an error, or the consumer hanging up. `max_size`
+/// bounds the uncompressed bytes (a decompression bomb stops here, not on disk).
+fn produce(
+    mut src: Chunks,
+    compression: Option<Compression>,
+    max_size: u64,
+    tx: SyncSender<Msg>,
+    recycle: Receiver<Vec<u8>>,
+) {
+    let result = (|| -> Result<InputStats, Error> {
+        if let Err(e) = src.fill_buf() {
+            return Err(src.take_failure().unwrap_or(Error::io(e)));
+        }
         let head = src.fill_buf().map_err(Error::io)?;
         let sniffed = Compression::sniff(head)?;
         let c = compression.unwrap_or(sniffed);
-        if compression.is_some() && c != sniffed && !(c == Compression::None && head.is_empty()) {
+        if compression.is_some() && c != sniffed && !head.is_empty() {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!("the media type says {} but the stream looks like {}", c.name(), sniffed.name()),
             ));
         }
-        *detected = c;
+        let _ = tx.send(Msg::Start(c));
         let decoder: Box<dyn Read + '_> = match c {
             Compression::None => Box::new(&mut src),
             Compression::Gzip => Box::new(gzip_decoder(&mut src)),
             Compression::Zstd => Box::new(zstd_decoder(&mut src).map_err(Error::io)?),
         };
-        pump(decoder, c, max_size, &tx, &recycle)?;
+        let pumped = pump(decoder, c, max_size, &tx, &recycle);
+        if let Some(e) = src.take_failure() {
+            return Err(e);
+        }
+        pumped?;
         // Whatever trails the compressed stream is part of the input digest too.
-        io::copy(&mut src, &mut io::sink()).map_err(Error::io)?;
-        Ok(())
+        if let Err(e) = io::copy(&mut src, &mut io::sink()) {
+            return Err(src.take_failure().unwrap_or(Error::io(e)));
+        }
+        src.done.clone().ok_or_else(|| Error::new(ErrorKind::Io, "input ended without its digest"))
     })();
     let msg = match result {
-        Ok(()) => {
-            let h = src.into_inner();
-            Msg::Done(InputStats { digest: h.hasher.finalize().into(), size: h.count })
-        }
+        Ok(stats) => Msg::Done(stats),
         Err(e) => Msg::Failed(e),
     };
     let _ = tx.send(msg);
@@ -232,34 +252,56 @@ fn decode_error(c: Compression, e: io::Error, at: u64) -> Error {
     }
 }
 
-/// The consumer's view of the uncompressed stream. Hashes every byte it receives
-/// (the diffID) and holds the producer's error, if any, for the caller to report in
-/// place of the I/O error it shows the tar parser.
-pub struct Uncompressed {
+/// A [`BufRead`] over chunks sent by another thread. The consumer's view of the
+/// uncompressed stream hashes every byte it receives (the diffID); the decompressor's
+/// view of the input does not (the reader thread hashed it). A failure on the sending
+/// side is held for the caller to report in place of the bare I/O error its parser saw.
+pub struct Chunks {
     rx: Receiver<Msg>,
     recycle: SyncSender<Vec<u8>>,
     buf: Vec<u8>,
     pos: usize,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
+    compression: Option<Compression>,
     size: u64,
     done: Option<InputStats>,
     failure: Option<Error>,
 }
 
-impl Uncompressed {
-    /// The producer's error, if the stream failed on its side.
+impl Chunks {
+    fn new(rx: Receiver<Msg>, recycle: SyncSender<Vec<u8>>, hash: bool) -> Chunks {
+        Chunks {
+            rx,
+            recycle,
+            buf: Vec::new(),
+            pos: 0,
+            hasher: hash.then(Sha256::new),
+            compression: None,
+            size: 0,
+            done: None,
+            failure: None,
+        }
+    }
+
+    /// The sender's error, if the stream failed on its side.
     pub fn take_failure(&mut self) -> Option<Error> {
         self.failure.take()
     }
 
-    /// sha256 and size of the uncompressed stream and the input stats; only
-    /// meaningful once the stream was read to its end.
+    /// sha256 and size of the stream and the input stats; only meaningful once the
+    /// stream was read to its end.
     pub fn digests(&self) -> ([u8; 32], u64, Option<InputStats>) {
-        (self.hasher.clone().finalize().into(), self.size, self.done.clone())
+        let digest = match (&self.hasher, &self.done) {
+            (Some(h), _) => h.clone().finalize().into(),
+            // A plain tar input: the input digest is the diffID, no need to hash twice.
+            (None, Some(stats)) => stats.digest,
+            (None, None) => [0; 32],
+        };
+        (digest, self.size, self.done.clone())
     }
 }
 
-impl Read for Uncompressed {
+impl Read for Chunks {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let avail = self.fill_buf()?;
         let n = avail.len().min(out.len());
@@ -269,15 +311,23 @@ impl Read for Uncompressed {
     }
 }
 
-impl BufRead for Uncompressed {
+impl BufRead for Chunks {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.pos >= self.buf.len() && self.done.is_none() {
             if self.failure.is_some() {
                 return Err(io::Error::other("input stream failed"));
             }
             match self.rx.recv() {
+                Ok(Msg::Start(c)) => {
+                    self.compression = Some(c);
+                    if c == Compression::None {
+                        self.hasher = None;
+                    }
+                }
                 Ok(Msg::Data(chunk)) => {
-                    self.hasher.update(&chunk);
+                    if let Some(h) = &mut self.hasher {
+                        h.update(&chunk);
+                    }
                     self.size += chunk.len() as u64;
                     let old = std::mem::replace(&mut self.buf, chunk);
                     let _ = self.recycle.try_send(old);
@@ -288,7 +338,7 @@ impl BufRead for Uncompressed {
                     self.failure = Some(e);
                     return Err(io::Error::other("input stream failed"));
                 }
-                Err(_) => return Err(io::Error::other("input reader thread ended")),
+                Err(_) => return Err(io::Error::other("input thread ended")),
             }
         }
         Ok(&self.buf[self.pos..])
@@ -299,38 +349,33 @@ impl BufRead for Uncompressed {
     }
 }
 
-/// Runs `consume` on the uncompressed form of `input` while a scoped thread
-/// decompresses. Returns `consume`'s result and the compression seen.
+/// Runs `consume` on the uncompressed form of `input` while scoped threads read and
+/// decompress it. Returns `consume`'s result and the compression seen.
 pub fn with_uncompressed<R, T>(
     input: R,
     compression: Option<Compression>,
     max_size: u64,
     progress: Option<&(dyn Fn(u64) + Sync)>,
-    consume: impl FnOnce(&mut Uncompressed) -> Result<T, Error>,
+    consume: impl FnOnce(&mut Chunks) -> Result<T, Error>,
 ) -> Result<(T, Compression), Error>
 where
     R: Read + Send,
 {
+    let (in_tx, in_rx) = mpsc::sync_channel(IN_FLIGHT);
+    let (in_recycle_tx, in_recycle_rx) = mpsc::sync_channel(IN_FLIGHT + 2);
     let (tx, rx) = mpsc::sync_channel(IN_FLIGHT);
     let (recycle_tx, recycle_rx) = mpsc::sync_channel(IN_FLIGHT + 2);
-    let mut detected = Compression::None;
-    let result = std::thread::scope(|s| {
-        let producer = s.spawn(|| produce(input, compression, max_size, progress, tx, recycle_rx, &mut detected));
-        let mut stream = Uncompressed {
-            rx,
-            recycle: recycle_tx,
-            buf: Vec::new(),
-            pos: 0,
-            hasher: Sha256::new(),
-            size: 0,
-            done: None,
-            failure: None,
-        };
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || read_input(input, progress, in_tx, in_recycle_rx));
+        let compressed = Chunks::new(in_rx, in_recycle_tx, false);
+        let producer = s.spawn(move || produce(compressed, compression, max_size, tx, recycle_rx));
+        let mut stream = Chunks::new(rx, recycle_tx, true);
         let r = consume(&mut stream);
-        // Hang up first so a producer blocked on a full channel returns.
+        let c = stream.compression.unwrap_or(Compression::None);
+        // Hang up first so threads blocked on a full channel return.
         drop(stream);
         producer.join().expect("decompressor thread panicked");
-        r
-    });
-    result.map(|t| (t, detected))
+        reader.join().expect("input reader thread panicked");
+        r.map(|t| (t, c))
+    })
 }
