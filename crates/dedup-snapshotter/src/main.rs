@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-// mod inspect;
+mod inspect;
 
 #[derive(Parser)]
 #[command(name = "dedup-snapshotter", version, about = "A containerd snapshotter and differ storing layers as EROFS images")]
@@ -121,7 +121,9 @@ fn run(cli: Cli) -> Result<()> {
             opts.fsync = fsync;
             convert(&input, &output, &opts, json)
         }
-        Command::Inspect { .. } | Command::Ls { .. } | Command::Cat { .. } => anyhow::bail!("reader not wired yet"),
+        Command::Inspect { image, json } => inspect::inspect(&image, json),
+        Command::Ls { image, path, recursive, json } => inspect::ls(&image, path.as_deref(), recursive, json),
+        Command::Cat { image, path } => inspect::cat(&image, &path),
         Command::BenchDecompress { input } => bench_decompress(&input),
     }
 }
