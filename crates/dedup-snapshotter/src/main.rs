@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -14,7 +14,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 mod inspect;
 
 #[derive(Parser)]
-#[command(name = "dedup-snapshotter", version, about = "A containerd snapshotter and differ storing layers as EROFS images")]
+#[command(
+    name = "dedup-snapshotter",
+    version,
+    about = "A containerd snapshotter and differ storing layers as EROFS images"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -104,6 +108,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that closed the pipe (`ls | head`) got what it wanted.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<io::Error>()
+                    .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -113,7 +126,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Convert { media_type, json, no_inline, max_size, fsync, input, output } => {
+        Command::Convert {
+            media_type,
+            json,
+            no_inline,
+            max_size,
+            fsync,
+            input,
+            output,
+        } => {
             let mut opts = layer_convert::Options::from_env();
             opts.media_type = media_type;
             opts.inline_data = !no_inline;
@@ -122,13 +143,18 @@ fn run(cli: Cli) -> Result<()> {
             convert(&input, &output, &opts, json)
         }
         Command::Inspect { image, json } => inspect::inspect(&image, json),
-        Command::Ls { image, path, recursive, json } => inspect::ls(&image, path.as_deref(), recursive, json),
+        Command::Ls {
+            image,
+            path,
+            recursive,
+            json,
+        } => inspect::ls(&image, path.as_deref(), recursive, json),
         Command::Cat { image, path } => inspect::cat(&image, &path),
         Command::BenchDecompress { input } => bench_decompress(&input),
     }
 }
 
-fn convert(input: &PathBuf, output: &PathBuf, opts: &layer_convert::Options, json: bool) -> Result<()> {
+fn convert(input: &Path, output: &Path, opts: &layer_convert::Options, json: bool) -> Result<()> {
     let (reader, total): (Box<dyn Read + Send>, Option<u64>) = if input.as_os_str() == "-" {
         (Box::new(io::stdin()), None)
     } else {
@@ -149,7 +175,12 @@ fn convert(input: &PathBuf, output: &PathBuf, opts: &layer_convert::Options, jso
         bar
     });
     let progress = bar.clone().map(|b| move |n: u64| b.set_position(n));
-    let report = layer_convert::convert(reader, output, opts, progress.as_ref().map(|p| p as &(dyn Fn(u64) + Sync)));
+    let report = layer_convert::convert(
+        reader,
+        output,
+        opts,
+        progress.as_ref().map(|p| p as &(dyn Fn(u64) + Sync)),
+    );
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -169,7 +200,7 @@ fn convert(input: &PathBuf, output: &PathBuf, opts: &layer_convert::Options, jso
     Ok(())
 }
 
-fn bench_decompress(input: &PathBuf) -> Result<()> {
+fn bench_decompress(input: &Path) -> Result<()> {
     let started = Instant::now();
     let f = File::open(input).with_context(|| format!("opening {}", input.display()))?;
     let mut src = io::BufReader::with_capacity(256 << 10, f);

@@ -425,7 +425,11 @@ impl Dirent {
 
     /// Decodes a record from 12 bytes.
     pub fn decode(b: &[u8]) -> Dirent {
-        Dirent { nid: le64(b, 0), nameoff: le16(b, 8), file_type: b[10] }
+        Dirent {
+            nid: le64(b, 0),
+            nameoff: le16(b, 8),
+            file_type: b[10],
+        }
     }
 }
 
@@ -470,7 +474,11 @@ impl XattrEntry {
 
     /// Decodes the 4-byte header.
     pub fn decode(b: &[u8]) -> XattrEntry {
-        XattrEntry { name_len: b[0], name_index: b[1], value_size: le16(b, 2) }
+        XattrEntry {
+            name_len: b[0],
+            name_index: b[1],
+            value_size: le16(b, 2),
+        }
     }
 }
 
@@ -563,7 +571,10 @@ mod tests {
         assert_eq!(split_xattr_name(b"user.foo"), Some((1, &b"foo"[..])));
         assert_eq!(split_xattr_name(b"system.posix_acl_access"), Some((2, &b""[..])));
         assert_eq!(split_xattr_name(b"security.capability"), Some((6, &b"capability"[..])));
-        assert_eq!(split_xattr_name(b"trusted.overlay.opaque"), Some((4, &b"overlay.opaque"[..])));
+        assert_eq!(
+            split_xattr_name(b"trusted.overlay.opaque"),
+            Some((4, &b"overlay.opaque"[..]))
+        );
         assert_eq!(split_xattr_name(b"system.other"), None);
         assert_eq!(split_xattr_name(b"user."), None);
         assert_eq!(join_xattr_name(6, b"capability").unwrap(), b"security.capability");

@@ -62,7 +62,13 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { inline_data: true, build_time: 0, build_time_nsec: 0, uuid: [0; 16], volume_name: [0; 16] }
+        Options {
+            inline_data: true,
+            build_time: 0,
+            build_time_nsec: 0,
+            uuid: [0; 16],
+            volume_name: [0; 16],
+        }
     }
 }
 
@@ -95,12 +101,22 @@ impl Xattr {
         let (index, suffix) = format::split_xattr_name(name)
             .ok_or_else(|| Error::Unrepresentable(format!("xattr {:?}: namespace not supported by EROFS", shown())))?;
         if suffix.len() > 255 {
-            return Err(Error::Unrepresentable(format!("xattr {:?}: name longer than 255 bytes", shown())));
+            return Err(Error::Unrepresentable(format!(
+                "xattr {:?}: name longer than 255 bytes",
+                shown()
+            )));
         }
         if value.len() > 65535 {
-            return Err(Error::Unrepresentable(format!("xattr {:?}: value longer than 65535 bytes", shown())));
+            return Err(Error::Unrepresentable(format!(
+                "xattr {:?}: value longer than 65535 bytes",
+                shown()
+            )));
         }
-        Ok(Xattr { index, suffix: suffix.into(), value: value.into() })
+        Ok(Xattr {
+            index,
+            suffix: suffix.into(),
+            value: value.into(),
+        })
     }
 
     /// The full name, e.g. `user.foo`.
@@ -133,7 +149,10 @@ pub struct Meta {
 impl Meta {
     /// Sets (or replaces) an xattr, keeping the list sorted by name.
     pub fn set_xattr(&mut self, x: Xattr) {
-        match self.xattrs.binary_search_by(|o| (o.index, &o.suffix).cmp(&(x.index, &x.suffix))) {
+        match self
+            .xattrs
+            .binary_search_by(|o| (o.index, &o.suffix).cmp(&(x.index, &x.suffix)))
+        {
             Ok(i) => self.xattrs[i] = x,
             Err(i) => self.xattrs.insert(i, x),
         }
@@ -204,7 +223,10 @@ pub struct Node {
 impl Node {
     /// A new empty directory.
     pub fn dir(meta: Meta) -> Node {
-        Node { meta, body: Body::Dir(BTreeMap::new()) }
+        Node {
+            meta,
+            body: Body::Dir(BTreeMap::new()),
+        }
     }
 
     /// Whether this node is a directory.
@@ -225,7 +247,9 @@ pub struct Tree {
 impl Tree {
     /// A tree holding only the root directory.
     pub fn new(root: Meta) -> Tree {
-        Tree { nodes: vec![Node::dir(root)] }
+        Tree {
+            nodes: vec![Node::dir(root)],
+        }
     }
 
     /// The root directory.
@@ -317,7 +341,11 @@ impl<W: Write + Seek> ImageWriter<W> {
     /// superblock, file data starts at block 1.
     pub fn new(mut out: W, opts: Options) -> Result<Self> {
         out.seek(SeekFrom::Start(BLOCK_SIZE))?;
-        Ok(ImageWriter { out, opts, next_block: 1 })
+        Ok(ImageWriter {
+            out,
+            opts,
+            next_block: 1,
+        })
     }
 
     /// The options this writer was made with.
@@ -336,16 +364,19 @@ impl<W: Write + Seek> ImageWriter<W> {
     /// extended inode, every xattr inline); [`ImageWriter::finish`] can only do better.
     pub fn will_inline_tail(&self, meta: &Meta, size: u64) -> bool {
         let tail = (size % BLOCK_SIZE) as usize;
-        self.opts.inline_data
-            && tail != 0
-            && format::EXTENDED_INODE_SIZE + meta.xattr_upper_bound() + tail <= BS
+        self.opts.inline_data && tail != 0 && format::EXTENDED_INODE_SIZE + meta.xattr_upper_bound() + tail <= BS
     }
 
     /// Streams a regular file's body of exactly `size` bytes from `src` into the data
     /// area. Ends with `UnexpectedEof` if `src` runs dry first.
     pub fn write_file_data<R: BufRead + ?Sized>(&mut self, src: &mut R, size: u64, meta: &Meta) -> Result<FileData> {
         if size == 0 {
-            return Ok(FileData { size, blkaddr: NULL_ADDR, blocks: 0, tail: None });
+            return Ok(FileData {
+                size,
+                blkaddr: NULL_ADDR,
+                blocks: 0,
+                tail: None,
+            });
         }
         let inline = self.will_inline_tail(meta, size);
         let full = size / BLOCK_SIZE;
@@ -369,7 +400,12 @@ impl<W: Write + Seek> ImageWriter<W> {
             None
         };
         self.next_block = end as u32;
-        Ok(FileData { size, blkaddr: if full > 0 || tail.is_none() { blkaddr } else { NULL_ADDR }, blocks: blocks as u32, tail })
+        Ok(FileData {
+            size,
+            blkaddr: if full > 0 || tail.is_none() { blkaddr } else { NULL_ADDR },
+            blocks: blocks as u32,
+            tail,
+        })
     }
 
     /// Lays out and writes everything but file bodies, then the superblock. Returns
@@ -439,7 +475,10 @@ fn copy_exact<R: BufRead + ?Sized, W: Write>(src: &mut R, out: &mut W, mut n: u6
     while n > 0 {
         let buf = src.fill_buf()?;
         if buf.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended inside file data"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "stream ended inside file data",
+            ));
         }
         let take = buf.len().min(n as usize);
         out.write_all(&buf[..take])?;
@@ -453,7 +492,10 @@ fn read_exact<R: BufRead + ?Sized>(src: &mut R, mut dst: &mut [u8]) -> io::Resul
     while !dst.is_empty() {
         let buf = src.fill_buf()?;
         if buf.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended inside file data"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "stream ended inside file data",
+            ));
         }
         let take = buf.len().min(dst.len());
         dst[..take].copy_from_slice(&buf[..take]);
@@ -546,7 +588,9 @@ impl Plan {
                 }
             }
             if shared.len() > 255 {
-                return Err(Error::Unrepresentable("more than 255 shared xattrs on one inode".into()));
+                return Err(Error::Unrepresentable(
+                    "more than 255 shared xattrs on one inode".into(),
+                ));
             }
             let icount = format::xattr_icount(shared.len(), inline_bytes);
             let xattr_icount = u16::try_from(icount)
@@ -572,7 +616,11 @@ impl Plan {
                 || nlink_v > 0xffff
                 || m.mtime != opts.build_time
                 || m.mtime_nsec != opts.build_time_nsec;
-            let isize = if extended { format::EXTENDED_INODE_SIZE } else { format::COMPACT_INODE_SIZE };
+            let isize = if extended {
+                format::EXTENDED_INODE_SIZE
+            } else {
+                format::COMPACT_INODE_SIZE
+            };
             let total = (isize + xattr_size + tail_len) as u64;
             // An inline tail must sit in the same block as its inode; keep every small
             // inode within one block so readers never straddle.
@@ -610,8 +658,8 @@ impl Plan {
         }
         let root_nid = u16::try_from(slots[0].nid)
             .map_err(|_| Error::Unrepresentable("shared xattr area too large for the root nid".into()))?;
-        let meta_blkaddr = u32::try_from(late_cursor)
-            .map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
+        let meta_blkaddr =
+            u32::try_from(late_cursor).map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
         Ok(Plan {
             slots,
             index,
@@ -637,8 +685,10 @@ impl Plan {
     }
 
     fn dir_bytes(&self, tree: &Tree, children: &BTreeMap<Box<[u8]>, NodeId>, slot: &Slot) -> Vec<u8> {
-        let dots: [(&[u8], Option<u64>, u8); 2] =
-            [(b".", Some(slot.nid), format::ft::DIR), (b"..", Some(slot.parent_nid), format::ft::DIR)];
+        let dots: [(&[u8], Option<u64>, u8); 2] = [
+            (b".", Some(slot.nid), format::ft::DIR),
+            (b"..", Some(slot.parent_nid), format::ft::DIR),
+        ];
         let entries = dir_entries(children, &dots);
         let mut out = Vec::with_capacity(slot.dir_blocks.len() * BS);
         for (bi, range) in slot.dir_blocks.iter().enumerate() {
@@ -650,7 +700,14 @@ impl Plan {
                     DirTarget::Node(id) => (self.nid_of(id), format::file_type_of(tree.node(id).body.type_bits())),
                     DirTarget::Fixed(nid, ft) => (nid, ft),
                 };
-                out.extend_from_slice(&Dirent { nid, nameoff: nameoff as u16, file_type: ft }.encode());
+                out.extend_from_slice(
+                    &Dirent {
+                        nid,
+                        nameoff: nameoff as u16,
+                        file_type: ft,
+                    }
+                    .encode(),
+                );
                 nameoff += e.0.len();
             }
             for e in ents {
@@ -675,7 +732,11 @@ impl Plan {
                 }
             }
             Body::Dir(_) | Body::Symlink(_) => {
-                let layout = if slot.inline_len > 0 { format::LAYOUT_FLAT_INLINE } else { format::LAYOUT_FLAT_PLAIN };
+                let layout = if slot.inline_len > 0 {
+                    format::LAYOUT_FLAT_INLINE
+                } else {
+                    format::LAYOUT_FLAT_PLAIN
+                };
                 (layout, slot.late_blkaddr)
             }
             Body::CharDev(ma, mi) | Body::BlockDev(ma, mi) => (format::LAYOUT_FLAT_PLAIN, format::encode_dev(*ma, *mi)),
@@ -697,7 +758,12 @@ impl Plan {
         };
         inode.encode_into(out);
         if slot.xattr_icount > 0 {
-            out.extend_from_slice(&XattrIbodyHeader { shared_count: slot.shared.len() as u8 }.encode());
+            out.extend_from_slice(
+                &XattrIbodyHeader {
+                    shared_count: slot.shared.len() as u8,
+                }
+                .encode(),
+            );
             for id in &slot.shared {
                 out.extend_from_slice(&id.to_le_bytes());
             }
@@ -746,9 +812,14 @@ fn dir_entries<'a>(
     dots: &[(&'a [u8], Option<u64>, u8)],
 ) -> Vec<(&'a [u8], DirTarget)> {
     let dots: Vec<(&[u8], DirTarget)> = if dots.is_empty() {
-        vec![(b".", DirTarget::Fixed(0, format::ft::DIR)), (b"..", DirTarget::Fixed(0, format::ft::DIR))]
+        vec![
+            (b".", DirTarget::Fixed(0, format::ft::DIR)),
+            (b"..", DirTarget::Fixed(0, format::ft::DIR)),
+        ]
     } else {
-        dots.iter().map(|(n, nid, ft)| (*n, DirTarget::Fixed(nid.unwrap_or(0), *ft))).collect()
+        dots.iter()
+            .map(|(n, nid, ft)| (*n, DirTarget::Fixed(nid.unwrap_or(0), *ft)))
+            .collect()
     };
     let mut v: Vec<(&[u8], DirTarget)> = Vec::with_capacity(children.len() + 2);
     let mut dots = dots.into_iter().peekable();
@@ -831,7 +902,10 @@ mod tests {
     use std::io::Cursor;
 
     fn meta(perm: u16) -> Meta {
-        Meta { perm, ..Default::default() }
+        Meta {
+            perm,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -851,7 +925,10 @@ mod tests {
         let per_block = BS / (12 + 10);
         assert_eq!(blocks[0], 0..per_block);
         assert_eq!(blocks.len(), 1000usize.div_ceil(per_block));
-        assert_eq!(size, (blocks.len() as u64 - 1) * BLOCK_SIZE + (1000 % per_block) as u64 * 22);
+        assert_eq!(
+            size,
+            (blocks.len() as u64 - 1) * BLOCK_SIZE + (1000 % per_block) as u64 * 22
+        );
     }
 
     #[test]
@@ -861,7 +938,10 @@ mod tests {
         let m = meta(0o644);
         let data = w.write_file_data(&mut &b"hello"[..], 5, &m).unwrap();
         assert!(data.tail.is_some());
-        let f = tree.add(Node { meta: m, body: Body::File(data) });
+        let f = tree.add(Node {
+            meta: m,
+            body: Body::File(data),
+        });
         tree.link(0, b"hello.txt", f);
         let (out, summary) = w.finish(&tree).unwrap();
         let img = out.into_inner();

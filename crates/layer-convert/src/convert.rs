@@ -43,15 +43,27 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { media_type: None, max_size: DEFAULT_MAX_SIZE, inline_data: true, build_time: 0, fsync: false }
+        Options {
+            media_type: None,
+            max_size: DEFAULT_MAX_SIZE,
+            inline_data: true,
+            build_time: 0,
+            fsync: false,
+        }
     }
 }
 
 impl Options {
     /// Defaults, with the build time taken from `SOURCE_DATE_EPOCH` when set.
     pub fn from_env() -> Options {
-        let build_time = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0);
-        Options { build_time, ..Options::default() }
+        let build_time = std::env::var("SOURCE_DATE_EPOCH")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Options {
+            build_time,
+            ..Options::default()
+        }
     }
 }
 
@@ -157,14 +169,25 @@ fn build<S: BufRead, W: std::io::Write + std::io::Seek>(
     mut image: ImageWriter<W>,
     build_time: u64,
 ) -> Result<Built<W>, Error> {
-    let implied = Meta { perm: 0o755, uid: 0, gid: 0, mtime: build_time, mtime_nsec: 0, xattrs: Vec::new() };
-    let mut b = Builder { tree: Tree::new(implied.clone()), implied };
+    let implied = Meta {
+        perm: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: build_time,
+        mtime_nsec: 0,
+        xattrs: Vec::new(),
+    };
+    let mut b = Builder {
+        tree: Tree::new(implied.clone()),
+        implied,
+    };
     let mut tar = TarReader::new(s);
     let mut entries = 0u64;
     while let Some(e) = tar.next_entry()? {
         entries += 1;
         let name = e.display_path();
-        b.apply(&e, &mut tar, &mut image).map_err(|err| err.entry(&name).at(e.offset))?;
+        b.apply(&e, &mut tar, &mut image)
+            .map_err(|err| err.entry(&name).at(e.offset))?;
     }
     tar::drain(tar.body()).map_err(Error::io)?;
     Ok((image, b.tree, entries))
@@ -185,12 +208,18 @@ fn clean_path(p: &[u8]) -> Result<Vec<&[u8]>, Error> {
             b"" | b"." => {}
             b".." => {
                 if parts.pop().is_none() {
-                    return Err(Error::new(ErrorKind::PathEscape, "the path leads outside the layer root"));
+                    return Err(Error::new(
+                        ErrorKind::PathEscape,
+                        "the path leads outside the layer root",
+                    ));
                 }
             }
             _ => {
                 if c.len() > erofs::format::NAME_LEN {
-                    return Err(Error::new(ErrorKind::Unsupported, "a path component is longer than 255 bytes"));
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        "a path component is longer than 255 bytes",
+                    ));
                 }
                 parts.push(c);
             }
@@ -204,7 +233,11 @@ fn is_whiteout_node(n: &Node) -> bool {
 }
 
 fn opaque() -> Xattr {
-    Xattr { index: erofs::format::xattr_index::TRUSTED, suffix: OPAQUE_NAME.into(), value: (*b"y").into() }
+    Xattr {
+        index: erofs::format::xattr_index::TRUSTED,
+        suffix: OPAQUE_NAME.into(),
+        value: (*b"y").into(),
+    }
 }
 
 impl Builder {
@@ -212,8 +245,19 @@ impl Builder {
         let uid = u32::try_from(e.uid).map_err(|_| Error::new(ErrorKind::Unsupported, "uid above 2^32"))?;
         let gid = u32::try_from(e.gid).map_err(|_| Error::new(ErrorKind::Unsupported, "gid above 2^32"))?;
         // EROFS stores unsigned times; pre-1970 times are clamped to the epoch.
-        let (mtime, mtime_nsec) = if e.mtime < 0 { (0, 0) } else { (e.mtime as u64, e.mtime_nsec) };
-        let mut meta = Meta { perm: (e.mode & 0o7777) as u16, uid, gid, mtime, mtime_nsec, xattrs: Vec::new() };
+        let (mtime, mtime_nsec) = if e.mtime < 0 {
+            (0, 0)
+        } else {
+            (e.mtime as u64, e.mtime_nsec)
+        };
+        let mut meta = Meta {
+            perm: (e.mode & 0o7777) as u16,
+            uid,
+            gid,
+            mtime,
+            mtime_nsec,
+            xattrs: Vec::new(),
+        };
         for (name, value) in &e.xattrs {
             // overlayfs reads trusted.overlay.* from its layers (opaque, redirect,
             // metacopy): a layer must not be able to set them, only whiteouts can.
@@ -244,7 +288,10 @@ impl Builder {
                 Some(_) => {
                     return Err(Error::new(
                         ErrorKind::NotADirectory,
-                        format!("parent {:?} is not a directory in this layer", String::from_utf8_lossy(part)),
+                        format!(
+                            "parent {:?} is not a directory in this layer",
+                            String::from_utf8_lossy(part)
+                        ),
                     ))
                 }
                 None => {
@@ -281,7 +328,10 @@ impl Builder {
                 self.tree.node_mut(self.tree.root()).meta = meta;
                 return Ok(());
             }
-            return Err(Error::new(ErrorKind::NotADirectory, "the layer root must be a directory"));
+            return Err(Error::new(
+                ErrorKind::NotADirectory,
+                "the layer root must be a directory",
+            ));
         };
 
         if let Some(rest) = name.strip_prefix(WHITEOUT_PREFIX) {
@@ -297,7 +347,10 @@ impl Builder {
                 let mut meta = self.meta_of(e)?;
                 meta.perm = 0;
                 meta.xattrs.clear();
-                let id = self.tree.add(Node { meta, body: Body::CharDev(0, 0) });
+                let id = self.tree.add(Node {
+                    meta,
+                    body: Body::CharDev(0, 0),
+                });
                 self.tree.link(dir, rest, id);
             }
             return Ok(());
@@ -322,12 +375,14 @@ impl Builder {
                 Body::Dir(Default::default())
             }
             Kind::File => {
-                let data = image.write_file_data(tar.body(), e.size, &meta).map_err(|err| match err {
-                    writer::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        Error::new(ErrorKind::Truncated, "stream ended inside the file's data")
-                    }
-                    other => werr(other),
-                })?;
+                let data = image
+                    .write_file_data(tar.body(), e.size, &meta)
+                    .map_err(|err| match err {
+                        writer::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            Error::new(ErrorKind::Truncated, "stream ended inside the file's data")
+                        }
+                        other => werr(other),
+                    })?;
                 tar.body_done();
                 Body::File(data)
             }
@@ -336,7 +391,10 @@ impl Builder {
                 let target = self.lookup(&target_parts).ok_or_else(|| {
                     Error::new(
                         ErrorKind::LinkTarget,
-                        format!("hard link target {:?} is not in the layer", String::from_utf8_lossy(&e.link)),
+                        format!(
+                            "hard link target {:?} is not in the layer",
+                            String::from_utf8_lossy(&e.link)
+                        ),
                     )
                 })?;
                 if self.tree.node(target).is_dir() {
@@ -389,7 +447,12 @@ impl TempOutput {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| Error::io(e).entry(&tmp.display().to_string()))?;
-        Ok(TempOutput { file, tmp, dest: dest.to_path_buf(), done: false })
+        Ok(TempOutput {
+            file,
+            tmp,
+            dest: dest.to_path_buf(),
+            done: false,
+        })
     }
 
     fn persist(mut self, sync_dir: bool) -> Result<(), Error> {
@@ -397,7 +460,11 @@ impl TempOutput {
         self.done = true;
         if sync_dir {
             if let Some(dir) = self.dest.parent() {
-                let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
                 File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io)?;
             }
         }
@@ -433,8 +500,14 @@ mod tests {
         assert_eq!(c("application/vnd.oci.image.layer.v1.tar"), Ok(Compression::None));
         assert_eq!(c("application/vnd.oci.image.layer.v1.tar+gzip"), Ok(Compression::Gzip));
         assert_eq!(c("application/vnd.oci.image.layer.v1.tar+zstd"), Ok(Compression::Zstd));
-        assert_eq!(c("application/vnd.docker.image.rootfs.diff.tar.gzip"), Ok(Compression::Gzip));
-        assert_eq!(c("application/vnd.oci.image.layer.v1.tar+bzip2"), Err(ErrorKind::Unsupported));
+        assert_eq!(
+            c("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            Ok(Compression::Gzip)
+        );
+        assert_eq!(
+            c("application/vnd.oci.image.layer.v1.tar+bzip2"),
+            Err(ErrorKind::Unsupported)
+        );
         assert_eq!(c("application/vnd.erofs.layer.v1"), Err(ErrorKind::Unsupported));
     }
 }

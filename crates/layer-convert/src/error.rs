@@ -61,12 +61,24 @@ pub struct Error {
 impl Error {
     /// A new error.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
-        Error { kind, message: message.into(), entry: None, offset: None, source: None }
+        Error {
+            kind,
+            message: message.into(),
+            entry: None,
+            offset: None,
+            source: None,
+        }
     }
 
     /// An I/O error.
     pub fn io(e: io::Error) -> Error {
-        Error { kind: ErrorKind::Io, message: e.to_string(), entry: None, offset: None, source: Some(e) }
+        Error {
+            kind: ErrorKind::Io,
+            message: e.to_string(),
+            entry: None,
+            offset: None,
+            source: Some(e),
+        }
     }
 
     /// Names the entry (keeps an entry already named).

@@ -58,13 +58,19 @@ impl Compression {
             return Ok(Compression::Gzip);
         }
         if !known_tar.contains(&base) {
-            return Err(Error::new(ErrorKind::Unsupported, format!("media type {mt:?} is not a tar layer")));
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("media type {mt:?} is not a tar layer"),
+            ));
         }
         match suffix {
             None => Ok(Compression::None),
             Some("gzip") => Ok(Compression::Gzip),
             Some("zstd") => Ok(Compression::Zstd),
-            Some(s) => Err(Error::new(ErrorKind::Unsupported, format!("media type {mt:?}: unknown compression {s:?}"))),
+            Some(s) => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("media type {mt:?}: unknown compression {s:?}"),
+            )),
         }
     }
 
@@ -75,9 +81,15 @@ impl Compression {
         } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
             Ok(Compression::Zstd)
         } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-            Err(Error::new(ErrorKind::Unsupported, "xz-compressed layers are not supported"))
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                "xz-compressed layers are not supported",
+            ))
         } else if head.starts_with(b"BZh") {
-            Err(Error::new(ErrorKind::Unsupported, "bzip2-compressed layers are not supported"))
+            Err(Error::new(
+                ErrorKind::Unsupported,
+                "bzip2-compressed layers are not supported",
+            ))
         } else {
             Ok(Compression::None)
         }
@@ -139,7 +151,10 @@ fn read_input<R: Read>(
             if let Some(p) = progress {
                 p(size);
             }
-            let _ = tx.send(Msg::Done(InputStats { digest: hasher.finalize().into(), size }));
+            let _ = tx.send(Msg::Done(InputStats {
+                digest: hasher.finalize().into(),
+                size,
+            }));
             return;
         }
         buf.truncate(n);
@@ -174,7 +189,11 @@ fn produce(
         if compression.is_some() && c != sniffed && !head.is_empty() {
             return Err(Error::new(
                 ErrorKind::Unsupported,
-                format!("the media type says {} but the stream looks like {}", c.name(), sniffed.name()),
+                format!(
+                    "the media type says {} but the stream looks like {}",
+                    c.name(),
+                    sniffed.name()
+                ),
             ));
         }
         let _ = tx.send(Msg::Start(c));
@@ -192,7 +211,9 @@ fn produce(
         if let Err(e) = io::copy(&mut src, &mut io::sink()) {
             return Err(src.take_failure().unwrap_or(Error::io(e)));
         }
-        src.done.clone().ok_or_else(|| Error::new(ErrorKind::Io, "input ended without its digest"))
+        src.done
+            .clone()
+            .ok_or_else(|| Error::new(ErrorKind::Io, "input ended without its digest"))
     })();
     let msg = match result {
         Ok(stats) => Msg::Done(stats),

@@ -126,7 +126,14 @@ pub struct TarReader<R: BufRead> {
 impl<R: BufRead> TarReader<R> {
     /// Wraps an uncompressed tar stream.
     pub fn new(src: R) -> Self {
-        TarReader { src, pos: 0, body_left: 0, pad_left: 0, global: Pax::default(), finished: false }
+        TarReader {
+            src,
+            pos: 0,
+            body_left: 0,
+            pad_left: 0,
+            global: Pax::default(),
+            finished: false,
+        }
     }
 
     /// The stream, positioned at the current entry's body.
@@ -167,8 +174,9 @@ impl<R: BufRead> TarReader<R> {
             let mut hdr = [0u8; BLOCK];
             let got = self.read_block(&mut hdr)?;
             if got == 0 {
-                return Err(Error::new(ErrorKind::Truncated, "stream ended without the end-of-archive marker")
-                    .at(offset));
+                return Err(
+                    Error::new(ErrorKind::Truncated, "stream ended without the end-of-archive marker").at(offset),
+                );
             }
             if got < BLOCK {
                 return Err(Error::new(ErrorKind::Truncated, "stream ended inside a header").at(offset));
@@ -186,8 +194,7 @@ impl<R: BufRead> TarReader<R> {
             let typeflag = hdr[156];
             let size = parse_number(&hdr[124..136])
                 .map_err(|m| Error::new(ErrorKind::BadHeader, format!("size field: {m}")).at(offset))?;
-            let size = u64::try_from(size)
-                .map_err(|_| Error::new(ErrorKind::BadHeader, "negative size").at(offset))?;
+            let size = u64::try_from(size).map_err(|_| Error::new(ErrorKind::BadHeader, "negative size").at(offset))?;
             match typeflag {
                 b'x' | b'g' | b'L' | b'K' => {
                     if size > MAX_META_BODY {
@@ -201,9 +208,8 @@ impl<R: BufRead> TarReader<R> {
                     self.read_exact_counted(&mut body, offset)?;
                     self.skip(padding(size), Some(offset))?;
                     match typeflag {
-                        b'x' => parse_pax(&body, &mut local).map_err(|m| {
-                            Error::new(ErrorKind::BadHeader, format!("PAX header: {m}")).at(offset)
-                        })?,
+                        b'x' => parse_pax(&body, &mut local)
+                            .map_err(|m| Error::new(ErrorKind::BadHeader, format!("PAX header: {m}")).at(offset))?,
                         b'g' => {
                             let mut g = Pax::default();
                             parse_pax(&body, &mut g).map_err(|m| {
@@ -405,7 +411,9 @@ fn verify_checksum(h: &[u8; BLOCK]) -> Result<(), String> {
     if stored == unsigned || stored == signed {
         Ok(())
     } else {
-        Err(format!("header checksum mismatch (stored {stored}, computed {unsigned})"))
+        Err(format!(
+            "header checksum mismatch (stored {stored}, computed {unsigned})"
+        ))
     }
 }
 
@@ -419,7 +427,10 @@ fn parse_number(f: &[u8]) -> Result<i128, String> {
                 v -= 0x40;
             }
             for &b in &f[1..] {
-                v = v.checked_mul(256).and_then(|v| v.checked_add(i128::from(b))).ok_or("number too large")?;
+                v = v
+                    .checked_mul(256)
+                    .and_then(|v| v.checked_add(i128::from(b)))
+                    .ok_or("number too large")?;
             }
             return Ok(v);
         }
@@ -456,9 +467,10 @@ fn parse_pax(mut body: &[u8], pax: &mut Pax) -> Result<(), String> {
         let eq = rec.iter().position(|&b| b == b'=').ok_or("record without '='")?;
         let (key, value) = (&rec[..eq], &rec[eq + 1..]);
         let num = |v: &[u8]| -> Result<u64, String> {
-            std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
-                format!("bad number for {}", String::from_utf8_lossy(key))
-            })
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("bad number for {}", String::from_utf8_lossy(key)))
         };
         match key {
             b"path" => pax.path = Some(value.to_vec()),
