@@ -17,8 +17,7 @@ pub fn inspect(image: &Path, json: bool) -> anyhow::Result<()> {
     let file_size = std::fs::metadata(image)?.len();
     let features = feature_names(sb);
     let uuid = format_uuid(&sb.uuid);
-    let volume = String::from_utf8_lossy(sb.volume_name.split(|&c| c == 0).next().unwrap_or(&[]))
-        .into_owned();
+    let volume = String::from_utf8_lossy(sb.volume_name.split(|&c| c == 0).next().unwrap_or(&[])).into_owned();
     let built = format_time(sb.build_time, sb.build_time_nsec);
     if json {
         let v = json!({
@@ -48,12 +47,7 @@ pub fn inspect(image: &Path, json: bool) -> anyhow::Result<()> {
     writeln!(out, "image:          {}", image.display())?;
     writeln!(out, "file size:      {file_size} bytes")?;
     writeln!(out, "block size:     {bs}")?;
-    writeln!(
-        out,
-        "blocks:         {} ({} bytes)",
-        sb.blocks,
-        sb.blocks as u64 * bs
-    )?;
+    writeln!(out, "blocks:         {} ({} bytes)", sb.blocks, sb.blocks as u64 * bs)?;
     writeln!(out, "inodes:         {}", sb.inos)?;
     writeln!(out, "root nid:       {}", sb.root_nid)?;
     writeln!(out, "meta blkaddr:   {}", sb.meta_blkaddr)?;
@@ -150,13 +144,10 @@ pub fn cat(image: &Path, path: &str) -> anyhow::Result<()> {
         k => bail!("{path} is not a regular file (it is a {})", kind_name(k)),
     }
     let mut out = BufWriter::new(std::io::stdout().lock());
-    let res = img
-        .copy_to(&e, &mut out)
-        .map_err(anyhow::Error::from)
-        .and_then(|_| {
-            out.flush()?;
-            Ok(())
-        });
+    let res = img.copy_to(&e, &mut out).map_err(anyhow::Error::from).and_then(|_| {
+        out.flush()?;
+        Ok(())
+    });
     match res {
         // `cat ... | head` closing the pipe early is not a failure worth reporting.
         Err(err) if is_broken_pipe(&err) => Ok(()),
@@ -170,22 +161,17 @@ fn open(image: &Path) -> anyhow::Result<Image> {
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|c| {
-        let io = c
-            .downcast_ref::<std::io::Error>()
-            .or(match c.downcast_ref() {
-                Some(erofs::reader::Error::Io(e)) => Some(e),
-                _ => None,
-            });
+        let io = c.downcast_ref::<std::io::Error>().or(match c.downcast_ref() {
+            Some(erofs::reader::Error::Io(e)) => Some(e),
+            _ => None,
+        });
         io.is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
 
 /// `/a/b` form of a user-given path, so JSON paths are absolute whatever was typed.
 fn normalize(p: &str) -> String {
-    let parts: Vec<&str> = p
-        .split('/')
-        .filter(|c| !c.is_empty() && *c != ".")
-        .collect();
+    let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
     format!("/{}", parts.join("/"))
 }
 
@@ -214,12 +200,7 @@ fn text_row(img: &Image, out: &mut impl Write, name: &[u8], e: &Entry) -> anyhow
     }
     writeln!(out)?;
     for (k, v) in img.xattrs(e)? {
-        writeln!(
-            out,
-            "    {}={}",
-            String::from_utf8_lossy(&k),
-            xattr_value_text(&v)
-        )?;
+        writeln!(out, "    {}={}", String::from_utf8_lossy(&k), xattr_value_text(&v))?;
     }
     Ok(())
 }
@@ -239,10 +220,7 @@ fn json_row(img: &Image, path: &[u8], e: &Entry) -> anyhow::Result<Value> {
     };
     let mut xattrs = serde_json::Map::new();
     for (k, v) in img.xattrs(e)? {
-        xattrs.insert(
-            String::from_utf8_lossy(&k).into_owned(),
-            Value::String(hex::encode(v)),
-        );
+        xattrs.insert(String::from_utf8_lossy(&k).into_owned(), Value::String(hex::encode(v)));
     }
     Ok(json!({
         "path": String::from_utf8_lossy(path),
@@ -334,10 +312,7 @@ fn format_uuid(u: &[u8; 16]) -> String {
 
 /// Names of the feature bits set, with any unknown bits in hex.
 fn feature_names(sb: &SuperBlock) -> Vec<String> {
-    const COMPAT: &[(u32, &str)] = &[
-        (format::FEATURE_COMPAT_SB_CHKSUM, "sb_csum"),
-        (0x2, "mtime"),
-    ];
+    const COMPAT: &[(u32, &str)] = &[(format::FEATURE_COMPAT_SB_CHKSUM, "sb_csum"), (0x2, "mtime")];
     const INCOMPAT: &[(u32, &str)] = &[
         (0x1, "zero_padding"),
         (0x2, "compr_cfgs"),
@@ -402,14 +377,8 @@ mod tests {
     #[test]
     fn formats_times_and_modes() {
         assert_eq!(format_time(0, 0), "1970-01-01T00:00:00.000000000Z");
-        assert_eq!(
-            format_time(951_782_400, 5),
-            "2000-02-29T00:00:00.000000005Z"
-        );
-        assert_eq!(
-            format_time(1_700_000_000, 123),
-            "2023-11-14T22:13:20.000000123Z"
-        );
+        assert_eq!(format_time(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
+        assert_eq!(format_time(1_700_000_000, 123), "2023-11-14T22:13:20.000000123Z");
         assert_eq!(perm_string(0o040755), "drwxr-xr-x");
         assert_eq!(perm_string(0o104755), "-rwsr-xr-x");
         assert_eq!(perm_string(0o106644), "-rwSr-Sr--");

@@ -15,11 +15,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::format::{
-    self, file_type_of, ft, join_xattr_name, mode, xattr_entry_size, xattr_ibody_size, Dirent,
-    Inode, SuperBlock, XattrEntry, CHUNK_FORMAT_BLKBITS_MASK, CHUNK_FORMAT_INDEXES,
-    COMPACT_INODE_SIZE, DIRENT_SIZE, EXTENDED_INODE_SIZE, FEATURE_COMPAT_SB_CHKSUM, ISLOT_BITS,
-    LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, NAME_LEN, SUPER_OFFSET, SUPER_SIZE,
-    XATTR_ENTRY_SIZE, XATTR_IBODY_HEADER_SIZE,
+    self, file_type_of, ft, join_xattr_name, mode, xattr_entry_size, xattr_ibody_size, Dirent, Inode, SuperBlock,
+    XattrEntry, CHUNK_FORMAT_BLKBITS_MASK, CHUNK_FORMAT_INDEXES, COMPACT_INODE_SIZE, DIRENT_SIZE, EXTENDED_INODE_SIZE,
+    FEATURE_COMPAT_SB_CHKSUM, ISLOT_BITS, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, NAME_LEN,
+    SUPER_OFFSET, SUPER_SIZE, XATTR_ENTRY_SIZE, XATTR_IBODY_HEADER_SIZE,
 };
 
 /// Errors from reading an image.
@@ -145,10 +144,7 @@ impl Image {
         })?;
         // The kernel accepts 512 bytes up to the page size; 64 KiB covers every page size.
         if !(9..=16).contains(&sb.blkszbits) {
-            return Err(corrupt(format!(
-                "unsupported block size bits {}",
-                sb.blkszbits
-            )));
+            return Err(corrupt(format!("unsupported block size bits {}", sb.blkszbits)));
         }
         // The kernel rejects directory blocks larger than filesystem blocks too.
         if sb.dirblkbits != 0 {
@@ -190,9 +186,7 @@ impl Image {
     pub fn entry(&self, nid: u64) -> Result<Entry> {
         let off = self.inode_offset(nid)?;
         let mut buf = [0u8; EXTENDED_INODE_SIZE];
-        self.read_exact(off, &mut buf[..COMPACT_INODE_SIZE], || {
-            format!("inode nid {nid}")
-        })?;
+        self.read_exact(off, &mut buf[..COMPACT_INODE_SIZE], || format!("inode nid {nid}"))?;
         let extended = u16::from_le_bytes([buf[0], buf[1]]) & format::INODE_LAYOUT_EXTENDED != 0;
         if extended {
             self.read_exact(off, &mut buf, || format!("extended inode nid {nid}"))?;
@@ -243,10 +237,7 @@ impl Image {
             let used = (size - pos).min(bs) as usize;
             let n = self.read_at(dir, pos, &mut block[..used])?;
             if n != used {
-                return Err(corrupt(format!(
-                    "directory nid {} is short at byte {pos}",
-                    dir.nid
-                )));
+                return Err(corrupt(format!("directory nid {} is short at byte {pos}", dir.nid)));
             }
             parse_dir_block(&block[..used], dir.nid, pos / bs, &mut out)?;
             pos += used as u64;
@@ -305,9 +296,7 @@ impl Image {
             self.read_exact(off + XATTR_ENTRY_SIZE as u64, &mut rest, || {
                 format!("shared xattr {id} of nid {nid}")
             })?;
-            out.push(split_xattr(&h, &rest, || {
-                format!("shared xattr {id} of nid {nid}")
-            })?);
+            out.push(split_xattr(&h, &rest, || format!("shared xattr {id} of nid {nid}"))?);
         }
         let mut pos = inline_start;
         while pos < body_len {
@@ -350,9 +339,7 @@ impl Image {
                 Extent::Hole => dst.fill(0),
                 Extent::Disk(at) => {
                     let nid = e.nid;
-                    self.read_exact(at, dst, || {
-                        format!("data of nid {nid} at file offset {pos}")
-                    })?
+                    self.read_exact(at, dst, || format!("data of nid {nid} at file offset {pos}"))?
                 }
             }
             done += n;
@@ -496,9 +483,8 @@ impl Image {
                 if pos < tail_start {
                     return Ok((Extent::Disk(raw + pos), tail_start - pos));
                 }
-                let tail_off = self.inode_offset(nid)?
-                    + ino.size_on_disk() as u64
-                    + xattr_ibody_size(ino.xattr_icount) as u64;
+                let tail_off =
+                    self.inode_offset(nid)? + ino.size_on_disk() as u64 + xattr_ibody_size(ino.xattr_icount) as u64;
                 let tail_len = size - tail_start;
                 if tail_off % bs + tail_len > bs {
                     return Err(corrupt(format!(
@@ -522,9 +508,7 @@ impl Image {
         let nid = e.nid;
         let fmt = ino.i_u;
         if fmt & !((CHUNK_FORMAT_INDEXES | CHUNK_FORMAT_BLKBITS_MASK) as u32) != 0 {
-            return Err(corrupt(format!(
-                "nid {nid} has unsupported chunk format {fmt:#x}"
-            )));
+            return Err(corrupt(format!("nid {nid} has unsupported chunk format {fmt:#x}")));
         }
         let chunkbits = self.sb.blkszbits as u32 + (fmt & CHUNK_FORMAT_BLKBITS_MASK as u32);
         let chunk = pos >> chunkbits;
@@ -532,10 +516,9 @@ impl Image {
         let avail = (chunk_start + (1u64 << chunkbits)).min(ino.size) - pos;
         let wide = fmt & CHUNK_FORMAT_INDEXES as u32 != 0;
         let unit: u64 = if wide { 8 } else { 4 };
-        let index_start = (self.inode_offset(nid)?
-            + ino.size_on_disk() as u64
-            + xattr_ibody_size(ino.xattr_icount) as u64)
-            .next_multiple_of(unit);
+        let index_start =
+            (self.inode_offset(nid)? + ino.size_on_disk() as u64 + xattr_ibody_size(ino.xattr_icount) as u64)
+                .next_multiple_of(unit);
         let at = index_start.saturating_add(chunk.saturating_mul(unit));
         let mut idx = [0u8; 8];
         self.read_exact(at, &mut idx[..unit as usize], || {
@@ -602,10 +585,7 @@ impl Image {
 fn parse_dir_block(blk: &[u8], nid: u64, blkno: u64, out: &mut Vec<DirEntry>) -> Result<()> {
     let bad = |what: String| corrupt(format!("directory nid {nid} block {blkno}: {what}"));
     if blk.len() < DIRENT_SIZE {
-        return Err(bad(format!(
-            "only {} bytes, too short for a record",
-            blk.len()
-        )));
+        return Err(bad(format!("only {} bytes, too short for a record", blk.len())));
     }
     let first = Dirent::decode(&blk[..DIRENT_SIZE]).nameoff as usize;
     // The first name starts right after the last record, which gives the record count.
@@ -632,10 +612,7 @@ fn parse_dir_block(blk: &[u8], nid: u64, blkno: u64, out: &mut Vec<DirEntry>) ->
             }
         }
         if name.is_empty() || name.len() > NAME_LEN || name.iter().any(|&c| c == b'/' || c == 0) {
-            return Err(bad(format!(
-                "record {i} has invalid name {:?}",
-                display_path(name)
-            )));
+            return Err(bad(format!("record {i} has invalid name {:?}", display_path(name))));
         }
         out.push(DirEntry {
             name: name.to_vec(),
@@ -647,23 +624,14 @@ fn parse_dir_block(blk: &[u8], nid: u64, blkno: u64, out: &mut Vec<DirEntry>) ->
 }
 
 /// Decodes an xattr's name and value from the bytes following its header.
-fn split_xattr(
-    h: &XattrEntry,
-    rest: &[u8],
-    what: impl FnOnce() -> String,
-) -> Result<(Vec<u8>, Vec<u8>)> {
+fn split_xattr(h: &XattrEntry, rest: &[u8], what: impl FnOnce() -> String) -> Result<(Vec<u8>, Vec<u8>)> {
     let nl = h.name_len as usize;
     let vl = h.value_size as usize;
     if rest.len() < nl + vl {
         return Err(corrupt(format!("{} is truncated", what())));
     }
-    let name = join_xattr_name(h.name_index, &rest[..nl]).ok_or_else(|| {
-        corrupt(format!(
-            "{} has unknown name prefix index {}",
-            what(),
-            h.name_index
-        ))
-    })?;
+    let name = join_xattr_name(h.name_index, &rest[..nl])
+        .ok_or_else(|| corrupt(format!("{} has unknown name prefix index {}", what(), h.name_index)))?;
     Ok((name, rest[nl..nl + vl].to_vec()))
 }
 
@@ -705,9 +673,7 @@ mod tests {
     type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
     fn run(cmd: &mut Command) {
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+        let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
         assert!(
             out.status.success(),
             "{cmd:?} failed: {}{}",
@@ -724,9 +690,7 @@ mod tests {
     }
 
     fn setfattr(path: &Path, name: &str, value: &str) {
-        run(Command::new("setfattr")
-            .args(["-h", "-n", name, "-v", value])
-            .arg(path));
+        run(Command::new("setfattr").args(["-h", "-n", name, "-v", value]).arg(path));
     }
 
     fn touch(path: &Path, when: &str) {
@@ -742,19 +706,12 @@ mod tests {
         for i in 0..BIG_DIR_ENTRIES {
             fs::write(big.join(format!("entry-with-a-longish-name-{i:05}")), b"").unwrap();
         }
-        for (i, size) in [0usize, 1, 4095, 4096, 4097, 100_000]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, size) in [0usize, 1, 4095, 4096, 4097, 100_000].into_iter().enumerate() {
             fs::write(root.join(format!("size{size}")), content(size, i as u8)).unwrap();
         }
         // Three identical 8 KiB halves: chunk-based images may share their blocks.
         let half = content(8192, 99);
-        fs::write(
-            root.join("repeat"),
-            [&half[..], &half[..], &half[..]].concat(),
-        )
-        .unwrap();
+        fs::write(root.join("repeat"), [&half[..], &half[..], &half[..]].concat()).unwrap();
         fs::write(root.join("zeros"), vec![0u8; 20000]).unwrap();
         let target: String = (0..300).map(|i| (b'a' + (i % 26) as u8) as char).collect();
         std::os::unix::fs::symlink(&target, root.join("longlink")).unwrap();
@@ -762,9 +719,7 @@ mod tests {
         fs::write(root.join("hard1"), b"linked twice\n").unwrap();
         fs::hard_link(root.join("hard1"), root.join("a/hard2")).unwrap();
         run(Command::new("mkfifo").arg(root.join("fifo")));
-        run(Command::new("mknod")
-            .arg(root.join("null"))
-            .args(["c", "1", "3"]));
+        run(Command::new("mknod").arg(root.join("null")).args(["c", "1", "3"]));
         run(Command::new("mknod")
             .arg(root.join("blkdev"))
             .args(["b", "259", "70000"]));
@@ -798,57 +753,29 @@ mod tests {
 
     fn mkfs(dir: &Path, name: &str, args: &[&str], src: &Path) -> PathBuf {
         let img = dir.join(name);
-        run(Command::new("mkfs.erofs")
-            .arg("--quiet")
-            .args(args)
-            .arg(&img)
-            .arg(src));
+        run(Command::new("mkfs.erofs").arg("--quiet").args(args).arg(&img).arg(src));
         img
     }
 
     /// xattrs of every source path (relative, with a leading `/`), via getfattr.
     fn source_xattrs(src: &Path) -> HashMap<Vec<u8>, Xattrs> {
         let out = Command::new("getfattr")
-            .args([
-                "-R",
-                "-P",
-                "-h",
-                "-d",
-                "-m",
-                "-",
-                "-e",
-                "hex",
-                "--absolute-names",
-            ])
+            .args(["-R", "-P", "-h", "-d", "-m", "-", "-e", "hex", "--absolute-names"])
             .arg(src)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let prefix = src.as_os_str().as_bytes();
         let mut map: HashMap<Vec<u8>, Xattrs> = HashMap::new();
         let mut cur: Option<Vec<u8>> = None;
         for line in out.stdout.split(|&c| c == b'\n') {
             if let Some(p) = line.strip_prefix(b"# file: ") {
                 let rel = p.strip_prefix(prefix).unwrap();
-                cur = Some(if rel.is_empty() {
-                    b"/".to_vec()
-                } else {
-                    rel.to_vec()
-                });
+                cur = Some(if rel.is_empty() { b"/".to_vec() } else { rel.to_vec() });
             } else if let Some(eq) = line.iter().position(|&c| c == b'=') {
                 let hexv = line[eq + 1..].strip_prefix(b"0x").unwrap();
                 let value = (0..hexv.len() / 2)
-                    .map(|i| {
-                        u8::from_str_radix(
-                            std::str::from_utf8(&hexv[2 * i..2 * i + 2]).unwrap(),
-                            16,
-                        )
-                        .unwrap()
-                    })
+                    .map(|i| u8::from_str_radix(std::str::from_utf8(&hexv[2 * i..2 * i + 2]).unwrap(), 16).unwrap())
                     .collect();
                 map.entry(cur.clone().unwrap())
                     .or_default()
@@ -875,10 +802,7 @@ mod tests {
         let mut seen: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
         let mut layouts = BTreeMap::new();
         img.walk(&mut |path, e| {
-            assert!(
-                seen.insert(path.to_vec(), e.clone()).is_none(),
-                "path twice"
-            );
+            assert!(seen.insert(path.to_vec(), e.clone()).is_none(), "path twice");
             Ok(())
         })
         .unwrap();
@@ -912,10 +836,7 @@ mod tests {
                     "{what}: mtime"
                 );
             } else {
-                assert_eq!(
-                    (e.inode.mtime, e.inode.mtime_nsec),
-                    (sb.build_time, sb.build_time_nsec)
-                );
+                assert_eq!((e.inode.mtime, e.inode.mtime_nsec), (sb.build_time, sb.build_time_nsec));
             }
             assert_eq!(e, &img.lookup(path).unwrap(), "{what}: lookup");
             let mut got_x = img.xattrs(e).unwrap();
@@ -934,17 +855,11 @@ mod tests {
                     assert_eq!(img.copy_to(e, &mut streamed).unwrap(), want.len() as u64);
                     assert!(streamed == want, "{what}: copy_to");
                     // Odd offsets and lengths straddling block and tail boundaries.
-                    for off in [
-                        0usize, 1, 4000, 4095, 4096, 8191, 50_000, 99_999, 100_000, 200_000,
-                    ] {
+                    for off in [0usize, 1, 4000, 4095, 4096, 8191, 50_000, 99_999, 100_000, 200_000] {
                         let mut buf = vec![0xAAu8; 5000];
                         let n = img.read_at(e, off as u64, &mut buf).unwrap();
                         let end = want.len().min(off + buf.len());
-                        let exp = if off < want.len() {
-                            &want[off..end]
-                        } else {
-                            &[][..]
-                        };
+                        let exp = if off < want.len() { &want[off..end] } else { &[][..] };
                         assert_eq!(&buf[..n], exp, "{what}: read_at {off}");
                     }
                 }
@@ -991,10 +906,7 @@ mod tests {
                 FileKind::Socket => assert!(meta.file_type().is_socket()),
             }
         }
-        assert!(
-            xattrs.is_empty(),
-            "xattrs of paths not in the image: {xattrs:?}"
-        );
+        assert!(xattrs.is_empty(), "xattrs of paths not in the image: {xattrs:?}");
 
         assert_eq!(seen[&b"/hard1"[..]].nid, seen[&b"/a/hard2"[..]].nid);
         assert_eq!(seen[&b"/"[..]], img.root().unwrap());
@@ -1028,12 +940,7 @@ mod tests {
     #[test]
     fn reads_noinline_image() {
         let fx = fixture();
-        let img = mkfs(
-            fx.dir.path(),
-            "noinline.img",
-            &["-E", "noinline_data"],
-            &fx.src,
-        );
+        let img = mkfs(fx.dir.path(), "noinline.img", &["-E", "noinline_data"], &fx.src);
         let layouts = check_image(&img, &fx.src);
         assert_eq!(layouts.keys().collect::<Vec<_>>(), [&LAYOUT_FLAT_PLAIN]);
     }
@@ -1071,12 +978,7 @@ mod tests {
         let fx = fixture();
         for chunk in ["4096", "8192"] {
             let name = format!("chunk{chunk}.img");
-            let img = mkfs(
-                fx.dir.path(),
-                &name,
-                &[&format!("--chunksize={chunk}")],
-                &fx.src,
-            );
+            let img = mkfs(fx.dir.path(), &name, &[&format!("--chunksize={chunk}")], &fx.src);
             let layouts = check_image(&img, &fx.src);
             assert!(layouts.contains_key(&LAYOUT_CHUNK_BASED), "{layouts:?}");
         }
@@ -1110,23 +1012,16 @@ mod tests {
         let root = img.root().unwrap();
         assert_eq!(img.lookup(b"").unwrap(), root);
         assert_eq!(img.lookup(b"/").unwrap(), root);
-        assert_eq!(
-            img.lookup(b"//a/./b/../b/c/").unwrap(),
-            img.lookup(b"a/b/c").unwrap()
-        );
+        assert_eq!(img.lookup(b"//a/./b/../b/c/").unwrap(), img.lookup(b"a/b/c").unwrap());
         assert_eq!(img.lookup(b"/shortlink").unwrap().kind, FileKind::Symlink);
         assert_eq!(
-            img.read_all(&img.lookup(b"a/b/c/deep.txt").unwrap())
-                .unwrap(),
+            img.read_all(&img.lookup(b"a/b/c/deep.txt").unwrap()).unwrap(),
             b"deep\n"
         );
         assert!(matches!(img.lookup(b"/nope"), Err(Error::NotFound(p)) if p == "/nope"));
         assert!(matches!(img.lookup(b"/a/nope/x"), Err(Error::NotFound(p)) if p == "/a/nope"));
         assert!(matches!(img.lookup(b"/size1/x"), Err(Error::NotADirectory(p)) if p == "/size1"));
-        assert!(matches!(
-            img.lookup(b"/shortlink/x"),
-            Err(Error::NotADirectory(_))
-        ));
+        assert!(matches!(img.lookup(b"/shortlink/x"), Err(Error::NotADirectory(_))));
         let file = img.lookup(b"/size1").unwrap();
         assert!(matches!(img.read_dir(&file), Err(Error::NotADirectory(_))));
         assert!(matches!(img.read_link(&file), Err(Error::Corrupt(_))));
@@ -1155,12 +1050,7 @@ mod tests {
     /// (directories here are one block, so their records are contiguous).
     fn find_dirent(img: &Image, dir: &[u8], name: &[u8]) -> usize {
         let d = img.lookup(dir).unwrap();
-        let i = img
-            .read_dir(&d)
-            .unwrap()
-            .iter()
-            .position(|x| x.name == name)
-            .unwrap();
+        let i = img.read_dir(&d).unwrap().iter().position(|x| x.name == name).unwrap();
         let Extent::Disk(at) = img.map(&d, 0).unwrap().0 else {
             panic!("hole")
         };
@@ -1208,10 +1098,7 @@ mod tests {
         let mut bad = raw.clone();
         drop_checksum(&mut bad);
         let at = find_dirent(&image, b"/a", b"b");
-        assert_eq!(
-            bad[at..at + 8],
-            image.lookup(b"/a/b").unwrap().nid.to_le_bytes()
-        );
+        assert_eq!(bad[at..at + 8], image.lookup(b"/a/b").unwrap().nid.to_le_bytes());
         bad[at..at + 8].copy_from_slice(&root_nid.to_le_bytes());
         let cyc = open("cycle", &bad).unwrap();
         match cyc.walk(&mut |_, _| Ok(())) {
@@ -1230,10 +1117,7 @@ mod tests {
 
         // An inode that lies past the end of the image.
         assert!(matches!(image.entry(u64::MAX / 2), Err(Error::Corrupt(_))));
-        assert!(matches!(
-            image.entry(raw.len() as u64 / 32),
-            Err(Error::Corrupt(_))
-        ));
+        assert!(matches!(image.entry(raw.len() as u64 / 32), Err(Error::Corrupt(_))));
 
         // A truncated image: data and metadata past the cut are reported, not panicked on.
         let cut = open("cut", &raw[..raw.len() / 2]).unwrap();
