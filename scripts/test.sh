@@ -9,7 +9,8 @@
 # 3. cargo fmt --check, cargo clippy -D warnings, cargo build --release;
 # 4. warms the debian-minbase fixture (debootstrap, a few minutes the first
 #    time; cached in ${DEDUP_CACHE:-/var/cache/dedup-snapshotter-tests});
-# 5. cargo test --workspace --release, then one closing summary line
+# 5. cargo test --workspace --release --no-fail-fast (every test binary runs
+#    even when an earlier one fails), then one closing summary line
 #    "tests: N passed, N failed, N skipped" (skipped = #[ignore]d).
 #
 # Exits non-zero on any failure.  Extra arguments go to `cargo test` (after
@@ -91,11 +92,11 @@ else
 fi
 
 # --- tests ----------------------------------------------------------------------
-step "cargo test --workspace --release $*"
+step "cargo test --workspace --release --no-fail-fast $*"
 log=$(mktemp /tmp/dedup-test.XXXXXX.log)
 trap 'rm -f "$log"' EXIT
 rc=0
-cargo test --workspace --release "$@" 2>&1 | tee "$log" || rc=$?
+cargo test --workspace --release --no-fail-fast "$@" 2>&1 | tee "$log" || rc=$?
 
 # One closing line over all test binaries (cargo prints one "test result:"
 # line per binary, the last being the doc-tests of the last crate).
