@@ -168,9 +168,9 @@ ls -lanR "$MNT"
 step "what the whiteouts became, and the xattrs"
 # .wh.shadow -> character device 0/0 "shadow"; .wh..wh..opq -> trusted.overlay.opaque=y
 stat -c '%A %t:%T %n' "$MNT/etc/shadow"
-getfattr -n trusted.overlay.opaque "$MNT/var/cache/apt"
-getfattr -d "$MNT/etc/motd"
-stat -c '%A %U:%G %n' "$MNT/usr/bin/su-demo" "$MNT/home/user" "$MNT/tmp" "$MNT/usr/share/doc"
+getfattr --absolute-names -n trusted.overlay.opaque "$MNT/var/cache/apt"
+getfattr --absolute-names -d "$MNT/etc/motd"
+stat -c "%A %u:%g %n" "$MNT/usr/bin/su-demo" "$MNT/home/user" "$MNT/tmp" "$MNT/usr/share/doc"
 stat -c '%i %h %n' "$MNT/bin/busybox" "$MNT/sbin/init"
 cmp /bin/busybox "$MNT/bin/busybox" && echo "bin/busybox: identical to /bin/busybox"
 
