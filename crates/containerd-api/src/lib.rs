@@ -1,0 +1,1 @@
+//! gRPC servers for containerd services (being written).
