@@ -84,11 +84,7 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.USTAR_FORMAT) as t:
         &[path.as_os_str()],
     );
     let b = fs::read(path).unwrap();
-    assert_eq!(
-        &b[2048..2055],
-        b"d/file2",
-        "unexpected layout of the base tar"
-    );
+    assert_eq!(&b[2048..2055], b"d/file2", "unexpected layout of the base tar");
     b
 }
 
@@ -175,12 +171,7 @@ fn truncated_tar_mid_data() {
     let c = Case::new();
     let tar = base_tar(&c.path("base.tar"));
     let input = write(&c.path("cut.tar"), &tar[..2560 + 500]);
-    c.expect_failure(
-        "tar cut inside d/file2's data",
-        &input,
-        &[],
-        &[DAMAGED, &["d/file2"]],
-    );
+    c.expect_failure("tar cut inside d/file2's data", &input, &[], &[DAMAGED, &["d/file2"]]);
 }
 
 /// A tar that simply stops after a complete entry (no end-of-archive
@@ -206,12 +197,7 @@ fn bad_header_checksum() {
     let mut tar = base_tar(&c.path("base.tar"));
     tar[2048 + 148..2048 + 156].copy_from_slice(b"0001234\0");
     let input = write(&c.path("bad.tar"), &tar);
-    c.expect_failure(
-        "bad checksum on d/file2's header",
-        &input,
-        &[],
-        &[&["checksum"]],
-    );
+    c.expect_failure("bad checksum on d/file2's header", &input, &[], &[&["checksum"]]);
 }
 
 #[test]
@@ -300,10 +286,7 @@ fn path_escaping_root() {
     for name in ["../evil", "a/../../evil", "./../evil"] {
         let c = Case::new();
         let input = c.path("escape.tar");
-        crafted_tar(
-            &input,
-            &format!("add('ok', data=b'fine')\nadd({name:?}, data=b'x')"),
-        );
+        crafted_tar(&input, &format!("add('ok', data=b'fine')\nadd({name:?}, data=b'x')"));
         c.expect_failure(&format!("entry {name}"), &input, &[], &[&["evil"]]);
     }
 }
@@ -403,14 +386,7 @@ fn unknown_compression_xz() {
         "xz-compressed input",
         &input,
         &[],
-        &[&[
-            "xz",
-            "compress",
-            "unknown",
-            "unsupported",
-            "not a tar",
-            "format",
-        ]],
+        &[&["xz", "compress", "unknown", "unsupported", "not a tar", "format"]],
     );
 }
 
@@ -422,11 +398,7 @@ fn unknown_media_type() {
         "unknown --media-type",
         &input,
         &["--media-type", "application/vnd.example.layer.v1.tar+lz4"],
-        &[&[
-            "application/vnd.example.layer.v1.tar+lz4",
-            "media type",
-            "media-type",
-        ]],
+        &[&["application/vnd.example.layer.v1.tar+lz4", "media type", "media-type"]],
     );
 }
 
@@ -473,14 +445,8 @@ fn stdin_input_matches_file_input() {
         ] {
             assert_eq!(file_report[k], stdin_report[k], "{name}: report field {k}");
         }
-        assert_eq!(
-            stdin_report["input_digest"].as_str(),
-            Some(sha256_hex(&data).as_str())
-        );
-        assert_eq!(
-            stdin_report["diff_id"].as_str(),
-            Some(sha256_hex(&tar).as_str())
-        );
+        assert_eq!(stdin_report["input_digest"].as_str(), Some(sha256_hex(&data).as_str()));
+        assert_eq!(stdin_report["diff_id"].as_str(), Some(sha256_hex(&tar).as_str()));
         fsck(&from_stdin);
     }
 }

@@ -157,10 +157,7 @@ fn apply_layer(src: &Path, dst: &Path) {
             remove_any(&e.unwrap().path());
         }
     }
-    for n in names
-        .iter()
-        .filter(|n| n.starts_with(".wh.") && *n != ".wh..wh..opq")
-    {
+    for n in names.iter().filter(|n| n.starts_with(".wh.") && *n != ".wh..wh..opq") {
         remove_any(&dst.join(&n[4..]));
     }
     for n in names.iter().filter(|n| !n.starts_with(".wh.")) {
@@ -281,7 +278,7 @@ fn two_layers_with_whiteouts_and_opaque_dir() {
 
 /// Three layers: the middle deletes what the top re-creates, an opaque
 /// directory in the middle that the top extends, a path that is a file, then
-/// a directory, then a file again, and a whiteout inside an opaque directory.
+/// a directory, then a file again.
 #[test]
 fn three_layers() {
     let bottom = base_layer().stamp(1_500_000_000);
@@ -316,8 +313,29 @@ fn three_layers() {
         .whiteout("data/mid-doomed")
         .dir("newdir", 0o755)
         .opaque("newdir")
-        .whiteout("newdir/never-existed")
         .file("newdir/b", "b")
         .stamp(1_700_000_000);
     check_stack("three layers", &[bottom, mid, top]);
+}
+
+/// A layer that makes a directory opaque and also whites out names in it:
+/// the whiteouts are redundant (the opaque marker already hides everything
+/// below) and must not reach the image, because overlayfs reads a directory
+/// that is opaque in the topmost layer as a plain directory, so a whiteout
+/// device there shows up in readdir while lstat says ENOENT.
+#[test]
+fn whiteout_inside_opaque_dir_of_same_layer() {
+    let bottom = Layer::new()
+        .dir("dir", 0o755)
+        .file("dir/old", "old")
+        .file("dir/gone", "gone")
+        .stamp(1_600_000_000);
+    let top = Layer::new()
+        .dir("dir", 0o755)
+        .opaque("dir")
+        .whiteout("dir/gone")
+        .whiteout("dir/never-existed")
+        .file("dir/new", "new")
+        .stamp(1_700_000_000);
+    check_stack("whiteouts inside a same-layer opaque dir", &[bottom, top]);
 }

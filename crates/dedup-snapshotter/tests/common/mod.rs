@@ -55,7 +55,10 @@ pub fn require_root_and_kernel() {
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
-            assert!(ok, "`{tool}` is not installed; apt-get install -y tar erofs-utils python3 gzip zstd");
+            assert!(
+                ok,
+                "`{tool}` is not installed; apt-get install -y tar erofs-utils python3 gzip zstd"
+            );
         }
     });
 }
@@ -84,10 +87,7 @@ pub fn convert_ok(input: &Path, output: &Path, extra: &[&str]) -> serde_json::Va
     let mut args = vec!["--json"];
     args.extend_from_slice(extra);
     let out = convert(input, output, &args);
-    parse_report(
-        &out,
-        &format!("convert {} -> {}", input.display(), output.display()),
-    )
+    parse_report(&out, &format!("convert {} -> {}", input.display(), output.display()))
 }
 
 /// Asserts a successful `convert --json` run and parses its stdout.
@@ -230,6 +230,9 @@ pub enum Kind {
     Block,
     Fifo,
     Socket,
+    /// Listed by readdir but lstat fails (e.g. an overlayfs whiteout that
+    /// leaks into a listing): always a difference worth reporting.
+    Broken,
 }
 
 impl Kind {
@@ -311,14 +314,7 @@ pub fn lxattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
         );
         let mut value = vec![0u8; len as usize];
         // SAFETY: buffer is valid for `value.len()` bytes.
-        let len = unsafe {
-            libc::lgetxattr(
-                c.as_ptr(),
-                cname.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
-        };
+        let len = unsafe { libc::lgetxattr(c.as_ptr(), cname.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
         assert!(len >= 0, "lgetxattr {}", path.display());
         value.truncate(len as usize);
         out.push((name.to_vec(), value));
@@ -332,15 +328,7 @@ pub fn lsetxattr(path: &Path, name: &str, value: &[u8]) {
     let c = cstr(path);
     let n = CString::new(name).unwrap();
     // SAFETY: valid pointers and lengths.
-    let rc = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
+    let rc = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
     assert_eq!(
         rc,
         0,
@@ -348,6 +336,24 @@ pub fn lsetxattr(path: &Path, name: &str, value: &[u8]) {
         path.display(),
         std::io::Error::last_os_error()
     );
+}
+
+fn broken_node() -> Node {
+    Node {
+        kind: Kind::Broken,
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+        rdev: None,
+        link: None,
+        xattrs: vec![],
+        sha256: None,
+        ino: (u64::MAX, u64::MAX),
+        nlink: 0,
+    }
 }
 
 /// Walks `root` with lstat (never following symlinks) and records every entry.
@@ -358,15 +364,17 @@ pub fn snapshot_tree(root: &Path) -> Tree {
 }
 
 fn walk(real: &Path, rel: &Path, tree: &mut Tree) {
-    let md = fs::symlink_metadata(real).unwrap_or_else(|e| panic!("lstat {}: {e}", real.display()));
+    let md = match fs::symlink_metadata(real) {
+        Ok(md) => md,
+        Err(e) => {
+            eprintln!("lstat {}: {e}", real.display());
+            tree.insert(rel.to_path_buf(), broken_node());
+            return;
+        }
+    };
     let kind = Kind::from_mode(md.mode());
     let sha256 = (kind == Kind::File).then(|| sha256_file(real));
-    let link = (kind == Kind::Symlink).then(|| {
-        fs::read_link(real)
-            .expect("readlink")
-            .into_os_string()
-            .into_vec()
-    });
+    let link = (kind == Kind::Symlink).then(|| fs::read_link(real).expect("readlink").into_os_string().into_vec());
     let rdev = matches!(kind, Kind::Char | Kind::Block).then(|| dev_split(md.rdev()));
     tree.insert(
         rel.to_path_buf(),
@@ -387,8 +395,7 @@ fn walk(real: &Path, rel: &Path, tree: &mut Tree) {
         },
     );
     if kind == Kind::Dir {
-        for ent in fs::read_dir(real).unwrap_or_else(|e| panic!("readdir {}: {e}", real.display()))
-        {
+        for ent in fs::read_dir(real).unwrap_or_else(|e| panic!("readdir {}: {e}", real.display())) {
             let ent = ent.expect("readdir entry");
             walk(&ent.path(), &rel.join(ent.file_name()), tree);
         }
@@ -411,10 +418,7 @@ pub struct CompareOpts {
 impl CompareOpts {
     pub fn ignoring_mtime_of<I: IntoIterator<Item = S>, S: AsRef<Path>>(paths: I) -> Self {
         CompareOpts {
-            ignore_mtime: paths
-                .into_iter()
-                .map(|p| p.as_ref().to_path_buf())
-                .collect(),
+            ignore_mtime: paths.into_iter().map(|p| p.as_ref().to_path_buf()).collect(),
             ..Default::default()
         }
     }
@@ -422,11 +426,7 @@ impl CompareOpts {
 
 fn show(b: &[u8]) -> String {
     if b.len() > 80 {
-        format!(
-            "{:?}…({} bytes)",
-            String::from_utf8_lossy(&b[..80]),
-            b.len()
-        )
+        format!("{:?}…({} bytes)", String::from_utf8_lossy(&b[..80]), b.len())
     } else {
         format!("{:?}", String::from_utf8_lossy(b))
     }
@@ -466,11 +466,7 @@ pub fn compare_trees(expected: &Tree, actual: &Tree, opts: &CompareOpts) -> Resu
     let ag = link_groups(actual);
     for (path, e) in expected {
         let Some(a) = actual.get(path) else {
-            diffs.push(format!(
-                "{}: missing (expected {:?})",
-                path.display(),
-                e.kind
-            ));
+            diffs.push(format!("{}: missing (expected {:?})", path.display(), e.kind));
             continue;
         };
         let p = path.display();
@@ -495,8 +491,7 @@ pub fn compare_trees(expected: &Tree, actual: &Tree, opts: &CompareOpts) -> Resu
         if e.kind != Kind::Dir && e.size != a.size {
             diffs.push(format!("{p}: size expected {}, got {}", e.size, a.size));
         }
-        let skip_mtime =
-            opts.ignore_mtime.contains(path) || (opts.ignore_dir_mtimes && e.kind == Kind::Dir);
+        let skip_mtime = opts.ignore_mtime.contains(path) || (opts.ignore_dir_mtimes && e.kind == Kind::Dir);
         if !skip_mtime && (e.mtime, e.mtime_nsec) != (a.mtime, a.mtime_nsec) {
             diffs.push(format!(
                 "{p}: mtime expected {}.{:09}, got {}.{:09}",
@@ -521,10 +516,7 @@ pub fn compare_trees(expected: &Tree, actual: &Tree, opts: &CompareOpts) -> Resu
             ));
         }
         if e.sha256 != a.sha256 {
-            diffs.push(format!(
-                "{p}: content expected {:?}, got {:?}",
-                e.sha256, a.sha256
-            ));
+            diffs.push(format!("{p}: content expected {:?}, got {:?}", e.sha256, a.sha256));
         }
         if e.kind != Kind::Dir {
             if e.nlink != a.nlink {
@@ -566,9 +558,7 @@ pub fn assert_trees_eq(what: &str, expected: &Tree, actual: &Tree, opts: &Compar
 }
 
 fn run(cmd: &mut Command, what: &str) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: spawn: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: spawn: {e}"));
     assert!(
         out.status.success(),
         "{what}: {}\nstdout:\n{}\nstderr:\n{}",
@@ -644,13 +634,7 @@ pub fn gnu_create(src: &Path, out: &Path, format: TarFormat) {
     run(
         Command::new("tar")
             .arg(format!("--format={}", format.name()))
-            .args([
-                "--xattrs",
-                "--xattrs-include=*",
-                "--numeric-owner",
-                "--sort=name",
-                "-C",
-            ])
+            .args(["--xattrs", "--xattrs-include=*", "--numeric-owner", "--sort=name", "-C"])
             .arg(src)
             .arg("-cf")
             .arg(out)
@@ -755,14 +739,7 @@ pub fn set_mtime(path: &Path, sec: i64, nsec: i64) {
         },
     ];
     // SAFETY: valid path and two timespecs.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
     assert_eq!(
         rc,
         0,
@@ -784,13 +761,7 @@ pub fn mknod(path: &Path, kind: Kind, major: u32, minor: u32) {
     let dev = libc::makedev(major, minor);
     // SAFETY: valid path; mode and dev are plain integers.
     let rc = unsafe { libc::mknod(c.as_ptr(), t | 0o644, dev) };
-    assert_eq!(
-        rc,
-        0,
-        "mknod {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "mknod {}: {}", path.display(), std::io::Error::last_os_error());
 }
 
 /// Join a tree-absolute path ("/a/b") onto a real directory.
@@ -816,8 +787,7 @@ pub fn path_from_bytes(b: &[u8]) -> PathBuf {
 /// Hard links are grouped by nid, which is what the kernel's st_ino reflects.
 pub fn reader_tree(image: &Path) -> Tree {
     use erofs::reader::{FileKind, Image};
-    let img =
-        Image::open(image).unwrap_or_else(|e| panic!("reader: open {}: {e}", image.display()));
+    let img = Image::open(image).unwrap_or_else(|e| panic!("reader: open {}: {e}", image.display()));
     let mut tree = Tree::new();
     img.walk(&mut |path: &[u8], e| {
         let kind = match e.kind {
@@ -863,6 +833,15 @@ pub fn reader_tree(image: &Path) -> Tree {
     })
     .unwrap_or_else(|e| panic!("reader: walk {}: {e}", image.display()));
     tree
+}
+
+/// Drops trusted.overlay.* xattrs from a reference tree: the converter must
+/// not carry them over from a layer, since overlayfs would obey them
+/// (redirects, opaque, metacopy); only OCI whiteouts may produce them.
+pub fn strip_overlay_xattrs(tree: &mut Tree) {
+    for n in tree.values_mut() {
+        n.xattrs.retain(|(k, _)| !k.starts_with(b"trusted.overlay."));
+    }
 }
 
 /// Full check of one converted image: fsck.erofs passes, the kernel mount
