@@ -146,7 +146,7 @@ pub fn convert<R: Read + Send>(
     })
 }
 
-fn werr(e: writer::Error) -> Error {
+pub(crate) fn werr(e: writer::Error) -> Error {
     match e {
         writer::Error::Io(e) => Error::io(e),
         writer::Error::Unrepresentable(m) => Error::new(ErrorKind::Unsupported, m),
@@ -423,15 +423,15 @@ impl Builder {
 
 /// The image being written: a temporary file beside the output, removed unless
 /// [`TempOutput::persist`] renames it into place.
-struct TempOutput {
-    file: File,
+pub(crate) struct TempOutput {
+    pub(crate) file: File,
     tmp: PathBuf,
     dest: PathBuf,
     done: bool,
 }
 
 impl TempOutput {
-    fn create(dest: &Path) -> Result<TempOutput, Error> {
+    pub(crate) fn create(dest: &Path) -> Result<TempOutput, Error> {
         let dir = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -455,7 +455,7 @@ impl TempOutput {
         })
     }
 
-    fn persist(mut self, sync_dir: bool) -> Result<(), Error> {
+    pub(crate) fn persist(mut self, sync_dir: bool) -> Result<(), Error> {
         fs::rename(&self.tmp, &self.dest).map_err(Error::io)?;
         self.done = true;
         if sync_dir {

@@ -13,10 +13,12 @@
 //! ```
 
 mod convert;
+mod dir;
 mod error;
 pub mod stream;
 pub mod tar;
 
 pub use convert::{convert, Options, Report, DEFAULT_MAX_SIZE};
+pub use dir::{convert_dir, DirOptions, DirReport};
 pub use error::{Error, ErrorKind};
 pub use stream::Compression;

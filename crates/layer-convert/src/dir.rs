@@ -1,0 +1,271 @@
+//! Building an EROFS image from a directory: what a snapshot's Commit does when
+//! containerd's own differ unpacked the layer into the snapshot's `fs/`.
+//!
+//! The directory is taken as an overlayfs upper layer: whiteouts (char 0/0) and
+//! `trusted.overlay.opaque` are kept as they are, so the image stacks exactly as the
+//! directory did. Other `trusted.overlay.*` xattrs (origin, impure, …) describe the
+//! upper dir's relation to the lower file systems it had, which the image no longer
+//! has, and are dropped.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use erofs::writer::{self, Body, ImageWriter, Meta, Node, NodeId, Tree, Xattr};
+
+use crate::convert::TempOutput;
+use crate::error::{Error, ErrorKind};
+
+/// How to build an image from a directory.
+#[derive(Debug, Clone, Default)]
+pub struct DirOptions {
+    /// Pack small files and tails after their inodes.
+    pub inline_data: bool,
+    /// Timestamp for compact inodes.
+    pub build_time: u64,
+    /// Filesystem UUID.
+    pub uuid: [u8; 16],
+    /// fsync the image (and its directory) before and after renaming it into place.
+    pub fsync: bool,
+}
+
+/// What a directory build did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DirReport {
+    /// Entries below the root (the root not counted).
+    pub entries: u64,
+    /// Inodes in the image.
+    pub inodes: u64,
+    /// Image bytes.
+    pub output_size: u64,
+}
+
+/// Deeper trees than this are refused rather than risk the stack.
+const MAX_DEPTH: usize = 4096;
+
+/// Builds an EROFS image of `src` at `output` (temporary file, renamed on success).
+pub fn convert_dir(src: &Path, output: &Path, opts: &DirOptions) -> Result<DirReport, Error> {
+    let tmp = TempOutput::create(output)?;
+    let out = BufWriter::with_capacity(1 << 20, tmp.file.try_clone().map_err(Error::io)?);
+    let wopts = writer::Options {
+        inline_data: opts.inline_data,
+        build_time: opts.build_time,
+        uuid: opts.uuid,
+        ..Default::default()
+    };
+    let mut image = ImageWriter::new(out, wopts).map_err(crate::convert::werr)?;
+    let root_md = fs::symlink_metadata(src).map_err(|e| Error::io(e).entry(&src.display().to_string()))?;
+    if !root_md.is_dir() {
+        return Err(Error::new(
+            ErrorKind::NotADirectory,
+            format!("{} is not a directory", src.display()),
+        ));
+    }
+    let mut w = Walker {
+        tree: Tree::new(meta_of(src, &root_md)?),
+        links: HashMap::new(),
+        entries: 0,
+    };
+    let root = w.tree.root();
+    w.add_children(src, root, &mut image, 0)?;
+    let (mut out, summary) = image.finish(&w.tree).map_err(crate::convert::werr)?;
+    std::io::Write::flush(&mut out).map_err(Error::io)?;
+    drop(out);
+    if opts.fsync {
+        tmp.file.sync_all().map_err(Error::io)?;
+    }
+    tmp.persist(opts.fsync)?;
+    Ok(DirReport {
+        entries: w.entries,
+        inodes: summary.inodes,
+        output_size: summary.bytes,
+    })
+}
+
+struct Walker {
+    tree: Tree,
+    /// (dev, ino) of multiply-linked non-directories already added: hard links.
+    links: HashMap<(u64, u64), NodeId>,
+    entries: u64,
+}
+
+impl Walker {
+    fn add_children<W: std::io::Write + std::io::Seek>(
+        &mut self,
+        dir: &Path,
+        node: NodeId,
+        image: &mut ImageWriter<W>,
+        depth: usize,
+    ) -> Result<(), Error> {
+        if depth > MAX_DEPTH {
+            return Err(Error::new(ErrorKind::Unsupported, "directory tree too deep").entry(&dir.display().to_string()));
+        }
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .map_err(|e| Error::io(e).entry(&dir.display().to_string()))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::io(e).entry(&dir.display().to_string()))?;
+        // Sorted, so file bodies land in the image in the order the tree lists them.
+        names.sort();
+        for name in names {
+            let path = dir.join(&name);
+            let shown = || path.display().to_string();
+            let md = fs::symlink_metadata(&path).map_err(|e| Error::io(e).entry(&shown()))?;
+            let name = std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str());
+            if name.len() > erofs::format::NAME_LEN {
+                return Err(Error::new(ErrorKind::Unsupported, "name longer than 255 bytes").entry(&shown()));
+            }
+            self.entries += 1;
+            let key = (md.dev(), md.ino());
+            if !md.is_dir() && md.nlink() > 1 {
+                if let Some(&id) = self.links.get(&key) {
+                    self.tree.link(node, name, id);
+                    continue;
+                }
+            }
+            let meta = meta_of(&path, &md)?;
+            let ft = md.file_type();
+            let body = if ft.is_dir() {
+                Body::Dir(Default::default())
+            } else if ft.is_file() {
+                let f = File::open(&path).map_err(|e| Error::io(e).entry(&shown()))?;
+                let mut r = BufReader::with_capacity(256 << 10, f);
+                let data = image.write_file_data(&mut r, md.len(), &meta).map_err(|e| match e {
+                    writer::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        Error::new(ErrorKind::Truncated, "file shrank while it was read").entry(&shown())
+                    }
+                    other => crate::convert::werr(other).entry(&shown()),
+                })?;
+                Body::File(data)
+            } else if ft.is_symlink() {
+                let t = fs::read_link(&path).map_err(|e| Error::io(e).entry(&shown()))?;
+                Body::Symlink(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str()).into())
+            } else if ft.is_char_device() || ft.is_block_device() {
+                let rdev = md.rdev();
+                let (ma, mi) = (libc_major(rdev), libc_minor(rdev));
+                if ft.is_char_device() {
+                    Body::CharDev(ma, mi)
+                } else {
+                    Body::BlockDev(ma, mi)
+                }
+            } else if ft.is_fifo() {
+                Body::Fifo
+            } else {
+                Body::Socket
+            };
+            let is_dir = matches!(body, Body::Dir(_));
+            let id = self.tree.add(Node { meta, body });
+            self.tree.link(node, name, id);
+            if is_dir {
+                self.add_children(&path, id, image, depth + 1)?;
+            } else if md.nlink() > 1 {
+                self.links.insert(key, id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// glibc's `gnu_dev_major`.
+fn libc_major(dev: u64) -> u32 {
+    (((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff)) as u32
+}
+
+/// glibc's `gnu_dev_minor`.
+fn libc_minor(dev: u64) -> u32 {
+    (((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff)) as u32
+}
+
+fn meta_of(path: &Path, md: &fs::Metadata) -> Result<Meta, Error> {
+    let shown = || path.display().to_string();
+    let mut meta = Meta {
+        perm: (md.mode() & 0o7777) as u16,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: md.mtime().max(0) as u64,
+        mtime_nsec: if md.mtime() < 0 { 0 } else { md.mtime_nsec() as u32 },
+        xattrs: Vec::new(),
+    };
+    for (name, value) in read_xattrs(path).map_err(|e| Error::io(e).entry(&shown()))? {
+        if name.starts_with(b"trusted.overlay.") && name != b"trusted.overlay.opaque" {
+            continue;
+        }
+        let x =
+            Xattr::new(&name, &value).map_err(|e| Error::new(ErrorKind::Unsupported, e.to_string()).entry(&shown()))?;
+        meta.set_xattr(x);
+    }
+    Ok(meta)
+}
+
+/// All xattrs of a path, not following symlinks.
+fn read_xattrs(path: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    use rustix::fs::{lgetxattr, llistxattr};
+    let mut names = vec![0u8; 1024];
+    let n = loop {
+        match llistxattr(path, &mut names[..]) {
+            Ok(n) => break n,
+            Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
+            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut out = Vec::new();
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+        let mut value = vec![0u8; 256];
+        let len = loop {
+            match lgetxattr(path, cname.as_c_str(), &mut value[..]) {
+                Ok(len) => break len,
+                Err(rustix::io::Errno::RANGE) => value.resize(value.len() * 4, 0),
+                // Removed between list and get: nothing to copy.
+                Err(rustix::io::Errno::NODATA) => break usize::MAX,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if len != usize::MAX {
+            value.truncate(len);
+            out.push((name.to_vec(), value));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_an_image_the_reader_lists() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        fs::create_dir_all(src.join("a/b")).unwrap();
+        fs::write(src.join("a/b/f"), vec![7u8; 5000]).unwrap();
+        fs::hard_link(src.join("a/b/f"), src.join("a/h")).unwrap();
+        std::os::unix::fs::symlink("b/f", src.join("a/l")).unwrap();
+        let out = d.path().join("x.erofs");
+        let r = convert_dir(
+            &src,
+            &out,
+            &DirOptions {
+                inline_data: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(r.entries, 5);
+        let img = erofs::reader::Image::open(&out).unwrap();
+        let f = img.lookup(b"/a/b/f").unwrap();
+        let h = img.lookup(b"/a/h").unwrap();
+        assert_eq!(f.nid, h.nid);
+        assert_eq!(f.inode.nlink, 2);
+        assert_eq!(img.read_all(&f).unwrap(), vec![7u8; 5000]);
+        assert_eq!(img.read_link(&img.lookup(b"/a/l").unwrap()).unwrap(), b"b/f");
+        let leftovers: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+    }
+}
