@@ -336,8 +336,24 @@ impl Builder {
 
         if let Some(rest) = name.strip_prefix(WHITEOUT_PREFIX) {
             let dir = self.ensure_dir(parents)?;
+            let is_opaque = self.tree.node(dir).meta.xattrs.contains(&opaque());
             if name == OPAQUE_MARKER {
                 self.tree.node_mut(dir).meta.set_xattr(opaque());
+                // An opaque dir is shown as it is, unmerged: whiteouts in it would be
+                // listed as broken entries, and the marker hides the lower dir anyway.
+                let whiteouts: Vec<Box<[u8]>> = match &self.tree.node(dir).body {
+                    Body::Dir(children) => children
+                        .iter()
+                        .filter(|(_, &c)| is_whiteout_node(self.tree.node(c)))
+                        .map(|(n, _)| n.clone())
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                for n in whiteouts {
+                    self.tree.unlink(dir, &n);
+                }
+            } else if is_opaque {
+                // See above: nothing below an opaque dir needs hiding.
             } else if rest.starts_with(WHITEOUT_PREFIX) {
                 // Other `.wh..wh.` names are aufs bookkeeping with no meaning here.
             } else if rest.is_empty() {
