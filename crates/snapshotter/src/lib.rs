@@ -82,5 +82,6 @@ pub enum Error {
 /// Result of store operations.
 pub type Result<T> = std::result::Result<T, Error>;
 
+pub mod mounts;
 mod store;
 pub use store::Snapshotter;

@@ -1,69 +1,537 @@
 //! The snapshotter: containerd's snapshot semantics over directories, EROFS images
 //! and a metadata database.
+//!
+//! Layout under the root:
+//!
+//! ```text
+//! metadata.redb          records: key -> {id, kind, parent, labels, times, usage}
+//! snapshots/<id>/fs      upper dir of an active snapshot (unpack target)
+//! snapshots/<id>/work    overlayfs work dir
+//! snapshots/<id>/.erofslayer   marks our active snapshots for a differ
+//! snapshots/<id>/layer.erofs   the committed layer
+//! m/<id>                 where a committed layer is mounted (short: 128 of them
+//!                        must fit one overlay option string)
+//! staging/               new snapshot dirs before they are renamed into place
+//! ```
+//!
+//! Ordering keeps every crash recoverable: directories are created before the record
+//! that owns them and deleted after it; a directory, mount or blob without a record is
+//! removed at start-up and by Cleanup; a committed record without its mount is
+//! mounted again at start-up.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::{Error, Info, Mount, Result, Usage};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::{mounts, Error, Info, Kind, Mount, Result, Usage};
+
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+/// The persisted record of one snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    id: u64,
+    kind: Kind,
+    parent: String,
+    labels: BTreeMap<String, String>,
+    created: (u64, u32),
+    updated: (u64, u32),
+    size: i64,
+    inodes: i64,
+}
+
+impl Record {
+    fn info(&self, name: &str) -> Info {
+        Info {
+            name: name.to_string(),
+            parent: self.parent.clone(),
+            kind: self.kind,
+            labels: self.labels.clone(),
+            created: from_pair(self.created),
+            updated: from_pair(self.updated),
+        }
+    }
+}
+
+fn now_pair() -> (u64, u32) {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    (d.as_secs(), d.subsec_nanos())
+}
+
+fn from_pair((s, n): (u64, u32)) -> SystemTime {
+    UNIX_EPOCH + Duration::new(s, n)
+}
+
+fn internal<E: std::fmt::Display>(e: E) -> Error {
+    Error::Internal(e.to_string())
+}
 
 /// A snapshot store rooted in one directory. All methods block (file system work,
 /// layer conversion); call them from a blocking-capable thread.
-pub struct Snapshotter {}
+pub struct Snapshotter {
+    root: PathBuf,
+    db: Database,
+    /// Serialises read-check-write sequences; conversions run outside it.
+    lock: Mutex<()>,
+    /// Keys whose Commit is converting right now.
+    committing: Mutex<HashSet<String>>,
+}
 
 impl Snapshotter {
     /// Opens (or creates) the store at `root`, repairing what a crash left behind and
     /// mounting every committed layer that is not mounted.
-    pub fn open(_root: &Path) -> Result<Snapshotter> {
-        Err(Error::Internal("in progress".into()))
+    pub fn open(root: &Path) -> Result<Snapshotter> {
+        for d in ["snapshots", "m", "staging"] {
+            fs::create_dir_all(root.join(d)).map_err(internal)?;
+        }
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(internal)?;
+        let db = Database::create(root.join("metadata.redb")).map_err(internal)?;
+        {
+            let txn = db.begin_write().map_err(internal)?;
+            txn.open_table(SNAPSHOTS).map_err(internal)?;
+            txn.open_table(COUNTERS).map_err(internal)?;
+            txn.commit().map_err(internal)?;
+        }
+        let s = Snapshotter {
+            root: root.to_path_buf(),
+            db,
+            lock: Mutex::new(()),
+            committing: Mutex::new(HashSet::new()),
+        };
+        s.repair()?;
+        Ok(s)
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    fn mountpoint(&self, id: u64) -> PathBuf {
+        self.root.join("m").join(id.to_string())
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Record>> {
+        let txn = self.db.begin_read().map_err(internal)?;
+        let t = txn.open_table(SNAPSHOTS).map_err(internal)?;
+        let v = t.get(key).map_err(internal)?;
+        v.map(|v| serde_json::from_slice(v.value()).map_err(internal)).transpose()
+    }
+
+    fn get_existing(&self, key: &str) -> Result<Record> {
+        self.get(key)?.ok_or_else(|| Error::NotFound(format!("snapshot {key:?}")))
+    }
+
+    fn all(&self) -> Result<Vec<(String, Record)>> {
+        let txn = self.db.begin_read().map_err(internal)?;
+        let t = txn.open_table(SNAPSHOTS).map_err(internal)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(internal)? {
+            let (k, v) = item.map_err(internal)?;
+            out.push((k.value().to_string(), serde_json::from_slice(v.value()).map_err(internal)?));
+        }
+        Ok(out)
+    }
+
+    /// Ids of `parent` and its ancestors, nearest first.
+    fn parent_ids(&self, parent: &str) -> Result<Vec<u64>> {
+        let mut ids = Vec::new();
+        let mut cur = parent.to_string();
+        while !cur.is_empty() {
+            let r = self.get(&cur)?.ok_or_else(|| Error::Internal(format!("parent {cur:?} of a snapshot is missing")))?;
+            ids.push(r.id);
+            cur = r.parent;
+            if ids.len() > 10_000 {
+                return Err(Error::Internal("parent chain too long (cycle?)".into()));
+            }
+        }
+        Ok(ids)
+    }
+
+    fn create(&self, kind: Kind, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument("snapshot key must not be empty".into()));
+        }
+        let _g = self.lock.lock().unwrap();
+        if self.get(key)?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
+        }
+        if !parent.is_empty() {
+            let p = self.get(parent)?.ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?}")))?;
+            if p.kind != Kind::Committed {
+                return Err(Error::InvalidArgument(format!("parent {parent:?} is not a committed snapshot")));
+            }
+        }
+        let parents = self.parent_ids(parent)?;
+
+        let txn = self.db.begin_write().map_err(internal)?;
+        let id = {
+            let mut c = txn.open_table(COUNTERS).map_err(internal)?;
+            let id = c.get("next_id").map_err(internal)?.map(|v| v.value()).unwrap_or(1);
+            c.insert("next_id", id + 1).map_err(internal)?;
+            id
+        };
+        // The directory goes into place before the record that owns it exists.
+        let dir = self.dir(id);
+        self.stage_dir(id, &parents).map_err(internal)?;
+        let now = now_pair();
+        let rec = Record {
+            id,
+            kind,
+            parent: parent.to_string(),
+            labels,
+            created: now,
+            updated: now,
+            size: 0,
+            inodes: 0,
+        };
+        let result = (|| {
+            let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
+            t.insert(key, serde_json::to_vec(&rec).map_err(internal)?.as_slice()).map_err(internal)?;
+            Ok::<_, Error>(())
+        })();
+        if let Err(e) = result.and_then(|_| txn.commit().map_err(internal)) {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        Ok(self.mounts_of(&rec, &parents))
+    }
+
+    /// Makes `snapshots/<id>` with `fs`, `work` and the marker, via `staging/`.
+    fn stage_dir(&self, id: u64, parents: &[u64]) -> std::io::Result<()> {
+        let staged = self.root.join("staging").join(id.to_string());
+        let _ = fs::remove_dir_all(&staged);
+        fs::create_dir(&staged)?;
+        fs::set_permissions(&staged, fs::Permissions::from_mode(0o700))?;
+        fs::create_dir(staged.join("fs"))?;
+        fs::set_permissions(staged.join("fs"), fs::Permissions::from_mode(0o755))?;
+        fs::create_dir(staged.join("work"))?;
+        fs::set_permissions(staged.join("work"), fs::Permissions::from_mode(0o711))?;
+        fs::write(staged.join(".erofslayer"), b"")?;
+        // As containerd's overlayfs does: the upper root takes the owner of the layer
+        // below, so a chown'd image root stays chown'd in its containers.
+        if let Some(&p) = parents.first() {
+            let md = fs::metadata(self.mountpoint(p))?;
+            rustix::fs::chown(
+                staged.join("fs"),
+                Some(rustix::fs::Uid::from_raw(md.uid())),
+                Some(rustix::fs::Gid::from_raw(md.gid())),
+            )?;
+        }
+        fs::rename(&staged, self.dir(id))
+    }
+
+    fn mounts_of(&self, rec: &Record, parents: &[u64]) -> Vec<Mount> {
+        let fs_dir = self.dir(rec.id).join("fs");
+        let lowers: Vec<PathBuf> = parents.iter().map(|p| self.mountpoint(*p)).collect();
+        let work = self.dir(rec.id).join("work");
+        mounts::for_snapshot(rec.kind, &fs_dir, &work, &lowers)
     }
 
     /// Creates an active snapshot `key` over the committed `parent` ("" for none).
-    pub fn prepare(&self, _key: &str, _parent: &str, _labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
-        Err(Error::Internal("in progress".into()))
+    pub fn prepare(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent, labels)
     }
 
     /// Creates a read-only view `key` of the committed `parent` ("" for none).
-    pub fn view(&self, _key: &str, _parent: &str, _labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
-        Err(Error::Internal("in progress".into()))
+    pub fn view(&self, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent, labels)
     }
 
     /// The mounts of an active snapshot or view.
-    pub fn mounts(&self, _key: &str) -> Result<Vec<Mount>> {
-        Err(Error::Internal("in progress".into()))
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        let rec = self.get_existing(key)?;
+        if rec.kind == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is committed, not active or a view")));
+        }
+        let parents = self.parent_ids(&rec.parent)?;
+        Ok(self.mounts_of(&rec, &parents))
     }
 
-    /// Commits the active snapshot `key` as `name`, converting its contents to EROFS.
-    pub fn commit(&self, _name: &str, _key: &str, _labels: BTreeMap<String, String>) -> Result<()> {
-        Err(Error::Internal("in progress".into()))
+    /// Commits the active snapshot `key` as `name`. Unless a differ already wrote
+    /// `layer.erofs`, the upper dir is converted to EROFS first (outside the lock:
+    /// other snapshots go on meanwhile).
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("snapshot name must not be empty".into()));
+        }
+        let rec = {
+            let _g = self.lock.lock().unwrap();
+            let rec = self.get_existing(key)?;
+            if rec.kind != Kind::Active {
+                return Err(Error::FailedPrecondition(format!("snapshot {key:?} is not active")));
+            }
+            if self.get(name)?.is_some() {
+                return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
+            }
+            if !self.committing.lock().unwrap().insert(key.to_string()) {
+                return Err(Error::FailedPrecondition(format!("snapshot {key:?} is being committed")));
+            }
+            rec
+        };
+        let result = self.commit_inner(name, key, labels, rec);
+        self.committing.lock().unwrap().remove(key);
+        result
+    }
+
+    fn commit_inner(&self, name: &str, key: &str, labels: BTreeMap<String, String>, rec: Record) -> Result<()> {
+        let dir = self.dir(rec.id);
+        let blob = dir.join("layer.erofs");
+        if !blob.exists() {
+            let mut uuid = [0u8; 16];
+            uuid[..8].copy_from_slice(&rec.id.to_le_bytes());
+            let opts = layer_convert::DirOptions { inline_data: true, build_time: 0, uuid, fsync: true };
+            layer_convert::convert_dir(&dir.join("fs"), &blob, &opts)
+                .map_err(|e| Error::Internal(format!("converting snapshot {key:?} to EROFS: {e}")))?;
+        }
+        let image = erofs::reader::Image::open(&blob).map_err(|e| Error::Internal(format!("{}: {e}", blob.display())))?;
+        let size = fs::metadata(&blob).map_err(internal)?.len() as i64;
+        let inodes = image.superblock().inos as i64;
+        drop(image);
+        // Mounted before the record says committed; a crash in between leaves an
+        // active snapshot with a stray mount, which start-up removes.
+        let mp = self.mountpoint(rec.id);
+        mounts::mount_erofs(&blob, &mp).map_err(|e| Error::Internal(format!("mounting {}: {e}", blob.display())))?;
+
+        let _g = self.lock.lock().unwrap();
+        let res = (|| {
+            let cur = self.get_existing(key)?;
+            if cur.id != rec.id || cur.kind != Kind::Active {
+                return Err(Error::FailedPrecondition(format!("snapshot {key:?} changed during commit")));
+            }
+            if self.get(name)?.is_some() {
+                return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
+            }
+            let committed = Record { kind: Kind::Committed, labels, updated: now_pair(), size, inodes, ..cur };
+            let txn = self.db.begin_write().map_err(internal)?;
+            {
+                let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
+                t.remove(key).map_err(internal)?;
+                t.insert(name, serde_json::to_vec(&committed).map_err(internal)?.as_slice()).map_err(internal)?;
+            }
+            txn.commit().map_err(internal)
+        })();
+        if let Err(e) = res {
+            let _ = mounts::unmount(&mp);
+            return Err(e);
+        }
+        empty_dir(&dir.join("fs"));
+        empty_dir(&dir.join("work"));
+        Ok(())
     }
 
     /// Removes a snapshot that has no children.
-    pub fn remove(&self, _key: &str) -> Result<()> {
-        Err(Error::Internal("in progress".into()))
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let _g = self.lock.lock().unwrap();
+        let rec = self.get_existing(key)?;
+        if self.all()?.iter().any(|(_, r)| r.parent == key) {
+            return Err(Error::FailedPrecondition(format!("cannot remove snapshot {key:?}: it has children")));
+        }
+        if self.committing.lock().unwrap().contains(key) {
+            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is being committed")));
+        }
+        let txn = self.db.begin_write().map_err(internal)?;
+        {
+            let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
+            t.remove(key).map_err(internal)?;
+        }
+        txn.commit().map_err(internal)?;
+        // After the record is gone: a crash here leaves only orphans for start-up.
+        self.remove_files(rec.id);
+        Ok(())
+    }
+
+    fn remove_files(&self, id: u64) {
+        let mp = self.mountpoint(id);
+        if mp.exists() {
+            if let Err(e) = mounts::unmount(&mp) {
+                tracing::warn!(path = %mp.display(), error = %e, "unmounting a removed layer");
+            }
+            let _ = fs::remove_dir(&mp);
+        }
+        let dir = self.dir(id);
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %dir.display(), error = %e, "removing a snapshot directory");
+            }
+        }
     }
 
     /// Metadata of a snapshot.
-    pub fn stat(&self, _key: &str) -> Result<Info> {
-        Err(Error::Internal("in progress".into()))
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        Ok(self.get_existing(key)?.info(key))
     }
 
-    /// Updates labels (`labels` or `labels.<key>` field paths; empty = all labels).
-    pub fn update(&self, _info: Info, _fieldpaths: &[String]) -> Result<Info> {
-        Err(Error::Internal("in progress".into()))
+    /// Updates labels (`labels` or `labels.<key>` field paths; none = all labels).
+    pub fn update(&self, info: Info, fieldpaths: &[String]) -> Result<Info> {
+        let _g = self.lock.lock().unwrap();
+        let mut rec = self.get_existing(&info.name)?;
+        if fieldpaths.is_empty() {
+            rec.labels = info.labels;
+        } else {
+            for p in fieldpaths {
+                if p == "labels" {
+                    rec.labels = info.labels.clone();
+                } else if let Some(k) = p.strip_prefix("labels.") {
+                    match info.labels.get(k) {
+                        Some(v) => rec.labels.insert(k.to_string(), v.clone()),
+                        None => rec.labels.remove(k),
+                    };
+                } else {
+                    return Err(Error::InvalidArgument(format!(
+                        "cannot update {p:?} of snapshot {:?}: only labels can change",
+                        info.name
+                    )));
+                }
+            }
+        }
+        rec.updated = now_pair();
+        let txn = self.db.begin_write().map_err(internal)?;
+        {
+            let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
+            t.insert(info.name.as_str(), serde_json::to_vec(&rec).map_err(internal)?.as_slice()).map_err(internal)?;
+        }
+        txn.commit().map_err(internal)?;
+        Ok(rec.info(&info.name))
     }
 
-    /// Disk usage.
-    pub fn usage(&self, _key: &str) -> Result<Usage> {
-        Err(Error::Internal("in progress".into()))
+    /// Disk usage: the blob of a committed snapshot, the upper dir of an active one.
+    pub fn usage(&self, key: &str) -> Result<Usage> {
+        let rec = self.get_existing(key)?;
+        if rec.kind == Kind::Committed {
+            return Ok(Usage { size: rec.size, inodes: rec.inodes });
+        }
+        disk_usage(&self.dir(rec.id).join("fs")).map_err(internal)
     }
 
     /// Every snapshot.
     pub fn list(&self) -> Result<Vec<Info>> {
-        Err(Error::Internal("in progress".into()))
+        Ok(self.all()?.into_iter().map(|(k, r)| r.info(&k)).collect())
     }
 
     /// Removes directories, mounts and blobs no record owns.
     pub fn cleanup(&self) -> Result<()> {
-        Err(Error::Internal("in progress".into()))
+        let _g = self.lock.lock().unwrap();
+        self.remove_orphans()
     }
+
+    fn remove_orphans(&self) -> Result<()> {
+        let records = self.all()?;
+        let known: HashSet<u64> = records.iter().map(|(_, r)| r.id).collect();
+        let committed: HashSet<u64> =
+            records.iter().filter(|(_, r)| r.kind == Kind::Committed).map(|(_, r)| r.id).collect();
+        let busy: HashSet<String> = self.committing.lock().unwrap().clone();
+        let busy_ids: HashSet<u64> = records.iter().filter(|(k, _)| busy.contains(k)).map(|(_, r)| r.id).collect();
+        for entry in fs::read_dir(self.root.join("m")).map_err(internal)? {
+            let entry = entry.map_err(internal)?;
+            let id = entry.file_name().to_string_lossy().parse::<u64>().ok();
+            if id.is_some_and(|id| committed.contains(&id) || busy_ids.contains(&id)) {
+                continue;
+            }
+            let _ = mounts::unmount(&entry.path());
+            let _ = fs::remove_dir(entry.path());
+        }
+        for entry in fs::read_dir(self.root.join("snapshots")).map_err(internal)? {
+            let entry = entry.map_err(internal)?;
+            let id = entry.file_name().to_string_lossy().parse::<u64>().ok();
+            if id.is_some_and(|id| known.contains(&id)) {
+                continue;
+            }
+            let _ = fs::remove_dir_all(entry.path());
+        }
+        for entry in fs::read_dir(self.root.join("staging")).map_err(internal)? {
+            let _ = fs::remove_dir_all(entry.map_err(internal)?.path());
+        }
+        Ok(())
+    }
+
+    /// Start-up repair: orphans removed, committed layers mounted, leftovers of
+    /// interrupted commits cleared.
+    fn repair(&self) -> Result<()> {
+        self.remove_orphans()?;
+        let mounted = mounts::mounted_under(&self.root.join("m")).map_err(internal)?;
+        for (key, rec) in self.all()? {
+            let dir = self.dir(rec.id);
+            match rec.kind {
+                Kind::Committed => {
+                    let mp = self.mountpoint(rec.id);
+                    if !mounted.contains(&mp) {
+                        let blob = dir.join("layer.erofs");
+                        if let Err(e) = mounts::mount_erofs(&blob, &mp) {
+                            tracing::error!(snapshot = %key, error = %e, "mounting a committed layer");
+                        }
+                    }
+                    // A crash after the commit record but before the upper dir was emptied.
+                    empty_dir(&dir.join("fs"));
+                }
+                Kind::Active | Kind::View => {
+                    // Temp files of an interrupted conversion; `layer.erofs` itself only
+                    // ever appears complete (rename), so it stays.
+                    if let Ok(rd) = fs::read_dir(&dir) {
+                        for e in rd.flatten() {
+                            if e.file_name().to_string_lossy().starts_with(".layer.erofs.tmp") {
+                                let _ = fs::remove_file(e.path());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lazily unmounts every committed layer: for a clean stop. Running containers
+    /// keep their overlay's references; the next start mounts the layers again.
+    pub fn shutdown(&self) {
+        if let Ok(mounted) = mounts::mounted_under(&self.root.join("m")) {
+            for mp in mounted {
+                let _ = mounts::unmount(&mp);
+            }
+        }
+    }
+}
+
+/// Removes everything inside `dir`, keeping `dir`.
+fn empty_dir(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let r = if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                // overlayfs leaves `work/work` with mode 000; removal works as root.
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+            if let Err(err) = r {
+                tracing::warn!(path = %p.display(), error = %err, "emptying a directory");
+            }
+        }
+    }
+}
+
+/// Bytes (allocated blocks) and inodes under `dir`, counting hard links once, as
+/// containerd's `fs.DiskUsage` does.
+fn disk_usage(dir: &Path) -> std::io::Result<Usage> {
+    let mut seen = HashSet::new();
+    let mut usage = Usage::default();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let md = fs::symlink_metadata(&d)?;
+        if seen.insert((md.dev(), md.ino())) {
+            usage.size += md.blocks() as i64 * 512;
+            usage.inodes += 1;
+        }
+        if md.is_dir() {
+            for e in fs::read_dir(&d)? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    Ok(usage)
 }
