@@ -39,12 +39,19 @@ pub fn is_mountpoint(path: &Path) -> io::Result<bool> {
 /// Mount points directly below `dir`.
 pub fn mounted_under(dir: &Path) -> io::Result<HashSet<PathBuf>> {
     let dir = fs::canonicalize(dir)?;
-    Ok(mount_points()?.into_iter().filter(|p| p.parent() == Some(dir.as_path())).collect())
+    Ok(mount_points()?
+        .into_iter()
+        .filter(|p| p.parent() == Some(dir.as_path()))
+        .collect())
 }
 
 fn mount_points() -> io::Result<HashSet<PathBuf>> {
     let info = fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(info.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(unescape(p))).collect())
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape(p)))
+        .collect())
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -98,7 +105,12 @@ pub fn for_snapshot(kind: Kind, fs_dir: &Path, work: &Path, lowers: &[PathBuf]) 
     }
     let lower: Vec<String> = lowers.iter().map(|p| s(p)).collect();
     options.push(format!("lowerdir={}", lower.join(":")));
-    vec![Mount { kind: "overlay".into(), source: "overlay".into(), target: String::new(), options }]
+    vec![Mount {
+        kind: "overlay".into(),
+        source: "overlay".into(),
+        target: String::new(),
+        options,
+    }]
 }
 
 #[cfg(test)]
@@ -125,7 +137,12 @@ mod tests {
         assert_eq!(over[0].kind, "overlay");
         assert_eq!(
             over[0].options,
-            vec!["index=off", "workdir=/r/snapshots/3/work", "upperdir=/r/snapshots/3/fs", "lowerdir=/r/m/2:/r/m/1"]
+            vec![
+                "index=off",
+                "workdir=/r/snapshots/3/work",
+                "upperdir=/r/snapshots/3/fs",
+                "lowerdir=/r/m/2:/r/m/1"
+            ]
         );
         let view2 = for_snapshot(Kind::View, fs_dir, work, &lowers);
         assert_eq!(view2[0].options, vec!["index=off", "lowerdir=/r/m/2:/r/m/1"]);

@@ -121,11 +121,13 @@ impl Snapshotter {
         let txn = self.db.begin_read().map_err(internal)?;
         let t = txn.open_table(SNAPSHOTS).map_err(internal)?;
         let v = t.get(key).map_err(internal)?;
-        v.map(|v| serde_json::from_slice(v.value()).map_err(internal)).transpose()
+        v.map(|v| serde_json::from_slice(v.value()).map_err(internal))
+            .transpose()
     }
 
     fn get_existing(&self, key: &str) -> Result<Record> {
-        self.get(key)?.ok_or_else(|| Error::NotFound(format!("snapshot {key:?}")))
+        self.get(key)?
+            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?}")))
     }
 
     fn all(&self) -> Result<Vec<(String, Record)>> {
@@ -134,7 +136,10 @@ impl Snapshotter {
         let mut out = Vec::new();
         for item in t.iter().map_err(internal)? {
             let (k, v) = item.map_err(internal)?;
-            out.push((k.value().to_string(), serde_json::from_slice(v.value()).map_err(internal)?));
+            out.push((
+                k.value().to_string(),
+                serde_json::from_slice(v.value()).map_err(internal)?,
+            ));
         }
         Ok(out)
     }
@@ -144,7 +149,9 @@ impl Snapshotter {
         let mut ids = Vec::new();
         let mut cur = parent.to_string();
         while !cur.is_empty() {
-            let r = self.get(&cur)?.ok_or_else(|| Error::Internal(format!("parent {cur:?} of a snapshot is missing")))?;
+            let r = self
+                .get(&cur)?
+                .ok_or_else(|| Error::Internal(format!("parent {cur:?} of a snapshot is missing")))?;
             ids.push(r.id);
             cur = r.parent;
             if ids.len() > 10_000 {
@@ -163,9 +170,13 @@ impl Snapshotter {
             return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
         }
         if !parent.is_empty() {
-            let p = self.get(parent)?.ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?}")))?;
+            let p = self
+                .get(parent)?
+                .ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?}")))?;
             if p.kind != Kind::Committed {
-                return Err(Error::InvalidArgument(format!("parent {parent:?} is not a committed snapshot")));
+                return Err(Error::InvalidArgument(format!(
+                    "parent {parent:?} is not a committed snapshot"
+                )));
             }
         }
         let parents = self.parent_ids(parent)?;
@@ -193,7 +204,8 @@ impl Snapshotter {
         };
         let result = (|| {
             let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            t.insert(key, serde_json::to_vec(&rec).map_err(internal)?.as_slice()).map_err(internal)?;
+            t.insert(key, serde_json::to_vec(&rec).map_err(internal)?.as_slice())
+                .map_err(internal)?;
             Ok::<_, Error>(())
         })();
         if let Err(e) = result.and_then(|_| txn.commit().map_err(internal)) {
@@ -248,7 +260,9 @@ impl Snapshotter {
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
         let rec = self.get_existing(key)?;
         if rec.kind == Kind::Committed {
-            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is committed, not active or a view")));
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is committed, not active or a view"
+            )));
         }
         let parents = self.parent_ids(&rec.parent)?;
         Ok(self.mounts_of(&rec, &parents))
@@ -271,7 +285,9 @@ impl Snapshotter {
                 return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
             }
             if !self.committing.lock().unwrap().insert(key.to_string()) {
-                return Err(Error::FailedPrecondition(format!("snapshot {key:?} is being committed")));
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} is being committed"
+                )));
             }
             rec
         };
@@ -286,11 +302,17 @@ impl Snapshotter {
         if !blob.exists() {
             let mut uuid = [0u8; 16];
             uuid[..8].copy_from_slice(&rec.id.to_le_bytes());
-            let opts = layer_convert::DirOptions { inline_data: true, build_time: 0, uuid, fsync: true };
+            let opts = layer_convert::DirOptions {
+                inline_data: true,
+                build_time: 0,
+                uuid,
+                fsync: true,
+            };
             layer_convert::convert_dir(&dir.join("fs"), &blob, &opts)
                 .map_err(|e| Error::Internal(format!("converting snapshot {key:?} to EROFS: {e}")))?;
         }
-        let image = erofs::reader::Image::open(&blob).map_err(|e| Error::Internal(format!("{}: {e}", blob.display())))?;
+        let image =
+            erofs::reader::Image::open(&blob).map_err(|e| Error::Internal(format!("{}: {e}", blob.display())))?;
         let size = fs::metadata(&blob).map_err(internal)?.len() as i64;
         let inodes = image.superblock().inos as i64;
         drop(image);
@@ -303,17 +325,27 @@ impl Snapshotter {
         let res = (|| {
             let cur = self.get_existing(key)?;
             if cur.id != rec.id || cur.kind != Kind::Active {
-                return Err(Error::FailedPrecondition(format!("snapshot {key:?} changed during commit")));
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} changed during commit"
+                )));
             }
             if self.get(name)?.is_some() {
                 return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
             }
-            let committed = Record { kind: Kind::Committed, labels, updated: now_pair(), size, inodes, ..cur };
+            let committed = Record {
+                kind: Kind::Committed,
+                labels,
+                updated: now_pair(),
+                size,
+                inodes,
+                ..cur
+            };
             let txn = self.db.begin_write().map_err(internal)?;
             {
                 let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
                 t.remove(key).map_err(internal)?;
-                t.insert(name, serde_json::to_vec(&committed).map_err(internal)?.as_slice()).map_err(internal)?;
+                t.insert(name, serde_json::to_vec(&committed).map_err(internal)?.as_slice())
+                    .map_err(internal)?;
             }
             txn.commit().map_err(internal)
         })();
@@ -331,10 +363,14 @@ impl Snapshotter {
         let _g = self.lock.lock().unwrap();
         let rec = self.get_existing(key)?;
         if self.all()?.iter().any(|(_, r)| r.parent == key) {
-            return Err(Error::FailedPrecondition(format!("cannot remove snapshot {key:?}: it has children")));
+            return Err(Error::FailedPrecondition(format!(
+                "cannot remove snapshot {key:?}: it has children"
+            )));
         }
         if self.committing.lock().unwrap().contains(key) {
-            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is being committed")));
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is being committed"
+            )));
         }
         let txn = self.db.begin_write().map_err(internal)?;
         {
@@ -395,7 +431,11 @@ impl Snapshotter {
         let txn = self.db.begin_write().map_err(internal)?;
         {
             let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            t.insert(info.name.as_str(), serde_json::to_vec(&rec).map_err(internal)?.as_slice()).map_err(internal)?;
+            t.insert(
+                info.name.as_str(),
+                serde_json::to_vec(&rec).map_err(internal)?.as_slice(),
+            )
+            .map_err(internal)?;
         }
         txn.commit().map_err(internal)?;
         Ok(rec.info(&info.name))
@@ -405,7 +445,10 @@ impl Snapshotter {
     pub fn usage(&self, key: &str) -> Result<Usage> {
         let rec = self.get_existing(key)?;
         if rec.kind == Kind::Committed {
-            return Ok(Usage { size: rec.size, inodes: rec.inodes });
+            return Ok(Usage {
+                size: rec.size,
+                inodes: rec.inodes,
+            });
         }
         disk_usage(&self.dir(rec.id).join("fs")).map_err(internal)
     }
@@ -424,10 +467,17 @@ impl Snapshotter {
     fn remove_orphans(&self) -> Result<()> {
         let records = self.all()?;
         let known: HashSet<u64> = records.iter().map(|(_, r)| r.id).collect();
-        let committed: HashSet<u64> =
-            records.iter().filter(|(_, r)| r.kind == Kind::Committed).map(|(_, r)| r.id).collect();
+        let committed: HashSet<u64> = records
+            .iter()
+            .filter(|(_, r)| r.kind == Kind::Committed)
+            .map(|(_, r)| r.id)
+            .collect();
         let busy: HashSet<String> = self.committing.lock().unwrap().clone();
-        let busy_ids: HashSet<u64> = records.iter().filter(|(k, _)| busy.contains(k)).map(|(_, r)| r.id).collect();
+        let busy_ids: HashSet<u64> = records
+            .iter()
+            .filter(|(k, _)| busy.contains(k))
+            .map(|(_, r)| r.id)
+            .collect();
         for entry in fs::read_dir(self.root.join("m")).map_err(internal)? {
             let entry = entry.map_err(internal)?;
             let id = entry.file_name().to_string_lossy().parse::<u64>().ok();
