@@ -1,0 +1,281 @@
+#!/usr/bin/env bash
+# A private containerd + registry + proxy snapshotter for end-to-end tests, all living in one directory.
+#
+# usage: e2e-env.sh start DIR [SNAPSHOTTER_CMD]
+#        e2e-env.sh restart-snapshotter DIR     (starts the snapshotter again, e.g. after a kill -9)
+#        e2e-env.sh stop DIR
+#
+# SNAPSHOTTER_CMD has {root} and {socket} substituted (default:
+#   target/release/dedup-snapshotter serve --root {root} --address {socket}).
+# Leading words starting with `+` are flags for the harness, not part of the command:
+#   +noerofs  the snapshotter is not ours (skip EROFS layout checks; read by the Rust test)
+#   +rmsock   remove a stale socket before restart-snapshotter (for daemons that do not do it themselves)
+# The word `reference` alone means `+noerofs +rmsock /work/shared/conformance/reference.sh --root {root} --address {socket}`
+# (containerd's own overlayfs snapshotter served as a proxy).
+#
+# start: builds (cached) and pushes the test images (busybox, layered, minbase; see build-test-images.sh) from
+# ${E2E_IMAGES:-/var/cache/dedup-snapshotter-tests/oci} to a docker-registry on 127.0.0.1:<free port>, starts the
+# snapshotter (root DIR/snapshotter, socket DIR/dedup.sock) and containerd (DIR/containerd.toml, socket
+# DIR/containerd.sock, proxy plugin `dedup`), waits until each answers, writes DIR/env (sourceable KEY=VALUE lines).
+# Logs: DIR/logs/*.log.
+# stop: kills tasks, containerd, the snapshotter, the registry (only the processes it started, by pid), unmounts
+# everything under DIR (deepest first) and checks nothing stays mounted there.  DIR itself is left for the caller.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+cmd=${1:-}
+dir=${2:-}
+[[ -n "$cmd" && -n "$dir" ]] || { sed -n '2,20p' "$0" >&2; exit 2; }
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+envf=$dir/env
+logs=$dir/logs
+
+log() { echo "e2e-env: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+setenv() { # KEY VALUE: set/replace in DIR/env
+    local tmp
+    tmp=$(mktemp "$envf.XXXXXX")
+    { [[ -f "$envf" ]] && grep -v "^$1=" "$envf" || true; printf '%s=%q\n' "$1" "$2"; } >"$tmp"
+    mv "$tmp" "$envf"
+}
+
+alive() { # PID: running and not a zombie (our daemons are reparented when this script exits; a zombie may linger)
+    local st
+    [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null || return 1
+    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ "${st:0:1}" != Z ]]
+}
+
+wait_for() { # DESC TIMEOUT PID CMD...: retries CMD until it succeeds; fails when PID died or on timeout
+    local desc=$1 timeout=$2 pid=$3 i
+    shift 3
+    for ((i = 0; i < timeout * 10; i++)); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        if [[ -n "$pid" ]] && ! alive "$pid"; then
+            die "$desc exited before answering (see $logs)"
+        fi
+        sleep 0.1
+    done
+    die "$desc did not answer within ${timeout}s (see $logs)"
+}
+
+free_port() {
+    local p i
+    for ((i = 0; i < 200; i++)); do
+        p=$((20000 + RANDOM % 30000))
+        if ! ss -Htln "sport = :$p" 2>/dev/null | grep -q .; then echo "$p"; return; fi
+    done
+    die "no free port"
+}
+
+parse_snapshotter_cmd() { # sets SNAP_FLAGS and SNAP_CMD from $1
+    local c=$1 w
+    if [[ "$c" == reference ]]; then
+        c="+noerofs +rmsock /work/shared/conformance/reference.sh --root {root} --address {socket}"
+    fi
+    SNAP_FLAGS=""
+    read -r -a words <<<"$c"
+    while ((${#words[@]})) && [[ "${words[0]}" == +* ]]; do
+        SNAP_FLAGS+="${SNAP_FLAGS:+ }${words[0]#+}"
+        words=("${words[@]:1}")
+    done
+    SNAP_CMD=""
+    for w in "${words[@]}"; do SNAP_CMD+="${SNAP_CMD:+ }$w"; done
+    SNAP_CMD=${SNAP_CMD//\{root\}/$dir/snapshotter}
+    SNAP_CMD=${SNAP_CMD//\{socket\}/$dir/dedup.sock}
+}
+
+start_snapshotter() {
+    mkdir -p "$dir/snapshotter" "$logs"
+    # shellcheck disable=SC2086 # the command is word-split on purpose
+    setsid $SNAP_CMD >>"$logs/snapshotter.log" 2>&1 </dev/null &
+    SNAP_PID=$!
+    setenv E2E_SNAPSHOTTER_PID "$SNAP_PID"
+    # The reference builds with Go on first use: allow for that.
+    wait_for "snapshotter ($SNAP_CMD)" 300 "$SNAP_PID" test -S "$dir/dedup.sock"
+}
+
+ctr_() { ctr -a "$dir/containerd.sock" "$@"; }
+
+snapshotter_answers() { # through containerd, which dials the proxy
+    ctr_ -n "$E2E_NAMESPACE" snapshots --snapshotter dedup ls
+}
+
+do_start() {
+    [[ $(id -u) -eq 0 ]] || die "must run as root"
+    local missing=""
+    for b in containerd ctr runc docker-registry skopeo umoci ss; do command -v "$b" >/dev/null || missing+=" $b"; done
+    [[ -z "$missing" ]] || die "missing:$missing: apt-get install -y containerd runc docker-registry skopeo umoci busybox-static debootstrap erofs-utils iproute2"
+    [[ ! -f "$envf" ]] || die "$envf exists: stop the old environment first"
+    mkdir -p "$logs"
+    local default_cmd="$repo/target/release/dedup-snapshotter serve --root {root} --address {socket}"
+    parse_snapshotter_cmd "${3:-$default_cmd}"
+    setenv E2E_DIR "$dir"
+    setenv E2E_SNAPSHOTTER_CMD "$SNAP_CMD"
+    setenv E2E_SNAPSHOTTER_FLAGS "$SNAP_FLAGS"
+    setenv E2E_SNAPSHOTTER_ROOT "$dir/snapshotter"
+    setenv E2E_SNAPSHOTTER_SOCK "$dir/dedup.sock"
+    setenv E2E_CONTAINERD_SOCK "$dir/containerd.sock"
+    E2E_NAMESPACE=e2e-$(basename "$dir" | tr -c 'a-zA-Z0-9\n' '-')
+    setenv E2E_NAMESPACE "$E2E_NAMESPACE"
+
+    local images=${E2E_IMAGES:-/var/cache/dedup-snapshotter-tests/oci}
+    "$here/build-test-images.sh" "$images"
+
+    # registry
+    local port
+    port=$(free_port)
+    mkdir -p "$dir/registry"
+    cat >"$dir/registry.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $dir/registry
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$port
+EOF
+    setsid docker-registry serve "$dir/registry.yml" >>"$logs/registry.log" 2>&1 </dev/null &
+    local reg_pid=$!
+    setenv E2E_REGISTRY_PID "$reg_pid"
+    setenv E2E_REGISTRY "127.0.0.1:$port"
+    wait_for "docker-registry" 30 "$reg_pid" curl -fsS "http://127.0.0.1:$port/v2/"
+
+    # push the images (in parallel with the daemons starting up)
+    local img push_pids=()
+    for img in busybox layered minbase; do
+        skopeo copy --quiet --insecure-policy --dest-tls-verify=false \
+            "oci:$images/$img:latest" "docker://127.0.0.1:$port/$img:latest" >>"$logs/push-$img.log" 2>&1 &
+        push_pids+=($!)
+    done
+
+    # snapshotter
+    start_snapshotter
+
+    # containerd
+    cat >"$dir/containerd.toml" <<EOF
+version = 2
+root = "$dir/containerd/root"
+state = "$dir/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "$dir/containerd.sock"
+
+[ttrpc]
+  address = "$dir/containerd.sock.ttrpc"
+
+[debug]
+  level = "info"
+
+# Collect garbage (and so remove the proxy's snapshots) right after each deletion, not only every 100 mutations.
+[plugins."io.containerd.gc.v1.scheduler"]
+  deletion_threshold = 1
+
+[proxy_plugins.dedup]
+  type = "snapshot"
+  address = "$dir/dedup.sock"
+EOF
+    setsid containerd --config "$dir/containerd.toml" >>"$logs/containerd.log" 2>&1 </dev/null &
+    local ctrd_pid=$!
+    setenv E2E_CONTAINERD_PID "$ctrd_pid"
+    wait_for "containerd" 60 "$ctrd_pid" ctr_ version
+    wait_for "snapshotter through containerd" 60 "$SNAP_PID" snapshotter_answers
+
+    local names=(busybox layered minbase) i
+    for i in "${!push_pids[@]}"; do
+        wait "${push_pids[$i]}" || die "skopeo push of ${names[$i]} failed: $(cat "$logs/push-${names[$i]}.log")"
+    done
+    log "up: registry 127.0.0.1:$port, containerd $dir/containerd.sock, snapshotter $dir/dedup.sock; env in $envf"
+}
+
+do_restart_snapshotter() {
+    [[ -f "$envf" ]] || die "no $envf"
+    # shellcheck disable=SC1090
+    source "$envf"
+    if alive "$E2E_SNAPSHOTTER_PID"; then die "snapshotter (pid $E2E_SNAPSHOTTER_PID) still runs"; fi
+    SNAP_CMD=$E2E_SNAPSHOTTER_CMD
+    if [[ " $E2E_SNAPSHOTTER_FLAGS " == *" rmsock "* ]]; then rm -f "$dir/dedup.sock"; fi
+    echo "=== restart $(date +%T.%N) ===" >>"$logs/snapshotter.log"
+    start_snapshotter
+    wait_for "restarted snapshotter through containerd" 60 "$SNAP_PID" snapshotter_answers
+    log "snapshotter restarted (pid $SNAP_PID)"
+}
+
+stop_pid() { # NAME PID: SIGTERM, wait up to 10 s, SIGKILL
+    local name=$1 pid=${2:-} i
+    alive "$pid" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do alive "$pid" || return 0; sleep 0.1; done
+    log "$name (pid $pid) ignored SIGTERM; SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do alive "$pid" || return 0; sleep 0.1; done
+}
+
+mounts_under() { # prints mount points under $dir, deepest (most recently mounted) first
+    # mountinfo field 5 is the mount point with space, tab, newline, backslash as octal escapes.
+    awk -v d="$dir/" '{ p = $5; gsub(/\\040/, " ", p); gsub(/\\011/, "\t", p); gsub(/\\134/, "\\", p);
+        if (index(p, d) == 1) print length(p) "\t" NR "\t" p }' /proc/self/mountinfo |
+        sort -t$'\t' -k1,1nr -k2,2nr | cut -f3-
+}
+
+do_stop() {
+    local rc=0
+    if [[ -f "$envf" ]]; then
+        # shellcheck disable=SC1090
+        source "$envf"
+        if alive "${E2E_CONTAINERD_PID:-}"; then
+            local ns t
+            for ns in $(ctr_ namespaces ls -q 2>/dev/null); do
+                for t in $(ctr_ -n "$ns" tasks ls -q 2>/dev/null); do
+                    ctr_ -n "$ns" tasks kill -s SIGKILL "$t" >/dev/null 2>&1 || true
+                done
+                for t in $(ctr_ -n "$ns" tasks ls -q 2>/dev/null); do
+                    timeout 20 ctr_ -n "$ns" tasks rm -f "$t" >/dev/null 2>&1 || true
+                done
+            done
+        fi
+        stop_pid containerd "${E2E_CONTAINERD_PID:-}"
+        stop_pid snapshotter "${E2E_SNAPSHOTTER_PID:-}"
+        stop_pid docker-registry "${E2E_REGISTRY_PID:-}"
+        # shims our containerd started (they outlive it): found by their -address argument
+        local p
+        for p in /proc/[0-9]*; do
+            if { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -q -- "containerd-shim.*-address $dir/containerd.sock "; then
+                log "killing leftover shim ${p#/proc/}"
+                kill -KILL "${p#/proc/}" 2>/dev/null || true
+            fi
+        done
+    fi
+    local m left
+    for _ in 1 2 3; do
+        while IFS= read -r m; do
+            [[ -n "$m" ]] || continue
+            umount -l "$m" 2>/dev/null || umount -l -- "$m" || true
+        done < <(mounts_under)
+        [[ -z "$(mounts_under)" ]] && break
+        sleep 0.2
+    done
+    left=$(mounts_under)
+    if [[ -n "$left" ]]; then
+        log "still mounted under $dir:"$'\n'"$left"
+        rc=1
+    fi
+    [[ -f "$envf" ]] && mv -f "$envf" "$envf.stopped"
+    return $rc
+}
+
+case "$cmd" in
+start) do_start "$@" ;;
+restart-snapshotter) do_restart_snapshotter ;;
+stop) do_stop ;;
+*) die "unknown command $cmd (start|restart-snapshotter|stop)" ;;
+esac
