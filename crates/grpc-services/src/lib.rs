@@ -13,6 +13,8 @@
 //! - [`snapshots`]: the Snapshots service ([`SnapshotsService`]).
 //! - [`filters`]: containerd's filter expressions, as `List` receives them.
 
+#![warn(missing_docs)]
+
 use std::error::Error;
 use std::future::Future;
 use std::io;
