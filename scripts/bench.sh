@@ -36,7 +36,7 @@ while getopts "n:h" opt; do
     case $opt in
     n) REPS=$OPTARG ;;
     *)
-        sed -n '2,28p' "$0"
+        awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
         exit 2
         ;;
     esac
