@@ -7,8 +7,9 @@
 # 2. checks it is root and that the kernel has erofs and overlay
 #    (modprobe-ing them if needed), failing loudly otherwise;
 # 3. cargo fmt --check, cargo clippy -D warnings, cargo build --release;
-# 4. warms the debian-minbase fixture (debootstrap, a few minutes the first
-#    time; cached in ${DEDUP_CACHE:-/var/cache/dedup-snapshotter-tests});
+# 4. warms the fixtures: the debian-minbase layer (debootstrap, a few minutes
+#    the first time; cached in ${DEDUP_CACHE:-/var/cache/dedup-snapshotter-tests})
+#    and the OCI images of the end-to-end tests (scripts/build-test-images.sh);
 # 5. cargo test --workspace --release --no-fail-fast (every test binary runs
 #    even when an earlier one fails), then one closing summary line
 #    "tests: N passed, N failed, N skipped" (skipped = #[ignore]d).
@@ -48,6 +49,14 @@ declare -A PKG_FILE=(
     [busybox-static]=/bin/busybox
     [fuse3]=/usr/bin/fusermount3
     [kmod]=/sbin/modprobe
+    # end-to-end tests: a private containerd 1.6 + runc + loopback registry
+    [containerd]=/usr/bin/containerd
+    [runc]=/usr/sbin/runc
+    [docker-registry]=/usr/bin/docker-registry
+    [skopeo]=/usr/bin/skopeo
+    [umoci]=/usr/bin/umoci
+    [curl]=/usr/bin/curl
+    [iproute2]=/bin/ss
 )
 missing=()
 for pkg in "${!PKG_FILE[@]}"; do
@@ -89,6 +98,11 @@ if [[ -f "$FIXTURE" ]]; then
     echo "fixture: $tgz" >&2
 else
     echo "note: $FIXTURE not found, no fixture to warm" >&2
+fi
+IMAGES=scripts/build-test-images.sh
+if [[ -f "$IMAGES" ]]; then
+    step "warming the end-to-end test images"
+    bash "$IMAGES" "${E2E_IMAGES:-/var/cache/dedup-snapshotter-tests/oci}"
 fi
 
 # --- tests ----------------------------------------------------------------------
