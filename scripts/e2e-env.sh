@@ -241,18 +241,30 @@ do_stop() {
                 for t in $(ctr_ -n "$ns" tasks ls -q 2>/dev/null); do
                     timeout 20 ctr_ -n "$ns" tasks rm -f "$t" >/dev/null 2>&1 || true
                 done
+                for t in $(ctr_ -n "$ns" containers ls -q 2>/dev/null); do
+                    timeout 20 ctr_ -n "$ns" containers rm "$t" >/dev/null 2>&1 || true
+                done
             done
         fi
         stop_pid containerd "${E2E_CONTAINERD_PID:-}"
         stop_pid snapshotter "${E2E_SNAPSHOTTER_PID:-}"
         stop_pid docker-registry "${E2E_REGISTRY_PID:-}"
         # shims our containerd started (they outlive it): found by their -address argument
-        local p
-        for p in /proc/[0-9]*; do
-            if { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -q -- "containerd-shim.*-address $dir/containerd.sock "; then
-                log "killing leftover shim ${p#/proc/}"
-                kill -KILL "${p#/proc/}" 2>/dev/null || true
-            fi
+        # (a shim exits on its own shortly after its last task is deleted; give it a moment)
+        local p shims i
+        for ((i = 0; i < 30; i++)); do
+            shims=""
+            for p in /proc/[0-9]*; do
+                if { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -q -- "containerd-shim.*-address $dir/containerd.sock "; then
+                    shims+=" ${p#/proc/}"
+                fi
+            done
+            [[ -n "$shims" ]] || break
+            sleep 0.1
+        done
+        for p in $shims; do
+            log "killing leftover shim $p"
+            kill -KILL "$p" 2>/dev/null || true
         done
     fi
     local m left

@@ -424,6 +424,9 @@ impl Env {
                 );
             }
             if s.kind == "Active" {
+                if self.erofs {
+                    self.check_lowers_are_erofs(&s.key);
+                }
                 let upper = self.upperdir(&s.key);
                 let d = upper.parent().unwrap().to_path_buf();
                 assert!(
@@ -481,19 +484,44 @@ impl Env {
         }
     }
 
+    /// Every lowerdir of an active snapshot's overlay is a read-only EROFS mount of some committed snapshot's
+    /// ROOT/snapshots/<id>/layer.erofs.
+    pub fn check_lowers_are_erofs(&self, key: &str) {
+        let mounts = self.snapshot_mounts(key);
+        let table = mountinfo();
+        let snaps = self.root.join("snapshots");
+        for lower in mounts
+            .iter()
+            .flat_map(|(_, o)| o.iter())
+            .filter_map(|o| o.strip_prefix("lowerdir="))
+        {
+            for l in lower.split(':') {
+                let m = table.iter().rev().find(|m| m.point == l).unwrap_or_else(|| {
+                    panic!("lowerdir {l} of {key} is not a mount point (expected an EROFS mount): mounts {mounts:?}")
+                });
+                assert_eq!(
+                    m.fstype, "erofs",
+                    "lowerdir {l} of {key} is a {} mount, not erofs: {m:?}",
+                    m.fstype
+                );
+                let src = Path::new(&m.source);
+                assert!(
+                    src.file_name() == Some("layer.erofs".as_ref())
+                        && src.parent().and_then(Path::parent) == Some(snaps.as_path()),
+                    "lowerdir {l} of {key} mounts {}, not {}/<id>/layer.erofs",
+                    m.source,
+                    snaps.display()
+                );
+            }
+        }
+    }
+
     /// Mount points under the environment's directory (from /proc/self/mountinfo).
     pub fn mounts_under_dir(&self) -> Vec<String> {
         let prefix = format!("{}/", self.dir.display());
-        fs::read_to_string("/proc/self/mountinfo")
-            .expect("read mountinfo")
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .map(|p| {
-                p.replace("\\040", " ")
-                    .replace("\\011", "\t")
-                    .replace("\\012", "\n")
-                    .replace("\\134", "\\")
-            })
+        mountinfo()
+            .into_iter()
+            .map(|m| m.point)
             .filter(|p| p.starts_with(&prefix) || *p == prefix.trim_end_matches('/'))
             .collect()
     }
@@ -640,6 +668,38 @@ impl Drop for Env {
             Err(e) => eprintln!("e2e: stop failed, {} kept: {e}", self.dir.display()),
         }
     }
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug)]
+pub struct MountEntry {
+    pub point: String,
+    pub fstype: String,
+    pub source: String,
+}
+
+fn unescape_mountinfo(p: &str) -> String {
+    p.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// /proc/self/mountinfo, in mount order.
+pub fn mountinfo() -> Vec<MountEntry> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .expect("read mountinfo")
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some(MountEntry {
+                point: unescape_mountinfo(f.get(4)?),
+                fstype: f.get(sep + 1)?.to_string(),
+                source: unescape_mountinfo(f.get(sep + 2)?),
+            })
+        })
+        .collect()
 }
 
 /// True when `p` is an overlay whiteout (char device 0/0).
