@@ -155,12 +155,8 @@ impl Env {
             stopped: false,
             started,
         };
-        if !out.status.success() {
-            env.dump_logs();
-            let _ = Command::new(script("e2e-env.sh")).arg("stop").arg(&dir).status();
-            env.stopped = true;
-            panic!("{}", describe("e2e-env.sh start", &out));
-        }
+        // On failure, Drop prints the logs, stops what did start and removes the directory (unless E2E_KEEP).
+        assert!(out.status.success(), "{}", describe("e2e-env.sh start", &out));
         env.load_vars();
         env.ctrd_sock = env.var("E2E_CONTAINERD_SOCK");
         env.ns = env.var("E2E_NAMESPACE");
