@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod inspect;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +48,18 @@ enum Command {
         input: PathBuf,
         /// The EROFS image to write.
         output: PathBuf,
+    },
+    /// Serve containerd's Snapshots API on a unix socket (a containerd proxy plugin).
+    Serve {
+        /// Store root (default /var/lib/dedup-snapshotter).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Unix socket (default /run/dedup-snapshotter/snapshotter.sock).
+        #[arg(long)]
+        address: Option<PathBuf>,
+        /// A TOML file with the same settings (root, address, socket_mode, socket_gid, log_level, log_json).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Show an EROFS image's superblock.
     Inspect {
@@ -141,6 +154,15 @@ fn run(cli: Cli) -> Result<()> {
             opts.max_size = max_size;
             opts.fsync = fsync;
             convert(&input, &output, &opts, json)
+        }
+        Command::Serve { root, address, config } => {
+            let mut cfg = match config {
+                Some(path) => serve::Config::load(&path)?,
+                None => serve::Config::default(),
+            };
+            cfg.root = root.or(cfg.root);
+            cfg.address = address.or(cfg.address);
+            serve::serve(cfg)
         }
         Command::Inspect { image, json } => inspect::inspect(&image, json),
         Command::Ls {

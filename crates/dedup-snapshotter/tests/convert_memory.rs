@@ -38,6 +38,8 @@ fn pattern(offset: u64) -> u8 {
 }
 
 #[test]
+// Reaped with wait4 below, which also gives the peak RSS std's `wait` does not.
+#[allow(clippy::zombie_processes)]
 fn five_gib_file_converts_in_bounded_memory() {
     assert!(
         unsafe { libc::geteuid() } == 0,

@@ -62,15 +62,17 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 ///
 /// A stale socket file left by a previous run is replaced; a socket another server
 /// still answers on, or a path that is not a socket, is an error (never delete what
-/// is not ours). The socket gets `socket_mode` (see [`DEFAULT_SOCKET_MODE`]). On
+/// is not ours). The socket gets `socket_mode` (see [`DEFAULT_SOCKET_MODE`]) and, when
+/// given, the group `socket_gid` (so a group can be allowed in with mode 0660). On
 /// shutdown, calls in flight complete, then the socket file is removed.
 pub async fn serve(
     snapshotter: Arc<Snapshotter>,
     socket: &Path,
     socket_mode: u32,
+    socket_gid: Option<u32>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
-    serve_routes(routes(snapshotter), socket, socket_mode, shutdown).await
+    serve_routes(routes(snapshotter), socket, socket_mode, socket_gid, shutdown).await
 }
 
 /// The services on the socket.
@@ -89,6 +91,7 @@ async fn serve_routes(
     routes: Routes,
     socket: &Path,
     socket_mode: u32,
+    socket_gid: Option<u32>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
     clear_stale_socket(socket)?;
@@ -101,6 +104,10 @@ async fn serve_routes(
         // short, and the daemon's run directory is expected to be root-only anyway.
         std::fs::set_permissions(socket, std::fs::Permissions::from_mode(socket_mode))
             .map_err(|e| with_path(e, "setting the mode of", socket))?;
+        if let Some(gid) = socket_gid {
+            std::os::unix::fs::lchown(socket, None, Some(gid))
+                .map_err(|e| with_path(e, "setting the group of", socket))?;
+        }
         tracing::info!(socket = %socket.display(), mode = format!("{socket_mode:o}"), "serving");
         Server::builder()
             .add_routes(routes)
@@ -160,7 +167,7 @@ mod tests {
         let (tx, rx) = oneshot::channel::<()>();
         let path = socket.to_path_buf();
         let task = tokio::spawn(async move {
-            serve_routes(Routes::default(), &path, mode, async {
+            serve_routes(Routes::default(), &path, mode, None, async {
                 let _ = rx.await;
             })
             .await
@@ -219,7 +226,7 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
 
         // Live: a second server on the same path is refused and leaves it alone.
-        let err = serve_routes(Routes::default(), &socket, 0o600, std::future::pending())
+        let err = serve_routes(Routes::default(), &socket, 0o600, None, std::future::pending())
             .await
             .unwrap_err();
         assert!(err.to_string().contains("another server is listening"), "{err}");
@@ -229,7 +236,7 @@ mod tests {
 
         // Not a socket: refused, untouched.
         std::fs::write(&socket, "precious").unwrap();
-        let err = serve_routes(Routes::default(), &socket, 0o600, std::future::pending())
+        let err = serve_routes(Routes::default(), &socket, 0o600, None, std::future::pending())
             .await
             .unwrap_err();
         assert!(err.to_string().contains("not a socket"), "{err}");

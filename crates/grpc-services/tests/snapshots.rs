@@ -49,7 +49,7 @@ impl Harness {
         let task = {
             let (store, socket) = (Arc::clone(&store), socket.clone());
             tokio::spawn(async move {
-                grpc_services::serve(store, &socket, mode, async {
+                grpc_services::serve(store, &socket, mode, None, async {
                     let _ = rx.await;
                 })
                 .await
@@ -226,7 +226,7 @@ async fn serve_sets_the_socket_mode_and_stops_cleanly() {
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o660);
     // A second server on the same socket is refused while the first answers.
-    let err = grpc_services::serve(Arc::clone(&h.store), &h.socket, 0o600, std::future::pending())
+    let err = grpc_services::serve(Arc::clone(&h.store), &h.socket, 0o600, None, std::future::pending())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("another server"), "{err}");

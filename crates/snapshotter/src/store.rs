@@ -332,10 +332,14 @@ impl Snapshotter {
             if self.get(name)?.is_some() {
                 return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
             }
+            // As containerd's metastore does: the committed snapshot is a new record,
+            // created and updated at the commit.
+            let now = now_pair();
             let committed = Record {
                 kind: Kind::Committed,
                 labels,
-                updated: now_pair(),
+                created: now,
+                updated: now,
                 size,
                 inodes,
                 ..cur

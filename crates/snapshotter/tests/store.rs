@@ -130,7 +130,7 @@ fn layers_commit_to_erofs_and_stack() {
     let before = s.mounts("v").unwrap();
     drop(s);
     for e in fs::read_dir(root.join("m")).unwrap() {
-        let _ = rustix::mount::unmount(&e.unwrap().path(), rustix::mount::UnmountFlags::DETACH);
+        let _ = rustix::mount::unmount(e.unwrap().path(), rustix::mount::UnmountFlags::DETACH);
     }
     let s = Snapshotter::open(&root).unwrap();
     assert_eq!(s.mounts("v").unwrap(), before);

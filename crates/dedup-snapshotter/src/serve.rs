@@ -1,0 +1,92 @@
+//! `dedup-snapshotter serve`: the daemon containerd talks to as a proxy plugin.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+/// Default store root.
+pub const DEFAULT_ROOT: &str = "/var/lib/dedup-snapshotter";
+/// Default socket.
+pub const DEFAULT_ADDRESS: &str = "/run/dedup-snapshotter/snapshotter.sock";
+
+/// The daemon's settings, from `--config FILE` (TOML) and the command line; flags win.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Store root.
+    pub root: Option<PathBuf>,
+    /// Unix socket to serve on.
+    pub address: Option<PathBuf>,
+    /// Socket permission bits, e.g. `0o660` (default 0600).
+    pub socket_mode: Option<u32>,
+    /// Group owning the socket (a numeric gid), to let a non-root group connect.
+    pub socket_gid: Option<u32>,
+    /// `tracing` filter, e.g. `info` or `dedup=debug` (default `info`, or RUST_LOG).
+    pub log_level: Option<String>,
+    /// Log as JSON lines.
+    pub log_json: Option<bool>,
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn serve(cfg: Config) -> Result<()> {
+    init_logging(&cfg);
+    let root = cfg.root.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+    let address = cfg.address.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ADDRESS));
+    if let Some(dir) = address.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let store = Arc::new(
+        snapshotter::Snapshotter::open(&root).with_context(|| format!("opening the store at {}", root.display()))?,
+    );
+    tracing::info!(root = %root.display(), address = %address.display(), "serving snapshots");
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let served = rt.block_on(async {
+        let shutdown = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing the SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+            }
+        };
+        grpc_services::serve(
+            store.clone(),
+            &address,
+            cfg.socket_mode.unwrap_or(0o600),
+            cfg.socket_gid,
+            shutdown,
+        )
+        .await
+    });
+    store.shutdown();
+    tracing::info!("stopped");
+    served.map_err(|e| anyhow::anyhow!("serving on {}: {e}", address.display()))
+}
+
+fn init_logging(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match &cfg.log_level {
+        Some(l) => EnvFilter::new(l),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.log_json.unwrap_or(false) {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
