@@ -120,8 +120,9 @@ pub fn convert<R: Read + Send>(
                 Ok(v) => Ok(v),
             };
             let (mut image, tree, entries) = r?;
-            let (diff, size, stats) = s.digests();
-            let stats = stats.ok_or_else(|| Error::new(ErrorKind::Io, "input ended without its digest"))?;
+            let (diff, size, stats) = s
+                .digests()
+                .ok_or_else(|| Error::new(ErrorKind::Io, "input ended without its digest"))?;
             // The UUID is known only now: derived from the input digest so the same
             // input gives the same image.
             image.set_uuid(uuid_from(&stats.digest));

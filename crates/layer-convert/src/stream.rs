@@ -118,71 +118,131 @@ pub struct InputStats {
 enum Msg {
     /// The producer's first message: the compression it found.
     Start(Compression),
+    /// Input bytes the decompressor is done with, for the consumer to hash.
+    Compressed(Vec<u8>),
+    /// Uncompressed bytes.
     Data(Vec<u8>),
-    Done(InputStats),
+    Done,
     Failed(Error),
 }
 
 const CHUNK: usize = 1 << 20;
-const IN_FLIGHT: usize = 4;
+const IN_FLIGHT: usize = 6;
 
-/// Reads the input on a thread of its own, hashing it (the input digest) and
-/// reporting progress, so the decompressor's core does nothing but inflate.
-fn read_input<R: Read>(
-    mut input: R,
-    progress: Option<&(dyn Fn(u64) + Sync)>,
+/// The decompressor's input: reads `inner` in 1 MiB chunks and, once the decoder has
+/// consumed a chunk, hands it to the consumer to hash (the input digest). Hashing
+/// there keeps this thread's core for inflating alone, and moving the buffer costs no
+/// copy.
+struct TeeInput<'p, R> {
+    inner: R,
+    buf: Vec<u8>,
+    pos: usize,
+    tee: bool,
+    size: u64,
+    eof: bool,
     tx: SyncSender<Msg>,
     recycle: Receiver<Vec<u8>>,
-) {
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    loop {
-        let mut buf = recycle.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-        buf.resize(CHUNK, 0);
-        let n = match input.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                let _ = tx.send(Msg::Failed(Error::io(e)));
-                return;
+    progress: Option<&'p (dyn Fn(u64) + Sync)>,
+}
+
+impl<R: Read> TeeInput<'_, R> {
+    fn fresh_buffer(&self) -> Vec<u8> {
+        let mut b = self.recycle.try_recv().unwrap_or_default();
+        b.clear();
+        b.reserve(CHUNK);
+        b
+    }
+
+    /// Hands the consumed chunk over and reads the next one.
+    fn refill(&mut self) -> io::Result<()> {
+        let next = self.fresh_buffer();
+        let done = std::mem::replace(&mut self.buf, next);
+        self.pos = 0;
+        if self.tee && !done.is_empty() && self.tx.send(Msg::Compressed(done)).is_err() {
+            return Err(io::Error::other("consumer hung up"));
+        }
+        // Read until the chunk is full or the input ends: fewer, larger messages.
+        while self.buf.len() < CHUNK {
+            let start = self.buf.len();
+            self.buf.resize(CHUNK, 0);
+            match self.inner.read(&mut self.buf[start..]) {
+                Ok(0) => {
+                    self.buf.truncate(start);
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => self.buf.truncate(start + n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.buf.truncate(start),
+                Err(e) => {
+                    self.buf.truncate(start);
+                    return Err(e);
+                }
             }
-        };
-        if n == 0 {
-            if let Some(p) = progress {
-                p(size);
-            }
-            let _ = tx.send(Msg::Done(InputStats {
-                digest: hasher.finalize().into(),
-                size,
-            }));
-            return;
         }
-        buf.truncate(n);
-        hasher.update(&buf);
-        size += n as u64;
-        if let Some(p) = progress {
-            p(size);
+        self.size += self.buf.len() as u64;
+        if let Some(p) = self.progress {
+            p(self.size);
         }
-        if tx.send(Msg::Data(buf)).is_err() {
-            return;
+        Ok(())
+    }
+
+    /// Sends the last chunk for hashing.
+    fn flush(&mut self) -> io::Result<()> {
+        let done = std::mem::take(&mut self.buf);
+        if self.tee && !done.is_empty() && self.tx.send(Msg::Compressed(done)).is_err() {
+            return Err(io::Error::other("consumer hung up"));
         }
+        Ok(())
     }
 }
 
-/// The decompressor: reads the input chunks, inflates, and sends chunks of at most
+impl<R: Read> Read for TeeInput<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(out.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: Read> BufRead for TeeInput<'_, R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.pos >= self.buf.len() && !self.eof {
+            self.refill()?;
+        }
+        Ok(&self.buf[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.buf.len());
+    }
+}
+
+/// The decompressor thread: reads the input, inflates, and sends chunks of at most
 /// 1 MiB downstream until the end, an error, or the consumer hanging up. `max_size`
 /// bounds the uncompressed bytes (a decompression bomb stops here, not on disk).
-fn produce(
-    mut src: Chunks,
+fn produce<R: Read>(
+    input: R,
     compression: Option<Compression>,
     max_size: u64,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
     tx: SyncSender<Msg>,
     recycle: Receiver<Vec<u8>>,
+    data_recycle: Receiver<Vec<u8>>,
 ) {
-    let result = (|| -> Result<InputStats, Error> {
-        if let Err(e) = src.fill_buf() {
-            return Err(src.take_failure().unwrap_or(Error::io(e)));
-        }
+    let mut src = TeeInput {
+        inner: input,
+        buf: Vec::new(),
+        pos: 0,
+        tee: true,
+        size: 0,
+        eof: false,
+        tx: tx.clone(),
+        recycle,
+        progress,
+    };
+    let result = (|| -> Result<(), Error> {
         let head = src.fill_buf().map_err(Error::io)?;
         let sniffed = Compression::sniff(head)?;
         let c = compression.unwrap_or(sniffed);
@@ -196,34 +256,34 @@ fn produce(
                 ),
             ));
         }
+        // A plain tar is its own diffID: the consumer hashes it once, as data.
+        src.tee = c != Compression::None;
         let _ = tx.send(Msg::Start(c));
-        let decoder: Box<dyn Read + '_> = match c {
-            Compression::None => Box::new(&mut src),
-            Compression::Gzip => Box::new(gzip_decoder(&mut src)),
-            Compression::Zstd => Box::new(zstd_decoder(&mut src).map_err(Error::io)?),
-        };
-        let pumped = pump(decoder, c, max_size, &tx, &recycle);
-        if let Some(e) = src.take_failure() {
-            return Err(e);
+        match c {
+            Compression::None => pump(&mut src, c, max_size, &tx, &data_recycle)?,
+            Compression::Gzip => pump(gzip_decoder(&mut src), c, max_size, &tx, &data_recycle)?,
+            Compression::Zstd => pump(
+                zstd_decoder(&mut src).map_err(Error::io)?,
+                c,
+                max_size,
+                &tx,
+                &data_recycle,
+            )?,
         }
-        pumped?;
         // Whatever trails the compressed stream is part of the input digest too.
-        if let Err(e) = io::copy(&mut src, &mut io::sink()) {
-            return Err(src.take_failure().unwrap_or(Error::io(e)));
-        }
-        src.done
-            .clone()
-            .ok_or_else(|| Error::new(ErrorKind::Io, "input ended without its digest"))
+        io::copy(&mut src, &mut io::sink()).map_err(Error::io)?;
+        src.flush().map_err(Error::io)?;
+        Ok(())
     })();
     let msg = match result {
-        Ok(stats) => Msg::Done(stats),
+        Ok(()) => Msg::Done,
         Err(e) => Msg::Failed(e),
     };
     let _ = tx.send(msg);
 }
 
 fn pump(
-    mut decoder: Box<dyn Read + '_>,
+    mut decoder: impl Read,
     c: Compression,
     max_size: u64,
     tx: &SyncSender<Msg>,
@@ -231,7 +291,7 @@ fn pump(
 ) -> Result<(), Error> {
     let mut total: u64 = 0;
     loop {
-        let mut buf = recycle.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+        let mut buf = recycle.try_recv().unwrap_or_default();
         buf.resize(CHUNK, 0);
         let mut filled = 0;
         while filled < CHUNK {
@@ -273,52 +333,49 @@ fn decode_error(c: Compression, e: io::Error, at: u64) -> Error {
     }
 }
 
-/// A [`BufRead`] over chunks sent by another thread. The consumer's view of the
-/// uncompressed stream hashes every byte it receives (the diffID); the decompressor's
-/// view of the input does not (the reader thread hashed it). A failure on the sending
-/// side is held for the caller to report in place of the bare I/O error its parser saw.
+/// The consumer's view of the uncompressed stream, a [`BufRead`] over the chunks the
+/// decompressor sends. It hashes every uncompressed byte (the diffID) and every input
+/// byte passed along (the input digest). A failure on the decompressor's side is held
+/// for the caller to report in place of the bare I/O error its parser saw.
 pub struct Chunks {
     rx: Receiver<Msg>,
     recycle: SyncSender<Vec<u8>>,
+    data_recycle: SyncSender<Vec<u8>>,
     buf: Vec<u8>,
     pos: usize,
-    hasher: Option<Sha256>,
+    hasher: Sha256,
+    input_hasher: Sha256,
+    input_size: u64,
     compression: Option<Compression>,
     size: u64,
-    done: Option<InputStats>,
+    done: bool,
     failure: Option<Error>,
 }
 
 impl Chunks {
-    fn new(rx: Receiver<Msg>, recycle: SyncSender<Vec<u8>>, hash: bool) -> Chunks {
-        Chunks {
-            rx,
-            recycle,
-            buf: Vec::new(),
-            pos: 0,
-            hasher: hash.then(Sha256::new),
-            compression: None,
-            size: 0,
-            done: None,
-            failure: None,
-        }
-    }
-
-    /// The sender's error, if the stream failed on its side.
+    /// The decompressor's error, if the stream failed on its side.
     pub fn take_failure(&mut self) -> Option<Error> {
         self.failure.take()
     }
 
-    /// sha256 and size of the stream and the input stats; only meaningful once the
-    /// stream was read to its end.
-    pub fn digests(&self) -> ([u8; 32], u64, Option<InputStats>) {
-        let digest = match (&self.hasher, &self.done) {
-            (Some(h), _) => h.clone().finalize().into(),
-            // A plain tar input: the input digest is the diffID, no need to hash twice.
-            (None, Some(stats)) => stats.digest,
-            (None, None) => [0; 32],
+    /// sha256 and size of the uncompressed stream and the input stats; `None` until
+    /// the stream was read to its end.
+    pub fn digests(&self) -> Option<([u8; 32], u64, InputStats)> {
+        if !self.done {
+            return None;
+        }
+        let diff: [u8; 32] = self.hasher.clone().finalize().into();
+        let input = match self.compression {
+            Some(Compression::None) | None => InputStats {
+                digest: diff,
+                size: self.size,
+            },
+            _ => InputStats {
+                digest: self.input_hasher.clone().finalize().into(),
+                size: self.input_size,
+            },
         };
-        (digest, self.size, self.done.clone())
+        Some((diff, self.size, input))
     }
 }
 
@@ -334,32 +391,30 @@ impl Read for Chunks {
 
 impl BufRead for Chunks {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        while self.pos >= self.buf.len() && self.done.is_none() {
+        while self.pos >= self.buf.len() && !self.done {
             if self.failure.is_some() {
                 return Err(io::Error::other("input stream failed"));
             }
             match self.rx.recv() {
-                Ok(Msg::Start(c)) => {
-                    self.compression = Some(c);
-                    if c == Compression::None {
-                        self.hasher = None;
-                    }
+                Ok(Msg::Start(c)) => self.compression = Some(c),
+                Ok(Msg::Compressed(chunk)) => {
+                    self.input_hasher.update(&chunk);
+                    self.input_size += chunk.len() as u64;
+                    let _ = self.recycle.try_send(chunk);
                 }
                 Ok(Msg::Data(chunk)) => {
-                    if let Some(h) = &mut self.hasher {
-                        h.update(&chunk);
-                    }
+                    self.hasher.update(&chunk);
                     self.size += chunk.len() as u64;
                     let old = std::mem::replace(&mut self.buf, chunk);
-                    let _ = self.recycle.try_send(old);
+                    let _ = self.data_recycle.try_send(old);
                     self.pos = 0;
                 }
-                Ok(Msg::Done(stats)) => self.done = Some(stats),
+                Ok(Msg::Done) => self.done = true,
                 Ok(Msg::Failed(e)) => {
                     self.failure = Some(e);
                     return Err(io::Error::other("input stream failed"));
                 }
-                Err(_) => return Err(io::Error::other("input thread ended")),
+                Err(_) => return Err(io::Error::other("decompressor thread ended")),
             }
         }
         Ok(&self.buf[self.pos..])
@@ -370,8 +425,8 @@ impl BufRead for Chunks {
     }
 }
 
-/// Runs `consume` on the uncompressed form of `input` while scoped threads read and
-/// decompress it. Returns `consume`'s result and the compression seen.
+/// Runs `consume` on the uncompressed form of `input` while a scoped thread reads and
+/// decompresses it. Returns `consume`'s result and the compression seen.
 pub fn with_uncompressed<R, T>(
     input: R,
     compression: Option<Compression>,
@@ -382,21 +437,35 @@ pub fn with_uncompressed<R, T>(
 where
     R: Read + Send,
 {
-    let (in_tx, in_rx) = mpsc::sync_channel(IN_FLIGHT);
-    let (in_recycle_tx, in_recycle_rx) = mpsc::sync_channel(IN_FLIGHT + 2);
     let (tx, rx) = mpsc::sync_channel(IN_FLIGHT);
     let (recycle_tx, recycle_rx) = mpsc::sync_channel(IN_FLIGHT + 2);
+    let (data_recycle_tx, data_recycle_rx) = mpsc::sync_channel(IN_FLIGHT + 2);
     std::thread::scope(|s| {
-        let reader = s.spawn(move || read_input(input, progress, in_tx, in_recycle_rx));
-        let compressed = Chunks::new(in_rx, in_recycle_tx, false);
-        let producer = s.spawn(move || produce(compressed, compression, max_size, tx, recycle_rx));
-        let mut stream = Chunks::new(rx, recycle_tx, true);
+        let producer = std::thread::Builder::new()
+            .name("layer-inflate".into())
+            .spawn_scoped(s, move || {
+                produce(input, compression, max_size, progress, tx, recycle_rx, data_recycle_rx)
+            })
+            .map_err(Error::io)?;
+        let mut stream = Chunks {
+            rx,
+            recycle: recycle_tx,
+            data_recycle: data_recycle_tx,
+            buf: Vec::new(),
+            pos: 0,
+            hasher: Sha256::new(),
+            input_hasher: Sha256::new(),
+            input_size: 0,
+            compression: None,
+            size: 0,
+            done: false,
+            failure: None,
+        };
         let r = consume(&mut stream);
         let c = stream.compression.unwrap_or(Compression::None);
-        // Hang up first so threads blocked on a full channel return.
+        // Hang up first so a producer blocked on a full channel returns.
         drop(stream);
         producer.join().expect("decompressor thread panicked");
-        reader.join().expect("input reader thread panicked");
         r.map(|t| (t, c))
     })
 }
