@@ -57,6 +57,8 @@ declare -A PKG_FILE=(
     [umoci]=/usr/bin/umoci
     [curl]=/usr/bin/curl
     [iproute2]=/bin/ss
+    # containerd-client's build script compiles containerd's protos with protoc
+    [protobuf-compiler]=/usr/bin/protoc
 )
 missing=()
 for pkg in "${!PKG_FILE[@]}"; do
@@ -112,17 +114,37 @@ trap 'rm -f "$log"' EXIT
 rc=0
 cargo test --workspace --release --no-fail-fast "$@" 2>&1 | tee "$log" || rc=$?
 
+# --- containerd's own snapshotter suite against our daemon -------------------------
+# shared/ sits beside the clone (CI) or the work tree (developers).
+SUITE="$ROOT/../shared/conformance/run.sh"
+[[ -f "$SUITE" ]] || die "containerd's snapshotter suite not found at $SUITE"
+step "containerd snapshotter conformance suite (shared/conformance/run.sh)"
+suite_log=$(mktemp /tmp/dedup-suite.XXXXXX.log)
+trap 'rm -f "$log" "$suite_log"' EXIT
+suite_rc=0
+CONFORMANCE_WORK=${CONFORMANCE_WORK:-/var/cache/dedup-snapshotter-tests/conformance} \
+    bash "$SUITE" "$ROOT/target/release/dedup-snapshotter serve --root {root} --address {socket}" >"$suite_log" 2>&1 ||
+    suite_rc=$?
+grep -E '^\s*--- (PASS|FAIL|SKIP)' "$suite_log" >&2 || true
+if ((suite_rc != 0)); then
+    grep -vE '^\s*(=== |--- PASS)' "$suite_log" | tail -60 >&2
+    rc=1
+fi
+
 # One closing line over all test binaries (cargo prints one "test result:"
-# line per binary, the last being the doc-tests of the last crate).
+# line per binary, the last being the doc-tests of the last crate) and the
+# conformance cases (go test -v prints one "--- PASS/FAIL/SKIP" line per case).
 awk '
-    /^test result: / {
+    FNR == NR && /^test result: / {
         for (i = 1; i <= NF; i++) {
             if ($(i) ~ /^passed/)  p += $(i - 1)
             if ($(i) ~ /^failed/)  f += $(i - 1)
             if ($(i) ~ /^ignored/) s += $(i - 1)
         }
-        n++
     }
+    FNR != NR && /^ +--- PASS/ { p++ }
+    FNR != NR && /^ +--- FAIL/ { f++ }
+    FNR != NR && /^ +--- SKIP/ { s++ }
     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }
-' "$log"
+' "$log" "$suite_log"
 exit "$rc"
