@@ -1,0 +1,1 @@
+//! The Diff service logic (being written).

@@ -1,0 +1,1 @@
+//! Applies OCI layer tars onto directories (being written).

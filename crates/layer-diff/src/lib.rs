@@ -1,0 +1,1 @@
+//! Directory changes to OCI layer tars (being written).
