@@ -88,7 +88,7 @@ impl Snapshotter {
     /// Opens (or creates) the store at `root`, repairing what a crash left behind and
     /// mounting every committed layer that is not mounted.
     pub fn open(root: &Path) -> Result<Snapshotter> {
-        for d in ["snapshots", "m", "staging"] {
+        for d in ["snapshots", "m", "staging", "trash"] {
             fs::create_dir_all(root.join(d)).map_err(internal)?;
         }
         fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(internal)?;
@@ -357,8 +357,41 @@ impl Snapshotter {
             let _ = mounts::unmount(&mp);
             return Err(e);
         }
-        empty_dir(&dir.join("fs"));
-        empty_dir(&dir.join("work"));
+        // The unpacked copy is not needed any more. Deleting thousands of files takes
+        // a while, so the tree is moved aside and deleted in the background; Commit
+        // returns as soon as the layer is usable. Start-up empties `trash/`.
+        for sub in ["fs", "work"] {
+            if let Err(e) = self.discard(&dir.join(sub), 0o755) {
+                tracing::warn!(path = %dir.join(sub).display(), error = %e, "emptying after commit");
+                empty_dir(&dir.join(sub));
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces `path` by an empty directory with `mode`, deleting the old tree in the
+    /// background.
+    fn discard(&self, path: &Path, mode: u32) -> std::io::Result<()> {
+        if fs::read_dir(path)?.next().is_none() {
+            return Ok(());
+        }
+        let (secs, nanos) = now_pair();
+        let owner = path
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
+        let leaf = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let trash = self.root.join("trash").join(format!(
+            "{}-{}-{secs}.{nanos:09}",
+            owner.unwrap_or_default(),
+            leaf.unwrap_or_default()
+        ));
+        fs::rename(path, &trash)?;
+        fs::create_dir(path)?;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+        std::thread::Builder::new().name("trash".into()).spawn(move || {
+            let _ = fs::remove_dir_all(&trash);
+        })?;
         Ok(())
     }
 
@@ -499,8 +532,12 @@ impl Snapshotter {
             }
             let _ = fs::remove_dir_all(entry.path());
         }
-        for entry in fs::read_dir(self.root.join("staging")).map_err(internal)? {
-            let _ = fs::remove_dir_all(entry.map_err(internal)?.path());
+        // Staged dirs never recorded, and trees a commit moved aside (a background
+        // deletion may be on them too; whoever comes second finds nothing).
+        for d in ["staging", "trash"] {
+            for entry in fs::read_dir(self.root.join(d)).map_err(internal)? {
+                let _ = fs::remove_dir_all(entry.map_err(internal)?.path());
+            }
         }
         Ok(())
     }
@@ -525,11 +562,21 @@ impl Snapshotter {
                     empty_dir(&dir.join("fs"));
                 }
                 Kind::Active | Kind::View => {
-                    // Temp files of an interrupted conversion; `layer.erofs` itself only
-                    // ever appears complete (rename), so it stays.
+                    // A `layer.erofs` beside a non-empty `fs/` is a Commit's conversion
+                    // that crashed before it was recorded (a differ's blob leaves `fs/`
+                    // empty): the tree may have changed since, so convert again.
+                    let nonempty = fs::read_dir(dir.join("fs"))
+                        .map(|mut r| r.next().is_some())
+                        .unwrap_or(false);
+                    if nonempty {
+                        let _ = fs::remove_file(dir.join("layer.erofs"));
+                    }
                     if let Ok(rd) = fs::read_dir(&dir) {
                         for e in rd.flatten() {
-                            if e.file_name().to_string_lossy().starts_with(".layer.erofs.tmp") {
+                            // Temp files of a conversion (`.layer.erofs.tmp-*`), and a
+                            // differ's blob not yet verified (`layer.erofs.apply` and its temp).
+                            let name = e.file_name().to_string_lossy().into_owned();
+                            if name.starts_with(".layer.erofs") || name == "layer.erofs.apply" {
                                 let _ = fs::remove_file(e.path());
                             }
                         }
