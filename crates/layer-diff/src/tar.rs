@@ -655,9 +655,9 @@ mod tests {
         pax_record(&mut v, b"path", b"a");
         assert_eq!(v, b"9 path=a\n");
         let mut v = Vec::new();
-        // 3 + 1 + 1 + 1 + 1 + 2 = body 8 (+ 1 digit = 9 … then 10 needs 2 digits).
-        pax_record(&mut v, b"abcd", b"x");
-        assert_eq!(v, b"10 abcd=x\n");
+        // A 9-byte body: 9 + 1 digit = 10, which has 2 digits, so 11.
+        pax_record(&mut v, b"abcde", b"x");
+        assert_eq!(v, b"11 abcde=x\n");
         for n in 0..300 {
             let mut v = Vec::new();
             pax_record(&mut v, b"k", &vec![b'a'; n]);
