@@ -131,3 +131,33 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as tf:
     assert!(!x.contains_key(&b"trusted.overlay.keep"[..]), "{x:?}");
     assert_eq!(x.get(&b"user.k"[..]).map(|v| v.as_slice()), Some(&b"v"[..]));
 }
+
+/// Applying a layer over its own result changes nothing (everything is replaced or
+/// merged in place, hard links are re-made).
+#[test]
+fn applying_twice_equals_applying_once() {
+    assert_root();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let tar = t.path().join("layer.tar");
+    std::fs::create_dir(&src).unwrap();
+    sh(&format!(
+        r#"
+cd '{src}'
+mkdir -p d/sub; echo a > d/a; ln d/a d/sub/b; ln -s a d/s; mkfifo d/p; mknod d/c c 4 5
+chown 3:4 d/a; chmod 4711 d/a; setfattr -n user.x -v y d/sub
+find . -mindepth 1 -depth -exec touch -h -d '2011-01-01 00:00:00.5' {{}} +
+tar --format=posix --xattrs --xattrs-include='*' --numeric-owner -cpf '{tar}' .
+"#,
+        src = src.display(),
+        tar = tar.display()
+    ));
+    let once = t.path().join("once");
+    let twice = t.path().join("twice");
+    apply(&tar, &once, Whiteouts::Oci).unwrap();
+    apply(&tar, &twice, Whiteouts::Oci).unwrap();
+    apply(&tar, &twice, Whiteouts::Oci).unwrap();
+    let want = snapshot(&once);
+    assert_eq!(want.entries[std::path::Path::new("d/a")].mode, 0o4711);
+    assert_same(&snapshot(&twice), &want, "applied twice");
+}
