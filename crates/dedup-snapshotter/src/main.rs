@@ -57,7 +57,14 @@ enum Command {
         /// Unix socket (default /run/dedup-snapshotter/snapshotter.sock).
         #[arg(long)]
         address: Option<PathBuf>,
-        /// A TOML file with the same settings (root, address, socket_mode, socket_gid, log_level, log_json).
+        /// containerd's socket, for its content store (the Diff service reads and writes blobs there).
+        #[arg(long)]
+        containerd: Option<PathBuf>,
+        /// Differs of the Diff service, in order (default erofs,walking; "none" disables the service).
+        #[arg(long, value_delimiter = ',')]
+        differs: Option<Vec<String>>,
+        /// A TOML file with the same settings (root, address, socket_mode, socket_gid, log_level, log_json,
+        /// differs, containerd_address).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -155,13 +162,23 @@ fn run(cli: Cli) -> Result<()> {
             opts.fsync = fsync;
             convert(&input, &output, &opts, json)
         }
-        Command::Serve { root, address, config } => {
+        Command::Serve {
+            root,
+            address,
+            containerd,
+            differs,
+            config,
+        } => {
             let mut cfg = match config {
                 Some(path) => serve::Config::load(&path)?,
                 None => serve::Config::default(),
             };
             cfg.root = root.or(cfg.root);
             cfg.address = address.or(cfg.address);
+            cfg.containerd_address = containerd.or(cfg.containerd_address);
+            if let Some(d) = differs {
+                cfg.differs = Some(d.into_iter().filter(|s| s != "none").collect());
+            }
             serve::serve(cfg)
         }
         Command::Inspect { image, json } => inspect::inspect(&image, json),

@@ -27,7 +27,15 @@ pub struct Config {
     pub log_level: Option<String>,
     /// Log as JSON lines.
     pub log_json: Option<bool>,
+    /// The Diff service's differs, tried in order (default `["erofs", "walking"]`;
+    /// empty: no Diff service).
+    pub differs: Option<Vec<String>>,
+    /// containerd's socket, dialled back for its content store (Diff service).
+    pub containerd_address: Option<PathBuf>,
 }
+
+/// Default containerd socket.
+pub const DEFAULT_CONTAINERD: &str = "/run/containerd/containerd.sock";
 
 impl Config {
     /// Reads a TOML config file.
@@ -51,6 +59,21 @@ pub fn serve(cfg: Config) -> Result<()> {
     );
     tracing::info!(root = %root.display(), address = %address.display(), "serving snapshots");
 
+    let order = cfg
+        .differs
+        .clone()
+        .unwrap_or_else(|| vec!["erofs".into(), "walking".into()]);
+    let order: Vec<differ::Kind> = order
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, String>>()
+        .map_err(anyhow::Error::msg)?;
+    let containerd = cfg
+        .containerd_address
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTAINERD));
+    let differ = (!order.is_empty()).then(|| Arc::new(differ::Differ::new(order, &root, &containerd)));
+
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let served = rt.block_on(async {
         let shutdown = async {
@@ -61,8 +84,9 @@ pub fn serve(cfg: Config) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
             }
         };
-        grpc_services::serve(
+        grpc_services::serve_with_differ(
             store.clone(),
+            differ,
             &address,
             cfg.socket_mode.unwrap_or(0o600),
             cfg.socket_gid,

@@ -345,7 +345,7 @@ fn fill_tree(dir: &Path, total: u64, seed: u64) -> usize {
             f.write_all(&buf[..k]).unwrap();
             left -= k;
         }
-        if n % 7 == 0 {
+        if n.is_multiple_of(7) {
             fs::set_permissions(&p, fs::Permissions::from_mode(0o750)).unwrap();
         }
         written += size as u64;

@@ -3,14 +3,15 @@
 //! containerd runs an out-of-process snapshotter as a **proxy plugin**: it dials a
 //! unix socket and speaks `containerd.services.snapshots.v1.Snapshots` (config.toml
 //! `[proxy_plugins.NAME] type = "snapshot"`). [`serve`] answers that on one socket.
-//! The Diff service (`type = "diff"`, containerd ≥ 1.7.4) will share the socket; its
-//! server stubs are generated already ([`generated::diff_server`]) but not served yet.
+//! The Diff service (`type = "diff"`, containerd ≥ 1.7.4) shares the socket
+//! ([`serve_with_differ`]).
 //!
 //! The server stubs are generated at build time from containerd's .proto files (in
 //! `proto/`) over containerd-client's message types, so clients built with
 //! containerd-client and this server exchange the very same Rust types.
 //!
 //! - [`snapshots`]: the Snapshots service ([`SnapshotsService`]).
+//! - [`diff`]: the Diff service ([`DiffService`]) over the ordered differs.
 //! - [`filters`]: containerd's filter expressions, as `List` receives them.
 
 #![warn(missing_docs)]
@@ -28,9 +29,11 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::Routes;
 use tonic::transport::Server;
 
+pub mod diff;
 pub mod filters;
 pub mod snapshots;
 
+pub use diff::DiffService;
 pub use filters::Filter;
 pub use snapshots::SnapshotsService;
 
@@ -41,7 +44,7 @@ pub mod generated {
     pub mod snapshots {
         tonic::include_proto!("containerd.services.snapshots.v1");
     }
-    /// `containerd.services.diff.v1.Diff`: the `Diff` trait and `DiffServer` (not served yet).
+    /// `containerd.services.diff.v1.Diff`: the `Diff` trait and `DiffServer`.
     #[allow(missing_docs, clippy::all)]
     pub mod diff {
         tonic::include_proto!("containerd.services.diff.v1");
@@ -72,16 +75,29 @@ pub async fn serve(
     socket_gid: Option<u32>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
-    serve_routes(routes(snapshotter), socket, socket_mode, socket_gid, shutdown).await
+    serve_routes(routes(snapshotter, None), socket, socket_mode, socket_gid, shutdown).await
+}
+
+/// [`serve`], with the Diff service on the same socket when `differ` is given
+/// (containerd ≥ 1.7.4 dials it as a `type = "diff"` proxy plugin).
+pub async fn serve_with_differ(
+    snapshotter: Arc<Snapshotter>,
+    differ: Option<Arc<differ::Differ>>,
+    socket: &Path,
+    socket_mode: u32,
+    socket_gid: Option<u32>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), BoxError> {
+    serve_routes(routes(snapshotter, differ), socket, socket_mode, socket_gid, shutdown).await
 }
 
 /// The services on the socket.
-fn routes(snapshotter: Arc<Snapshotter>) -> Routes {
+fn routes(snapshotter: Arc<Snapshotter>, differ: Option<Arc<differ::Differ>>) -> Routes {
     let mut routes = Routes::builder();
     routes.add_service(SnapshotsService::new(snapshotter).into_server());
-    // The Diff service (a later issue) is added here: containerd's `type = "diff"`
-    // proxy plugin dials the same socket, and a differ that cannot handle a media type
-    // answers Unimplemented so containerd falls through to the next differ.
+    if let Some(d) = differ {
+        routes.add_service(DiffService::new(d).into_server());
+    }
     routes.routes()
 }
 

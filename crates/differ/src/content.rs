@@ -1,0 +1,270 @@
+//! A client of containerd's content store, dialled back over containerd's socket.
+//!
+//! Every call carries the caller's namespace and lease (gRPC metadata
+//! `containerd-namespace`, `containerd-lease`): without the lease, a blob that
+//! Compare writes is garbage-collected before the client can use it.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::{
+    AbortRequest, Info, ReadContentRequest, UpdateRequest, WriteAction, WriteContentRequest,
+};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::{self, Code, Request};
+use tokio::sync::OnceCell;
+
+use crate::{DiffError, Result};
+
+/// Whose request this is: containerd's namespace and the client's lease.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    /// `containerd-namespace` of the incoming request.
+    pub namespace: String,
+    /// `containerd-lease` of the incoming request, if any.
+    pub lease: Option<String>,
+}
+
+impl CallContext {
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        let md = req.metadata_mut();
+        if let Ok(v) = self.namespace.parse() {
+            md.insert("containerd-namespace", v);
+        }
+        if let Some(Ok(v)) = self.lease.as_ref().map(|l| l.parse()) {
+            md.insert("containerd-lease", v);
+        }
+        req
+    }
+}
+
+/// containerd's content store, connected on first use (containerd may start after
+/// the daemon).
+pub struct ContentStore {
+    address: PathBuf,
+    channel: OnceCell<Channel>,
+}
+
+fn status(what: &str, s: tonic::Status) -> DiffError {
+    let msg = format!("{what}: {}", s.message());
+    match s.code() {
+        Code::NotFound => DiffError::NotFound(msg),
+        Code::AlreadyExists => DiffError::AlreadyExists(msg),
+        Code::InvalidArgument => DiffError::InvalidArgument(msg),
+        Code::FailedPrecondition => DiffError::FailedPrecondition(msg),
+        _ => DiffError::Internal(msg),
+    }
+}
+
+impl ContentStore {
+    /// A store reached through containerd's socket at `address`.
+    pub fn new(address: &Path) -> ContentStore {
+        ContentStore {
+            address: address.to_path_buf(),
+            channel: OnceCell::new(),
+        }
+    }
+
+    async fn client(&self) -> Result<ContentClient<Channel>> {
+        let ch = self
+            .channel
+            .get_or_try_init(|| async {
+                containerd_client::connect(&self.address).await.map_err(|e| {
+                    DiffError::Internal(format!("connecting to containerd at {}: {e}", self.address.display()))
+                })
+            })
+            .await?;
+        Ok(ContentClient::new(ch.clone()).max_decoding_message_size(64 << 20))
+    }
+
+    /// Streams a blob. The returned reader is blocking (for the converter's threads);
+    /// a task on the current runtime pulls the gRPC stream into it.
+    pub async fn reader(&self, ctx: &CallContext, digest: &str) -> Result<BlobReader> {
+        let mut client = self.client().await?;
+        let req = ctx.request(ReadContentRequest {
+            digest: digest.to_string(),
+            offset: 0,
+            size: 0,
+        });
+        let mut stream = client
+            .read(req)
+            .await
+            .map_err(|s| status(&format!("reading blob {digest}"), s))?
+            .into_inner();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(16);
+        let digest = digest.to_string();
+        tokio::spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(m)) => {
+                        let tx = tx.clone();
+                        // The receiver blocks in a converter thread; never block the runtime.
+                        let sent = tokio::task::spawn_blocking(move || tx.send(Ok(m.data))).await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(s) => {
+                        let e = io::Error::other(format!("reading blob {digest}: {}", s.message()));
+                        let _ = tokio::task::spawn_blocking(move || tx.send(Err(e))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(BlobReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        })
+    }
+
+    /// Writes a blob from `chunks` (sent by a blocking producer), committing it as
+    /// `expected` once the producer is done. A ref that already holds data is
+    /// aborted first (containerd's Truncate); a blob that already exists is not an
+    /// error — its labels are brought up to date instead.
+    pub async fn write(
+        &self,
+        ctx: &CallContext,
+        reference: &str,
+        truncate: bool,
+        mut chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        finish: tokio::sync::oneshot::Receiver<(String, i64, HashMap<String, String>)>,
+    ) -> Result<()> {
+        let mut client = self.client().await?;
+        if truncate {
+            match client
+                .abort(ctx.request(AbortRequest {
+                    r#ref: reference.to_string(),
+                }))
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(status("aborting an earlier write", s)),
+            }
+        }
+        let (req_tx, req_rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(4);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(req_rx);
+        let reference_owned = reference.to_string();
+        let feeder = tokio::spawn(async move {
+            let mut offset = 0i64;
+            while let Some(data) = chunks.recv().await {
+                let len = data.len() as i64;
+                let msg = WriteContentRequest {
+                    action: WriteAction::Write as i32,
+                    r#ref: reference_owned.clone(),
+                    offset,
+                    data,
+                    ..Default::default()
+                };
+                if req_tx.send(msg).await.is_err() {
+                    return None;
+                }
+                offset += len;
+            }
+            let (expected, total, labels) = finish.await.ok()?;
+            let msg = WriteContentRequest {
+                action: WriteAction::Commit as i32,
+                r#ref: reference_owned,
+                total,
+                expected: expected.clone(),
+                offset,
+                labels: labels.clone(),
+                ..Default::default()
+            };
+            req_tx.send(msg).await.ok()?;
+            Some((expected, labels))
+        });
+        let result = async {
+            let mut responses = client.write(ctx.request(stream)).await?.into_inner();
+            loop {
+                match responses.message().await {
+                    Ok(Some(r)) if r.action == WriteAction::Commit as i32 => return Ok(()),
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Ok(()),
+                    Err(s) => return Err(s),
+                }
+            }
+        }
+        .await;
+        let committed = feeder.await.ok().flatten();
+        match (result, committed) {
+            (Ok(()), Some(_)) => Ok(()),
+            (Ok(()), None) => Err(DiffError::Internal("the layer writer stopped before committing".into())),
+            (Err(s), Some((digest, labels))) if s.code() == Code::AlreadyExists => {
+                self.update_labels(ctx, &digest, labels).await
+            }
+            (Err(s), _) => {
+                let _ = client
+                    .abort(ctx.request(AbortRequest {
+                        r#ref: reference.to_string(),
+                    }))
+                    .await;
+                Err(status("writing the layer to the content store", s))
+            }
+        }
+    }
+
+    async fn update_labels(&self, ctx: &CallContext, digest: &str, labels: HashMap<String, String>) -> Result<()> {
+        if labels.is_empty() || digest.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.client().await?;
+        let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+        let req = UpdateRequest {
+            info: Some(Info {
+                digest: digest.to_string(),
+                labels,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths }),
+        };
+        client
+            .update(ctx.request(req))
+            .await
+            .map_err(|s| status("labelling an existing blob", s))?;
+        Ok(())
+    }
+
+    /// Aborts an unfinished write.
+    pub async fn abort(&self, ctx: &CallContext, reference: &str) {
+        if let Ok(mut c) = self.client().await {
+            let _ = c
+                .abort(ctx.request(AbortRequest {
+                    r#ref: reference.to_string(),
+                }))
+                .await;
+        }
+    }
+}
+
+/// A blocking reader over a blob streamed from the content store.
+pub struct BlobReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos >= self.buf.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

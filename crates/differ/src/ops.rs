@@ -1,0 +1,469 @@
+//! The differs' Apply and Compare.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+use snapshotter::Mount;
+
+use crate::content::CallContext;
+use crate::{mounts, DiffError, Differ, Result};
+
+/// An OCI descriptor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Media type.
+    pub media_type: String,
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// Bytes.
+    pub size: i64,
+    /// Annotations.
+    pub annotations: HashMap<String, String>,
+}
+
+/// What Apply returns: the uncompressed layer's descriptor (digest = diffID).
+pub type Applied = Descriptor;
+
+/// An Apply call.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyRequest {
+    /// The layer blob in containerd's content store.
+    pub diff: Descriptor,
+    /// Where to apply it.
+    pub mounts: Vec<Mount>,
+    /// Stream-processor payloads by media type (not supported: refused).
+    pub payloads: Vec<String>,
+}
+
+/// A Diff (Compare) call.
+#[derive(Debug, Clone, Default)]
+pub struct CompareRequest {
+    /// The lower side (the parent's view), possibly empty.
+    pub left: Vec<Mount>,
+    /// The upper side (the snapshot with changes).
+    pub right: Vec<Mount>,
+    /// Output media type; empty means tar+gzip.
+    pub media_type: String,
+    /// Content store ref; empty means a unique one.
+    pub reference: String,
+    /// Labels for the blob.
+    pub labels: HashMap<String, String>,
+    /// Clamp times to this (reproducible layers).
+    pub source_date_epoch: Option<SystemTime>,
+}
+
+/// The plain OCI layer media type Apply reports (containerd's walking differ does).
+const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+const UNCOMPRESSED_LABEL: &str = "containerd.io/uncompressed";
+
+/// What a layer blob is.
+enum Media {
+    Tar(layer_convert::Compression),
+    /// A native EROFS image; `zstd` when compressed as `+zstd`.
+    Erofs {
+        base: String,
+        zstd: bool,
+    },
+}
+
+fn classify(mt: &str) -> Result<Media> {
+    let (base, suffix) = match mt.split_once('+') {
+        Some((b, s)) => (b, Some(s)),
+        None => (mt, None),
+    };
+    if base.starts_with("application/vnd.erofs.layer.v1") || base.ends_with(".erofs") {
+        return match suffix {
+            None => Ok(Media::Erofs {
+                base: base.to_string(),
+                zstd: false,
+            }),
+            Some("zstd") => Ok(Media::Erofs {
+                base: base.to_string(),
+                zstd: true,
+            }),
+            Some(s) => Err(DiffError::InvalidArgument(format!(
+                "EROFS layer compressed with {s:?} is not supported"
+            ))),
+        };
+    }
+    layer_convert::Compression::from_media_type(mt)
+        .map(Media::Tar)
+        .map_err(|e| DiffError::InvalidArgument(e.to_string()))
+}
+
+fn conv_err(e: layer_convert::Error) -> DiffError {
+    match e.kind {
+        layer_convert::ErrorKind::Io => DiffError::Internal(e.to_string()),
+        _ => DiffError::InvalidArgument(e.to_string()),
+    }
+}
+
+fn join_err(e: tokio::task::JoinError) -> DiffError {
+    DiffError::Internal(format!("worker thread: {e}"))
+}
+
+fn check_blob(desc: &Descriptor, digest: &str, size: u64) -> Result<()> {
+    if digest != desc.digest {
+        return Err(DiffError::InvalidArgument(format!(
+            "blob digest is {digest}, the descriptor says {}",
+            desc.digest
+        )));
+    }
+    if desc.size > 0 && size != desc.size as u64 {
+        return Err(DiffError::InvalidArgument(format!(
+            "blob size is {size}, the descriptor says {}",
+            desc.size
+        )));
+    }
+    Ok(())
+}
+
+/// Apply onto one of our active snapshots: the blob becomes `layer.erofs` in one
+/// pass, verified before it is renamed into place.
+pub(crate) async fn apply_erofs(d: &Differ, ctx: &CallContext, req: &ApplyRequest) -> Result<Applied> {
+    let Some((snap, _lowers)) = mounts::our_snapshot(&d.root, &req.mounts) else {
+        return Err(DiffError::NotImplemented(
+            "the mounts are not a dedup-snapshotter active snapshot".into(),
+        ));
+    };
+    if !req.payloads.is_empty() {
+        return Err(DiffError::InvalidArgument(format!(
+            "stream processors are not supported (payloads for {:?})",
+            req.payloads
+        )));
+    }
+    let media = classify(&req.diff.media_type)?;
+    let blob = d.content.reader(ctx, &req.diff.digest).await?;
+    let desc = req.diff.clone();
+    let max_size = d.max_size;
+    tokio::task::spawn_blocking(move || {
+        let staged = snap.join("layer.erofs.apply");
+        let result = match media {
+            Media::Tar(_) => {
+                let opts = layer_convert::Options {
+                    media_type: Some(desc.media_type.clone()),
+                    max_size,
+                    inline_data: true,
+                    build_time: 0,
+                    fsync: true,
+                };
+                layer_convert::convert(blob, &staged, &opts, None)
+                    .map_err(conv_err)
+                    .and_then(|r| {
+                        check_blob(&desc, &r.input_digest, r.input_size)?;
+                        Ok(Descriptor {
+                            media_type: LAYER_TAR.into(),
+                            digest: r.diff_id,
+                            size: r.uncompressed_size as i64,
+                            annotations: HashMap::new(),
+                        })
+                    })
+            }
+            Media::Erofs { base, zstd } => copy_native(blob, &staged, &desc, &base, zstd, max_size),
+        };
+        match result {
+            Ok(applied) => {
+                fs::rename(&staged, snap.join("layer.erofs")).map_err(|e| DiffError::Internal(e.to_string()))?;
+                Ok(applied)
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&staged);
+                Err(e)
+            }
+        }
+    })
+    .await
+    .map_err(join_err)?
+}
+
+/// Copies a native EROFS blob (decompressing `+zstd`), checking both digests and
+/// that it is an EROFS image at all.
+fn copy_native(blob: impl Read, staged: &Path, desc: &Descriptor, base: &str, zstd: bool, max: u64) -> Result<Applied> {
+    struct Hashing<R> {
+        inner: R,
+        h: Sha256,
+        n: u64,
+    }
+    impl<R: Read> Read for Hashing<R> {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(b)?;
+            self.h.update(&b[..n]);
+            self.n += n as u64;
+            Ok(n)
+        }
+    }
+    let io_err = |e: io::Error| DiffError::Internal(format!("{}: {e}", staged.display()));
+    let mut input = Hashing {
+        inner: blob,
+        h: Sha256::new(),
+        n: 0,
+    };
+    let mut out = fs::File::create(staged).map_err(io_err)?;
+    let (uncompressed, size) = {
+        let mut src: Box<dyn Read + '_> = if zstd {
+            Box::new(
+                layer_convert::stream::zstd_decoder(io::BufReader::new(&mut input))
+                    .map_err(|e| DiffError::InvalidArgument(format!("zstd: {e}")))?,
+            )
+        } else {
+            Box::new(&mut input)
+        };
+        let mut h = Sha256::new();
+        let mut n = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let k = src
+                .read(&mut buf)
+                .map_err(|e| DiffError::InvalidArgument(format!("reading the blob: {e}")))?;
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+            if n > max {
+                return Err(DiffError::InvalidArgument(format!("layer larger than {max} bytes")));
+            }
+            h.update(&buf[..k]);
+            out.write_all(&buf[..k]).map_err(io_err)?;
+        }
+        (format!("sha256:{}", hex::encode(h.finalize())), n)
+    };
+    io::copy(&mut input, &mut io::sink()).map_err(io_err)?;
+    check_blob(desc, &format!("sha256:{}", hex::encode(input.h.finalize())), input.n)?;
+    let mut sb = [0u8; 4];
+    use std::os::unix::fs::FileExt;
+    out.read_exact_at(&mut sb, 1024)
+        .map_err(|_| DiffError::InvalidArgument("not an EROFS image (too short)".into()))?;
+    if u32::from_le_bytes(sb) != 0xE0F5_E1E2 {
+        return Err(DiffError::InvalidArgument(
+            "not an EROFS image (bad superblock magic)".into(),
+        ));
+    }
+    out.sync_all().map_err(io_err)?;
+    Ok(Descriptor {
+        media_type: base.to_string(),
+        digest: uncompressed,
+        size: size as i64,
+        annotations: HashMap::new(),
+    })
+}
+
+/// Apply onto any mounts: the upper dir of a single overlay mount directly (overlay
+/// whiteouts), anything else mounted in a temporary directory (OCI whiteouts).
+pub(crate) async fn apply_walking(d: &Differ, ctx: &CallContext, req: &ApplyRequest) -> Result<Applied> {
+    if !req.payloads.is_empty() {
+        return Err(DiffError::InvalidArgument(format!(
+            "stream processors are not supported (payloads for {:?})",
+            req.payloads
+        )));
+    }
+    let compression = match classify(&req.diff.media_type)? {
+        Media::Tar(c) => c,
+        Media::Erofs { .. } => {
+            return Err(DiffError::NotImplemented(
+                "a native EROFS layer needs an EROFS snapshot".into(),
+            ));
+        }
+    };
+    let blob = d.content.reader(ctx, &req.diff.digest).await?;
+    let desc = req.diff.clone();
+    let mounts = req.mounts.clone();
+    let scratch = d.root.join("staging");
+    let max_size = d.max_size;
+    tokio::task::spawn_blocking(move || {
+        let (target, whiteouts, _guard) = match mounts::overlay_upper(&mounts) {
+            Some(upper) => (upper, layer_apply::Whiteouts::Overlay, None),
+            None => {
+                let tm = mounts::TempMount::new(&scratch, &mounts, false)?;
+                (tm.path().to_path_buf(), layer_apply::Whiteouts::Oci, Some(tm))
+            }
+        };
+        let opts = layer_apply::ApplyOptions { whiteouts };
+        let (digests, _) = layer_convert::stream::with_uncompressed(blob, Some(compression), max_size, None, |s| {
+            if let Err(e) = layer_apply::apply_tar(&mut *s, &target, &opts) {
+                return Err(s.take_failure().unwrap_or(e));
+            }
+            // Drain what follows the end-of-archive marker: it is part of the diffID.
+            io::copy(s, &mut io::sink()).map_err(layer_convert::Error::io)?;
+            s.digests()
+                .ok_or_else(|| layer_convert::Error::new(layer_convert::ErrorKind::Truncated, "stream ended early"))
+        })
+        .map_err(conv_err)?;
+        let (diff, size, input) = digests;
+        check_blob(&desc, &format!("sha256:{}", hex::encode(input.digest)), input.size)?;
+        Ok(Descriptor {
+            media_type: LAYER_TAR.into(),
+            digest: format!("sha256:{}", hex::encode(diff)),
+            size: size as i64,
+            annotations: HashMap::new(),
+        })
+    })
+    .await
+    .map_err(join_err)?
+}
+
+fn output_compression(mt: &str) -> Result<(layer_diff::Compression, String)> {
+    let mt = if mt.is_empty() {
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    } else {
+        mt
+    };
+    match layer_convert::Compression::from_media_type(mt) {
+        Ok(layer_convert::Compression::None) => Ok((layer_diff::Compression::None, mt.to_string())),
+        Ok(layer_convert::Compression::Gzip) => Ok((layer_diff::Compression::Gzip, mt.to_string())),
+        Ok(layer_convert::Compression::Zstd) => Ok((layer_diff::Compression::Zstd, mt.to_string())),
+        Err(e) => Err(DiffError::InvalidArgument(format!(
+            "cannot write a layer as {mt:?}: {e}"
+        ))),
+    }
+}
+
+/// Compare for our snapshots: the changes are exactly the upper dir.
+pub(crate) async fn compare_erofs(d: &Differ, ctx: &CallContext, req: &CompareRequest) -> Result<Descriptor> {
+    let Some((snap, lowers)) = mounts::our_snapshot(&d.root, &req.right) else {
+        return Err(DiffError::NotImplemented(
+            "the upper mounts are not a dedup-snapshotter active snapshot".into(),
+        ));
+    };
+    match mounts::view_layers(&req.left) {
+        Some(left) if left == lowers => {}
+        _ => {
+            return Err(DiffError::NotImplemented(
+                "the lower mounts are not the snapshot's parent layers; a walk is needed".into(),
+            ))
+        }
+    }
+    let upper = snap.join("fs");
+    write_layer(d, ctx, req, move |out, opts| {
+        layer_diff::write_upper_diff(&upper, out, opts)
+    })
+    .await
+}
+
+/// Compare any two mount sets by walking both trees.
+pub(crate) async fn compare_walking(d: &Differ, ctx: &CallContext, req: &CompareRequest) -> Result<Descriptor> {
+    let scratch = d.root.join("staging");
+    let (left, right) = (req.left.clone(), req.right.clone());
+    let mounted = tokio::task::spawn_blocking(move || -> Result<(mounts::TempMount, mounts::TempMount)> {
+        Ok((
+            mounts::TempMount::new(&scratch, &left, true)?,
+            mounts::TempMount::new(&scratch, &right, true)?,
+        ))
+    })
+    .await
+    .map_err(join_err)??;
+    let (lower, upper) = (mounted.0.path().to_path_buf(), mounted.1.path().to_path_buf());
+    let r = write_layer(d, ctx, req, move |out, opts| {
+        layer_diff::write_walk_diff(&lower, &upper, out, opts)
+    })
+    .await;
+    drop(mounted);
+    r
+}
+
+/// Runs a layer writer on a blocking thread and streams its output into the content
+/// store, committed under its digest with the `containerd.io/uncompressed` label.
+async fn write_layer<F>(d: &Differ, ctx: &CallContext, req: &CompareRequest, produce: F) -> Result<Descriptor>
+where
+    F: FnOnce(
+            &mut dyn Write,
+            &layer_diff::DiffOptions,
+        ) -> std::result::Result<layer_diff::DiffStats, layer_diff::Error>
+        + Send
+        + 'static,
+{
+    let (compression, media_type) = output_compression(&req.media_type)?;
+    let opts = layer_diff::DiffOptions {
+        compression,
+        source_date_epoch: req.source_date_epoch,
+    };
+    let (reference, truncate) = if req.reference.is_empty() {
+        (format!("dedup-diff-{}", unique()), false)
+    } else {
+        (req.reference.clone(), true)
+    };
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let (fin_tx, fin_rx) = tokio::sync::oneshot::channel();
+    let mut labels = req.labels.clone();
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut w = ChunkWriter {
+            tx: chunk_tx,
+            buf: Vec::with_capacity(1 << 20),
+            h: Sha256::new(),
+            n: 0,
+        };
+        let stats = produce(&mut w, &opts).map_err(|e| DiffError::Internal(format!("writing the layer: {e}")))?;
+        w.flush_chunk().map_err(|e| DiffError::Internal(e.to_string()))?;
+        let digest = format!("sha256:{}", hex::encode(w.h.clone().finalize()));
+        let size = w.n as i64;
+        labels.insert(UNCOMPRESSED_LABEL.into(), stats.uncompressed_digest.clone());
+        let _ = fin_tx.send((digest.clone(), size, labels));
+        Ok::<_, DiffError>((digest, size))
+    });
+    let written = d.content.write(ctx, &reference, truncate, chunk_rx, fin_rx).await;
+    let produced = producer.await.map_err(join_err)?;
+    match (produced, written) {
+        (Ok((digest, size)), Ok(())) => Ok(Descriptor {
+            media_type,
+            digest,
+            size,
+            annotations: HashMap::new(),
+        }),
+        (Err(e), _) | (Ok(_), Err(e)) => {
+            d.content.abort(ctx, &reference).await;
+            Err(e)
+        }
+    }
+}
+
+fn unique() -> String {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let h = Sha256::digest(format!(
+        "{}{}{:?}",
+        t.as_nanos(),
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    hex::encode(&h[..8])
+}
+
+/// A `Write` that hashes what it is given and sends it on in 1 MiB chunks.
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+    h: Sha256,
+    n: u64,
+}
+
+impl ChunkWriter {
+    fn flush_chunk(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(1 << 20));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| io::Error::other("the content store writer stopped"))
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.h.update(b);
+        self.n += b.len() as u64;
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= 1 << 20 {
+            self.flush_chunk()?;
+        }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,134 @@
+//! `containerd.services.diff.v1.Diff` over the [`differ::Differ`].
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use containerd_client::services::v1 as pb;
+use containerd_client::types as pbt;
+use differ::{ApplyRequest, CallContext, CompareRequest, DiffError, Differ};
+use tonic::{Request, Response, Status};
+
+pub use crate::generated::diff_server::{Diff, DiffServer};
+
+/// The Diff service: Apply and Diff (Compare) over the ordered differs.
+#[derive(Clone)]
+pub struct DiffService {
+    inner: Arc<Differ>,
+}
+
+impl DiffService {
+    /// A service over `differ`.
+    pub fn new(differ: Arc<Differ>) -> DiffService {
+        DiffService { inner: differ }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> DiffServer<DiffService> {
+        DiffServer::new(self)
+    }
+}
+
+/// Maps a differ error to the gRPC status containerd expects; NotImplemented becomes
+/// Unimplemented, which makes containerd try its next differ.
+pub fn diff_status(e: DiffError) -> Status {
+    match e {
+        DiffError::NotImplemented(m) => Status::unimplemented(m),
+        DiffError::InvalidArgument(m) => Status::invalid_argument(m),
+        DiffError::NotFound(m) => Status::not_found(m),
+        DiffError::AlreadyExists(m) => Status::already_exists(m),
+        DiffError::FailedPrecondition(m) => Status::failed_precondition(m),
+        DiffError::Internal(m) => Status::unknown(m),
+    }
+}
+
+/// The namespace and lease the client sent, to carry onto content store calls.
+fn call_context<T>(req: &Request<T>) -> Result<CallContext, Status> {
+    let md = req.metadata();
+    let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let namespace =
+        get("containerd-namespace").ok_or_else(|| Status::invalid_argument("missing containerd-namespace metadata"))?;
+    Ok(CallContext {
+        namespace,
+        lease: get("containerd-lease"),
+    })
+}
+
+fn mount_from_proto(m: pbt::Mount) -> snapshotter::Mount {
+    snapshotter::Mount {
+        kind: m.r#type,
+        source: m.source,
+        target: m.target,
+        options: m.options,
+    }
+}
+
+fn descriptor_from_proto(d: pbt::Descriptor) -> differ::Descriptor {
+    differ::Descriptor {
+        media_type: d.media_type,
+        digest: d.digest,
+        size: d.size,
+        annotations: d.annotations,
+    }
+}
+
+fn descriptor_to_proto(d: differ::Descriptor) -> pbt::Descriptor {
+    pbt::Descriptor {
+        media_type: d.media_type,
+        digest: d.digest,
+        size: d.size,
+        annotations: d.annotations,
+    }
+}
+
+#[tonic::async_trait]
+impl Diff for DiffService {
+    async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let started = std::time::Instant::now();
+        let ctx = call_context(&request)?;
+        let req = request.into_inner();
+        let diff = req
+            .diff
+            .ok_or_else(|| Status::invalid_argument("apply without a descriptor"))?;
+        let digest = diff.digest.clone();
+        let apply = ApplyRequest {
+            diff: descriptor_from_proto(diff),
+            mounts: req.mounts.into_iter().map(mount_from_proto).collect(),
+            payloads: req.payloads.into_keys().collect(),
+        };
+        let r = self.inner.apply(&ctx, apply).await;
+        tracing::info!(rpc = "Apply", digest = %digest, ok = r.is_ok(), micros = started.elapsed().as_micros() as u64,
+            error = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
+        let applied = r.map_err(diff_status)?;
+        Ok(Response::new(pb::ApplyResponse {
+            applied: Some(descriptor_to_proto(applied)),
+        }))
+    }
+
+    async fn diff(&self, request: Request<pb::DiffRequest>) -> Result<Response<pb::DiffResponse>, Status> {
+        let started = std::time::Instant::now();
+        let ctx = call_context(&request)?;
+        let req = request.into_inner();
+        let source_date_epoch = req
+            .source_date_epoch
+            .map(|t| UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.clamp(0, 999_999_999) as u32));
+        let compare = CompareRequest {
+            left: req.left.into_iter().map(mount_from_proto).collect(),
+            right: req.right.into_iter().map(mount_from_proto).collect(),
+            media_type: req.media_type,
+            reference: req.r#ref,
+            labels: req.labels,
+            source_date_epoch,
+        };
+        let r = self.inner.compare(&ctx, compare).await;
+        tracing::info!(
+            rpc = "Diff",
+            ok = r.is_ok(),
+            micros = started.elapsed().as_micros() as u64,
+            error = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default()
+        );
+        let desc = r.map_err(diff_status)?;
+        Ok(Response::new(pb::DiffResponse {
+            diff: Some(descriptor_to_proto(desc)),
+        }))
+    }
+}
