@@ -202,7 +202,14 @@ fn copy_native(blob: impl Read, staged: &Path, desc: &Descriptor, base: &str, zs
         h: Sha256::new(),
         n: 0,
     };
-    let mut out = fs::File::create(staged).map_err(io_err)?;
+    // Read back below (the superblock check), so not write-only.
+    let mut out = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(staged)
+        .map_err(io_err)?;
     let (uncompressed, size) = {
         let mut src: Box<dyn Read + '_> = if zstd {
             Box::new(
