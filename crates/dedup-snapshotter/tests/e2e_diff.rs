@@ -573,8 +573,7 @@ fn apply_pulls_through_erofs_differ() {
         assert_eq!(layers.len(), 1);
         let ours = t.mount("dedup", &diff_ids[0], true);
         let (_d, expected) = common::gnu_extract_tree(Path::new(&tar));
-        let mut opts = CompareOpts::default();
-        opts.ignore_root = true;
+        let opts = CompareOpts { ignore_root: true, ..Default::default() };
         check_trees(
             "minbase: our view vs GNU tar -x",
             &expected,
