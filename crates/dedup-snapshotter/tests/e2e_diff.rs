@@ -573,7 +573,10 @@ fn apply_pulls_through_erofs_differ() {
         assert_eq!(layers.len(), 1);
         let ours = t.mount("dedup", &diff_ids[0], true);
         let (_d, expected) = common::gnu_extract_tree(Path::new(&tar));
-        let opts = CompareOpts { ignore_root: true, ..Default::default() };
+        let opts = CompareOpts {
+            ignore_root: true,
+            ..Default::default()
+        };
         check_trees(
             "minbase: our view vs GNU tar -x",
             &expected,
