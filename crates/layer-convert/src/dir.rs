@@ -15,7 +15,7 @@ use std::path::Path;
 
 use erofs::writer::{self, Body, ImageWriter, Meta, Node, NodeId, Tree, Xattr};
 
-use crate::convert::TempOutput;
+use crate::convert::{Output, TempOutput};
 use crate::error::{Error, ErrorKind};
 
 /// How to build an image from a directory.
@@ -48,7 +48,10 @@ const MAX_DEPTH: usize = 4096;
 /// Builds an EROFS image of `src` at `output` (temporary file, renamed on success).
 pub fn convert_dir(src: &Path, output: &Path, opts: &DirOptions) -> Result<DirReport, Error> {
     let tmp = TempOutput::create(output)?;
-    let out = BufWriter::with_capacity(1 << 20, tmp.file.try_clone().map_err(Error::io)?);
+    let out = BufWriter::with_capacity(
+        1 << 20,
+        Output::new(tmp.file.try_clone().map_err(Error::io)?, opts.fsync),
+    );
     let wopts = writer::Options {
         inline_data: opts.inline_data,
         build_time: opts.build_time,
