@@ -32,21 +32,9 @@ export LC_ALL=C
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-REPS=${BENCH_REPS:-3}
-while getopts "n:h" opt; do
-    case $opt in
-    n) REPS=$OPTARG ;;
-    *)
-        awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
-        exit 2
-        ;;
-    esac
-done
-shift $((OPTIND - 1))
-[[ $REPS =~ ^[1-9][0-9]*$ ]] || {
-    echo "bench-snapshotter.sh: -n wants a positive number" >&2
-    exit 2
-}
+# -n REPS, -h (shared with the other bench scripts)
+# shellcheck source=lib/bench-args.sh
+. "$ROOT/scripts/lib/bench-args.sh"
 
 log() { echo "bench-snapshotter: $*" >&2; }
 die() {
