@@ -30,7 +30,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 # -n REPS, -h (shared with the other bench scripts)
-# shellcheck source=lib/bench-args.sh
+# shellcheck source=scripts/lib/bench-args.sh
 . "$ROOT/scripts/lib/bench-args.sh"
 
 log() { echo "bench-differ: $*" >&2; }
