@@ -414,24 +414,30 @@ impl<W: Write + Seek> ImageWriter<W> {
         let data_blocks = self.next_block - 1;
         let plan = Plan::new(tree, &self.opts, self.next_block)?;
 
-        // Late data: directory blocks and symlink targets that do not fit inline.
-        for slot in &plan.slots {
+        // Late data: directory blocks and symlink targets that do not fit inline. A
+        // directory with both full blocks and an inline tail keeps its tail here, so
+        // its entries are laid out once.
+        let mut tails: Vec<Option<Vec<u8>>> = vec![None; plan.slots.len()];
+        for (i, slot) in plan.slots.iter().enumerate() {
             if slot.late_blocks == 0 {
                 continue;
             }
-            let bytes = plan.late_bytes(tree, slot);
+            let mut bytes = plan.late_bytes(tree, slot);
             let full = slot.late_blocks as usize * BS;
             let n = full.min(bytes.len());
             self.out.write_all(&bytes[..n])?;
             self.out.write_all(&ZEROS[..full - n])?;
+            if slot.inline_len > 0 {
+                tails[i] = Some(bytes.split_off(bytes.len() - slot.inline_len));
+            }
         }
 
         // The meta area: shared xattrs, then inodes in their slots.
         let mut meta = Vec::with_capacity(plan.meta_bytes as usize);
         meta.extend_from_slice(&plan.shared_area);
-        for slot in &plan.slots {
+        for (slot, tail) in plan.slots.iter().zip(&tails) {
             meta.resize((slot.nid as usize) << format::ISLOT_BITS, 0);
-            plan.encode_inode(tree, slot, &mut meta);
+            plan.encode_inode(tree, slot, tail.as_deref(), &mut meta);
         }
         let meta_len = (meta.len() as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
         meta.resize(meta_len as usize, 0);
@@ -720,7 +726,9 @@ impl Plan {
         out
     }
 
-    fn encode_inode(&self, tree: &Tree, slot: &Slot, out: &mut Vec<u8>) {
+    /// Appends the inode, its xattrs and its inline tail (`tail` when the caller has
+    /// it already; otherwise it is laid out here).
+    fn encode_inode(&self, tree: &Tree, slot: &Slot, tail: Option<&[u8]>, out: &mut Vec<u8>) {
         let node = tree.node(slot.id);
         let m = &node.meta;
         let (layout, i_u) = match &node.body {
@@ -773,9 +781,10 @@ impl Plan {
             }
         }
         if slot.inline_len > 0 {
-            match &node.body {
-                Body::File(f) => out.extend_from_slice(f.tail.as_deref().unwrap_or_default()),
-                _ => {
+            match (&node.body, tail) {
+                (Body::File(f), _) => out.extend_from_slice(f.tail.as_deref().unwrap_or_default()),
+                (_, Some(t)) => out.extend_from_slice(t),
+                (_, None) => {
                     let bytes = self.late_bytes(tree, slot);
                     out.extend_from_slice(&bytes[bytes.len() - slot.inline_len..]);
                 }
