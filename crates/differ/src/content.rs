@@ -94,25 +94,20 @@ impl ContentStore {
             .await
             .map_err(|s| status(&format!("reading blob {digest}"), s))?
             .into_inner();
-        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(16);
+        // The reader side blocks in a converter thread (`blocking_recv`); this task only
+        // awaits, so the runtime is never blocked.
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Vec<u8>>>(16);
         let digest = digest.to_string();
         tokio::spawn(async move {
             loop {
-                match stream.message().await {
-                    Ok(Some(m)) => {
-                        let tx = tx.clone();
-                        // The receiver blocks in a converter thread; never block the runtime.
-                        let sent = tokio::task::spawn_blocking(move || tx.send(Ok(m.data))).await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            return;
-                        }
-                    }
+                let item = match stream.message().await {
+                    Ok(Some(m)) => Ok(m.data),
                     Ok(None) => return,
-                    Err(s) => {
-                        let e = io::Error::other(format!("reading blob {digest}: {}", s.message()));
-                        let _ = tokio::task::spawn_blocking(move || tx.send(Err(e))).await;
-                        return;
-                    }
+                    Err(s) => Err(io::Error::other(format!("reading blob {digest}: {}", s.message()))),
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
                 }
             }
         });
@@ -245,7 +240,7 @@ impl ContentStore {
 
 /// A blocking reader over a blob streamed from the content store.
 pub struct BlobReader {
-    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    rx: tokio::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
     buf: Vec<u8>,
     pos: usize,
 }
@@ -253,13 +248,13 @@ pub struct BlobReader {
 impl Read for BlobReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.pos >= self.buf.len() {
-            match self.rx.recv() {
-                Ok(Ok(chunk)) => {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => {
                     self.buf = chunk;
                     self.pos = 0;
                 }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
             }
         }
         let n = out.len().min(self.buf.len() - self.pos);
