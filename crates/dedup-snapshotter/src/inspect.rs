@@ -3,23 +3,38 @@
 
 use std::collections::HashSet;
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use erofs::format::{self, SuperBlock};
 use erofs::reader::{Entry, FileKind, Image};
 use serde_json::{json, Value};
 
-/// Prints a summary of the image's superblock (as one JSON object with `json`).
-pub fn inspect(image: &Path, json: bool) -> anyhow::Result<()> {
-    let img = open(image)?;
+/// Prints a summary of the image's superblock and device table (as one JSON object with
+/// `json`). `devices` are the image's extra devices, checked against the table when given.
+pub fn inspect(image: &Path, devices: &[PathBuf], json: bool) -> anyhow::Result<()> {
+    let img = open(image, devices)?;
     let sb = img.superblock();
     let file_size = std::fs::metadata(image)?.len();
     let features = feature_names(sb);
     let uuid = format_uuid(&sb.uuid);
     let volume = String::from_utf8_lossy(sb.volume_name.split(|&c| c == 0).next().unwrap_or(&[])).into_owned();
     let built = format_time(sb.build_time, sb.build_time_nsec);
+    let slots = img.devices();
     if json {
+        let table: Vec<Value> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                json!({
+                    "id": i + 1,
+                    "tag": device_tag(&d.tag),
+                    "blocks": d.blocks,
+                    "mapped_blkaddr": d.mapped_blkaddr,
+                    "file": devices.get(i).map(|p| p.display().to_string()),
+                })
+            })
+            .collect();
         let v = json!({
             "image": image.display().to_string(),
             "file_size": file_size,
@@ -38,6 +53,7 @@ pub fn inspect(image: &Path, json: bool) -> anyhow::Result<()> {
             "feature_incompat": sb.feature_incompat,
             "features": features,
             "extra_devices": sb.extra_devices,
+            "devices": table,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -61,13 +77,33 @@ pub fn inspect(image: &Path, json: bool) -> anyhow::Result<()> {
     if sb.extra_devices != 0 {
         writeln!(out, "extra devices:  {}", sb.extra_devices)?;
     }
+    for (i, d) in slots.iter().enumerate() {
+        write!(
+            out,
+            "device {}:       tag {:?} blocks {} mapped_blkaddr {}",
+            i + 1,
+            device_tag(&d.tag),
+            d.blocks,
+            d.mapped_blkaddr
+        )?;
+        if let Some(p) = devices.get(i) {
+            write!(out, " file {}", p.display())?;
+        }
+        writeln!(out)?;
+    }
     Ok(())
+}
+
+/// A device slot's tag: the bytes up to the first NUL (the rest is padding).
+fn device_tag(tag: &[u8]) -> String {
+    String::from_utf8_lossy(tag.split(|&c| c == 0).next().unwrap_or(&[])).into_owned()
 }
 
 /// Lists `path` (default `/`) like `ls -l`: a directory's entries, or the entry itself;
 /// with `recursive`, the whole subtree with full paths. `json` prints one array.
-pub fn ls(image: &Path, path: Option<&str>, recursive: bool, json: bool) -> anyhow::Result<()> {
-    let img = open(image)?;
+/// `devices` are the image's extra devices (symlinks and directories may live there).
+pub fn ls(image: &Path, devices: &[PathBuf], path: Option<&str>, recursive: bool, json: bool) -> anyhow::Result<()> {
+    let img = open(image, devices)?;
     let start_path = normalize(path.unwrap_or("/"));
     let start = img
         .lookup(start_path.as_bytes())
@@ -126,9 +162,10 @@ pub fn ls(image: &Path, path: Option<&str>, recursive: bool, json: bool) -> anyh
     Ok(())
 }
 
-/// Streams a regular file's contents to stdout. Symlinks are not followed.
-pub fn cat(image: &Path, path: &str) -> anyhow::Result<()> {
-    let img = open(image)?;
+/// Streams a regular file's contents to stdout. Symlinks are not followed. `devices` are
+/// the image's extra devices, where its data may be.
+pub fn cat(image: &Path, devices: &[PathBuf], path: &str) -> anyhow::Result<()> {
+    let img = open(image, devices)?;
     let e = img
         .lookup(path.as_bytes())
         .with_context(|| format!("looking up {path} in {}", image.display()))?;
@@ -155,8 +192,8 @@ pub fn cat(image: &Path, path: &str) -> anyhow::Result<()> {
     }
 }
 
-fn open(image: &Path) -> anyhow::Result<Image> {
-    Image::open(image).with_context(|| format!("opening EROFS image {}", image.display()))
+fn open(image: &Path, devices: &[PathBuf]) -> anyhow::Result<Image> {
+    Image::open_with_devices(image, devices).with_context(|| format!("opening EROFS image {}", image.display()))
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {

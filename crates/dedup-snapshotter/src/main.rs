@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod inspect;
 mod serve;
+mod stats;
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +45,13 @@ enum Command {
         /// fsync the image before renaming it into place.
         #[arg(long)]
         fsync: bool,
+        /// Write regular files as chunk-based files, each distinct chunk stored once in a blob in this
+        /// directory (named by a new 16-hex-digit id) that the image names as its extra device.
+        #[arg(long)]
+        blob_dir: Option<PathBuf>,
+        /// Chunk size with --blob-dir: a power of two from 4K to 16M.
+        #[arg(long, value_parser = parse_chunk_size, default_value = "64K")]
+        chunk_size: u64,
         /// The layer file, or `-` for standard input.
         input: PathBuf,
         /// The EROFS image to write.
@@ -63,15 +71,45 @@ enum Command {
         /// Differs of the Diff service, in order (default erofs,walking; "none" disables the service).
         #[arg(long, value_delimiter = ',')]
         differs: Option<Vec<String>>,
+        /// Store file data as chunks shared across all layers (node-local dedup).
+        #[arg(long)]
+        dedup: bool,
+        /// Chunk size for --dedup: a power of two from 4K to 16M (default 64K).
+        #[arg(long, value_parser = parse_chunk_size)]
+        chunk_size: Option<u64>,
         /// A TOML file with the same settings (root, address, socket_mode, socket_gid, log_level, log_json,
-        /// differs, containerd_address).
+        /// differs, containerd_address, dedup, chunk_size).
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Show an EROFS image's superblock.
+    /// What a store holds: layers, logical vs stored bytes, chunks, index size, sharing per image.
+    /// Asks the running daemon (its admin socket under the root), or reads the store when none runs.
+    Stats {
+        /// Store root (default /var/lib/dedup-snapshotter).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// For each chunk size from 4K to 1M, how much of the given layers' file data is
+    /// distinct (the dedup ratio) and how large the chunk index would be. Runs the real
+    /// converter over every layer with a counting chunk sink.
+    ChunkSweep {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Layers (tar, tar+gzip, tar+zstd), in the order a node would pull them.
+        #[arg(required = true)]
+        layers: Vec<PathBuf>,
+    },
+    /// Show an EROFS image's superblock and device table.
     Inspect {
         /// The image.
         image: PathBuf,
+        /// An extra device of the image (repeat for each, in device table order).
+        #[arg(long = "device", value_name = "FILE")]
+        devices: Vec<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -85,6 +123,9 @@ enum Command {
         /// List recursively.
         #[arg(short = 'R', long)]
         recursive: bool,
+        /// An extra device of the image (repeat for each, in device table order).
+        #[arg(long = "device", value_name = "FILE")]
+        devices: Vec<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -95,6 +136,10 @@ enum Command {
         image: PathBuf,
         /// The file's path inside the image.
         path: String,
+        /// An extra device of the image (repeat for each, in device table order); needed to
+        /// read data stored on it.
+        #[arg(long = "device", value_name = "FILE")]
+        devices: Vec<PathBuf>,
     },
     /// Decompress a gzip or zstd file with the converter's decompressor and discard the
     /// output: the benchmark's baseline.
@@ -102,6 +147,14 @@ enum Command {
         /// The compressed file.
         input: PathBuf,
     },
+}
+
+fn parse_chunk_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if !n.is_power_of_two() || !(4096..=16 << 20).contains(&n) {
+        return Err(format!("chunk size {s:?} is not a power of two from 4K to 16M"));
+    }
+    Ok(n)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -152,6 +205,8 @@ fn run(cli: Cli) -> Result<()> {
             no_inline,
             max_size,
             fsync,
+            blob_dir,
+            chunk_size,
             input,
             output,
         } => {
@@ -160,13 +215,20 @@ fn run(cli: Cli) -> Result<()> {
             opts.inline_data = !no_inline;
             opts.max_size = max_size;
             opts.fsync = fsync;
-            convert(&input, &output, &opts, json)
+            opts.chunk_bits = chunk_size.trailing_zeros() as u8;
+            convert(&input, &output, &opts, json, blob_dir.as_deref())
         }
+        Command::Stats { root, json } => {
+            stats::stats(&root.unwrap_or_else(|| PathBuf::from(serve::DEFAULT_ROOT)), json)
+        }
+        Command::ChunkSweep { json, layers } => stats::chunk_sweep(&layers, json),
         Command::Serve {
             root,
             address,
             containerd,
             differs,
+            dedup,
+            chunk_size,
             config,
         } => {
             let mut cfg = match config {
@@ -179,21 +241,32 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(d) = differs {
                 cfg.differs = Some(d.into_iter().filter(|s| s != "none").collect());
             }
+            if dedup {
+                cfg.dedup = Some(true);
+            }
+            cfg.chunk_size = chunk_size.or(cfg.chunk_size);
             serve::serve(cfg)
         }
-        Command::Inspect { image, json } => inspect::inspect(&image, json),
+        Command::Inspect { image, devices, json } => inspect::inspect(&image, &devices, json),
         Command::Ls {
             image,
             path,
             recursive,
+            devices,
             json,
-        } => inspect::ls(&image, path.as_deref(), recursive, json),
-        Command::Cat { image, path } => inspect::cat(&image, &path),
+        } => inspect::ls(&image, &devices, path.as_deref(), recursive, json),
+        Command::Cat { image, path, devices } => inspect::cat(&image, &devices, &path),
         Command::BenchDecompress { input } => bench_decompress(&input),
     }
 }
 
-fn convert(input: &Path, output: &Path, opts: &layer_convert::Options, json: bool) -> Result<()> {
+fn convert(
+    input: &Path,
+    output: &Path,
+    opts: &layer_convert::Options,
+    json: bool,
+    blob_dir: Option<&Path>,
+) -> Result<()> {
     let (reader, total): (Box<dyn Read + Send>, Option<u64>) = if input.as_os_str() == "-" {
         (Box::new(io::stdin()), None)
     } else {
@@ -214,19 +287,56 @@ fn convert(input: &Path, output: &Path, opts: &layer_convert::Options, json: boo
         bar
     });
     let progress = bar.clone().map(|b| move |n: u64| b.set_position(n));
-    let report = layer_convert::convert(
-        reader,
-        output,
-        opts,
-        progress.as_ref().map(|p| p as &(dyn Fn(u64) + Sync)),
-    );
+    let progress = progress.as_ref().map(|p| p as &(dyn Fn(u64) + Sync));
+    let (report, chunks) = match blob_dir {
+        None => (layer_convert::convert(reader, output, opts, progress), None),
+        Some(dir) => {
+            // A new id per run: nanoseconds since the epoch, unique enough for one
+            // directory (the sink refuses to overwrite an existing blob).
+            let id = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1);
+            let mut sink = dedup::BlobSink::new(&dedup::NoChunks, dir, id);
+            match layer_convert::convert_with(reader, output, opts, progress, Some(&mut sink)) {
+                Ok(r) => match sink.finish(opts.fsync) {
+                    Ok(c) => (Ok(r), Some(c)),
+                    Err(e) => (Err(layer_convert::Error::io(e)), None),
+                },
+                Err(e) => {
+                    sink.discard();
+                    (Err(e), None)
+                }
+            }
+        }
+    };
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
     let report = report.with_context(|| format!("converting {}", input.display()))?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(c) = &chunks {
+            v["blob"] = serde_json::json!(c.own.as_ref().map(|o| o.path.display().to_string()));
+            v["devices"] = serde_json::json!(c.devices.iter().map(|d| dedup::blob_name(*d)).collect::<Vec<_>>());
+            v["chunks"] = serde_json::json!(c.chunks);
+            v["logical_bytes"] = serde_json::json!(c.logical_bytes);
+            v["blob_bytes"] = serde_json::json!(c.written_bytes);
+            v["repeated_bytes"] = serde_json::json!(c.repeated_bytes);
+            v["zero_bytes"] = serde_json::json!(c.zero_bytes);
+        }
+        println!("{v}");
     } else {
+        if let Some(c) = &chunks {
+            if let Some(own) = &c.own {
+                println!("blob:          {}", own.path.display());
+            }
+            println!("chunks:        {}", c.chunks);
+            println!("file bytes:    {}", c.logical_bytes);
+            println!("blob bytes:    {}", c.written_bytes);
+            println!("repeated:      {}", c.repeated_bytes);
+            println!("zero (holes):  {}", c.zero_bytes);
+        }
         println!("diff id:       {}", report.diff_id);
         println!("input digest:  {}", report.input_digest);
         println!("compression:   {}", report.compression.name());

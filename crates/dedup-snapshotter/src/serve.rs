@@ -32,6 +32,10 @@ pub struct Config {
     pub differs: Option<Vec<String>>,
     /// containerd's socket, dialled back for its content store (Diff service).
     pub containerd_address: Option<PathBuf>,
+    /// Store file data as chunks shared across layers (default false).
+    pub dedup: Option<bool>,
+    /// Chunk size in bytes for dedup: a power of two from 4096 to 16 MiB (default 65536).
+    pub chunk_size: Option<u64>,
 }
 
 /// Default containerd socket.
@@ -54,10 +58,19 @@ pub fn serve(cfg: Config) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let chunk_size = cfg.chunk_size.unwrap_or(65536);
+    if !chunk_size.is_power_of_two() || !(4096..=16 << 20).contains(&chunk_size) {
+        anyhow::bail!("chunk_size {chunk_size} is not a power of two from 4096 to 16 MiB");
+    }
+    let opts = snapshotter::StoreOptions {
+        dedup: cfg.dedup.unwrap_or(false),
+        chunk_bits: chunk_size.trailing_zeros() as u8,
+    };
     let store = Arc::new(
-        snapshotter::Snapshotter::open(&root).with_context(|| format!("opening the store at {}", root.display()))?,
+        snapshotter::Snapshotter::open_with(&root, opts)
+            .with_context(|| format!("opening the store at {}", root.display()))?,
     );
-    tracing::info!(root = %root.display(), address = %address.display(), "serving snapshots");
+    tracing::info!(root = %root.display(), address = %address.display(), dedup = opts.dedup, chunk_size, "serving snapshots");
 
     let order = cfg
         .differs
@@ -72,10 +85,18 @@ pub fn serve(cfg: Config) -> Result<()> {
         .containerd_address
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTAINERD));
-    let differ = (!order.is_empty()).then(|| Arc::new(differ::Differ::new(order, &root, &containerd)));
+    let differ =
+        (!order.is_empty()).then(|| Arc::new(differ::Differ::new(order, &root, &containerd).with_store(store.clone())));
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let served = rt.block_on(async {
+        let admin = match crate::stats::serve_admin(store.clone(), &root) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "no admin socket: `stats` will not reach this daemon");
+                None
+            }
+        };
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .expect("installing the SIGTERM handler");
@@ -84,7 +105,7 @@ pub fn serve(cfg: Config) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
             }
         };
-        grpc_services::serve_with_differ(
+        let served = grpc_services::serve_with_differ(
             store.clone(),
             differ,
             &address,
@@ -92,7 +113,12 @@ pub fn serve(cfg: Config) -> Result<()> {
             cfg.socket_gid,
             shutdown,
         )
-        .await
+        .await;
+        if let Some(a) = admin {
+            a.abort();
+        }
+        let _ = std::fs::remove_file(crate::stats::admin_socket(&root));
+        served
     });
     store.shutdown();
     tracing::info!("stopped");

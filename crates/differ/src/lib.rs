@@ -74,6 +74,9 @@ pub struct Differ {
     root: PathBuf,
     content: Arc<ContentStore>,
     max_size: u64,
+    /// The snapshot store, when it deduplicates: Apply then writes chunk-based
+    /// layers whose chunks the store indexes.
+    store: Option<Arc<snapshotter::Snapshotter>>,
 }
 
 impl Differ {
@@ -85,7 +88,15 @@ impl Differ {
             root: root.to_path_buf(),
             content: Arc::new(ContentStore::new(containerd)),
             max_size: layer_convert::DEFAULT_MAX_SIZE,
+            store: None,
         }
+    }
+
+    /// Applies through `store`'s chunk index when the store deduplicates (the same
+    /// store whose root this differ serves).
+    pub fn with_store(mut self, store: Arc<snapshotter::Snapshotter>) -> Differ {
+        self.store = Some(store);
+        self
     }
 
     /// Applies a layer onto mounts; returns the applied (uncompressed) descriptor.

@@ -140,8 +140,14 @@ pub(crate) async fn apply_erofs(d: &Differ, ctx: &CallContext, req: &ApplyReques
     let blob = d.content.reader(ctx, &req.diff.digest).await?;
     let desc = req.diff.clone();
     let max_size = d.max_size;
+    let store = d.store.clone();
     tokio::task::spawn_blocking(move || {
         let staged = snap.join("layer.erofs.apply");
+        let store_err = |e: snapshotter::Error| DiffError::Internal(e.to_string());
+        let session = match &store {
+            Some(s) => s.dedup_session().map_err(store_err)?,
+            None => None,
+        };
         let result = match media {
             Media::Tar(_) => {
                 let opts = layer_convert::Options {
@@ -150,22 +156,44 @@ pub(crate) async fn apply_erofs(d: &Differ, ctx: &CallContext, req: &ApplyReques
                     inline_data: true,
                     build_time: 0,
                     fsync: true,
+                    chunk_bits: session.as_ref().map_or(16, |s| s.chunk_bits()),
                 };
-                layer_convert::convert(blob, &staged, &opts, None)
-                    .map_err(conv_err)
-                    .and_then(|r| {
-                        check_blob(&desc, &r.input_digest, r.input_size)?;
-                        Ok(Descriptor {
-                            media_type: LAYER_TAR.into(),
-                            digest: r.diff_id,
-                            size: r.uncompressed_size as i64,
-                            annotations: HashMap::new(),
-                        })
+                let converted = match &session {
+                    None => layer_convert::convert(blob, &staged, &opts, None).map(|r| (r, None)),
+                    Some(sess) => sess
+                        .run(|sink| layer_convert::convert_with(blob, &staged, &opts, None, Some(sink)))
+                        .map(|(r, rep)| (r, Some(rep))),
+                };
+                converted.map_err(conv_err).and_then(|(r, report)| {
+                    check_blob(&desc, &r.input_digest, r.input_size)?;
+                    if let (Some(store), Some(report)) = (&store, &report) {
+                        let id = snap
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .ok_or_else(|| DiffError::Internal(format!("{}: not a snapshot dir", snap.display())))?;
+                        // Recorded before the rename: a crash in between leaves extra
+                        // references on a snapshot that has no layer yet, freed with it.
+                        if let Err(e) = store.record_applied(id, report, report.logical_bytes) {
+                            if let Some(own) = &report.own {
+                                let _ = fs::remove_file(&own.path);
+                            }
+                            return Err(store_err(e));
+                        }
+                    } else if let Some(own) = report.as_ref().and_then(|r| r.own.as_ref()) {
+                        let _ = fs::remove_file(&own.path);
+                    }
+                    Ok(Descriptor {
+                        media_type: LAYER_TAR.into(),
+                        digest: r.diff_id,
+                        size: r.uncompressed_size as i64,
+                        annotations: HashMap::new(),
                     })
+                })
             }
             Media::Erofs { base, zstd } => copy_native(blob, &staged, &desc, &base, zstd, max_size),
         };
-        match result {
+        let result = match result {
             Ok(applied) => {
                 fs::rename(&staged, snap.join("layer.erofs")).map_err(|e| DiffError::Internal(e.to_string()))?;
                 Ok(applied)
@@ -174,7 +202,9 @@ pub(crate) async fn apply_erofs(d: &Differ, ctx: &CallContext, req: &ApplyReques
                 let _ = fs::remove_file(&staged);
                 Err(e)
             }
-        }
+        };
+        drop(session);
+        result
     })
     .await
     .map_err(join_err)?

@@ -5,20 +5,23 @@
 //! images may come from untrusted sources, so a corrupt or hostile image yields
 //! [`Error::Corrupt`] and never a panic, an unbounded allocation or an endless loop.
 //!
-//! Supported: uncompressed images (flat plain, flat inline and chunk-based layouts on the
-//! primary device), shared and inline xattrs with the standard name prefixes.
+//! Supported: uncompressed images (flat plain, flat inline and chunk-based layouts), data on
+//! extra devices of the device table (chunk indexes with a device id, and block addresses in
+//! the devices' `mapped_blkaddr` ranges, both resolved as the kernel does), shared and
+//! inline xattrs with the standard name prefixes.
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::format::{
-    self, file_type_of, ft, join_xattr_name, mode, xattr_entry_size, xattr_ibody_size, Dirent, Inode, SuperBlock,
-    XattrEntry, CHUNK_FORMAT_BLKBITS_MASK, CHUNK_FORMAT_INDEXES, COMPACT_INODE_SIZE, DIRENT_SIZE, EXTENDED_INODE_SIZE,
-    FEATURE_COMPAT_SB_CHKSUM, ISLOT_BITS, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, NAME_LEN,
-    SUPER_OFFSET, SUPER_SIZE, XATTR_ENTRY_SIZE, XATTR_IBODY_HEADER_SIZE,
+    self, file_type_of, ft, join_xattr_name, mode, xattr_entry_size, xattr_ibody_size, DeviceSlot, Dirent, Inode,
+    SuperBlock, XattrEntry, CHUNK_FORMAT_BLKBITS_MASK, CHUNK_FORMAT_INDEXES, COMPACT_INODE_SIZE, DEVICE_SLOT_SIZE,
+    DIRENT_SIZE, EXTENDED_INODE_SIZE, FEATURE_COMPAT_SB_CHKSUM, FEATURE_INCOMPAT_DEVICE_TABLE, ISLOT_BITS,
+    LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, NAME_LEN, SUPER_OFFSET, SUPER_SIZE, XATTR_ENTRY_SIZE,
+    XATTR_IBODY_HEADER_SIZE,
 };
 
 /// Errors from reading an image.
@@ -36,6 +39,9 @@ pub enum Error {
     /// A path component that must be a directory is not one.
     #[error("not a directory in image: {0}")]
     NotADirectory(String),
+    /// The extra devices given do not match the image's device table.
+    #[error("extra devices don't match the EROFS image: {0}")]
+    DeviceMismatch(String),
 }
 
 /// Result type of this module.
@@ -101,12 +107,32 @@ pub struct DirEntry {
 /// Longest symlink target accepted (Linux `PATH_MAX - 1`).
 const MAX_LINK_LEN: u64 = 4095;
 
+/// Chunk and block map entries with this address are holes (`EROFS_NULL_ADDR`).
+const NULL_ADDR: u32 = u32::MAX;
+
 /// Where a run of file bytes lives.
 enum Extent {
-    /// At this byte offset of the image.
-    Disk(u64),
+    /// At this byte offset of the primary image, whatever the devices: an inline tail is
+    /// metadata, which the kernel never redirects to another device.
+    Meta(u64),
+    /// At byte address `pa` of device `dev` (0: the primary one, though a `mapped_blkaddr`
+    /// range may redirect it), before `map_dev` resolves it to a file and offset.
+    Mapped {
+        /// Device id, already masked with the device id mask.
+        dev: u16,
+        /// Byte address on that device.
+        pa: u64,
+    },
     /// Nowhere: reads as zeros.
     Hole,
+}
+
+/// An extra device given at open time.
+#[derive(Debug)]
+struct Device {
+    file: File,
+    size: u64,
+    path: PathBuf,
 }
 
 /// An open EROFS image.
@@ -116,12 +142,51 @@ pub struct Image {
     sb: SuperBlock,
     file_size: u64,
     block_size: u64,
+    /// The device table; empty without the device table feature, as the kernel ignores
+    /// `extra_devices` then.
+    slots: Vec<DeviceSlot>,
+    /// Device id `i + 1` is `devices[i]`; empty when the image was opened without them.
+    devices: Vec<Device>,
+    /// The kernel's `device_id_mask`, applied to the device ids of chunk indexes.
+    device_id_mask: u16,
 }
 
 impl Image {
-    /// Opens the image at `path` and validates its superblock.
+    /// Opens the image at `path` and validates its superblock. Data on extra devices
+    /// cannot be read from an image opened this way; see [`Image::open_with_devices`].
     pub fn open(path: &Path) -> Result<Image> {
         Image::from_file(File::open(path)?)
+    }
+
+    /// Opens the image at `path` with its extra devices in device table order (the first
+    /// is device id 1), like the kernel's `-o device=` options. There must be as many as the
+    /// image has extra devices; an empty list opens the image as [`Image::open`] does.
+    pub fn open_with_devices(path: &Path, devices: &[PathBuf]) -> Result<Image> {
+        let mut img = Image::open(path)?;
+        if devices.is_empty() {
+            return Ok(img);
+        }
+        if devices.len() != img.slots.len() {
+            return Err(Error::DeviceMismatch(format!(
+                "{} has {} extra devices, {} given",
+                path.display(),
+                img.slots.len(),
+                devices.len()
+            )));
+        }
+        for p in devices {
+            let with_path =
+                |e: std::io::Error| std::io::Error::new(e.kind(), format!("extra device {}: {e}", p.display()));
+            let mut file = File::open(p).map_err(with_path)?;
+            // Seeking rather than metadata: a block device's metadata says 0 bytes.
+            let size = file.seek(SeekFrom::End(0)).map_err(with_path)?;
+            img.devices.push(Device {
+                file,
+                size,
+                path: p.clone(),
+            });
+        }
+        Ok(img)
     }
 
     /// Uses an already open image file and validates its superblock.
@@ -151,16 +216,37 @@ impl Image {
             return Err(corrupt(format!("unsupported dirblkbits {}", sb.dirblkbits)));
         }
         let block_size = 1u64 << sb.blkszbits;
-        let img = Image {
+        let mut img = Image {
             file,
             sb,
             file_size,
             block_size,
+            slots: Vec::new(),
+            devices: Vec::new(),
+            device_id_mask: 0,
         };
         if img.sb.feature_compat & FEATURE_COMPAT_SB_CHKSUM != 0 {
             img.verify_checksum()?;
         }
+        img.read_device_table()?;
         Ok(img)
+    }
+
+    /// Decodes the device table and derives the device id mask, as the kernel's
+    /// `erofs_scan_devices` does whether or not devices are given.
+    fn read_device_table(&mut self) -> Result<()> {
+        if self.sb.feature_incompat & FEATURE_INCOMPAT_DEVICE_TABLE == 0 || self.sb.extra_devices == 0 {
+            return Ok(());
+        }
+        let count = self.sb.extra_devices as usize;
+        let off = self.sb.devt_slotoff as u64 * DEVICE_SLOT_SIZE as u64;
+        // At most 65535 slots (8 MiB), and read_exact checks they lie inside the image
+        // before anything is read.
+        let mut raw = vec![0u8; count * DEVICE_SLOT_SIZE];
+        self.read_exact(off, &mut raw, || format!("device table of {count} slots"))?;
+        self.slots = raw.chunks_exact(DEVICE_SLOT_SIZE).map(DeviceSlot::decode).collect();
+        self.device_id_mask = ((count as u32 + 1).next_power_of_two() - 1) as u16;
+        Ok(())
     }
 
     /// The decoded superblock.
@@ -171,6 +257,12 @@ impl Image {
     /// The block size in bytes.
     pub fn block_size(&self) -> u64 {
         self.block_size
+    }
+
+    /// The decoded device table, device id 1 first; empty when the image has no extra
+    /// devices (or lacks the device table feature, which makes the kernel ignore them).
+    pub fn devices(&self) -> Vec<DeviceSlot> {
+        self.slots.clone()
     }
 
     /// The root directory.
@@ -223,10 +315,14 @@ impl Image {
         let size = dir.inode.size;
         // Directory blocks are never shared, so a larger directory cannot be genuine; the
         // bound keeps a hostile size from turning into an endless read.
-        if size > self.file_size {
+        let total = self
+            .devices
+            .iter()
+            .fold(self.file_size, |t, d| t.saturating_add(d.size));
+        if size > total {
             return Err(corrupt(format!(
-                "directory nid {} has size {size}, larger than the image ({} bytes)",
-                dir.nid, self.file_size
+                "directory nid {} has size {size}, larger than the image and its devices ({total} bytes)",
+                dir.nid
             )));
         }
         let bs = self.block_size;
@@ -335,12 +431,15 @@ impl Image {
             let (extent, avail) = self.map(e, pos)?;
             let n = (buf.len() - done).min(avail.min(usize::MAX as u64) as usize);
             let dst = &mut buf[done..done + n];
+            let nid = e.nid;
+            let what = || format!("data of nid {nid} at file offset {pos}");
             match extent {
                 Extent::Hole => dst.fill(0),
-                Extent::Disk(at) => {
-                    let nid = e.nid;
-                    self.read_exact(at, dst, || format!("data of nid {nid} at file offset {pos}"))?
-                }
+                Extent::Meta(at) => self.read_exact(at, dst, what)?,
+                Extent::Mapped { dev, pa } => match self.map_dev(dev, pa, nid, pos)? {
+                    (None, at) => self.read_exact(at, dst, what)?,
+                    (Some(d), at) => read_bounded(&d.file, d.size, &device_name(dev, d), at, dst, what)?,
+                },
             }
             done += n;
         }
@@ -475,13 +574,13 @@ impl Image {
         let raw = ino.i_u as u64 * bs;
         match ino.layout {
             // Saturating: a hostile size must fail the bounds check, not overflow.
-            LAYOUT_FLAT_PLAIN => Ok((Extent::Disk(raw.saturating_add(pos)), size - pos)),
+            LAYOUT_FLAT_PLAIN => Ok((primary(raw.saturating_add(pos)), size - pos)),
             LAYOUT_FLAT_INLINE => {
                 // As in the kernel: the last (possibly full) block is the inline tail.
                 let nblocks = size.div_ceil(bs);
                 let tail_start = (nblocks - 1) * bs;
                 if pos < tail_start {
-                    return Ok((Extent::Disk(raw + pos), tail_start - pos));
+                    return Ok((primary(raw + pos), tail_start - pos));
                 }
                 let tail_off =
                     self.inode_offset(nid)? + ino.size_on_disk() as u64 + xattr_ibody_size(ino.xattr_icount) as u64;
@@ -492,7 +591,7 @@ impl Image {
                          block boundary"
                     )));
                 }
-                Ok((Extent::Disk(tail_off + (pos - tail_start)), size - pos))
+                Ok((Extent::Meta(tail_off + (pos - tail_start)), size - pos))
             }
             LAYOUT_CHUNK_BASED => self.map_chunk(e, pos),
             1 | 3 => Err(corrupt(format!(
@@ -524,43 +623,73 @@ impl Image {
         self.read_exact(at, &mut idx[..unit as usize], || {
             format!("chunk index {chunk} of nid {nid}")
         })?;
-        let blkaddr = if wide {
-            let device = u16::from_le_bytes([idx[2], idx[3]]);
-            let blkaddr = u32::from_le_bytes(idx[4..8].try_into().unwrap());
-            if device != 0 && blkaddr != u32::MAX {
-                return Err(corrupt(format!(
-                    "data on extra device {device} not supported by this reader (nid {nid}, \
-                     chunk {chunk})"
-                )));
-            }
-            blkaddr
+        // Bytes 0..2 of a chunk index are the high bits of the start block only with the
+        // 48-bit feature, which this reader (like the kernel before 6.15) does not know.
+        let (raw_dev, blkaddr) = if wide {
+            (
+                u16::from_le_bytes([idx[2], idx[3]]),
+                u32::from_le_bytes(idx[4..8].try_into().unwrap()),
+            )
         } else {
-            u32::from_le_bytes(idx[0..4].try_into().unwrap())
+            (0, u32::from_le_bytes(idx[0..4].try_into().unwrap()))
         };
-        if blkaddr == u32::MAX {
+        if blkaddr == NULL_ADDR {
             return Ok((Extent::Hole, avail));
         }
-        Ok((
-            Extent::Disk(blkaddr as u64 * self.block_size + (pos - chunk_start)),
-            avail,
-        ))
+        // Masked as the kernel does, so stray high bits select the same device there and here.
+        let dev = raw_dev & self.device_id_mask;
+        if dev as usize > self.slots.len() {
+            return Err(corrupt(format!(
+                "nid {nid} chunk {chunk} is on device {dev} (raw id {raw_dev}), but the image has only {} extra \
+                 devices",
+                self.slots.len()
+            )));
+        }
+        if dev != 0 && self.devices.is_empty() {
+            return Err(corrupt(format!(
+                "nid {nid} chunk {chunk} is on extra device {dev}, but the image was opened without its {} extra \
+                 devices",
+                self.slots.len()
+            )));
+        }
+        let pa = blkaddr as u64 * self.block_size + (pos - chunk_start);
+        Ok((Extent::Mapped { dev, pa }, avail))
     }
 
-    /// `read_exact_at` that first checks the range lies inside the image, naming `what`
-    /// in the error.
-    fn read_exact(&self, off: u64, buf: &mut [u8], what: impl FnOnce() -> String) -> Result<()> {
-        match off.checked_add(buf.len() as u64) {
-            Some(end) if end <= self.file_size => {}
-            _ => {
-                return Err(corrupt(format!(
-                    "{} at bytes {off}+{} lies beyond the end of the image ({} bytes)",
-                    what(),
-                    buf.len(),
-                    self.file_size
-                )))
+    /// The kernel's `erofs_map_dev`: which file (`None`: the primary image) holds physical
+    /// address `pa` of device `dev`, and at which offset. Device 0 addresses inside a
+    /// device's `[mapped_blkaddr, + blocks)` range are on that device, which is how block
+    /// maps and flat layouts reach data on extra devices.
+    fn map_dev(&self, dev: u16, pa: u64, nid: u64, pos: u64) -> Result<(Option<&Device>, u64)> {
+        if dev != 0 {
+            let d = self.devices.get(dev as usize - 1).ok_or_else(|| {
+                corrupt(format!(
+                    "data of nid {nid} at file offset {pos} is on extra device {dev}, which was not given"
+                ))
+            })?;
+            return Ok((Some(d), pa));
+        }
+        // Without the devices the kernel reads everything from the primary one ("flatdev").
+        if self.devices.is_empty() {
+            return Ok((None, pa));
+        }
+        for (slot, d) in self.slots.iter().zip(&self.devices) {
+            if slot.mapped_blkaddr == 0 {
+                continue;
+            }
+            let start = slot.mapped_blkaddr as u64 * self.block_size;
+            let len = slot.blocks as u64 * self.block_size;
+            if pa >= start && pa - start < len {
+                return Ok((Some(d), pa - start));
             }
         }
-        Ok(self.file.read_exact_at(buf, off)?)
+        Ok((None, pa))
+    }
+
+    /// `read_exact_at` on the primary image that first checks the range lies inside it,
+    /// naming `what` in the error.
+    fn read_exact(&self, off: u64, buf: &mut [u8], what: impl FnOnce() -> String) -> Result<()> {
+        read_bounded(&self.file, self.file_size, "the image", off, buf, what)
     }
 
     /// Checks the superblock CRC32C the way the kernel does: over the rest of block 0 from
@@ -579,6 +708,39 @@ impl Image {
         }
         Ok(())
     }
+}
+
+/// `read_exact_at` on `file` of `size` bytes (called `name` in errors) that first checks the
+/// range lies inside it, naming `what` in the error.
+fn read_bounded(
+    file: &File,
+    size: u64,
+    name: &str,
+    off: u64,
+    buf: &mut [u8],
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    match off.checked_add(buf.len() as u64) {
+        Some(end) if end <= size => {}
+        _ => {
+            return Err(corrupt(format!(
+                "{} at bytes {off}+{} lies beyond the end of {name} ({size} bytes)",
+                what(),
+                buf.len(),
+            )))
+        }
+    }
+    Ok(file.read_exact_at(buf, off)?)
+}
+
+/// A data address on the primary device (subject to `mapped_blkaddr` redirection).
+fn primary(pa: u64) -> Extent {
+    Extent::Mapped { dev: 0, pa }
+}
+
+/// How errors name an extra device.
+fn device_name(id: u16, d: &Device) -> String {
+    format!("extra device {id} ({})", d.path.display())
 }
 
 /// Parses one directory block (`blk` = its used bytes), appending its records to `out`.
@@ -663,7 +825,7 @@ mod tests {
     use std::collections::{BTreeMap, HashMap};
     use std::fs;
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
     use std::path::PathBuf;
     use std::process::Command;
 
@@ -795,7 +957,12 @@ mod tests {
     /// Everything the reader says about `img` must match the source tree `src`.
     /// Returns the layouts seen on regular files, per layout a count.
     fn check_image(img_path: &Path, src: &Path) -> BTreeMap<u16, usize> {
-        let img = Image::open(img_path).unwrap();
+        check_image_with(img_path, &[], src)
+    }
+
+    /// [`check_image`] for an image opened with extra devices.
+    fn check_image_with(img_path: &Path, devices: &[PathBuf], src: &Path) -> BTreeMap<u16, usize> {
+        let img = Image::open_with_devices(img_path, devices).unwrap();
         let sb = img.superblock().clone();
         assert_eq!(img.block_size(), 4096);
         let mut xattrs = source_xattrs(src);
@@ -984,24 +1151,306 @@ mod tests {
         }
     }
 
+    /// Sizes around block and chunk boundaries, zeros, a sparse file and repeated chunks:
+    /// the tree the extra-device images are built from.
+    fn build_blob_tree(root: &Path) {
+        fs::create_dir_all(root.join("d/e")).unwrap();
+        let sizes = [0usize, 1, 4095, 4096, 4097, 65535, 65537, (1 << 20) + 3];
+        for (i, size) in sizes.into_iter().enumerate() {
+            fs::write(root.join(format!("size{size}")), content(size, 11 + i as u8)).unwrap();
+        }
+        fs::write(root.join("d/zeros"), vec![0u8; 3 * 65536 + 5]).unwrap();
+        // mkfs.erofs 1.5 stores the holes as ordinary (deduplicated) zero chunks.
+        let sparse = fs::File::create(root.join("d/sparse")).unwrap();
+        sparse.write_all_at(&content(5000, 40), 0).unwrap();
+        sparse.write_all_at(&content(7000, 41), 300_000).unwrap();
+        sparse.set_len(600_000).unwrap();
+        let part = content(65536, 50);
+        fs::write(root.join("d/e/repeat"), [&part[..], &part[..], &part[..4097]].concat()).unwrap();
+        std::os::unix::fs::symlink("../size1", root.join("d/link")).unwrap();
+    }
+
+    const BLOB_TREE_FILES: usize = 11;
+
+    /// Builds `name` from `src` with its file data on the blob device `name.blob`.
+    fn mkfs_blob(dir: &Path, name: &str, chunk: u32, src: &Path) -> (PathBuf, PathBuf) {
+        let blob = dir.join(format!("{name}.blob"));
+        let args = [format!("--chunksize={chunk}"), format!("--blobdev={}", blob.display())];
+        let img = mkfs(dir, name, &[&args[0], &args[1]], src);
+        (img, blob)
+    }
+
+    /// Every regular file and symlink of `src` reads back byte for byte from `img`, also in
+    /// pieces straddling block and chunk boundaries; returns the number of regular files.
+    fn check_contents(img: &Image, src: &Path) -> usize {
+        let mut files = 0;
+        img.walk(&mut |path, e| {
+            let what = String::from_utf8_lossy(path).into_owned();
+            let sp = src.join(std::ffi::OsStr::from_bytes(&path[1..]));
+            match e.kind {
+                FileKind::File => {
+                    let want = fs::read(&sp).unwrap();
+                    assert_eq!(e.inode.size, want.len() as u64, "{what}: size");
+                    assert!(img.read_all(e)? == want, "{what}: content");
+                    for off in [1usize, 4095, 4097, 65535, 65537, 300_001, 1 << 20] {
+                        let mut buf = vec![0xAAu8; 70_000];
+                        let n = img.read_at(e, off as u64, &mut buf)?;
+                        let exp = want.get(off..want.len().min(off + buf.len())).unwrap_or_default();
+                        assert_eq!(&buf[..n], exp, "{what}: read_at {off}");
+                    }
+                    files += 1;
+                }
+                FileKind::Symlink => {
+                    let target = fs::read_link(&sp).unwrap();
+                    assert_eq!(img.read_link(e)?, target.as_os_str().as_bytes(), "{what}");
+                }
+                _ => {}
+            }
+            Ok(())
+        })
+        .unwrap();
+        files
+    }
+
+    /// Byte offset in the image of chunk index (or block map entry) `i` of `e`.
+    fn chunk_entry_offset(img: &Image, e: &Entry, unit: u64, i: u64) -> usize {
+        let base = img.inode_offset(e.nid).unwrap()
+            + e.inode.size_on_disk() as u64
+            + xattr_ibody_size(e.inode.xattr_icount) as u64;
+        (base.next_multiple_of(unit) + i * unit) as usize
+    }
+
+    /// Number of chunks of a chunk-based inode.
+    fn chunk_count(img: &Image, e: &Entry) -> u64 {
+        let bits = img.superblock().blkszbits as u32 + (e.inode.i_u & CHUNK_FORMAT_BLKBITS_MASK as u32);
+        e.inode.size.div_ceil(1 << bits)
+    }
+
+    /// Rewrites the superblock checksum after block 0 was changed, as mkfs.erofs computes it.
+    fn fix_checksum(raw: &mut [u8]) {
+        raw[1028..1032].fill(0);
+        let crc = crc32c(!0, &raw[1024..4096]);
+        raw[1028..1032].copy_from_slice(&crc.to_le_bytes());
+    }
+
     #[test]
-    fn refuses_data_on_extra_devices() {
+    fn reads_data_on_a_blob_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        build_blob_tree(&src);
+        for (chunk, blkbits) in [(4096u32, 0u32), (65536, 4)] {
+            let (img, blob) = mkfs_blob(dir.path(), &format!("c{chunk}.img"), chunk, &src);
+            let image = Image::open_with_devices(&img, std::slice::from_ref(&blob)).unwrap();
+            let slots = image.devices();
+            assert_eq!(slots.len(), 1);
+            // mkfs.erofs 1.5 leaves the slot zeroed: no tag, no size, no mapped range.
+            assert_eq!(slots[0].mapped_blkaddr, 0);
+            // What mkfs.erofs 1.5 makes of a blob device: chunk indexes naming device 1.
+            let e = image.lookup(b"/size1048579").unwrap();
+            assert_eq!(e.inode.layout, LAYOUT_CHUNK_BASED);
+            assert_eq!(e.inode.i_u, CHUNK_FORMAT_INDEXES as u32 | blkbits);
+            assert!(matches!(image.map(&e, 5000).unwrap().0, Extent::Mapped { dev: 1, .. }));
+            assert_eq!(check_contents(&image, &src), BLOB_TREE_FILES, "chunk size {chunk}");
+        }
+        // The full fixture too: every file type, xattrs and metadata with data on the blob.
         let fx = fixture();
-        let blob = fx.dir.path().join("blob");
-        let img = mkfs(
-            fx.dir.path(),
-            "blob.img",
-            &["--chunksize=4096", &format!("--blobdev={}", blob.display())],
-            &fx.src,
-        );
+        let (img, blob) = mkfs_blob(fx.dir.path(), "fixture.img", 4096, &fx.src);
+        let layouts = check_image_with(&img, &[blob], &fx.src);
+        assert!(layouts.contains_key(&LAYOUT_CHUNK_BASED), "{layouts:?}");
+    }
+
+    #[test]
+    fn refuses_data_on_extra_devices_not_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        build_blob_tree(&src);
+        let (img, blob) = mkfs_blob(dir.path(), "blob.img", 4096, &src);
         let image = Image::open(&img).unwrap();
+        assert_eq!(image.devices().len(), 1);
         // Metadata is all on the primary device ...
         image.walk(&mut |_, _| Ok(())).unwrap();
         // ... file data is not.
         let e = image.lookup(b"/size4097").unwrap();
         match image.read_all(&e) {
-            Err(Error::Corrupt(m)) => assert!(m.contains("extra device 1"), "{m}"),
+            Err(Error::Corrupt(m)) => assert!(m.contains("on extra device 1") && m.contains("without"), "{m}"),
             other => panic!("expected an extra-device error, got {other:?}"),
+        }
+        // An empty device list is the same as none.
+        assert!(Image::open_with_devices(&img, &[]).unwrap().read_all(&e).is_err());
+
+        let mismatch = |r: Result<Image>| match r {
+            Err(Error::DeviceMismatch(m)) => m,
+            other => panic!("expected a device mismatch, got {other:?}"),
+        };
+        let m = mismatch(Image::open_with_devices(&img, &[blob.clone(), blob.clone()]));
+        assert!(m.contains("1 extra devices, 2 given"), "{m}");
+        let plain = mkfs(dir.path(), "plain.img", &[], &src);
+        let m = mismatch(Image::open_with_devices(&plain, std::slice::from_ref(&blob)));
+        assert!(m.contains("0 extra devices, 1 given"), "{m}");
+        match Image::open_with_devices(&img, &[dir.path().join("missing")]) {
+            Err(Error::Io(e)) => assert!(e.to_string().contains("missing"), "{e}"),
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
+        // A device shorter than its chunk indexes say.
+        let short = dir.path().join("short.blob");
+        fs::write(&short, &fs::read(&blob).unwrap()[..8192]).unwrap();
+        let image = Image::open_with_devices(&img, &[short]).unwrap();
+        let big = image.lookup(b"/size1048579").unwrap();
+        match image.read_all(&big) {
+            Err(Error::Corrupt(m)) => assert!(m.contains("beyond the end of extra device 1"), "{m}"),
+            other => panic!("expected a short-device error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn resolves_device_ids_like_the_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        build_blob_tree(&src);
+        let (img_path, blob) = mkfs_blob(dir.path(), "ids.img", 4096, &src);
+        let image = Image::open(&img_path).unwrap();
+        let e = image.lookup(b"/size1048579").unwrap();
+        let mut raw = fs::read(&img_path).unwrap();
+
+        // A second device: the table moves to a new block at the end, with room for two.
+        let table = raw.len();
+        assert_eq!(table % 4096, 0);
+        let old = image.superblock().devt_slotoff as usize * DEVICE_SLOT_SIZE;
+        let slot1 = raw[old..old + DEVICE_SLOT_SIZE].to_vec();
+        raw.extend_from_slice(&slot1);
+        let mut tag = [0u8; 64];
+        tag[..6].copy_from_slice(b"second");
+        let slot2 = DeviceSlot {
+            tag,
+            blocks: 0,
+            mapped_blkaddr: 0,
+        };
+        raw.extend_from_slice(&slot2.encode());
+        raw.resize(table + 4096, 0);
+        raw[1024 + 86..1024 + 88].copy_from_slice(&2u16.to_le_bytes());
+        raw[1024 + 88..1024 + 90].copy_from_slice(&((table / DEVICE_SLOT_SIZE) as u16).to_le_bytes());
+        // Device 2 is the blob shifted by one block, so only reads from device 2 at the
+        // index's address find the data.
+        let blob2 = dir.path().join("blob2");
+        fs::write(&blob2, [vec![0xEE; 4096], fs::read(&blob).unwrap()].concat()).unwrap();
+
+        let set = |raw: &mut Vec<u8>, chunk: u64, dev: Option<u16>, add: u32| {
+            let at = chunk_entry_offset(&image, &e, 8, chunk);
+            if let Some(dev) = dev {
+                raw[at + 2..at + 4].copy_from_slice(&dev.to_le_bytes());
+            }
+            let blk = u32::from_le_bytes(raw[at + 4..at + 8].try_into().unwrap());
+            raw[at + 4..at + 8].copy_from_slice(&blk.wrapping_add(add).to_le_bytes());
+        };
+        set(&mut raw, 0, Some(2), 1);
+        // The mask for 2 devices is 3: id 5 is device 1, as in the kernel.
+        set(&mut raw, 1, Some(5), 0);
+        set(&mut raw, 2, None, 0);
+        let at = chunk_entry_offset(&image, &e, 8, 2);
+        raw[at + 4..at + 8].copy_from_slice(&NULL_ADDR.to_le_bytes());
+        set(&mut raw, 3, Some(3), 0);
+        fix_checksum(&mut raw);
+        let patched = write_image(dir.path(), "patched.img", &raw);
+
+        let m = match Image::open_with_devices(&patched, std::slice::from_ref(&blob)) {
+            Err(Error::DeviceMismatch(m)) => m,
+            other => panic!("expected a device mismatch, got {other:?}"),
+        };
+        assert!(m.contains("2 extra devices, 1 given"), "{m}");
+        let img = Image::open_with_devices(&patched, &[blob, blob2]).unwrap();
+        let slots = img.devices();
+        assert_eq!(slots.len(), 2);
+        assert_eq!(slots[1], slot2);
+        let mut want = fs::read(src.join("size1048579")).unwrap();
+        want[8192..12288].fill(0);
+        let mut buf = vec![0u8; 3 * 4096];
+        assert_eq!(img.read_at(&e, 0, &mut buf).unwrap(), buf.len());
+        assert!(buf == want[..buf.len()], "chunks on devices 2, 5 & 3 = 1, and a hole");
+        let mut rest = vec![0u8; want.len() - 4 * 4096];
+        assert_eq!(img.read_at(&e, 4 * 4096, &mut rest).unwrap(), rest.len());
+        assert!(rest == want[4 * 4096..]);
+        match img.read_all(&e) {
+            Err(Error::Corrupt(m)) => {
+                assert!(m.contains(&format!("nid {}", e.nid)) && m.contains("device 3"), "{m}")
+            }
+            other => panic!("expected a bad device id error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_block_maps_through_mapped_blkaddr() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        build_blob_tree(&src);
+        for chunk in [4096u32, 65536] {
+            let (img_path, blob) = mkfs_blob(dir.path(), &format!("flat{chunk}.img"), chunk, &src);
+            let image = Image::open(&img_path).unwrap();
+            let mut raw = fs::read(&img_path).unwrap();
+            // The blob becomes blocks M.. of the unified address space; M is past the
+            // primary image, so a read through the primary fails instead of finding data.
+            const M: u32 = 1000;
+            let blob_blocks = (fs::metadata(&blob).unwrap().len() / 4096) as u32;
+            let slot = image.superblock().devt_slotoff as usize * DEVICE_SLOT_SIZE;
+            raw[slot + 64..slot + 68].copy_from_slice(&blob_blocks.to_le_bytes());
+            raw[slot + 68..slot + 72].copy_from_slice(&M.to_le_bytes());
+            // Every other chunked file gets a block map; the rest keep chunk indexes, but on
+            // device 0: both reach the blob only through its mapped range.
+            let (mut block_maps, mut indexes) = (Vec::new(), 0);
+            image
+                .walk(&mut |path, e| {
+                    let n = chunk_count(&image, e);
+                    if e.kind != FileKind::File || e.inode.layout != LAYOUT_CHUNK_BASED || n == 0 {
+                        return Ok(());
+                    }
+                    let entries: Vec<u32> = (0..n)
+                        .map(|i| {
+                            let at = chunk_entry_offset(&image, e, 8, i);
+                            let blk = u32::from_le_bytes(raw[at + 4..at + 8].try_into().unwrap());
+                            if blk == NULL_ADDR {
+                                return blk;
+                            }
+                            assert_eq!(raw[at + 2..at + 4], [1, 0], "device id of chunk {i}");
+                            blk + M
+                        })
+                        .collect();
+                    let first = chunk_entry_offset(&image, e, 8, 0);
+                    raw[first..first + 8 * n as usize].fill(0);
+                    let block_map = indexes >= block_maps.len();
+                    if block_map {
+                        block_maps.push(path.to_vec());
+                    } else {
+                        indexes += 1;
+                    }
+                    for (i, blk) in entries.into_iter().enumerate() {
+                        if block_map {
+                            let at = chunk_entry_offset(&image, e, 4, i as u64);
+                            raw[at..at + 4].copy_from_slice(&blk.to_le_bytes());
+                        } else {
+                            let at = chunk_entry_offset(&image, e, 8, i as u64);
+                            raw[at + 4..at + 8].copy_from_slice(&blk.to_le_bytes());
+                        }
+                    }
+                    if block_map {
+                        let at = image.inode_offset(e.nid).unwrap() as usize + 16;
+                        let fmt = e.inode.i_u & !(CHUNK_FORMAT_INDEXES as u32);
+                        raw[at..at + 4].copy_from_slice(&fmt.to_le_bytes());
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            assert!(block_maps.len() >= 3 && indexes >= 3, "{} {indexes}", block_maps.len());
+            fix_checksum(&mut raw);
+            let patched = write_image(dir.path(), "patched.img", &raw);
+            let img = Image::open_with_devices(&patched, &[blob]).unwrap();
+            assert_eq!(img.devices()[0].mapped_blkaddr, M);
+            let e = img.lookup(&block_maps[0]).unwrap();
+            assert_eq!(e.inode.i_u & CHUNK_FORMAT_INDEXES as u32, 0, "a block map");
+            assert_eq!(check_contents(&img, &src), BLOB_TREE_FILES, "chunk size {chunk}");
+            // Without the device, the mapped range is read from the primary image.
+            match Image::open(&patched).unwrap().read_all(&e) {
+                Err(Error::Corrupt(m)) => assert!(m.contains("beyond the end of the image"), "{m}"),
+                other => panic!("expected a read past the image, got {other:?}"),
+            }
         }
     }
 
@@ -1051,8 +1500,8 @@ mod tests {
     fn find_dirent(img: &Image, dir: &[u8], name: &[u8]) -> usize {
         let d = img.lookup(dir).unwrap();
         let i = img.read_dir(&d).unwrap().iter().position(|x| x.name == name).unwrap();
-        let Extent::Disk(at) = img.map(&d, 0).unwrap().0 else {
-            panic!("hole")
+        let (Extent::Meta(at) | Extent::Mapped { dev: 0, pa: at }) = img.map(&d, 0).unwrap().0 else {
+            panic!("not on the primary device")
         };
         at as usize + i * DIRENT_SIZE
     }

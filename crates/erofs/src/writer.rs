@@ -28,7 +28,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, Seek, SeekFrom, Write};
 
-use crate::format::{self, mode, Dirent, Inode, SuperBlock, XattrEntry, XattrIbodyHeader};
+use crate::format::{self, mode, DeviceSlot, Dirent, Inode, SuperBlock, XattrEntry, XattrIbodyHeader};
 
 /// Errors from building an image.
 #[derive(Debug, thiserror::Error)]
@@ -58,11 +58,15 @@ pub struct Options {
     pub uuid: [u8; 16],
     /// Volume label.
     pub volume_name: [u8; 16],
+    /// log2 of the chunk size for [`ImageWriter::write_file_chunked`] (12 = 4 KiB ..
+    /// 12 + 31); chunk-based files need it, other files ignore it.
+    pub chunk_bits: u8,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
+            chunk_bits: 16,
             inline_data: true,
             build_time: 0,
             build_time_nsec: 0,
@@ -176,6 +180,40 @@ pub struct FileData {
     pub blocks: u32,
     /// The tail, to be packed after the inode.
     pub tail: Option<Box<[u8]>>,
+    /// For a chunk-based file: where each chunk lives (the image's own data area is
+    /// device 0, the device table's entries are 1..). The file is then written with
+    /// the `CHUNK_BASED` layout and 8-byte chunk indexes.
+    pub chunks: Option<Box<[ChunkAddr]>>,
+}
+
+/// Where one chunk of a chunk-based file lives: a block on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkAddr {
+    /// 0 for the image itself, `n` for the n-th entry of the device table.
+    pub device: u16,
+    /// First block of the chunk on that device; [`ChunkAddr::HOLE`] reads as zeros.
+    pub blkaddr: u32,
+}
+
+impl ChunkAddr {
+    /// A chunk with no storage: the kernel reads it as zeros.
+    pub const HOLE: ChunkAddr = ChunkAddr {
+        device: 0,
+        blkaddr: NULL_ADDR,
+    };
+}
+
+/// Decides where the chunks of chunk-based files go. The writer hands over each
+/// chunk's bytes (a whole chunk, or a file's shorter last chunk) and gets back its
+/// address; a sink that deduplicates answers with the address of an identical chunk
+/// stored earlier, in this image's blob or in another one.
+pub trait ChunkSink {
+    /// Stores (or finds) `data`; the returned blocks must hold exactly these bytes,
+    /// zero-padded to whole blocks.
+    fn put(&mut self, data: &[u8]) -> io::Result<ChunkAddr>;
+    /// The device table the addresses given out so far need (device `n` is entry
+    /// `n - 1`).
+    fn device_slots(&self) -> Vec<DeviceSlot>;
 }
 
 /// What a node is, with its type-specific payload.
@@ -326,6 +364,10 @@ pub struct Summary {
     pub root_nid: u16,
     /// Shared xattr entries.
     pub shared_xattrs: usize,
+    /// Chunk-based files written.
+    pub chunked_files: u64,
+    /// Extra devices in the device table.
+    pub devices: u16,
 }
 
 /// Writes an image: file bodies first, as they stream in, then everything else.
@@ -334,6 +376,10 @@ pub struct ImageWriter<W: Write + Seek> {
     opts: Options,
     /// Next free block in the data area.
     next_block: u32,
+    /// The device table written by `finish` (device ids 1..).
+    devices: Vec<DeviceSlot>,
+    /// Reused buffer for one chunk of a chunk-based file.
+    chunk_buf: Vec<u8>,
 }
 
 impl<W: Write + Seek> ImageWriter<W> {
@@ -345,6 +391,8 @@ impl<W: Write + Seek> ImageWriter<W> {
             out,
             opts,
             next_block: 1,
+            devices: Vec::new(),
+            chunk_buf: Vec::new(),
         })
     }
 
@@ -367,6 +415,70 @@ impl<W: Write + Seek> ImageWriter<W> {
         self.opts.inline_data && tail != 0 && format::EXTENDED_INODE_SIZE + meta.xattr_upper_bound() + tail <= BS
     }
 
+    /// Sets the device table: entry `n - 1` is device `n` of the chunk addresses.
+    pub fn set_devices(&mut self, devices: Vec<DeviceSlot>) {
+        self.devices = devices;
+    }
+
+    /// Streams a regular file's body: with a sink, as a chunk-based file, except that
+    /// a file small enough to be packed after its inode stays in the image (a chunk
+    /// would cost a whole block for it, and such files rarely repeat exactly); without
+    /// one, into the image's data area.
+    pub fn write_file<R: BufRead + ?Sized>(
+        &mut self,
+        src: &mut R,
+        size: u64,
+        meta: &Meta,
+        sink: Option<&mut dyn ChunkSink>,
+    ) -> Result<FileData> {
+        match sink {
+            Some(sink) if size > 0 && !(size < BLOCK_SIZE && self.will_inline_tail(meta, size)) => {
+                self.write_file_chunked(src, size, sink)
+            }
+            _ => self.write_file_data(src, size, meta),
+        }
+    }
+
+    /// Streams a regular file's body of exactly `size` bytes from `src` as a
+    /// chunk-based file: every chunk of `1 << chunk_bits` bytes (the last one may be
+    /// shorter) goes to `sink`, which says where it lives. Nothing is written to this
+    /// image; the chunk indexes are laid out by [`ImageWriter::finish`].
+    pub fn write_file_chunked<R: BufRead + ?Sized>(
+        &mut self,
+        src: &mut R,
+        size: u64,
+        sink: &mut dyn ChunkSink,
+    ) -> Result<FileData> {
+        let bits = self.opts.chunk_bits;
+        if !(BLKSZBITS..BLKSZBITS + 32).contains(&bits) {
+            return Err(Error::Unrepresentable(format!("chunk size 2^{bits} out of range")));
+        }
+        let chunk = 1u64 << bits;
+        let n = size.div_ceil(chunk);
+        let mut addrs = Vec::with_capacity(n as usize);
+        let mut buf = std::mem::take(&mut self.chunk_buf);
+        let mut left = size;
+        let result = (|| {
+            while left > 0 {
+                let len = left.min(chunk) as usize;
+                buf.resize(len, 0);
+                read_exact(src, &mut buf)?;
+                addrs.push(sink.put(&buf)?);
+                left -= len as u64;
+            }
+            Ok::<_, Error>(())
+        })();
+        self.chunk_buf = buf;
+        result?;
+        Ok(FileData {
+            size,
+            blkaddr: NULL_ADDR,
+            blocks: 0,
+            tail: None,
+            chunks: Some(addrs.into_boxed_slice()),
+        })
+    }
+
     /// Streams a regular file's body of exactly `size` bytes from `src` into the data
     /// area. Ends with `UnexpectedEof` if `src` runs dry first.
     pub fn write_file_data<R: BufRead + ?Sized>(&mut self, src: &mut R, size: u64, meta: &Meta) -> Result<FileData> {
@@ -376,6 +488,7 @@ impl<W: Write + Seek> ImageWriter<W> {
                 blkaddr: NULL_ADDR,
                 blocks: 0,
                 tail: None,
+                chunks: None,
             });
         }
         let inline = self.will_inline_tail(meta, size);
@@ -405,6 +518,7 @@ impl<W: Write + Seek> ImageWriter<W> {
             blkaddr: if full > 0 || tail.is_none() { blkaddr } else { NULL_ADDR },
             blocks: blocks as u32,
             tail,
+            chunks: None,
         })
     }
 
@@ -412,7 +526,42 @@ impl<W: Write + Seek> ImageWriter<W> {
     /// the output (positioned at its end) and a summary.
     pub fn finish(mut self, tree: &Tree) -> Result<(W, Summary)> {
         let data_blocks = self.next_block - 1;
-        let plan = Plan::new(tree, &self.opts, self.next_block)?;
+
+        // The device table comes right after the file data: its offset is stored in
+        // 128-byte units in a 16-bit field, so it must start within the first 8 MiB,
+        // which chunk-based images (no file data of their own) always satisfy.
+        let devt_offset = u64::from(self.next_block) * BLOCK_SIZE;
+        let devt_blocks = (self.devices.len() * format::DEVICE_SLOT_SIZE).div_ceil(BS) as u32;
+        let devt_slotoff = if self.devices.is_empty() {
+            0
+        } else {
+            u16::try_from(devt_offset / format::DEVICE_SLOT_SIZE as u64).map_err(|_| {
+                Error::Unrepresentable("device table would start beyond 8 MiB: too much data in the image".into())
+            })?
+        };
+        let extra_devices = u16::try_from(self.devices.len())
+            .ok()
+            .filter(|n| *n < u16::MAX)
+            .ok_or_else(|| Error::Unrepresentable("more than 65534 extra devices".into()))?;
+        if !self.devices.is_empty() {
+            let mut table = Vec::with_capacity(devt_blocks as usize * BS);
+            for d in &self.devices {
+                table.extend_from_slice(&d.encode());
+            }
+            table.resize(devt_blocks as usize * BS, 0);
+            self.out.write_all(&table)?;
+        }
+        let plan = Plan::new(tree, &self.opts, self.next_block + devt_blocks)?;
+        for slot in &plan.slots {
+            if let Body::File(FileData { chunks: Some(c), .. }) = &tree.node(slot.id).body {
+                if let Some(bad) = c.iter().find(|a| a.blkaddr != NULL_ADDR && a.device > extra_devices) {
+                    return Err(Error::Unrepresentable(format!(
+                        "chunk on device {} but the device table has {extra_devices} entries",
+                        bad.device
+                    )));
+                }
+            }
+        }
 
         // Late data: directory blocks and symlink targets that do not fit inline. A
         // directory with both full blocks and an inline tail keeps its tail here, so
@@ -456,6 +605,17 @@ impl<W: Write + Seek> ImageWriter<W> {
             xattr_blkaddr: plan.meta_blkaddr,
             uuid: self.opts.uuid,
             volume_name: self.opts.volume_name,
+            feature_incompat: (if plan.chunked_files > 0 {
+                format::FEATURE_INCOMPAT_CHUNKED_FILE
+            } else {
+                0
+            }) | (if extra_devices > 0 {
+                format::FEATURE_INCOMPAT_DEVICE_TABLE
+            } else {
+                0
+            }),
+            extra_devices,
+            devt_slotoff,
             ..Default::default()
         };
         self.out.seek(SeekFrom::Start(format::SUPER_OFFSET))?;
@@ -470,6 +630,8 @@ impl<W: Write + Seek> ImageWriter<W> {
             meta_blkaddr: plan.meta_blkaddr,
             root_nid: plan.root_nid,
             shared_xattrs: plan.shared_ids.len(),
+            chunked_files: plan.chunked_files,
+            devices: extra_devices,
         };
         Ok((self.out, summary))
     }
@@ -545,6 +707,8 @@ struct Plan {
     meta_blkaddr: u32,
     meta_bytes: u64,
     root_nid: u16,
+    chunked_files: u64,
+    chunk_bits: u8,
 }
 
 impl Plan {
@@ -578,6 +742,7 @@ impl Plan {
         // Inodes start after the shared area and never at nid 0.
         let mut cursor = (shared_area.len() as u64).max(32).next_multiple_of(32);
         let mut late_cursor = u64::from(late_start);
+        let mut chunked_files = 0;
         for (i, &id) in order.iter().enumerate() {
             let node = tree.node(id);
             let m = &node.meta;
@@ -604,8 +769,15 @@ impl Plan {
             let xattr_size = format::xattr_ibody_size(xattr_icount);
 
             let mut dir_blocks = Vec::new();
+            let mut chunk_index_bytes = 0;
             let (size, tail_len, late_blocks) = match &node.body {
-                Body::File(f) => (f.size, f.tail.as_ref().map_or(0, |t| t.len()), 0),
+                Body::File(f) => {
+                    if let Some(c) = &f.chunks {
+                        chunk_index_bytes = c.len() * format::CHUNK_INDEX_SIZE;
+                        chunked_files += 1;
+                    }
+                    (f.size, f.tail.as_ref().map_or(0, |t| t.len()), 0)
+                }
                 Body::Symlink(t) => split_data(t.len() as u64, opts, m, xattr_size),
                 Body::Dir(children) => {
                     let entries = dir_entries(children, &[]);
@@ -627,7 +799,13 @@ impl Plan {
             } else {
                 format::COMPACT_INODE_SIZE
             };
-            let total = (isize + xattr_size + tail_len) as u64;
+            // Chunk indexes follow the xattrs at the next 8-byte boundary (inodes are
+            // 32-byte aligned and xattr bodies a multiple of 4).
+            let total = if chunk_index_bytes > 0 {
+                ((isize + xattr_size).next_multiple_of(format::CHUNK_INDEX_SIZE) + chunk_index_bytes) as u64
+            } else {
+                (isize + xattr_size + tail_len) as u64
+            };
             // An inline tail must sit in the same block as its inode; keep every small
             // inode within one block so readers never straddle.
             if total <= BLOCK_SIZE && cursor % BLOCK_SIZE + total > BLOCK_SIZE {
@@ -674,6 +852,8 @@ impl Plan {
             meta_blkaddr,
             meta_bytes: cursor,
             root_nid,
+            chunked_files,
+            chunk_bits: opts.chunk_bits,
         })
     }
 
@@ -732,6 +912,10 @@ impl Plan {
         let node = tree.node(slot.id);
         let m = &node.meta;
         let (layout, i_u) = match &node.body {
+            Body::File(FileData { chunks: Some(_), .. }) => (
+                format::LAYOUT_CHUNK_BASED,
+                u32::from(format::CHUNK_FORMAT_INDEXES) | u32::from(self.chunk_bits - BLKSZBITS),
+            ),
             Body::File(f) => {
                 if f.tail.is_some() {
                     (format::LAYOUT_FLAT_INLINE, f.blkaddr)
@@ -778,6 +962,15 @@ impl Plan {
             for &xi in &slot.inline_xattrs {
                 let x = &m.xattrs[xi];
                 XattrEntry::encode_into(x.index, &x.suffix, &x.value, out);
+            }
+        }
+        if let Body::File(FileData { chunks: Some(c), .. }) = &node.body {
+            out.resize(out.len().next_multiple_of(format::CHUNK_INDEX_SIZE), 0);
+            for a in c.iter() {
+                // startblk_hi (0: no 48-bit addressing), device id, startblk_lo.
+                out.extend_from_slice(&0u16.to_le_bytes());
+                out.extend_from_slice(&(if a.blkaddr == NULL_ADDR { 0 } else { a.device }).to_le_bytes());
+                out.extend_from_slice(&a.blkaddr.to_le_bytes());
             }
         }
         if slot.inline_len > 0 {

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufWriter, Read};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use erofs::writer::{self, Body, ImageWriter, Meta, Node, NodeId, Tree, Xattr};
+use erofs::writer::{self, Body, ChunkSink, ImageWriter, Meta, Node, NodeId, Tree, Xattr};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, ErrorKind};
@@ -39,11 +39,14 @@ pub struct Options {
     pub build_time: u64,
     /// fsync the image before renaming it into place.
     pub fsync: bool,
+    /// log2 of the chunk size of chunk-based files (with a chunk sink).
+    pub chunk_bits: u8,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
+            chunk_bits: 16,
             media_type: None,
             max_size: DEFAULT_MAX_SIZE,
             inline_data: true,
@@ -98,6 +101,18 @@ pub fn convert<R: Read + Send>(
     opts: &Options,
     progress: Option<&(dyn Fn(u64) + Sync)>,
 ) -> Result<Report, Error> {
+    convert_with(input, output, opts, progress, None)
+}
+
+/// [`convert`], with regular files written as chunk-based files whose chunks go to
+/// `sink` (deduplicated layers); the sink's devices make the image's device table.
+pub fn convert_with<R: Read + Send>(
+    input: R,
+    output: &Path,
+    opts: &Options,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+    mut sink: Option<&mut dyn ChunkSink>,
+) -> Result<Report, Error> {
     let started = Instant::now();
     let compression = match &opts.media_type {
         Some(mt) => Some(Compression::from_media_type(mt)?),
@@ -111,13 +126,14 @@ pub fn convert<R: Read + Send>(
     let wopts = writer::Options {
         inline_data: opts.inline_data,
         build_time: opts.build_time,
+        chunk_bits: opts.chunk_bits,
         ..Default::default()
     };
     let image = ImageWriter::new(out, wopts).map_err(werr)?;
 
     let ((summary, entries, diff, usize_, input_stats), compression) =
         stream::with_uncompressed(input, compression, opts.max_size, progress, |s| {
-            let r = build(s, image, opts.build_time);
+            let r = build(s, image, opts.build_time, reborrow(&mut sink));
             let r = match r {
                 Err(e) => Err(s.take_failure().unwrap_or(e)),
                 Ok(v) => Ok(v),
@@ -129,6 +145,9 @@ pub fn convert<R: Read + Send>(
             // The UUID is known only now: derived from the input digest so the same
             // input gives the same image.
             image.set_uuid(uuid_from(&stats.digest));
+            if let Some(sink) = &sink {
+                image.set_devices(sink.device_slots());
+            }
             let (mut w, summary) = image.finish(&tree).map_err(werr)?;
             std::io::Write::flush(&mut w).map_err(Error::io)?;
             Ok((summary, entries, diff, size, stats))
@@ -148,6 +167,15 @@ pub fn convert<R: Read + Send>(
         compression,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Reborrows an optional sink for a shorter time (`as_deref_mut` cannot shorten the
+/// trait object's lifetime inside the `Option`).
+pub(crate) fn reborrow<'a>(s: &'a mut Option<&mut dyn ChunkSink>) -> Option<&'a mut dyn ChunkSink> {
+    match s {
+        Some(s) => Some(&mut **s),
+        None => None,
+    }
 }
 
 pub(crate) fn werr(e: writer::Error) -> Error {
@@ -172,6 +200,7 @@ fn build<S: BufRead, W: std::io::Write + std::io::Seek>(
     s: &mut S,
     mut image: ImageWriter<W>,
     build_time: u64,
+    sink: Option<&mut dyn ChunkSink>,
 ) -> Result<Built<W>, Error> {
     let implied = Meta {
         perm: 0o755,
@@ -184,6 +213,7 @@ fn build<S: BufRead, W: std::io::Write + std::io::Seek>(
     let mut b = Builder {
         tree: Tree::new(implied.clone()),
         implied,
+        sink,
     };
     let mut tar = TarReader::new(s);
     let mut entries = 0u64;
@@ -197,9 +227,10 @@ fn build<S: BufRead, W: std::io::Write + std::io::Seek>(
     Ok((image, b.tree, entries))
 }
 
-struct Builder {
+struct Builder<'s> {
     tree: Tree,
     implied: Meta,
+    sink: Option<&'s mut dyn ChunkSink>,
 }
 
 /// Splits a tar path into clean components: `.` and empty parts dropped, `..` resolved
@@ -244,7 +275,7 @@ fn opaque() -> Xattr {
     }
 }
 
-impl Builder {
+impl Builder<'_> {
     fn meta_of(&self, e: &tar::Entry) -> Result<Meta, Error> {
         let uid = u32::try_from(e.uid).map_err(|_| Error::new(ErrorKind::Unsupported, "uid above 2^32"))?;
         let gid = u32::try_from(e.gid).map_err(|_| Error::new(ErrorKind::Unsupported, "gid above 2^32"))?;
@@ -396,7 +427,7 @@ impl Builder {
             }
             Kind::File => {
                 let data = image
-                    .write_file_data(tar.body(), e.size, &meta)
+                    .write_file(tar.body(), e.size, &meta, reborrow(&mut self.sink))
                     .map_err(|err| match err {
                         writer::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
                             Error::new(ErrorKind::Truncated, "stream ended inside the file's data")

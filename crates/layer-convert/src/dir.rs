@@ -13,7 +13,7 @@ use std::io::{BufReader, BufWriter};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use erofs::writer::{self, Body, ImageWriter, Meta, Node, NodeId, Tree, Xattr};
+use erofs::writer::{self, Body, ChunkSink, ImageWriter, Meta, Node, NodeId, Tree, Xattr};
 
 use crate::convert::{Output, TempOutput};
 use crate::error::{Error, ErrorKind};
@@ -29,6 +29,8 @@ pub struct DirOptions {
     pub uuid: [u8; 16],
     /// fsync the image (and its directory) before and after renaming it into place.
     pub fsync: bool,
+    /// log2 of the chunk size of chunk-based files (with a chunk sink).
+    pub chunk_bits: u8,
 }
 
 /// What a directory build did.
@@ -47,6 +49,17 @@ const MAX_DEPTH: usize = 4096;
 
 /// Builds an EROFS image of `src` at `output` (temporary file, renamed on success).
 pub fn convert_dir(src: &Path, output: &Path, opts: &DirOptions) -> Result<DirReport, Error> {
+    convert_dir_with(src, output, opts, None)
+}
+
+/// [`convert_dir`], with regular files written as chunk-based files whose chunks go
+/// to `sink` (deduplicated layers).
+pub fn convert_dir_with(
+    src: &Path,
+    output: &Path,
+    opts: &DirOptions,
+    sink: Option<&mut dyn ChunkSink>,
+) -> Result<DirReport, Error> {
     let tmp = TempOutput::create(output)?;
     let out = BufWriter::with_capacity(
         1 << 20,
@@ -56,6 +69,7 @@ pub fn convert_dir(src: &Path, output: &Path, opts: &DirOptions) -> Result<DirRe
         inline_data: opts.inline_data,
         build_time: opts.build_time,
         uuid: opts.uuid,
+        chunk_bits: if opts.chunk_bits == 0 { 16 } else { opts.chunk_bits },
         ..Default::default()
     };
     let mut image = ImageWriter::new(out, wopts).map_err(crate::convert::werr)?;
@@ -70,9 +84,13 @@ pub fn convert_dir(src: &Path, output: &Path, opts: &DirOptions) -> Result<DirRe
         tree: Tree::new(meta_of(src, &root_md)?),
         links: HashMap::new(),
         entries: 0,
+        sink,
     };
     let root = w.tree.root();
     w.add_children(src, root, &mut image, 0)?;
+    if let Some(sink) = &w.sink {
+        image.set_devices(sink.device_slots());
+    }
     let (mut out, summary) = image.finish(&w.tree).map_err(crate::convert::werr)?;
     std::io::Write::flush(&mut out).map_err(Error::io)?;
     drop(out);
@@ -87,14 +105,15 @@ pub fn convert_dir(src: &Path, output: &Path, opts: &DirOptions) -> Result<DirRe
     })
 }
 
-struct Walker {
+struct Walker<'s> {
     tree: Tree,
     /// (dev, ino) of multiply-linked non-directories already added: hard links.
     links: HashMap<(u64, u64), NodeId>,
     entries: u64,
+    sink: Option<&'s mut dyn ChunkSink>,
 }
 
-impl Walker {
+impl Walker<'_> {
     fn add_children<W: std::io::Write + std::io::Seek>(
         &mut self,
         dir: &Path,
@@ -135,12 +154,14 @@ impl Walker {
             } else if ft.is_file() {
                 let f = File::open(&path).map_err(|e| Error::io(e).entry(&shown()))?;
                 let mut r = BufReader::with_capacity(256 << 10, f);
-                let data = image.write_file_data(&mut r, md.len(), &meta).map_err(|e| match e {
-                    writer::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        Error::new(ErrorKind::Truncated, "file shrank while it was read").entry(&shown())
-                    }
-                    other => crate::convert::werr(other).entry(&shown()),
-                })?;
+                let data = image
+                    .write_file(&mut r, md.len(), &meta, crate::convert::reborrow(&mut self.sink))
+                    .map_err(|e| match e {
+                        writer::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                            Error::new(ErrorKind::Truncated, "file shrank while it was read").entry(&shown())
+                        }
+                        other => crate::convert::werr(other).entry(&shown()),
+                    })?;
                 Body::File(data)
             } else if ft.is_symlink() {
                 let t = fs::read_link(&path).map_err(|e| Error::io(e).entry(&shown()))?;

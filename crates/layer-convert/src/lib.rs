@@ -18,7 +18,7 @@ mod error;
 pub mod stream;
 pub mod tar;
 
-pub use convert::{convert, Options, Report, DEFAULT_MAX_SIZE};
-pub use dir::{convert_dir, DirOptions, DirReport};
+pub use convert::{convert, convert_with, Options, Report, DEFAULT_MAX_SIZE};
+pub use dir::{convert_dir, convert_dir_with, DirOptions, DirReport};
 pub use error::{Error, ErrorKind};
 pub use stream::Compression;

@@ -82,6 +82,7 @@ pub enum Error {
 /// Result of store operations.
 pub type Result<T> = std::result::Result<T, Error>;
 
+pub mod blobs;
 pub mod mounts;
 mod store;
-pub use store::Snapshotter;
+pub use store::{ChainStats, DedupSession, Snapshotter, StoreOptions, StoreStats};

@@ -12,11 +12,46 @@ use crate::{Kind, Mount};
 /// mounts a regular file directly, with no loop device (util-linux `mount` would
 /// make one).
 pub fn mount_erofs(image: &Path, target: &Path) -> io::Result<()> {
+    mount_erofs_with_devices(image, &[], target)
+}
+
+/// Mounts the EROFS image file `image` read-only at `target` with `devices` as its
+/// extra devices, in device-table order.
+///
+/// With devices this uses the new mount API (fsopen/fsconfig/fsmount/move_mount):
+/// each `device` is its own fsconfig call, so a layer may name any number of blobs,
+/// where mount(2) would have to fit them all in one 4 KiB option page.
+pub fn mount_erofs_with_devices(image: &Path, devices: &[PathBuf], target: &Path) -> io::Result<()> {
     fs::create_dir_all(target)?;
     if is_mountpoint(target)? {
         return Ok(());
     }
-    rustix::mount::mount(image, target, "erofs", rustix::mount::MountFlags::RDONLY, None)?;
+    if devices.is_empty() {
+        rustix::mount::mount(image, target, "erofs", rustix::mount::MountFlags::RDONLY, None)?;
+        return Ok(());
+    }
+    use rustix::mount::{
+        fsconfig_create, fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags,
+        FsOpenFlags, MountAttrFlags, MoveMountFlags,
+    };
+    let ctx = |what: &str, e: rustix::io::Errno| io::Error::new(e.kind(), format!("{what}: {e}"));
+    let fsfd = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| ctx("fsopen erofs", e))?;
+    fsconfig_set_string(&fsfd, "source", image).map_err(|e| ctx("fsconfig source", e))?;
+    for d in devices {
+        fsconfig_set_string(&fsfd, "device", d).map_err(|e| ctx(&format!("fsconfig device={}", d.display()), e))?;
+    }
+    fsconfig_set_flag(&fsfd, "ro").map_err(|e| ctx("fsconfig ro", e))?;
+    fsconfig_create(&fsfd).map_err(|e| ctx("fsconfig create", e))?;
+    let mnt = fsmount(&fsfd, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::MOUNT_ATTR_RDONLY)
+        .map_err(|e| ctx("fsmount", e))?;
+    move_mount(
+        &mnt,
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| ctx("move_mount", e))?;
     Ok(())
 }
 

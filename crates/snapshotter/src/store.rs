@@ -12,6 +12,8 @@
 //! m/<id>                 where a committed layer is mounted (short: 128 of them
 //!                        must fit one overlay option string)
 //! staging/               new snapshot dirs before they are renamed into place
+//! blobs/<16 hex>         with dedup: shared chunk blobs, extra devices of layers
+//!                        (see `blobs.rs`)
 //! ```
 //!
 //! Ordering keeps every crash recoverable: directories are created before the record
@@ -29,6 +31,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use dedup::{BlobId, BlobSink, SinkReport};
+use erofs::writer::ChunkSink;
+
+use crate::blobs::{self, Pins};
 use crate::{mounts, Error, Info, Kind, Mount, Result, Usage};
 
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -45,6 +51,119 @@ struct Record {
     updated: (u64, u32),
     size: i64,
     inodes: i64,
+    /// Blobs the layer's device table names, in device order (dedup only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    blobs: Vec<BlobId>,
+    /// File bytes of the layer (dedup only; what it would take without sharing).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    logical: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// How the store converts layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Store file data as chunks shared across layers.
+    pub dedup: bool,
+    /// log2 of the chunk size (12..=20 sensible; 16 = 64 KiB).
+    pub chunk_bits: u8,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            dedup: false,
+            chunk_bits: 16,
+        }
+    }
+}
+
+/// A deduplicating conversion in progress: the sink's lookups answer with pinned
+/// blobs, which stay until the layer is recorded (or the conversion fails).
+pub struct DedupSession<'a> {
+    store: &'a Snapshotter,
+    lookup: blobs::Lookup,
+    pinned: Vec<BlobId>,
+    id: BlobId,
+}
+
+impl DedupSession<'_> {
+    /// Runs `convert` with a chunk sink writing this session's blob. On failure the
+    /// blob is deleted.
+    pub fn run<T, E>(
+        &self,
+        convert: impl FnOnce(&mut dyn ChunkSink) -> std::result::Result<T, E>,
+    ) -> std::result::Result<(T, SinkReport), E>
+    where
+        E: From<std::io::Error>,
+    {
+        let mut sink = BlobSink::new(&self.lookup, &self.store.blob_dir(), self.id);
+        match convert(&mut sink) {
+            Ok(v) => match sink.finish(true) {
+                Ok(r) => Ok((v, r)),
+                Err(e) => {
+                    let _ = fs::remove_file(blobs::path(&self.store.blob_dir(), self.id));
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                sink.discard();
+                Err(e)
+            }
+        }
+    }
+
+    /// The chunk size to convert with.
+    pub fn chunk_bits(&self) -> u8 {
+        self.store.opts.chunk_bits
+    }
+}
+
+impl Drop for DedupSession<'_> {
+    fn drop(&mut self) {
+        self.store.pins.unpin(&self.pinned);
+        // Blobs that lost their last reference while pinned go now.
+        let _g = self.store.lock.lock().unwrap();
+        if let Err(e) = self.store.collect_blobs() {
+            tracing::warn!(error = %e, "deleting unreferenced blobs");
+        }
+    }
+}
+
+/// What the store holds, for `stats`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StoreStats {
+    /// Committed layers.
+    pub layers: u64,
+    /// File bytes of all committed dedup layers, as if nothing were shared.
+    pub logical_bytes: u64,
+    /// Bytes of layer images (metadata and small files).
+    pub image_bytes: u64,
+    /// Chunk store figures.
+    #[serde(flatten)]
+    pub chunks: blobs::ChunkStats,
+    /// Images (`layer.erofs`) plus blobs: what the layers take on disk.
+    pub stored_bytes: u64,
+    /// Per chain of layers (an image's rootfs), top layer name first.
+    pub chains: Vec<ChainStats>,
+}
+
+/// Sharing within one image's chain of layers.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChainStats {
+    /// The top committed snapshot (containerd names it by the image's chain ID).
+    pub top: String,
+    /// Layers in the chain.
+    pub layers: u64,
+    /// File bytes of the chain's layers.
+    pub logical_bytes: u64,
+    /// Bytes of the blobs the chain names.
+    pub blob_bytes: u64,
+    /// Of those, bytes in blobs that other chains name too.
+    pub shared_blob_bytes: u64,
 }
 
 impl Record {
@@ -82,13 +201,26 @@ pub struct Snapshotter {
     lock: Mutex<()>,
     /// Keys whose Commit is converting right now.
     committing: Mutex<HashSet<String>>,
+    opts: StoreOptions,
+    pins: Pins,
 }
 
 impl Snapshotter {
     /// Opens (or creates) the store at `root`, repairing what a crash left behind and
     /// mounting every committed layer that is not mounted.
     pub fn open(root: &Path) -> Result<Snapshotter> {
-        for d in ["snapshots", "m", "staging", "trash"] {
+        Self::open_with(root, StoreOptions::default())
+    }
+
+    /// [`Snapshotter::open`] with options.
+    pub fn open_with(root: &Path, opts: StoreOptions) -> Result<Snapshotter> {
+        if !(12..=24).contains(&opts.chunk_bits) {
+            return Err(Error::InvalidArgument(format!(
+                "chunk size 2^{} out of range (4 KiB .. 16 MiB)",
+                opts.chunk_bits
+            )));
+        }
+        for d in ["snapshots", "m", "staging", "trash", "blobs"] {
             fs::create_dir_all(root.join(d)).map_err(internal)?;
         }
         fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(internal)?;
@@ -97,6 +229,9 @@ impl Snapshotter {
             let txn = db.begin_write().map_err(internal)?;
             txn.open_table(SNAPSHOTS).map_err(internal)?;
             txn.open_table(COUNTERS).map_err(internal)?;
+            txn.open_table(blobs::BLOBS).map_err(internal)?;
+            txn.open_table(blobs::CHUNKS).map_err(internal)?;
+            txn.open_table(blobs::BLOB_CHUNKS).map_err(internal)?;
             txn.commit().map_err(internal)?;
         }
         let s = Snapshotter {
@@ -104,6 +239,8 @@ impl Snapshotter {
             db,
             lock: Mutex::new(()),
             committing: Mutex::new(HashSet::new()),
+            opts,
+            pins: Pins::default(),
         };
         s.repair()?;
         Ok(s)
@@ -115,6 +252,163 @@ impl Snapshotter {
 
     fn mountpoint(&self, id: u64) -> PathBuf {
         self.root.join("m").join(id.to_string())
+    }
+
+    fn blob_dir(&self) -> PathBuf {
+        self.root.join("blobs")
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> StoreOptions {
+        self.opts
+    }
+
+    /// Mounts a committed layer with its blobs as devices.
+    fn mount_layer(&self, rec: &Record) -> std::io::Result<()> {
+        let image = self.dir(rec.id).join("layer.erofs");
+        let devices: Vec<PathBuf> = rec.blobs.iter().map(|b| blobs::path(&self.blob_dir(), *b)).collect();
+        mounts::mount_erofs_with_devices(&image, &devices, &self.mountpoint(rec.id))
+    }
+
+    /// Starts a deduplicating conversion, or `None` when the store does not dedup.
+    /// Every blob recorded now is pinned until the session is dropped, and a new blob
+    /// id is reserved for the layer's own chunks.
+    pub fn dedup_session(&self) -> Result<Option<DedupSession<'_>>> {
+        if !self.opts.dedup {
+            return Ok(None);
+        }
+        let txn = self.db.begin_write().map_err(internal)?;
+        let id = {
+            let mut c = txn.open_table(COUNTERS).map_err(internal)?;
+            let id = c.get("next_blob").map_err(internal)?.map(|v| v.value()).unwrap_or(1);
+            c.insert("next_blob", id + 1).map_err(internal)?;
+            id
+        };
+        txn.commit().map_err(internal)?;
+        // Under the lock, so no deletion decides between the view and the pins.
+        let _g = self.lock.lock().unwrap();
+        let lookup = blobs::Lookup::new(self.db.begin_read().map_err(internal)?)?;
+        let pinned = self.pins.pin(lookup.blobs().chain([id]));
+        Ok(Some(DedupSession {
+            store: self,
+            lookup,
+            pinned,
+            id,
+        }))
+    }
+
+    /// Records what a differ's deduplicating Apply wrote for the active snapshot with
+    /// directory `snapshots/<id>` (its `layer.erofs` is renamed into place after
+    /// this): the new blob, its chunks and the references. References an earlier
+    /// Apply recorded are dropped.
+    pub fn record_applied(&self, id: u64, report: &SinkReport, logical: u64) -> Result<()> {
+        fsync_dir(&self.blob_dir()).map_err(internal)?;
+        let _g = self.lock.lock().unwrap();
+        let (key, mut rec) = self
+            .all()?
+            .into_iter()
+            .find(|(_, r)| r.id == id)
+            .ok_or_else(|| Error::NotFound(format!("snapshot with id {id}")))?;
+        let key = key.as_str();
+        if rec.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is not active")));
+        }
+        let txn = self.db.begin_write().map_err(internal)?;
+        blobs::record(&txn, report)?;
+        blobs::release(&txn, &rec.blobs)?;
+        rec.blobs = report.devices.clone();
+        rec.logical = logical;
+        {
+            let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
+            t.insert(key, serde_json::to_vec(&rec).map_err(internal)?.as_slice())
+                .map_err(internal)?;
+        }
+        txn.commit().map_err(internal)?;
+        self.collect_blobs()
+    }
+
+    /// Deletes unreferenced, unpinned blobs: records first, files after. Call with
+    /// the lock held.
+    fn collect_blobs(&self) -> Result<()> {
+        let txn = self.db.begin_write().map_err(internal)?;
+        let dead = blobs::collect(&txn, &self.pins)?;
+        if dead.is_empty() {
+            return Ok(());
+        }
+        txn.commit().map_err(internal)?;
+        for id in dead {
+            let p = blobs::path(&self.blob_dir(), id);
+            if let Err(e) = fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %p.display(), error = %e, "removing a blob");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What the store holds: layers, logical and stored bytes, chunks, sharing per
+    /// image chain.
+    pub fn stats(&self) -> Result<StoreStats> {
+        let records = self.all()?;
+        let txn = self.db.begin_read().map_err(internal)?;
+        let chunks = blobs::stats(&txn)?;
+        let sizes: BTreeMap<BlobId, u64> = {
+            let t = txn.open_table(blobs::BLOBS).map_err(internal)?;
+            let mut m = BTreeMap::new();
+            for item in t.iter().map_err(internal)? {
+                let (k, v) = item.map_err(internal)?;
+                let r: blobs::BlobRecord = serde_json::from_slice(v.value()).map_err(internal)?;
+                m.insert(k.value(), u64::from(r.blocks) * dedup::BLOCK_SIZE);
+            }
+            m
+        };
+        let mut st = StoreStats {
+            chunks,
+            ..Default::default()
+        };
+        let by_name: BTreeMap<&str, &Record> = records.iter().map(|(k, r)| (k.as_str(), r)).collect();
+        let has_child: HashSet<&str> = records.iter().map(|(_, r)| r.parent.as_str()).collect();
+        for (_, r) in &records {
+            if r.kind == Kind::Committed {
+                st.layers += 1;
+                st.logical_bytes += r.logical;
+                st.image_bytes += r.size.max(0) as u64;
+            }
+        }
+        // Chains: from each committed snapshot nothing committed builds on.
+        let mut chain_blobs: Vec<(String, u64, u64, HashSet<BlobId>)> = Vec::new();
+        for (name, r) in &records {
+            if r.kind != Kind::Committed || has_child.contains(name.as_str()) {
+                continue;
+            }
+            let (mut layers, mut logical, mut set) = (0u64, 0u64, HashSet::new());
+            let mut cur = Some(r);
+            while let Some(c) = cur {
+                layers += 1;
+                logical += c.logical;
+                set.extend(c.blobs.iter().copied());
+                cur = by_name.get(c.parent.as_str()).copied();
+            }
+            chain_blobs.push((name.clone(), layers, logical, set));
+        }
+        for (i, (top, layers, logical, set)) in chain_blobs.iter().enumerate() {
+            let blob_bytes = set.iter().map(|b| sizes.get(b).copied().unwrap_or(0)).sum();
+            let shared_blob_bytes = set
+                .iter()
+                .filter(|b| chain_blobs.iter().enumerate().any(|(j, o)| j != i && o.3.contains(b)))
+                .map(|b| sizes.get(b).copied().unwrap_or(0))
+                .sum();
+            st.chains.push(ChainStats {
+                top: top.clone(),
+                layers: *layers,
+                logical_bytes: *logical,
+                blob_bytes,
+                shared_blob_bytes,
+            });
+        }
+        st.stored_bytes = st.image_bytes + st.chunks.blob_bytes;
+        Ok(st)
     }
 
     fn get(&self, key: &str) -> Result<Option<Record>> {
@@ -201,6 +495,8 @@ impl Snapshotter {
             updated: now,
             size: 0,
             inodes: 0,
+            blobs: Vec::new(),
+            logical: 0,
         };
         let result = (|| {
             let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
@@ -299,6 +595,9 @@ impl Snapshotter {
     fn commit_inner(&self, name: &str, key: &str, labels: BTreeMap<String, String>, rec: Record) -> Result<()> {
         let dir = self.dir(rec.id);
         let blob = dir.join("layer.erofs");
+        // Kept alive until the layer is recorded: its pins protect the blobs it names.
+        let mut session = None;
+        let mut converted: Option<(SinkReport, u64)> = None;
         if !blob.exists() {
             let mut uuid = [0u8; 16];
             uuid[..8].copy_from_slice(&rec.id.to_le_bytes());
@@ -307,9 +606,24 @@ impl Snapshotter {
                 build_time: 0,
                 uuid,
                 fsync: true,
+                chunk_bits: self.opts.chunk_bits,
             };
-            layer_convert::convert_dir(&dir.join("fs"), &blob, &opts)
-                .map_err(|e| Error::Internal(format!("converting snapshot {key:?} to EROFS: {e}")))?;
+            let conv_err =
+                |e: layer_convert::Error| Error::Internal(format!("converting snapshot {key:?} to EROFS: {e}"));
+            session = self.dedup_session()?;
+            match &session {
+                None => {
+                    layer_convert::convert_dir(&dir.join("fs"), &blob, &opts).map_err(conv_err)?;
+                }
+                Some(sess) => {
+                    let (_, report) = sess
+                        .run(|sink| layer_convert::convert_dir_with(&dir.join("fs"), &blob, &opts, Some(sink)))
+                        .map_err(conv_err)?;
+                    fsync_dir(&self.blob_dir()).map_err(internal)?;
+                    let logical = report.logical_bytes;
+                    converted = Some((report, logical));
+                }
+            }
         }
         let image =
             erofs::reader::Image::open(&blob).map_err(|e| Error::Internal(format!("{}: {e}", blob.display())))?;
@@ -319,7 +633,19 @@ impl Snapshotter {
         // Mounted before the record says committed; a crash in between leaves an
         // active snapshot with a stray mount, which start-up removes.
         let mp = self.mountpoint(rec.id);
-        mounts::mount_erofs(&blob, &mp).map_err(|e| Error::Internal(format!("mounting {}: {e}", blob.display())))?;
+        let mut mounted = rec.clone();
+        if let Some((report, _)) = &converted {
+            mounted.blobs = report.devices.clone();
+        }
+        if let Err(e) = self.mount_layer(&mounted) {
+            if let Some((report, _)) = &converted {
+                if let Some(own) = &report.own {
+                    let _ = fs::remove_file(&own.path);
+                }
+                let _ = fs::remove_file(&blob);
+            }
+            return Err(Error::Internal(format!("mounting {}: {e}", blob.display())));
+        }
 
         let _g = self.lock.lock().unwrap();
         let res = (|| {
@@ -335,7 +661,7 @@ impl Snapshotter {
             // As containerd's metastore does: the committed snapshot is a new record,
             // created and updated at the commit.
             let now = now_pair();
-            let committed = Record {
+            let mut committed = Record {
                 kind: Kind::Committed,
                 labels,
                 created: now,
@@ -345,6 +671,14 @@ impl Snapshotter {
                 ..cur
             };
             let txn = self.db.begin_write().map_err(internal)?;
+            if let Some((report, logical)) = &converted {
+                // A differ's Apply recorded its blobs on the active record already;
+                // this conversion replaces the image, so those references go.
+                blobs::release(&txn, &committed.blobs)?;
+                blobs::record(&txn, report)?;
+                committed.blobs = report.devices.clone();
+                committed.logical = *logical;
+            }
             {
                 let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
                 t.remove(key).map_err(internal)?;
@@ -355,8 +689,15 @@ impl Snapshotter {
         })();
         if let Err(e) = res {
             let _ = mounts::unmount(&mp);
+            if let Some((report, _)) = &converted {
+                if let Some(own) = &report.own {
+                    let _ = fs::remove_file(&own.path);
+                }
+                let _ = fs::remove_file(&blob);
+            }
             return Err(e);
         }
+        drop(session);
         // The unpacked copy is not needed any more. Deleting thousands of files takes
         // a while, so the tree is moved aside and deleted in the background; Commit
         // returns as soon as the layer is usable. Start-up empties `trash/`.
@@ -414,9 +755,14 @@ impl Snapshotter {
             let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
             t.remove(key).map_err(internal)?;
         }
+        blobs::release(&txn, &rec.blobs)?;
         txn.commit().map_err(internal)?;
         // After the record is gone: a crash here leaves only orphans for start-up.
+        // The layer is unmounted before its blobs go.
         self.remove_files(rec.id);
+        if !rec.blobs.is_empty() {
+            self.collect_blobs()?;
+        }
         Ok(())
     }
 
@@ -532,6 +878,12 @@ impl Snapshotter {
             }
             let _ = fs::remove_dir_all(entry.path());
         }
+        // Blob files without a record: written by a conversion that crashed or failed
+        // before its layer was recorded (those in progress are pinned).
+        let txn = self.db.begin_read().map_err(internal)?;
+        let recorded: HashSet<BlobId> = blobs::known(&txn)?.into_iter().collect();
+        drop(txn);
+        blobs::remove_files_except(&self.blob_dir(), |id| recorded.contains(&id) || self.pins.is_pinned(id));
         // Staged dirs never recorded, and trees a commit moved aside (a background
         // deletion may be on them too; whoever comes second finds nothing).
         for d in ["staging", "trash"] {
@@ -545,6 +897,16 @@ impl Snapshotter {
     /// Start-up repair: orphans removed, committed layers mounted, leftovers of
     /// interrupted commits cleared.
     fn repair(&self) -> Result<()> {
+        {
+            let owners: Vec<Vec<BlobId>> = self.all()?.into_iter().map(|(_, r)| r.blobs).collect();
+            let txn = self.db.begin_write().map_err(internal)?;
+            let fixed = blobs::recount(&txn, &owners)?;
+            txn.commit().map_err(internal)?;
+            if fixed > 0 {
+                tracing::warn!(blobs = fixed, "repaired blob reference counts");
+            }
+            self.collect_blobs()?;
+        }
         self.remove_orphans()?;
         let mounted = mounts::mounted_under(&self.root.join("m")).map_err(internal)?;
         for (key, rec) in self.all()? {
@@ -553,8 +915,7 @@ impl Snapshotter {
                 Kind::Committed => {
                     let mp = self.mountpoint(rec.id);
                     if !mounted.contains(&mp) {
-                        let blob = dir.join("layer.erofs");
-                        if let Err(e) = mounts::mount_erofs(&blob, &mp) {
+                        if let Err(e) = self.mount_layer(&rec) {
                             tracing::error!(snapshot = %key, error = %e, "mounting a committed layer");
                         }
                     }
@@ -596,6 +957,11 @@ impl Snapshotter {
             }
         }
     }
+}
+
+/// Makes the directory entries in `dir` durable.
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
 }
 
 /// Removes everything inside `dir`, keeping `dir`.

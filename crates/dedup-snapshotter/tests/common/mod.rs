@@ -166,6 +166,21 @@ impl Mount {
         Mount { dir }
     }
 
+    /// Mounts an EROFS image file with extra devices (blobs), in device-table order,
+    /// through the snapshotter's own new-mount-API code path.
+    pub fn erofs_with_devices(image: &Path, devices: &[PathBuf]) -> Mount {
+        require_root_and_kernel();
+        let dir = tempdir();
+        snapshotter::mounts::mount_erofs_with_devices(image, devices, dir.path()).unwrap_or_else(|e| {
+            panic!(
+                "mounting {} with {} devices: {e} (see dmesg for the kernel's reason)",
+                image.display(),
+                devices.len()
+            )
+        });
+        Mount { dir }
+    }
+
     /// A read-only overlay of `lowers`, topmost first (`lowerdir=top:mid:bottom`).
     pub fn overlay(lowers: &[&Path]) -> Mount {
         require_root_and_kernel();

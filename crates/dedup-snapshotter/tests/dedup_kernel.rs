@@ -1,0 +1,125 @@
+//! Chunk-based (deduplicated) layers under the kernel: images whose file data lives in
+//! blobs given as extra devices read back exactly as their source tars.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// Converts `input` with `--blob-dir`, returning the image, its blob (if any new
+/// chunk) and the report.
+fn convert_chunked(input: &Path, dir: &Path, name: &str, chunk: &str) -> (PathBuf, Option<PathBuf>, serde_json::Value) {
+    let blobs = dir.join("blobs");
+    fs::create_dir_all(&blobs).unwrap();
+    let image = dir.join(format!("{name}.erofs"));
+    let r = convert_ok(
+        input,
+        &image,
+        &["--blob-dir", blobs.to_str().unwrap(), "--chunk-size", chunk],
+    );
+    let blob = r["blob"].as_str().map(PathBuf::from);
+    (image, blob, r)
+}
+
+/// A layer made to exercise chunking: files at and around chunk boundaries, the
+/// same content under several names, all-zero files (stored as holes), a file whose
+/// chunks repeat inside it, small inline files, hard links and xattrs.
+fn chunky_layer(dir: &Path) {
+    let f = |p: &str, data: &[u8]| {
+        let path = dir.join(p);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, data).unwrap();
+    };
+    for (i, len) in [
+        0usize,
+        1,
+        4095,
+        4096,
+        4097,
+        65535,
+        65536,
+        65537,
+        200_000,
+        1 << 20,
+        (1 << 20) + 3,
+    ]
+    .iter()
+    .enumerate()
+    {
+        f(&format!("sizes/f{i}-{len}"), &pseudo_random(*len, i as u64 + 1));
+    }
+    let big = pseudo_random(300_000, 99);
+    f("copies/a", &big);
+    f("copies/sub/b", &big);
+    f("copies/c", &big[..131072]);
+    f("zeros/z1", &vec![0u8; 200_000]);
+    let mut half = vec![0u8; 70_000];
+    half[65536..].copy_from_slice(&pseudo_random(70_000 - 65536, 5));
+    f("zeros/half", &half);
+    let chunk = pseudo_random(65536, 7);
+    f("repeat/r", &chunk.repeat(5));
+    f("small/s", b"hello\n");
+    fs::hard_link(dir.join("copies/a"), dir.join("copies/hard-a")).unwrap();
+    lsetxattr(&dir.join("copies/a"), "user.k", b"v");
+    set_mode(&dir.join("sizes/f1-1"), 0o4755);
+}
+
+#[test]
+fn chunked_layers_read_back_exactly() {
+    require_root_and_kernel();
+    let work = tempdir();
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    chunky_layer(&src);
+    let tar = work.path().join("layer.tar");
+    gnu_create(&src, &tar, TarFormat::Posix);
+    let (_x, expected) = gnu_extract_tree(&tar);
+    for chunk in ["4K", "64K", "1M"] {
+        let dir = work.path().join(chunk);
+        let (image, blob, r) = convert_chunked(&compress(&tar, Compression::Gzip), &dir, "layer", chunk);
+        let blob = blob.expect("new chunks went to a blob");
+        // Repeats are stored once: the copies of `big`, the repeated chunk.
+        assert!(r["repeated_bytes"].as_u64().unwrap() >= 300_000, "{chunk}: {r}");
+        assert!(r["zero_bytes"].as_u64().unwrap() >= 200_000, "{chunk}: {r}");
+        let logical = r["logical_bytes"].as_u64().unwrap();
+        let stored = fs::metadata(&blob).unwrap().len();
+        assert!(stored < logical, "{chunk}: blob {stored} >= file data {logical}");
+        let m = Mount::erofs_with_devices(&image, &[blob.clone()]);
+        assert_trees_eq(
+            &format!("chunk size {chunk}: kernel mount vs GNU tar"),
+            &expected,
+            &snapshot_tree(m.path()),
+            &CompareOpts::default(),
+        );
+    }
+}
+
+/// The minbase rootfs converted twice, the second time against the first one's
+/// chunks: the second layer writes no data at all, and both mount as the tar.
+#[test]
+fn minbase_chunked_equals_tar() {
+    require_root_and_kernel();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debian-minbase.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("run debian-minbase.sh");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tgz = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let tar = tgz.with_extension("");
+    let work = tempdir();
+    let (image, blob, r) = convert_chunked(&tgz, work.path(), "minbase", "64K");
+    let blob = blob.expect("blob");
+    let (_x, expected) = gnu_extract_tree(&tar);
+    let m = Mount::erofs_with_devices(&image, &[blob.clone()]);
+    assert_trees_eq(
+        "minbase, 64K chunks: kernel mount vs GNU tar",
+        &expected,
+        &snapshot_tree(m.path()),
+        &CompareOpts::default(),
+    );
+    assert_eq!(r["devices"].as_array().unwrap().len(), 1, "{r}");
+}
