@@ -647,7 +647,7 @@ impl Snapshotter {
             return Err(Error::Internal(format!("mounting {}: {e}", blob.display())));
         }
 
-        let _g = self.lock.lock().unwrap();
+        let guard = self.lock.lock().unwrap();
         let res = (|| {
             let cur = self.get_existing(key)?;
             if cur.id != rec.id || cur.kind != Kind::Active {
@@ -697,6 +697,8 @@ impl Snapshotter {
             }
             return Err(e);
         }
+        // Unpinning may delete blobs, which takes the lock.
+        drop(guard);
         drop(session);
         // The unpacked copy is not needed any more. Deleting thousands of files takes
         // a while, so the tree is moved aside and deleted in the background; Commit

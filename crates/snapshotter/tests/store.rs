@@ -6,51 +6,10 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use snapshotter::{Error, Kind, Mount, Snapshotter};
+mod common;
 
-fn need_root() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "these tests mount file systems: run them as root"
-    );
-}
-
-/// Performs containerd's side of a mount spec.
-struct Mounted(std::path::PathBuf);
-
-impl Mounted {
-    fn new(m: &[Mount], target: &Path) -> Mounted {
-        assert_eq!(m.len(), 1);
-        let m = &m[0];
-        fs::create_dir_all(target).unwrap();
-        use rustix::mount::{mount, mount_bind_recursive, mount_remount, MountFlags};
-        match m.kind.as_str() {
-            "bind" => {
-                mount_bind_recursive(Path::new(&m.source), target).unwrap();
-                if m.options.iter().any(|o| o == "ro") {
-                    mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "").unwrap();
-                }
-            }
-            "overlay" => {
-                let data = m.options.join(",");
-                let data = std::ffi::CString::new(data).unwrap();
-                mount("overlay", target, "overlay", MountFlags::empty(), Some(data.as_c_str())).unwrap();
-            }
-            other => panic!("unexpected mount type {other}"),
-        }
-        Mounted(target.to_path_buf())
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
-    }
-}
-
-fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-    kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
+use common::*;
+use snapshotter::{Error, Kind, Snapshotter};
 
 #[test]
 fn layers_commit_to_erofs_and_stack() {
