@@ -13,11 +13,13 @@
 #                      writes the .wh.gone2 whiteout itself)
 # OUTDIR/minbase  Debian bookworm minbase as one gzip layer, the cached tarball of
 #                 crates/dedup-snapshotter/tests/fixtures/debian-minbase.sh, laid out directly (no repacking)
+# OUTDIR/busybox-plus  one layer: the busybox rootfs again plus /extra/{data,data-copy} (1 MiB of fixed
+#                 pseudo-random bytes, twice): another image repeating busybox's files, for dedup
 # Every layout has the tag `latest`.  OUTDIR is reused when OUTDIR/.complete holds the current recipe version.
 # Needs root (umoci unpack as root keeps owners), umoci, busybox-static.
 set -euo pipefail
 
-RECIPE=3
+RECIPE=4
 out=${1:?usage: build-test-images.sh OUTDIR}
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -131,9 +133,24 @@ read -r cdig csize < <(printf '%s' "{\"architecture\":\"$arch\",\"os\":\"linux\"
 read -r mdig msize < <(printf '%s' "{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"config\":{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"sha256:$cdig\",\"size\":$csize},\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"sha256:$ldig\",\"size\":$lsize}]}" | blob)
 printf '%s' "{\"schemaVersion\":2,\"manifests\":[{\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"digest\":\"sha256:$mdig\",\"size\":$msize,\"annotations\":{\"org.opencontainers.image.ref.name\":\"latest\"}}]}" >"$M/index.json"
 
+# (d) busybox-plus
+echo "build-test-images: busybox-plus" >&2
+new_image "$tmp/busybox-plus"
+umoci unpack --image "$tmp/busybox-plus:latest" "$tmp/p1"
+busybox_rootfs "$tmp/p1/rootfs"
+mkdir -p "$tmp/p1/rootfs/extra"
+# Fixed bytes (the same every build): 1 MiB of a SHA-256 counter stream.
+python3 -c '
+import hashlib, sys
+sys.stdout.buffer.write(b"".join(hashlib.sha256(i.to_bytes(8, "little")).digest() for i in range(32768)))
+' >"$tmp/p1/rootfs/extra/data"
+cp "$tmp/p1/rootfs/extra/data" "$tmp/p1/rootfs/extra/data-copy"
+umoci repack --image "$tmp/busybox-plus:latest" "$tmp/p1"
+umoci gc --layout "$tmp/busybox-plus"
+
 # Install: only complete layouts move into OUTDIR.
 mkdir -p "$out"
-for img in busybox layered minbase; do
+for img in busybox layered minbase busybox-plus; do
     rm -rf "$out/$img"
     mv "$tmp/$img" "$out/$img"
 done

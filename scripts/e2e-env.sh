@@ -13,7 +13,7 @@
 # The word `reference` alone means `+noerofs +rmsock /work/shared/conformance/reference.sh --root {root} --address {socket}`
 # (containerd's own overlayfs snapshotter served as a proxy).
 #
-# start: builds (cached) and pushes the test images (busybox, layered, minbase; see build-test-images.sh) from
+# start: builds (cached) and pushes the test images (busybox, layered, minbase, busybox-plus; see build-test-images.sh) from
 # ${E2E_IMAGES:-/var/cache/dedup-snapshotter-tests/oci} to a docker-registry on 127.0.0.1:<free port>, starts the
 # snapshotter (root DIR/snapshotter, socket DIR/dedup.sock) and containerd (DIR/containerd.toml, socket
 # DIR/containerd.sock, proxy plugin `dedup`), waits until each answers, writes DIR/env (sourceable KEY=VALUE lines).
@@ -151,7 +151,7 @@ EOF
 
     # push the images (in parallel with the daemons starting up)
     local img push_pids=()
-    for img in busybox layered minbase; do
+    for img in busybox layered minbase busybox-plus; do
         skopeo copy --quiet --insecure-policy --dest-tls-verify=false \
             "oci:$images/$img:latest" "docker://127.0.0.1:$port/$img:latest" >>"$logs/push-$img.log" 2>&1 &
         push_pids+=($!)
@@ -190,7 +190,7 @@ EOF
     wait_for "containerd" 60 "$ctrd_pid" ctr_ version
     wait_for "snapshotter through containerd" 60 "$SNAP_PID" snapshotter_answers
 
-    local names=(busybox layered minbase) i
+    local names=(busybox layered minbase busybox-plus) i
     for i in "${!push_pids[@]}"; do
         wait "${push_pids[$i]}" || die "skopeo push of ${names[$i]} failed: $(cat "$logs/push-${names[$i]}.log")"
     done

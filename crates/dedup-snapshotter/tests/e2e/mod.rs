@@ -460,7 +460,11 @@ impl Env {
                 "committed snapshot dir {} has no layer.erofs",
                 d.display()
             );
-            let out = Command::new("fsck.erofs").arg(&img).output().expect("spawn fsck.erofs");
+            let mut fsck = Command::new("fsck.erofs");
+            for d in self.image_devices(&img) {
+                fsck.arg(format!("--device={}", d.display()));
+            }
+            let out = fsck.arg(&img).output().expect("spawn fsck.erofs");
             assert!(
                 out.status.success(),
                 "{}",
@@ -478,6 +482,25 @@ impl Env {
                 d.display()
             );
         }
+    }
+
+    /// The blobs a layer image names in its device table, as files of the store (`blobs/<tag>`).
+    pub fn image_devices(&self, img: &Path) -> Vec<PathBuf> {
+        let out = Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
+            .args(["inspect", "--json"])
+            .arg(img)
+            .output()
+            .expect("spawn dedup-snapshotter inspect");
+        assert!(out.status.success(), "{}", describe("inspect --json", &out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
+        v["devices"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|d| self.root.join("blobs").join(d["tag"].as_str().expect("device tag")))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Every lowerdir of an active snapshot's overlay is a read-only EROFS mount of some committed snapshot's
