@@ -80,6 +80,8 @@ struct Daemon {
     socket: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Extra `serve` flags (e.g. `--dedup`).
+    flags: Vec<String>,
 }
 
 impl Daemon {
@@ -96,7 +98,14 @@ impl Daemon {
             dir,
             child: None,
             starts: 0,
+            flags: Vec::new(),
         }
+    }
+
+    fn with_flags(flags: &[&str]) -> Daemon {
+        let mut d = Daemon::new();
+        d.flags = flags.iter().map(|s| s.to_string()).collect();
+        d
     }
 
     fn log(&self) -> PathBuf {
@@ -120,6 +129,7 @@ impl Daemon {
             .arg(&self.root)
             .arg("--address")
             .arg(&self.socket)
+            .args(&self.flags)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -767,4 +777,111 @@ async fn kill_after_commit_remounts_layers() {
     assert_eq!(d.erofs_mounts().len(), 3);
     drop(c);
     d.stop();
+}
+
+fn blob_files(d: &Daemon) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(d.root.join("blobs"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// With dedup: kill -9 while Commit writes a layer's new blob, the layer also naming an earlier layer's blob. After
+/// the restart the half-written blob is gone (no record names it), the earlier blob and its layer are intact, the
+/// snapshot is still active, and Commit then succeeds; removing everything leaves no blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_while_a_dedup_commit_writes_its_blob() {
+    let mut d = Daemon::with_flags(&["--dedup"]);
+    d.start();
+    let mut c = d.client().await;
+
+    // Layer a: 20 MB, committed.
+    let mounts = prepare(&mut c, "a-active", "").await;
+    let (a_fs, _) = bind_fs_dir(&d, &mounts);
+    fill_tree(&a_fs, 20 << 20, 0xa11ce);
+    let a_tree = tree(&a_fs);
+    c.commit(commit_request("a", "a-active")).await.expect("Commit a");
+    let a_blobs = blob_files(&d);
+    assert_eq!(a_blobs.len(), 1, "{a_blobs:?}");
+
+    // Layer b: a's files again (shared chunks) plus 300 MB of its own.
+    let mounts = prepare(&mut c, "b-active", "").await;
+    let (b_fs, id) = bind_fs_dir(&d, &mounts);
+    fill_tree(&b_fs.join("copy"), 20 << 20, 0xa11ce);
+    fill_tree(&b_fs.join("own"), 300 << 20, 0xb0b);
+    let b_tree = tree(&b_fs);
+    let sdir = d.snapshot_dir(id);
+
+    let commit = {
+        let mut c = c.clone();
+        tokio::spawn(async move { c.commit(commit_request("b", "b-active")).await })
+    };
+    let t = Instant::now();
+    let new_blob = loop {
+        let new: Vec<String> = blob_files(&d).into_iter().filter(|b| !a_blobs.contains(b)).collect();
+        if let Some(b) = new.first() {
+            let len = fs::metadata(d.root.join("blobs").join(b)).map(|m| m.len()).unwrap_or(0);
+            if len >= 8 << 20 {
+                break b.clone();
+            }
+        }
+        assert!(
+            !commit.is_finished(),
+            "the commit finished before the test could kill it ({:.2}s)",
+            t.elapsed().as_secs_f64()
+        );
+        assert!(t.elapsed() < Duration::from_secs(60), "no new blob after 60 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    d.kill9();
+    eprintln!(
+        "crash: killed {:.2}s into the commit, blob {new_blob} being written",
+        t.elapsed().as_secs_f64()
+    );
+    let res = tokio::time::timeout(Duration::from_secs(10), commit)
+        .await
+        .expect("the Commit call did not return after the daemon died")
+        .expect("commit task");
+    assert!(res.is_err(), "Commit succeeded although the daemon was killed: {res:?}");
+    drop(c);
+
+    d.start();
+    let mut c = d.client().await;
+    assert_eq!(blob_files(&d), a_blobs, "the unrecorded blob is removed, a's is kept");
+    assert_eq!(stat(&mut c, "b-active").await.kind, pb::Kind::Active as i32);
+    assert!(!sdir.join("layer.erofs").exists());
+    let vm = view(&mut c, "view-a", "a").await;
+    {
+        let mnt = BindMount::new(&vm[0].source, &d.dir.join("view-a"), &vm[0].options);
+        assert_same_tree("layer a after the crash", &tree(&mnt.0), &a_tree);
+    }
+    remove(&mut c, "view-a").await;
+
+    c.commit(commit_request("b", "b-active"))
+        .await
+        .expect("Commit b after the restart");
+    assert_eq!(blob_files(&d).len(), 2, "{:?}", blob_files(&d));
+    let vm = view(&mut c, "view-b", "b").await;
+    {
+        let mnt = BindMount::new(&vm[0].source, &d.dir.join("view-b"), &vm[0].options);
+        assert_same_tree("layer b after the restart", &tree(&mnt.0), &b_tree);
+    }
+    remove(&mut c, "view-b").await;
+    // a goes first: b still names its blob, so it stays.
+    remove(&mut c, "a").await;
+    assert_eq!(blob_files(&d).len(), 2, "a's blob is still named by b");
+    remove(&mut c, "b").await;
+    assert_eq!(
+        blob_files(&d),
+        Vec::<String>::new(),
+        "blobs left after removing every layer"
+    );
+    drop(c);
+    d.stop();
+    assert_eq!(d.mounts_under(), Vec::<String>::new(), "mounts left after a clean stop");
 }
