@@ -87,7 +87,7 @@ fn chunked_layers_read_back_exactly() {
         let logical = r["logical_bytes"].as_u64().unwrap();
         let stored = fs::metadata(&blob).unwrap().len();
         assert!(stored < logical, "{chunk}: blob {stored} >= file data {logical}");
-        let m = Mount::erofs_with_devices(&image, &[blob.clone()]);
+        let m = Mount::erofs_with_devices(&image, std::slice::from_ref(&blob));
         assert_trees_eq(
             &format!("chunk size {chunk}: kernel mount vs GNU tar"),
             &expected,
@@ -114,7 +114,7 @@ fn minbase_chunked_equals_tar() {
     let (image, blob, r) = convert_chunked(&tgz, work.path(), "minbase", "64K");
     let blob = blob.expect("blob");
     let (_x, expected) = gnu_extract_tree(&tar);
-    let m = Mount::erofs_with_devices(&image, &[blob.clone()]);
+    let m = Mount::erofs_with_devices(&image, std::slice::from_ref(&blob));
     assert_trees_eq(
         "minbase, 64K chunks: kernel mount vs GNU tar",
         &expected,

@@ -37,6 +37,24 @@ fn host_sha256(path: &str) -> String {
     d.strip_prefix("sha256:").unwrap_or(&d).to_string()
 }
 
+/// The (only) layer blob of a test image's OCI layout.
+fn oci_layer_blob(name: &str) -> PathBuf {
+    let dir =
+        PathBuf::from(std::env::var("E2E_IMAGES").unwrap_or_else(|_| "/var/cache/dedup-snapshotter-tests/oci".into()))
+            .join(name);
+    let blob = |d: &str| {
+        dir.join("blobs/sha256")
+            .join(d.strip_prefix("sha256:").expect("sha256 digest"))
+    };
+    let json =
+        |p: PathBuf| -> serde_json::Value { serde_json::from_slice(&fs::read(p).expect("read layout")).unwrap() };
+    let index = json(dir.join("index.json"));
+    let manifest = json(blob(index["manifests"][0]["digest"].as_str().unwrap()));
+    let layers = manifest["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 1, "{name} has one layer");
+    blob(layers[0]["digest"].as_str().unwrap())
+}
+
 /// The sha256 of a file inside a container of `image`.
 fn sha_in(env: &Env, image: &str, id: &str, path: &str) -> String {
     let out = env.run(image, id, &["sha256sum", path]);
@@ -141,6 +159,20 @@ fn images_share_chunks_and_leave_nothing_behind() {
     assert_eq!(sha_in(&env, "busybox-plus", "p4", "/bin/busybox"), busybox_sha);
     assert_eq!(sha_in(&env, "layered", "l2", "/bin/busybox"), busybox_sha);
     env.check_layout();
+    // busybox-plus's layer as the kernel mounts it (ROOT/m/<id>) with busybox's blob as a device, entry by entry
+    // equal to its tar.
+    let (_x, expected) = common::gnu_extract_tree(&oci_layer_blob("busybox-plus"));
+    let mp = fs::read_dir(env.root.join("m"))
+        .expect("read m/")
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("extra/data").exists())
+        .expect("busybox-plus's layer is mounted");
+    common::assert_trees_eq(
+        "busybox-plus's dedup layer after busybox's removal vs its tar",
+        &expected,
+        &common::snapshot_tree(&mp),
+        &common::CompareOpts::default(),
+    );
 
     // 5. Everything goes: no blob, index entry or mount is left.
     env.remove_everything();

@@ -17,9 +17,15 @@
 //! ```text
 //! block 0          superblock at byte 1024
 //! blocks 1..D      file bodies, in arrival order
-//! blocks D..M      directory blocks and long symlink targets that are not inlined
+//! blocks D..T      the device table, when files have chunks on extra devices
+//! blocks T..M      directory blocks and long symlink targets that are not inlined
 //! blocks M..       meta area: shared xattrs, then inodes (root first), 32-byte slots
 //! ```
+//!
+//! Chunk-based files ([`ImageWriter::write_file_chunked`], for deduplicated layers)
+//! put nothing in the data area: a [`ChunkSink`] decides where each chunk lives, on
+//! this image or on an extra device (another blob), and the inode carries an 8-byte
+//! index per chunk (`EROFS_CHUNK_FORMAT_INDEXES`: device id, start block).
 //!
 //! The output is a pure function of the tree and the data given: directory entries are
 //! sorted, nodes are laid out in depth-first order of sorted names, and the shared xattr

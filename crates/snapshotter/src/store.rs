@@ -843,10 +843,26 @@ impl Snapshotter {
         Ok(self.all()?.into_iter().map(|(k, r)| r.info(&k)).collect())
     }
 
-    /// Removes directories, mounts and blobs no record owns.
+    /// Removes directories, mounts and blobs no record owns, and deletes blobs no
+    /// layer names any more (counting the references afresh).
     pub fn cleanup(&self) -> Result<()> {
         let _g = self.lock.lock().unwrap();
+        self.repair_blob_counts()?;
         self.remove_orphans()
+    }
+
+    /// Sets every blob's reference count to what the records name, then deletes the
+    /// unreferenced ones (pinned blobs wait). Call with the lock held, or before the
+    /// store is shared.
+    fn repair_blob_counts(&self) -> Result<()> {
+        let owners: Vec<Vec<BlobId>> = self.all()?.into_iter().map(|(_, r)| r.blobs).collect();
+        let txn = self.db.begin_write().map_err(internal)?;
+        let fixed = blobs::recount(&txn, &owners)?;
+        txn.commit().map_err(internal)?;
+        if fixed > 0 {
+            tracing::warn!(blobs = fixed, "repaired blob reference counts");
+        }
+        self.collect_blobs()
     }
 
     fn remove_orphans(&self) -> Result<()> {
@@ -899,16 +915,7 @@ impl Snapshotter {
     /// Start-up repair: orphans removed, committed layers mounted, leftovers of
     /// interrupted commits cleared.
     fn repair(&self) -> Result<()> {
-        {
-            let owners: Vec<Vec<BlobId>> = self.all()?.into_iter().map(|(_, r)| r.blobs).collect();
-            let txn = self.db.begin_write().map_err(internal)?;
-            let fixed = blobs::recount(&txn, &owners)?;
-            txn.commit().map_err(internal)?;
-            if fixed > 0 {
-                tracing::warn!(blobs = fixed, "repaired blob reference counts");
-            }
-            self.collect_blobs()?;
-        }
+        self.repair_blob_counts()?;
         self.remove_orphans()?;
         let mounted = mounts::mounted_under(&self.root.join("m")).map_err(internal)?;
         for (key, rec) in self.all()? {
