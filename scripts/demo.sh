@@ -8,8 +8,10 @@
 # Then the real thing: a private containerd 1.6 and a loopback registry in
 # target/demo/env (scripts/e2e-env.sh), the sample images built and pushed
 # (scripts/build-test-images.sh), our daemon as containerd's proxy snapshotter
-# `dedup`, and `ctr image pull` + `ctr run` of a busybox image and a
-# three-layer image with whiteouts through it. Everything is stopped and
+# `dedup` running with --dedup, and `ctr image pull` + `ctr run` of a busybox
+# image, a three-layer image with whiteouts and a second image repeating
+# busybox's files through it; `dedup-snapshotter stats` then shows what the
+# images share. Everything is stopped and
 # unmounted on exit. DEMO_CONTAINERD=0 skips that part.
 #
 #   sudo scripts/demo.sh
@@ -199,13 +201,13 @@ stop_env() { bash "$ROOT/scripts/e2e-env.sh" stop "$ENVDIR" >/dev/null 2>&1 || t
 trap 'rc=$?; stop_env; cleanup_rc=$rc; umount_mnt || true; exit $cleanup_rc' EXIT
 stop_env
 rm -rf "$ENVDIR"
-step "starting a registry, containerd and dedup-snapshotter in $ENVDIR (builds the sample images once)"
-bash "$ROOT/scripts/e2e-env.sh" start "$ENVDIR"
+step "starting a registry, containerd and dedup-snapshotter --dedup in $ENVDIR (builds the sample images once)"
+bash "$ROOT/scripts/e2e-env.sh" start "$ENVDIR" "$BIN serve --root {root} --address {socket} --dedup"
 # shellcheck source=/dev/null
 . "$ENVDIR/env"
 ctr_() { ctr -a "$E2E_CONTAINERD_SOCK" -n "$E2E_NAMESPACE" "$@"; }
 
-for img in busybox layered; do
+for img in busybox layered busybox-plus; do
     step "ctr image pull --snapshotter dedup $E2E_REGISTRY/$img:latest"
     ctr_ image pull --plain-http --snapshotter dedup "$E2E_REGISTRY/$img:latest" >/dev/null
 done
@@ -219,9 +221,16 @@ ctr_ snapshot --snapshotter dedup ls
 for d in "$E2E_SNAPSHOTTER_ROOT"/snapshots/*/; do
     if [[ -f "$d/layer.erofs" ]]; then
         printf '%s layer.erofs %s bytes, fs/ entries: %s, fsck: ' "$d" "$(stat -c %s "$d/layer.erofs")" "$(ls -A "$d/fs" | wc -l)"
-        fsck.erofs "$d/layer.erofs" >/dev/null && echo ok
+        # A dedup layer names its chunk blobs as extra devices: fsck needs them too.
+        mapfile -t devs < <("$BIN" inspect --json "$d/layer.erofs" | python3 -c '
+import json, sys
+for d in json.load(sys.stdin).get("devices") or []:
+    print("--device=" + sys.argv[1] + "/blobs/" + d["tag"])' "$E2E_SNAPSHOTTER_ROOT")
+        fsck.erofs "${devs[@]}" "$d/layer.erofs" >/dev/null && echo "ok (${#devs[@]} blob devices)"
     fi
 done
+step "dedup-snapshotter stats: busybox's file data is stored once for the three images"
+"$BIN" stats --root "$E2E_SNAPSHOTTER_ROOT"
 grep " erofs " /proc/mounts | grep "$ENVDIR" | awk '{print "mounted:", $1, "on", $2}'
 echo
 echo "demo OK: converter, and containerd pulling and running through dedup-snapshotter"

@@ -36,6 +36,9 @@ pub struct Config {
     pub dedup: Option<bool>,
     /// Chunk size in bytes for dedup: a power of two from 4096 to 16 MiB (default 65536).
     pub chunk_size: Option<u64>,
+    /// Seconds without Prepare/View/Commit before committed layers' unpacked copies are
+    /// deleted (default 10; deleting them during a pull burst slows ext4's inode allocation).
+    pub trash_idle_secs: Option<u64>,
 }
 
 /// Default containerd socket.
@@ -65,6 +68,7 @@ pub fn serve(cfg: Config) -> Result<()> {
     let opts = snapshotter::StoreOptions {
         dedup: cfg.dedup.unwrap_or(false),
         chunk_bits: chunk_size.trailing_zeros() as u8,
+        trash_idle: std::time::Duration::from_secs(cfg.trash_idle_secs.unwrap_or(10)),
     };
     let store = Arc::new(
         snapshotter::Snapshotter::open_with(&root, opts)

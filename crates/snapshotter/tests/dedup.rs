@@ -16,6 +16,7 @@ use snapshotter::{Snapshotter, StoreOptions};
 const DEDUP: StoreOptions = StoreOptions {
     dedup: true,
     chunk_bits: 16,
+    trash_idle: std::time::Duration::from_secs(10),
 };
 
 fn data(len: usize, seed: u64) -> Vec<u8> {
