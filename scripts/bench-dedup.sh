@@ -105,28 +105,9 @@ SRC_BIN=${DEDUP_BIN:-$ROOT/target/release/dedup-snapshotter}
 FAMILY_DIR=$("$ROOT/scripts/build-family.sh" build) || die "scripts/build-family.sh failed"
 
 ENV_DIR=$(mktemp -d /tmp/bench-dedup.XXXXXX)
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if [[ -f "$ENV_DIR/env" ]]; then
-        if ! "$ROOT/scripts/e2e-env.sh" stop "$ENV_DIR" >"$ENV_DIR/stop.log" 2>&1; then
-            log "e2e-env.sh stop failed, $ENV_DIR kept: $(cat "$ENV_DIR/stop.log")"
-            exit $((rc ? rc : 1))
-        fi
-    fi
-    if ((rc)) && [[ -d "$ENV_DIR/logs" ]]; then
-        log "failed; last lines of the logs:"
-        tail -n 20 "$ENV_DIR"/logs/*.log >&2 || true
-    fi
-    if awk -v d="$ENV_DIR/" 'index($5, d) == 1 { found = 1 } END { exit !found }' /proc/self/mountinfo; then
-        log "still mounted under $ENV_DIR; kept"
-    else
-        rm -rf "$ENV_DIR"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=scripts/lib/bench-env.sh
+. "$ROOT/scripts/lib/bench-env.sh"
+bench_env_trap
 
 # Our daemon: a private copy of the binary (a rebuild during the run does not change it) behind a wrapper that
 # picks the flags of the current mode from ENV_DIR/mode.
@@ -147,19 +128,7 @@ exec '$BIN' serve "\$@"
 SH
 chmod 0755 "$ENV_DIR/bin/serve"
 
-# The timing helper: runs its arguments, prints the elapsed nanoseconds on stdout.  Static, so it runs in any image.
-cat >"$ENV_DIR/timeit.rs" <<'RS'
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let t = std::time::Instant::now();
-    let st = std::process::Command::new(&args[0]).args(&args[1..]).status().expect("spawn");
-    println!("timeit_ns={}", t.elapsed().as_nanos());
-    std::process::exit(st.code().unwrap_or(1));
-}
-RS
-rustc -O -C target-feature=+crt-static -o "$ENV_DIR/timeit" "$ENV_DIR/timeit.rs" ||
-    die "cannot build the static timing helper (needs libc6-dev for libc.a)"
-TIMEIT=$ENV_DIR/timeit
+bench_timeit
 
 log "starting the environment in $ENV_DIR"
 "$ROOT/scripts/e2e-env.sh" start "$ENV_DIR" "$ENV_DIR/bin/serve --root {root} --address {socket}" \
@@ -177,8 +146,6 @@ NVERSIONS=$(($(wc -l <"$FAMILY_DIR/sizes.tsv") - 1))
 
 ctr_() { ctr -a "$E2E_CONTAINERD_SOCK" -n "$NS" "$@"; }
 
-now() { echo "$EPOCHREALTIME"; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.4f", b - a }'; }
 
 : >"$RAW"
 record() { # FAMILY MODE METRIC REP VALUE [VERSION]
@@ -313,17 +280,6 @@ stats_json() { # our daemon stopped: prints `stats --root --json` as one compact
     fi
 }
 
-READ_ALL='find / -xdev -type f ! -path /.bench-timeit -exec cat {} + >/dev/null'
-
-read_all() { # SNAPSHOTTER REF ID: prints the inside-the-container seconds
-    local out ns
-    out=$(ctr_ run --rm --snapshotter "$1" \
-        --mount "type=bind,src=$TIMEIT,dst=/.bench-timeit,options=rbind:ro" \
-        "$2" "$3" /.bench-timeit /bin/sh -c "$READ_ALL") || die "read-all in $3 failed: $out"
-    ns=$(sed -n 's/^timeit_ns=//p' <<<"$out" | tail -n 1)
-    [[ -n "$ns" ]] || die "no timing from $3: $out"
-    awk -v n="$ns" 'BEGIN { printf "%.4f", n / 1e9 }'
-}
 
 measure() { # REP MODE FAMILY
     local rep=$1 mode=$2 fam=$3 snap=dedup dir=$DEDUP_DIR ref k t s total=0 trash=0 refs=()

@@ -60,32 +60,9 @@ BIN=$ROOT/target/release/dedup-snapshotter
 
 ENV_DIR=$(mktemp -d /tmp/bench-diff.XXXXXX)
 LOOP_IMG=""
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if [[ -f "$ENV_DIR/env" ]]; then
-        if ! "$ROOT/scripts/e2e-env.sh" stop "$ENV_DIR" >"$ENV_DIR/stop.log" 2>&1; then
-            log "e2e-env.sh stop failed, $ENV_DIR kept: $(cat "$ENV_DIR/stop.log")"
-            exit $((rc ? rc : 1))
-        fi
-    fi
-    if ((rc)) && [[ -d "$ENV_DIR/logs" ]]; then
-        log "failed; last lines of the logs:"
-        tail -n 20 "$ENV_DIR"/logs/*.log >&2 || true
-    fi
-    if awk -v d="$ENV_DIR/" 'index($5, d) == 1 { found = 1 } END { exit !found }' /proc/self/mountinfo; then
-        log "still mounted under $ENV_DIR; kept"
-    else
-        if [[ -n $LOOP_IMG ]]; then
-            if mountpoint -q "$ENV_DIR"; then umount "$ENV_DIR"; fi
-            rm -f "$LOOP_IMG"
-        fi
-        rm -rf "$ENV_DIR"
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=scripts/lib/bench-env.sh
+. "$ROOT/scripts/lib/bench-env.sh"
+bench_env_trap
 
 if [[ -n "${BENCH_LOOP_EXT4:-}" ]]; then
     LOOP_IMG=$ENV_DIR.ext4
@@ -121,8 +98,6 @@ dc() { # DIFF_SOCK|- SNAPSHOTTER ARGS...
     fi
 }
 
-now() { echo "$EPOCHREALTIME"; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.4f", b - a }'; }
 
 # The blob: the minbase layer, straight from the OCI layout the registry was filled from.
 OCI=${E2E_IMAGES:-/var/cache/dedup-snapshotter-tests/oci}/minbase

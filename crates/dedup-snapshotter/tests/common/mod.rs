@@ -881,7 +881,10 @@ pub fn check_image(what: &str, image: &Path, expected: &Tree, opts: &CompareOpts
 /// builds it once): returns the `.tar.gz`; the plain `.tar` lies beside it.
 pub fn debian_minbase() -> PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/debian-minbase.sh");
-    let out = Command::new("bash").arg(&script).output().expect("run debian-minbase.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("run debian-minbase.sh");
     assert!(
         out.status.success(),
         "{} failed: {}\n{}",
@@ -890,6 +893,10 @@ pub fn debian_minbase() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let tgz = PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim());
-    assert!(tgz.with_extension("").exists(), "the .tar is missing beside {}", tgz.display());
+    assert!(
+        tgz.with_extension("").exists(),
+        "the .tar is missing beside {}",
+        tgz.display()
+    );
     tgz
 }
