@@ -84,20 +84,9 @@ for f in "${FAM_LIST[@]}"; do
 done
 [[ -z "${BENCH_CHUNK_SIZE:-}" || $BENCH_CHUNK_SIZE =~ ^[1-9][0-9]*$ ]] || die "BENCH_CHUNK_SIZE wants a number"
 
-[[ $(id -u) -eq 0 ]] || die "must run as root (containerd, mounts, drop_caches)"
-for b in ctr containerd runc python3 rustc du; do
-    command -v "$b" >/dev/null || die "$b missing (apt-get install -y containerd runc python3; rustc from rustup)"
-done
-
-BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench}
-mkdir -p "$BENCH_DIR"
-BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
-RAW=$BENCH_DIR/dedup-raw.tsv
-
-if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
-    log "cargo build --release -p dedup-snapshotter"
-    cargo build --release -q -p dedup-snapshotter --bin dedup-snapshotter
-fi
+# shellcheck source=scripts/lib/bench-env.sh
+. "$ROOT/scripts/lib/bench-env.sh"
+bench_setup dedup-raw.tsv
 SRC_BIN=${DEDUP_BIN:-$ROOT/target/release/dedup-snapshotter}
 [[ -x "$SRC_BIN" ]] || die "$SRC_BIN missing"
 
@@ -105,8 +94,6 @@ SRC_BIN=${DEDUP_BIN:-$ROOT/target/release/dedup-snapshotter}
 FAMILY_DIR=$("$ROOT/scripts/build-family.sh" build) || die "scripts/build-family.sh failed"
 
 ENV_DIR=$(mktemp -d /tmp/bench-dedup.XXXXXX)
-# shellcheck source=scripts/lib/bench-env.sh
-. "$ROOT/scripts/lib/bench-env.sh"
 bench_env_trap
 
 # Our daemon: a private copy of the binary (a rebuild during the run does not change it) behind a wrapper that
@@ -152,11 +139,6 @@ record() { # FAMILY MODE METRIC REP VALUE [VERSION]
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "${6:-}" >>"$RAW"
 }
 
-snapshots_of() { ctr_ snapshots --snapshotter "$1" ls | tail -n +2; }
-dir_entries() { # DIR: prints the first entry of DIR (nothing when DIR is empty or missing)
-    if [[ -d "$1" ]]; then find "$1" -mindepth 1 -maxdepth 1 -printf '%f\n' | head -n 1; fi
-}
-names_in() { if [[ -d "$1" ]]; then find "$1" -mindepth 1 -maxdepth 1 -printf '%f '; fi; }
 
 wait_clean() { # nothing in the content store, no snapshots in either snapshotter (nor their dirs)
     local i

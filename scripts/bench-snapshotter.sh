@@ -42,25 +42,12 @@ die() {
     exit 1
 }
 
-[[ $(id -u) -eq 0 ]] || die "must run as root (containerd, mounts, drop_caches)"
-for b in ctr containerd runc python3 rustc du; do
-    command -v "$b" >/dev/null || die "$b missing (apt-get install -y containerd runc python3; rustc from rustup)"
-done
-
-BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench}
-mkdir -p "$BENCH_DIR"
-BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
-RAW=$BENCH_DIR/snapshotter-raw.tsv
-
-if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
-    log "cargo build --release -p dedup-snapshotter"
-    cargo build --release -q -p dedup-snapshotter --bin dedup-snapshotter
-fi
+# shellcheck source=scripts/lib/bench-env.sh
+. "$ROOT/scripts/lib/bench-env.sh"
+bench_setup snapshotter-raw.tsv
 [[ -x "$ROOT/target/release/dedup-snapshotter" ]] || die "target/release/dedup-snapshotter missing"
 
 ENV_DIR=$(mktemp -d /tmp/bench-snap.XXXXXX)
-# shellcheck source=scripts/lib/bench-env.sh
-. "$ROOT/scripts/lib/bench-env.sh"
 bench_env_trap
 
 bench_timeit
@@ -81,11 +68,6 @@ record() { # IMAGE SNAPSHOTTER METRIC REP VALUE
     printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RAW"
 }
 
-snapshots_of() { ctr_ snapshots --snapshotter "$1" ls | tail -n +2; }
-dir_entries() { # DIR: prints the first entry of DIR (nothing when DIR is empty or missing)
-    if [[ -d "$1" ]]; then find "$1" -mindepth 1 -maxdepth 1 -printf '%f\n' | head -n 1; fi
-}
-names_in() { if [[ -d "$1" ]]; then find "$1" -mindepth 1 -maxdepth 1 -printf '%f '; fi; }
 
 wait_clean() { # nothing in the content store, no snapshots in either snapshotter (nor their dirs)
     local i

@@ -1,13 +1,41 @@
 # Sourced by the bench scripts that run a private containerd environment (scripts/e2e-env.sh) in ENV_DIR, after
 # `cd "$ROOT"` and with log() defined: the clean-up trap, the clock, and the in-container timing helper.
+#   bench_setup RAWNAME     checks root and the tools, makes BENCH_DIR (default target/bench), sets RAW to
+#                           BENCH_DIR/RAWNAME, builds the release binary unless BENCH_NO_BUILD is set
 #   bench_env_trap          installs the EXIT/INT/TERM trap: stops the environment, prints the logs' tails on
 #                           failure, removes ENV_DIR unless something is still mounted there (and, when LOOP_IMG is
 #                           set, unmounts the loop file system ENV_DIR lives on and deletes its image)
 #   bench_timeit            builds the static timing helper at $ENV_DIR/timeit and sets TIMEIT
 #   now, since T            wall clock (seconds since the epoch), seconds since T
+#   snapshots_of SNAP       `ctr snapshots ls` of a snapshotter, without the header (needs ctr_)
+#   dir_entries DIR         the first entry of DIR (nothing when DIR is empty or missing)
+#   names_in DIR            DIR's entries on one line
 #   read_all SNAP REF ID    reads every file of REF's image in a container; prints the inside-the-container seconds
 #                           (needs ctr_ and TIMEIT)
 # shellcheck shell=bash
+
+bench_setup() {
+    [[ $(id -u) -eq 0 ]] || {
+        log "must run as root (containerd, mounts, drop_caches)"
+        exit 1
+    }
+    local b
+    for b in ctr containerd runc python3 rustc du; do
+        command -v "$b" >/dev/null || {
+            log "$b missing (apt-get install -y containerd runc python3; rustc from rustup)"
+            exit 1
+        }
+    done
+    BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench}
+    mkdir -p "$BENCH_DIR"
+    BENCH_DIR=$(cd "$BENCH_DIR" && pwd)
+    # shellcheck disable=SC2034 # used by the scripts that source this file
+    RAW=$BENCH_DIR/$1
+    if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
+        log "cargo build --release -p dedup-snapshotter"
+        cargo build --release -q -p dedup-snapshotter --bin dedup-snapshotter
+    fi
+}
 
 bench_env_cleanup() {
     local rc=$?
@@ -56,6 +84,12 @@ RS
     }
     TIMEIT=$ENV_DIR/timeit
 }
+
+snapshots_of() { ctr_ snapshots --snapshotter "$1" ls | tail -n +2; }
+dir_entries() { # DIR: prints the first entry of DIR (nothing when DIR is empty or missing)
+    if [[ -d "$1" ]]; then find "$1" -mindepth 1 -maxdepth 1 -printf '%f\n' | head -n 1; fi
+}
+names_in() { if [[ -d "$1" ]]; then find "$1" -mindepth 1 -maxdepth 1 -printf '%f '; fi; }
 
 now() { echo "$EPOCHREALTIME"; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.4f", b - a }'; }
