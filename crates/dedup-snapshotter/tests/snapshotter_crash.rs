@@ -596,11 +596,7 @@ async fn kill_during_commit_conversion() {
         !sdir.join("layer.erofs").exists(),
         "layer.erofs appeared before the kill landed: the kill came too late to test an interrupted conversion"
     );
-    let res = tokio::time::timeout(Duration::from_secs(10), commit)
-        .await
-        .expect("the Commit call did not return after the daemon died")
-        .expect("commit task");
-    assert!(res.is_err(), "Commit succeeded although the daemon was killed: {res:?}");
+    assert_commit_failed(commit).await;
     drop(c);
 
     d.start();
@@ -779,6 +775,15 @@ async fn kill_after_commit_remounts_layers() {
     d.stop();
 }
 
+/// The Commit call in flight when the daemon was killed returns, with an error.
+async fn assert_commit_failed<T: std::fmt::Debug>(commit: tokio::task::JoinHandle<Result<T, tonic::Status>>) {
+    let res = tokio::time::timeout(Duration::from_secs(10), commit)
+        .await
+        .expect("the Commit call did not return after the daemon died")
+        .expect("commit task");
+    assert!(res.is_err(), "Commit succeeded although the daemon was killed: {res:?}");
+}
+
 fn blob_files(d: &Daemon) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(d.root.join("blobs"))
         .map(|rd| {
@@ -843,11 +848,7 @@ async fn kill_while_a_dedup_commit_writes_its_blob() {
         "crash: killed {:.2}s into the commit, blob {new_blob} being written",
         t.elapsed().as_secs_f64()
     );
-    let res = tokio::time::timeout(Duration::from_secs(10), commit)
-        .await
-        .expect("the Commit call did not return after the daemon died")
-        .expect("commit task");
-    assert!(res.is_err(), "Commit succeeded although the daemon was killed: {res:?}");
+    assert_commit_failed(commit).await;
     drop(c);
 
     d.start();
