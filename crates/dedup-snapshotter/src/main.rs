@@ -52,6 +52,10 @@ enum Command {
         /// Chunk size with --blob-dir: a power of two from 4K to 16M.
         #[arg(long, value_parser = parse_chunk_size, default_value = "64K")]
         chunk_size: u64,
+        /// Metadata first, file data after: an image that can be listed and stat-ed
+        /// from its first bytes alone (the layout of lazily fetched layers).
+        #[arg(long)]
+        meta_first: bool,
         /// The layer file, or `-` for standard input.
         input: PathBuf,
         /// The EROFS image to write.
@@ -207,15 +211,20 @@ fn run(cli: Cli) -> Result<()> {
             fsync,
             blob_dir,
             chunk_size,
+            meta_first,
             input,
             output,
         } => {
+            if meta_first && blob_dir.is_some() {
+                anyhow::bail!("--meta-first and --blob-dir do not go together: a blob image has no file data");
+            }
             let mut opts = layer_convert::Options::from_env();
             opts.media_type = media_type;
             opts.inline_data = !no_inline;
             opts.max_size = max_size;
             opts.fsync = fsync;
             opts.chunk_bits = chunk_size.trailing_zeros() as u8;
+            opts.meta_first = meta_first;
             convert(&input, &output, &opts, json, blob_dir.as_deref())
         }
         Command::Stats { root, json } => {

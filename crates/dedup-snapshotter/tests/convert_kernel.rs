@@ -770,3 +770,76 @@ fn debian_minbase_rootfs() {
     );
     check_image("debian minbase", &image, &expected, &CompareOpts::default());
 }
+
+/// `--meta-first` (the layout of lazily fetched layers): the same tree, and every
+/// piece of metadata lies before the report's `data_offset`, so an image whose
+/// data blocks are all still missing (zeros) lists and stats exactly like the
+/// whole one.
+#[test]
+fn meta_first_layout_keeps_all_metadata_in_front() {
+    require_root_and_kernel();
+    let src = tempdir();
+    build_rich_tree(src.path(), FULL);
+    let work = tempdir();
+    let tar = work.path().join("layer.tar");
+    gnu_create(src.path(), &tar, TarFormat::Posix);
+    let input = compress(&tar, Compression::Gzip);
+    let image = work.path().join("layer.erofs");
+    let report = convert_ok(&input, &image, &["--meta-first"]);
+    check_report(&report, &tar, &input, &image, Compression::Gzip);
+    let (_x, mut expected) = gnu_extract_tree(&tar);
+    strip_overlay_xattrs(&mut expected);
+    check_image("meta-first", &image, &expected, &CompareOpts::default());
+
+    let size = fs::metadata(&image).unwrap().len();
+    let data_offset = report["data_offset"].as_u64().expect("data_offset in the report");
+    assert!(
+        data_offset > 4096 && data_offset < size,
+        "data_offset {data_offset} should split the {size}-byte image"
+    );
+    // The same layer in the default layout must hold the same number of data blocks.
+    let plain = work.path().join("plain.erofs");
+    convert_ok(&input, &plain, &[]);
+    assert_eq!(
+        size,
+        fs::metadata(&plain).unwrap().len(),
+        "meta-first moves blocks, it adds none"
+    );
+
+    // Zero everything from data_offset on: only metadata remains.
+    let prefix = work.path().join("prefix.erofs");
+    let mut bytes = fs::read(&image).unwrap();
+    bytes[data_offset as usize..].fill(0);
+    fs::write(&prefix, &bytes).unwrap();
+    let meta_of = |path: &Path| {
+        let img = erofs::reader::Image::open(path).unwrap();
+        let mut out = Vec::new();
+        img.walk(&mut |p, e| {
+            let xattrs = img.xattrs(e)?;
+            let link = if e.kind == erofs::reader::FileKind::Symlink {
+                img.read_link(e)?
+            } else {
+                Vec::new()
+            };
+            let names = if e.kind == erofs::reader::FileKind::Dir {
+                img.read_dir(e)?.into_iter().map(|d| d.name).collect()
+            } else {
+                Vec::new()
+            };
+            out.push(format!(
+                "{:?} {:?} {:?} {:?} {:?}",
+                String::from_utf8_lossy(p),
+                e.inode,
+                xattrs,
+                link,
+                names
+            ));
+            Ok(())
+        })
+        .unwrap();
+        out
+    };
+    let whole = meta_of(&image);
+    assert!(whole.len() > 20, "the rich tree has many entries, got {}", whole.len());
+    assert_eq!(whole, meta_of(&prefix), "metadata read from the prefix alone differs");
+}

@@ -157,6 +157,7 @@ pub(crate) async fn apply_erofs(d: &Differ, ctx: &CallContext, req: &ApplyReques
                     build_time: 0,
                     fsync: true,
                     chunk_bits: session.as_ref().map_or(16, |s| s.chunk_bits()),
+                    meta_first: false,
                 };
                 let converted = match &session {
                     None => layer_convert::convert(blob, &staged, &opts, None).map(|r| (r, None)),

@@ -364,6 +364,9 @@ pub struct Summary {
     pub bytes: u64,
     /// Blocks holding file bodies.
     pub data_blocks: u32,
+    /// First block of the file bodies (1, or after the metadata in the
+    /// metadata-first layout).
+    pub data_blkaddr: u32,
     /// Start of the meta area.
     pub meta_blkaddr: u32,
     /// nid of the root directory.
@@ -532,16 +535,100 @@ impl<W: Write + Seek> ImageWriter<W> {
     /// the output (positioned at its end) and a summary.
     pub fn finish(mut self, tree: &Tree) -> Result<(W, Summary)> {
         let data_blocks = self.next_block - 1;
-
         // The device table comes right after the file data: its offset is stored in
         // 128-byte units in a 16-bit field, so it must start within the first 8 MiB,
         // which chunk-based images (no file data of their own) always satisfy.
         let devt_offset = u64::from(self.next_block) * BLOCK_SIZE;
-        let devt_blocks = (self.devices.len() * format::DEVICE_SLOT_SIZE).div_ceil(BS) as u32;
+        let (table, devt_slotoff, extra_devices) = self.device_table(devt_offset)?;
+        self.out.write_all(&table)?;
+        let plan = Plan::new(tree, &self.opts, self.next_block + (table.len() / BS) as u32)?;
+        check_devices(tree, &plan, extra_devices)?;
+        let (late, meta) = plan.encode_meta(tree);
+        self.out.write_all(&late)?;
+        self.out.write_all(&meta)?;
+
+        let blocks = u64::from(plan.meta_blkaddr) + meta.len() as u64 / BLOCK_SIZE;
+        let blocks = u32::try_from(blocks).map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
+        let sb = self.superblock(&plan, blocks, extra_devices, devt_slotoff);
+        self.out.seek(SeekFrom::Start(format::SUPER_OFFSET))?;
+        self.out.write_all(&sb.encode())?;
+        self.out.seek(SeekFrom::Start(u64::from(blocks) * BLOCK_SIZE))?;
+        self.out.flush()?;
+        let summary = self.summary(&plan, blocks, data_blocks, extra_devices);
+        Ok((self.out, summary))
+    }
+
+    /// Finishes the image in the *metadata-first* layout, for images that are read
+    /// over the network before they are whole: the superblock, device table,
+    /// directory blocks and inodes fill the first blocks of `out`, and the file bodies
+    /// streamed so far into this writer's own output (then only a spool, which must
+    /// be readable) follow, copied once. A lazy reader fetches one prefix and can list
+    /// and stat the whole tree; file data is fetched as it is read.
+    ///
+    /// Block addresses of file data are shifted by the size of the metadata, which is
+    /// known only now; the plan's sizes do not depend on any address, so the layout
+    /// is computed once and the addresses are adjusted as inodes are encoded.
+    ///
+    /// ```text
+    /// block 0          superblock at byte 1024
+    /// blocks 1..T      the device table, when files have chunks on extra devices
+    /// blocks T..M      directory blocks and long symlink targets that are not inlined
+    /// blocks M..D      meta area: shared xattrs, then inodes
+    /// blocks D..       file bodies, in arrival order
+    /// ```
+    pub fn finish_meta_first<O: Write>(mut self, tree: &Tree, mut out: O) -> Result<(W, O, Summary)>
+    where
+        W: io::Read,
+    {
+        let data_blocks = self.next_block - 1;
+        let (table, devt_slotoff, extra_devices) = self.device_table(BLOCK_SIZE)?;
+        let mut plan = Plan::new(tree, &self.opts, 1 + (table.len() / BS) as u32)?;
+        check_devices(tree, &plan, extra_devices)?;
+        let meta_end = u64::from(plan.meta_blkaddr) + plan.meta_bytes.div_ceil(BLOCK_SIZE);
+        // Data was addressed from block 1 while it streamed; it now starts at meta_end.
+        plan.data_shift =
+            u32::try_from(meta_end - 1).map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
+        let (late, meta) = plan.encode_meta(tree);
+        debug_assert_eq!(
+            u64::from(plan.meta_blkaddr) * BLOCK_SIZE + meta.len() as u64,
+            meta_end * BLOCK_SIZE
+        );
+        let blocks = meta_end + u64::from(data_blocks);
+        let blocks = u32::try_from(blocks).map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
+        let sb = self.superblock(&plan, blocks, extra_devices, devt_slotoff);
+        let mut block0 = vec![0u8; BS];
+        let sbb = sb.encode();
+        block0[format::SUPER_OFFSET as usize..format::SUPER_OFFSET as usize + sbb.len()].copy_from_slice(&sbb);
+        out.write_all(&block0)?;
+        out.write_all(&table)?;
+        out.write_all(&late)?;
+        out.write_all(&meta)?;
+        self.out.flush()?;
+        self.out.seek(SeekFrom::Start(BLOCK_SIZE))?;
+        let copied = io::copy(
+            &mut io::Read::take(&mut self.out, u64::from(data_blocks) * BLOCK_SIZE),
+            &mut out,
+        )?;
+        if copied != u64::from(data_blocks) * BLOCK_SIZE {
+            return Err(Error::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the data spool is shorter than the data written to it",
+            )));
+        }
+        out.flush()?;
+        let mut summary = self.summary(&plan, blocks, data_blocks, extra_devices);
+        summary.data_blkaddr = meta_end as u32;
+        Ok((self.out, out, summary))
+    }
+
+    /// The encoded device table (whole blocks) for a table at byte `offset`, its slot
+    /// offset and the number of devices.
+    fn device_table(&self, offset: u64) -> Result<(Vec<u8>, u16, u16)> {
+        let devt_blocks = (self.devices.len() * format::DEVICE_SLOT_SIZE).div_ceil(BS);
         let devt_slotoff = if self.devices.is_empty() {
             0
         } else {
-            u16::try_from(devt_offset / format::DEVICE_SLOT_SIZE as u64).map_err(|_| {
+            u16::try_from(offset / format::DEVICE_SLOT_SIZE as u64).map_err(|_| {
                 Error::Unrepresentable("device table would start beyond 8 MiB: too much data in the image".into())
             })?
         };
@@ -549,58 +636,16 @@ impl<W: Write + Seek> ImageWriter<W> {
             .ok()
             .filter(|n| *n < u16::MAX)
             .ok_or_else(|| Error::Unrepresentable("more than 65534 extra devices".into()))?;
-        if !self.devices.is_empty() {
-            let mut table = Vec::with_capacity(devt_blocks as usize * BS);
-            for d in &self.devices {
-                table.extend_from_slice(&d.encode());
-            }
-            table.resize(devt_blocks as usize * BS, 0);
-            self.out.write_all(&table)?;
+        let mut table = Vec::with_capacity(devt_blocks * BS);
+        for d in &self.devices {
+            table.extend_from_slice(&d.encode());
         }
-        let plan = Plan::new(tree, &self.opts, self.next_block + devt_blocks)?;
-        for slot in &plan.slots {
-            if let Body::File(FileData { chunks: Some(c), .. }) = &tree.node(slot.id).body {
-                if let Some(bad) = c.iter().find(|a| a.blkaddr != NULL_ADDR && a.device > extra_devices) {
-                    return Err(Error::Unrepresentable(format!(
-                        "chunk on device {} but the device table has {extra_devices} entries",
-                        bad.device
-                    )));
-                }
-            }
-        }
+        table.resize(devt_blocks * BS, 0);
+        Ok((table, devt_slotoff, extra_devices))
+    }
 
-        // Late data: directory blocks and symlink targets that do not fit inline. A
-        // directory with both full blocks and an inline tail keeps its tail here, so
-        // its entries are laid out once.
-        let mut tails: Vec<Option<Vec<u8>>> = vec![None; plan.slots.len()];
-        for (i, slot) in plan.slots.iter().enumerate() {
-            if slot.late_blocks == 0 {
-                continue;
-            }
-            let mut bytes = plan.late_bytes(tree, slot);
-            let full = slot.late_blocks as usize * BS;
-            let n = full.min(bytes.len());
-            self.out.write_all(&bytes[..n])?;
-            self.out.write_all(&ZEROS[..full - n])?;
-            if slot.inline_len > 0 {
-                tails[i] = Some(bytes.split_off(bytes.len() - slot.inline_len));
-            }
-        }
-
-        // The meta area: shared xattrs, then inodes in their slots.
-        let mut meta = Vec::with_capacity(plan.meta_bytes as usize);
-        meta.extend_from_slice(&plan.shared_area);
-        for (slot, tail) in plan.slots.iter().zip(&tails) {
-            meta.resize((slot.nid as usize) << format::ISLOT_BITS, 0);
-            plan.encode_inode(tree, slot, tail.as_deref(), &mut meta);
-        }
-        let meta_len = (meta.len() as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
-        meta.resize(meta_len as usize, 0);
-        self.out.write_all(&meta)?;
-
-        let blocks = u64::from(plan.meta_blkaddr) + meta_len / BLOCK_SIZE;
-        let blocks = u32::try_from(blocks).map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
-        let sb = SuperBlock {
+    fn superblock(&self, plan: &Plan, blocks: u32, extra_devices: u16, devt_slotoff: u16) -> SuperBlock {
+        SuperBlock {
             blkszbits: BLKSZBITS,
             root_nid: plan.root_nid,
             inos: plan.slots.len() as u64,
@@ -623,24 +668,38 @@ impl<W: Write + Seek> ImageWriter<W> {
             extra_devices,
             devt_slotoff,
             ..Default::default()
-        };
-        self.out.seek(SeekFrom::Start(format::SUPER_OFFSET))?;
-        self.out.write_all(&sb.encode())?;
-        self.out.seek(SeekFrom::Start(u64::from(blocks) * BLOCK_SIZE))?;
-        self.out.flush()?;
-        let summary = Summary {
+        }
+    }
+
+    fn summary(&self, plan: &Plan, blocks: u32, data_blocks: u32, extra_devices: u16) -> Summary {
+        Summary {
             inodes: plan.slots.len() as u64,
             blocks,
             bytes: u64::from(blocks) * BLOCK_SIZE,
             data_blocks,
+            data_blkaddr: 1,
             meta_blkaddr: plan.meta_blkaddr,
             root_nid: plan.root_nid,
             shared_xattrs: plan.shared_ids.len(),
             chunked_files: plan.chunked_files,
             devices: extra_devices,
-        };
-        Ok((self.out, summary))
+        }
     }
+}
+
+/// Refuses chunks addressed to devices the table does not have.
+fn check_devices(tree: &Tree, plan: &Plan, extra_devices: u16) -> Result<()> {
+    for slot in &plan.slots {
+        if let Body::File(FileData { chunks: Some(c), .. }) = &tree.node(slot.id).body {
+            if let Some(bad) = c.iter().find(|a| a.blkaddr != NULL_ADDR && a.device > extra_devices) {
+                return Err(Error::Unrepresentable(format!(
+                    "chunk on device {} but the device table has {extra_devices} entries",
+                    bad.device
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 static ZEROS: [u8; BS] = [0; BS];
@@ -715,6 +774,9 @@ struct Plan {
     root_nid: u16,
     chunked_files: u64,
     chunk_bits: u8,
+    /// Added to the address of every block of file data in this image (device 0):
+    /// non-zero in the metadata-first layout, where the data moves behind the meta.
+    data_shift: u32,
 }
 
 impl Plan {
@@ -860,7 +922,49 @@ impl Plan {
             root_nid,
             chunked_files,
             chunk_bits: opts.chunk_bits,
+            data_shift: 0,
         })
+    }
+
+    /// A data block address as stored: blocks of this image's own data move with
+    /// [`Plan::data_shift`]; holes and other devices' blocks stay.
+    fn shift(&self, device: u16, blkaddr: u32) -> u32 {
+        if device == 0 && blkaddr != NULL_ADDR {
+            blkaddr + self.data_shift
+        } else {
+            blkaddr
+        }
+    }
+
+    /// The late area (directory blocks, long symlinks) and the meta area (shared
+    /// xattrs, inodes), each padded to whole blocks.
+    fn encode_meta(&self, tree: &Tree) -> (Vec<u8>, Vec<u8>) {
+        // A directory with both full blocks and an inline tail keeps its tail here, so
+        // its entries are laid out once.
+        let mut late = Vec::new();
+        let mut tails: Vec<Option<Vec<u8>>> = vec![None; self.slots.len()];
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.late_blocks == 0 {
+                continue;
+            }
+            let mut bytes = self.late_bytes(tree, slot);
+            let full = slot.late_blocks as usize * BS;
+            let n = full.min(bytes.len());
+            late.extend_from_slice(&bytes[..n]);
+            late.resize(late.len() + full - n, 0);
+            if slot.inline_len > 0 {
+                tails[i] = Some(bytes.split_off(bytes.len() - slot.inline_len));
+            }
+        }
+        let mut meta = Vec::with_capacity(self.meta_bytes as usize);
+        meta.extend_from_slice(&self.shared_area);
+        for (slot, tail) in self.slots.iter().zip(&tails) {
+            meta.resize((slot.nid as usize) << format::ISLOT_BITS, 0);
+            self.encode_inode(tree, slot, tail.as_deref(), &mut meta);
+        }
+        let meta_len = (meta.len() as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        meta.resize(meta_len as usize, 0);
+        (late, meta)
     }
 
     fn nid_of(&self, id: NodeId) -> u64 {
@@ -923,10 +1027,11 @@ impl Plan {
                 u32::from(format::CHUNK_FORMAT_INDEXES) | u32::from(self.chunk_bits - BLKSZBITS),
             ),
             Body::File(f) => {
+                let addr = self.shift(0, f.blkaddr);
                 if f.tail.is_some() {
-                    (format::LAYOUT_FLAT_INLINE, f.blkaddr)
+                    (format::LAYOUT_FLAT_INLINE, addr)
                 } else {
-                    (format::LAYOUT_FLAT_PLAIN, f.blkaddr)
+                    (format::LAYOUT_FLAT_PLAIN, addr)
                 }
             }
             Body::Dir(_) | Body::Symlink(_) => {
@@ -976,7 +1081,7 @@ impl Plan {
                 // startblk_hi (0: no 48-bit addressing), device id, startblk_lo.
                 out.extend_from_slice(&0u16.to_le_bytes());
                 out.extend_from_slice(&(if a.blkaddr == NULL_ADDR { 0 } else { a.device }).to_le_bytes());
-                out.extend_from_slice(&a.blkaddr.to_le_bytes());
+                out.extend_from_slice(&self.shift(a.device, a.blkaddr).to_le_bytes());
             }
         }
         if slot.inline_len > 0 {

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufWriter, Read};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use erofs::writer::{self, Body, ChunkSink, ImageWriter, Meta, Node, NodeId, Tree, Xattr};
+use erofs::writer::{self, Body, ChunkSink, ImageWriter, Meta, Node, NodeId, Summary, Tree, Xattr};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, ErrorKind};
@@ -41,6 +41,9 @@ pub struct Options {
     pub fsync: bool,
     /// log2 of the chunk size of chunk-based files (with a chunk sink).
     pub chunk_bits: u8,
+    /// Metadata first, file data after (for images read over the network before
+    /// they are whole); costs one copy of the file data.
+    pub meta_first: bool,
 }
 
 impl Default for Options {
@@ -52,6 +55,7 @@ impl Default for Options {
             inline_data: true,
             build_time: 0,
             fsync: false,
+            meta_first: false,
         }
     }
 }
@@ -89,6 +93,10 @@ pub struct Report {
     pub compression: Compression,
     /// Wall time.
     pub seconds: f64,
+    /// Byte offset of the first block of file data: with [`Options::meta_first`],
+    /// everything before it is metadata (superblock, directories, inodes, xattrs,
+    /// inline tails).
+    pub data_offset: u64,
 }
 
 /// Converts a layer read from `input` into an EROFS image at `output`.
@@ -111,7 +119,7 @@ pub fn convert_with<R: Read + Send>(
     output: &Path,
     opts: &Options,
     progress: Option<&(dyn Fn(u64) + Sync)>,
-    mut sink: Option<&mut dyn ChunkSink>,
+    sink: Option<&mut dyn ChunkSink>,
 ) -> Result<Report, Error> {
     let started = Instant::now();
     let compression = match &opts.media_type {
@@ -119,39 +127,45 @@ pub fn convert_with<R: Read + Send>(
         None => None,
     };
     let tmp = TempOutput::create(output)?;
-    let out = BufWriter::with_capacity(
-        1 << 20,
-        Output::new(tmp.file.try_clone().map_err(Error::io)?, opts.fsync),
-    );
     let wopts = writer::Options {
         inline_data: opts.inline_data,
         build_time: opts.build_time,
         chunk_bits: opts.chunk_bits,
         ..Default::default()
     };
-    let image = ImageWriter::new(out, wopts).map_err(werr)?;
-
-    let ((summary, entries, diff, usize_, input_stats), compression) =
-        stream::with_uncompressed(input, compression, opts.max_size, progress, |s| {
-            let r = build(s, image, opts.build_time, reborrow(&mut sink));
-            let r = match r {
-                Err(e) => Err(s.take_failure().unwrap_or(e)),
-                Ok(v) => Ok(v),
-            };
-            let (mut image, tree, entries) = r?;
-            let (diff, size, stats) = s
-                .digests()
-                .ok_or_else(|| Error::new(ErrorKind::Io, "input ended without its digest"))?;
-            // The UUID is known only now: derived from the input digest so the same
-            // input gives the same image.
-            image.set_uuid(uuid_from(&stats.digest));
-            if let Some(sink) = &sink {
-                image.set_devices(sink.device_slots());
-            }
-            let (mut w, summary) = image.finish(&tree).map_err(werr)?;
+    let out = || {
+        Ok::<_, Error>(BufWriter::with_capacity(
+            1 << 20,
+            Output::new(tmp.file.try_clone().map_err(Error::io)?, opts.fsync),
+        ))
+    };
+    let ((summary, entries, diff, usize_, input_stats), compression) = if opts.meta_first {
+        // File bodies stream into an unnamed spool beside the output and are copied
+        // behind the metadata once its size is known (see
+        // `ImageWriter::finish_meta_first`).
+        let dir = output
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let spool = Spool(BufWriter::with_capacity(
+            1 << 20,
+            tempfile::tempfile_in(dir).map_err(Error::io)?,
+        ));
+        let image = ImageWriter::new(spool, wopts).map_err(werr)?;
+        let final_out = out()?;
+        build_stream(input, compression, opts, progress, sink, image, |image, tree| {
+            let (_, mut w, summary) = image.finish_meta_first(tree, final_out).map_err(werr)?;
             std::io::Write::flush(&mut w).map_err(Error::io)?;
-            Ok((summary, entries, diff, size, stats))
-        })?;
+            Ok(summary)
+        })?
+    } else {
+        let image = ImageWriter::new(out()?, wopts).map_err(werr)?;
+        build_stream(input, compression, opts, progress, sink, image, |image, tree| {
+            let (mut w, summary) = image.finish(tree).map_err(werr)?;
+            std::io::Write::flush(&mut w).map_err(Error::io)?;
+            Ok(summary)
+        })?
+    };
 
     if opts.fsync {
         tmp.file.sync_all().map_err(Error::io)?;
@@ -166,7 +180,68 @@ pub fn convert_with<R: Read + Send>(
         entries,
         compression,
         seconds: started.elapsed().as_secs_f64(),
+        data_offset: u64::from(summary.data_blkaddr) * writer::BLOCK_SIZE,
     })
+}
+
+type Streamed = ((Summary, u64, [u8; 32], u64, stream::InputStats), Compression);
+
+/// Reads the layer once, building the tree and streaming file bodies into `image`,
+/// then lets `finish` lay out the rest.
+fn build_stream<R: Read + Send, W: std::io::Write + std::io::Seek>(
+    input: R,
+    compression: Option<Compression>,
+    opts: &Options,
+    progress: Option<&(dyn Fn(u64) + Sync)>,
+    mut sink: Option<&mut dyn ChunkSink>,
+    image: ImageWriter<W>,
+    finish: impl FnOnce(ImageWriter<W>, &Tree) -> Result<Summary, Error>,
+) -> Result<Streamed, Error> {
+    stream::with_uncompressed(input, compression, opts.max_size, progress, |s| {
+        let r = build(s, image, opts.build_time, reborrow(&mut sink));
+        let r = match r {
+            Err(e) => Err(s.take_failure().unwrap_or(e)),
+            Ok(v) => Ok(v),
+        };
+        let (mut image, tree, entries) = r?;
+        let (diff, size, stats) = s
+            .digests()
+            .ok_or_else(|| Error::new(ErrorKind::Io, "input ended without its digest"))?;
+        // The UUID is known only now: derived from the input digest so the same
+        // input gives the same image.
+        image.set_uuid(uuid_from(&stats.digest));
+        if let Some(sink) = &sink {
+            image.set_devices(sink.device_slots());
+        }
+        let summary = finish(image, &tree)?;
+        Ok((summary, entries, diff, size, stats))
+    })
+}
+
+/// The data spool of a metadata-first image: buffered writes, and reads back once
+/// the metadata is written in front of it.
+struct Spool(BufWriter<File>);
+
+impl std::io::Write for Spool {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl std::io::Seek for Spool {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.0.seek(to)
+    }
+}
+
+impl Read for Spool {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::io::Write::flush(&mut self.0)?;
+        self.0.get_mut().read(buf)
+    }
 }
 
 /// Reborrows an optional sink for a shorter time (`as_deref_mut` cannot shorten the
