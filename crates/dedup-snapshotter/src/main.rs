@@ -86,6 +86,33 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Convert an image in a registry into one with EROFS-native layers that can be mounted
+    /// before they are downloaded (metadata first, a sha256 per chunk in the annotations).
+    ConvertImage {
+        /// Source image (`registry/name:tag` or `@sha256:…`); loopback registries use plain HTTP.
+        src: String,
+        /// Target image reference, pushed when every layer is converted.
+        dst: String,
+        /// Size of the verification chunks: a power of two from 4K to 1G.
+        #[arg(long, value_parser = parse_size, default_value = "1M")]
+        chunk_size: u64,
+        /// A file of absolute paths (one per line, e.g. from `record`) whose data a start reads
+        /// first: their chunks become each layer's prefetch list.
+        #[arg(long)]
+        prefetch: Option<PathBuf>,
+        /// Where converted layers are kept until they are pushed (default: $TMPDIR).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Docker config file with registry credentials (default: $DOCKER_CONFIG or ~/.docker).
+        #[arg(long)]
+        docker_config: Option<PathBuf>,
+        /// Also use plain HTTP for this registry host (loopback always does).
+        #[arg(long)]
+        plain_http: Vec<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// What a store holds: layers, logical vs stored bytes, chunks, index size, sharing per image.
     /// Asks the running daemon (its admin socket under the root), or reads the store when none runs.
     Stats {
@@ -227,6 +254,25 @@ fn run(cli: Cli) -> Result<()> {
             opts.meta_first = meta_first;
             convert(&input, &output, &opts, json, blob_dir.as_deref())
         }
+        Command::ConvertImage {
+            src,
+            dst,
+            chunk_size,
+            prefetch,
+            work_dir,
+            docker_config,
+            plain_http,
+            json,
+        } => convert_image(ConvertImageArgs {
+            src,
+            dst,
+            chunk_size,
+            prefetch,
+            work_dir,
+            docker_config,
+            plain_http,
+            json,
+        }),
         Command::Stats { root, json } => {
             stats::stats(&root.unwrap_or_else(|| PathBuf::from(serve::DEFAULT_ROOT)), json)
         }
@@ -391,4 +437,64 @@ fn flate2_reader<R: io::BufRead>(r: R) -> impl Read {
 
 fn zstd_reader<R: io::BufRead>(r: R) -> Result<impl Read> {
     Ok(layer_convert::stream::zstd_decoder(r)?)
+}
+
+struct ConvertImageArgs {
+    src: String,
+    dst: String,
+    chunk_size: u64,
+    prefetch: Option<PathBuf>,
+    work_dir: Option<PathBuf>,
+    docker_config: Option<PathBuf>,
+    plain_http: Vec<String>,
+    json: bool,
+}
+
+fn convert_image(a: ConvertImageArgs) -> Result<()> {
+    let mut copts = registry::ClientOptions {
+        docker_config: a.docker_config,
+        ..Default::default()
+    };
+    copts.plain_http.extend(a.plain_http);
+    let client = registry::Client::new(copts)?;
+    let src = registry::Reference::parse(&a.src).with_context(|| format!("source {}", a.src))?;
+    let dst = registry::Reference::parse(&a.dst).with_context(|| format!("target {}", a.dst))?;
+    let prefetch_paths = match &a.prefetch {
+        None => Vec::new(),
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with('/'))
+            .map(String::from)
+            .collect(),
+    };
+    let opts = image_convert::ConvertOptions {
+        chunk_size: a.chunk_size,
+        prefetch_paths,
+        work_dir: a.work_dir,
+        progress: !a.json && io::stderr().is_terminal(),
+        ..Default::default()
+    };
+    let report = image_convert::convert_image(&client, &src, &dst, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for (i, l) in report.layers.iter().enumerate() {
+            println!(
+                "layer {}: {} ({} bytes) -> {} ({} bytes, metadata {} bytes, {} chunks, {} prefetch), {:.2} s",
+                i + 1,
+                l.source_digest,
+                l.source_size,
+                l.digest,
+                l.size,
+                l.data_offset,
+                l.chunks,
+                l.prefetch_chunks.len(),
+                l.convert_seconds
+            );
+        }
+        println!("{}@{} ({:.1} s)", report.target, report.manifest_digest, report.seconds);
+    }
+    Ok(())
 }

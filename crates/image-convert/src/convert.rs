@@ -1,0 +1,331 @@
+//! Pull, convert, push.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use registry::{Client, Descriptor, Reference, OCI_CONFIG, OCI_MANIFEST};
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+use crate::annotations::{self, LazyLayer, EROFS_LAYER_MEDIA_TYPE};
+
+/// Errors of an image conversion.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Talking to a registry failed.
+    #[error("registry: {0}")]
+    Registry(#[from] registry::Error),
+    /// A layer could not be converted.
+    #[error("layer {index} ({digest}): {source}")]
+    Layer {
+        /// Position of the layer in the manifest.
+        index: usize,
+        /// The source layer's digest.
+        digest: String,
+        /// What went wrong.
+        source: layer_convert::Error,
+    },
+    /// Local files.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The source image is not something this tool converts.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How to convert.
+#[derive(Clone)]
+pub struct ConvertOptions {
+    /// Size of the verification chunks (a power of two, 4 KiB .. 1 GiB).
+    pub chunk_size: u64,
+    /// Files a start reads, in order (absolute paths in the image): their chunks are
+    /// recorded as the layer's prefetch list.
+    pub prefetch_paths: Vec<String>,
+    /// Where converted layers are written before they are pushed.
+    pub work_dir: Option<PathBuf>,
+    /// Converter settings (limits, inline data, build time).
+    pub layer: layer_convert::Options,
+    /// Draw progress bars on stderr.
+    pub progress: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            chunk_size: 1 << 20,
+            prefetch_paths: Vec::new(),
+            work_dir: None,
+            layer: layer_convert::Options::from_env(),
+            progress: false,
+        }
+    }
+}
+
+/// One layer of the converted image.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvertedLayer {
+    /// The source layer's digest and media type.
+    pub source_digest: String,
+    pub source_media_type: String,
+    pub source_size: u64,
+    /// The EROFS blob.
+    pub digest: String,
+    pub size: u64,
+    /// Where file data starts (bytes before it are metadata).
+    pub data_offset: u64,
+    /// Verification chunks.
+    pub chunks: u64,
+    /// Prefetch list: chunk indexes, and the files they came from.
+    pub prefetch_chunks: Vec<u32>,
+    pub prefetch_files: Vec<String>,
+    /// Seconds spent converting (pull included: they are one stream).
+    pub convert_seconds: f64,
+    /// "uploaded", "existed" or "kept" (already EROFS-native).
+    pub push: String,
+}
+
+/// What [`convert_image`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvertReport {
+    /// The source, pinned to the manifest digest converted.
+    pub source: String,
+    /// The target reference and the digest of the pushed manifest.
+    pub target: String,
+    pub manifest_digest: String,
+    pub config_digest: String,
+    pub layers: Vec<ConvertedLayer>,
+    pub seconds: f64,
+}
+
+/// Converts `src` (a manifest, or an index resolved to this host's platform) into
+/// an image of EROFS-native layers pushed as `dst`.
+pub fn convert_image(client: &Client, src: &Reference, dst: &Reference, opts: &ConvertOptions) -> Result<ConvertReport, Error> {
+    let started = Instant::now();
+    if !opts.chunk_size.is_power_of_two() || !(4096..=(1 << 30)).contains(&opts.chunk_size) {
+        return Err(Error::Invalid(format!(
+            "chunk size {} is not a power of two from 4 KiB to 1 GiB",
+            opts.chunk_size
+        )));
+    }
+    let mut manifest = client.get_manifest(src)?;
+    if registry::is_index(&manifest.media_type) {
+        let d = registry::resolve_platform(&manifest.bytes, "linux", registry::host_arch())?.ok_or_else(|| {
+            Error::Invalid(format!("{src}: the index has no linux/{} image", registry::host_arch()))
+        })?;
+        manifest = client.get_manifest(&src.with_digest(&d.digest)?)?;
+    }
+    let m: Value = serde_json::from_slice(&manifest.bytes)
+        .map_err(|e| Error::Invalid(format!("{src}: manifest is not JSON: {e}")))?;
+    let config_desc: Descriptor = serde_json::from_value(m["config"].clone())
+        .map_err(|e| Error::Invalid(format!("{src}: manifest config: {e}")))?;
+    let layers: Vec<Descriptor> = serde_json::from_value(m["layers"].clone())
+        .map_err(|e| Error::Invalid(format!("{src}: manifest layers: {e}")))?;
+    let src_repo = src.repo();
+    let dst_repo = dst.repo();
+
+    let mut config = Vec::new();
+    client.get_blob(src_repo, &config_desc.digest)?.read_to_end(&mut config)?;
+    let mut config: Value =
+        serde_json::from_slice(&config).map_err(|e| Error::Invalid(format!("{src}: config is not JSON: {e}")))?;
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().map_or(0, Vec::len);
+    if diff_ids != layers.len() {
+        return Err(Error::Invalid(format!(
+            "{src}: {} layers but {diff_ids} diff_ids in the config",
+            layers.len()
+        )));
+    }
+
+    let work = match &opts.work_dir {
+        Some(d) => tempfile::tempdir_in(d)?,
+        None => tempfile::tempdir()?,
+    };
+    let bars = MultiProgress::with_draw_target(if opts.progress {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = ProgressStyle::with_template("{prefix:>10} {bar:30} {bytes:>10}/{total_bytes:10} {msg}")
+        .expect("a valid template");
+
+    let mut converted = Vec::new();
+    let mut files = Vec::new();
+    for (index, layer) in layers.iter().enumerate() {
+        let bar = bars.add(ProgressBar::new(layer.size).with_style(style.clone()));
+        bar.set_prefix(format!("layer {}/{}", index + 1, layers.len()));
+        let path = work.path().join(format!("layer-{index}.erofs"));
+        let t = Instant::now();
+        let (data_offset, kept) = if annotations::is_erofs_native(&layer.media_type) {
+            bar.set_message("copying (already EROFS)");
+            let mut blob = client.get_blob(src_repo, &layer.digest)?;
+            let mut out = File::create(&path)?;
+            io::copy(&mut bar.wrap_read(&mut blob), &mut out)?;
+            // Unknown layout: all of it counts as metadata, fetched before the mount.
+            let offset = LazyLayer::from_descriptor(layer).map_or(layer.size, |l| l.data_offset);
+            (offset, true)
+        } else {
+            bar.set_message("converting");
+            let blob = client.get_blob(src_repo, &layer.digest)?;
+            let mut lopts = opts.layer.clone();
+            lopts.media_type = Some(layer.media_type.clone());
+            lopts.meta_first = true;
+            let progress = |n: u64| bar.set_position(n.min(layer.size));
+            let report = layer_convert::convert(blob, &path, &lopts, Some(&progress)).map_err(|source| Error::Layer {
+                index,
+                digest: layer.digest.clone(),
+                source,
+            })?;
+            if report.input_digest != layer.digest {
+                return Err(Error::Invalid(format!(
+                    "layer {index}: read {} but the manifest names {}",
+                    report.input_digest, layer.digest
+                )));
+            }
+            (report.data_offset, false)
+        };
+        let convert_seconds = t.elapsed().as_secs_f64();
+        bar.set_message("hashing");
+        let (digest, size, chunk_digests) = hash_chunks(&path, opts.chunk_size)?;
+        bar.set_length(size);
+        bar.set_position(0);
+        bar.set_message("pushing");
+        let push = client.push_blob(dst_repo, &digest, size, bar.wrap_read(File::open(&path)?))?;
+        bar.finish_with_message(format!("{digest:.19}… {size} bytes"));
+        info!(index, source = %layer.digest, %digest, size, data_offset, "layer converted");
+        converted.push((
+            LazyLayer {
+                digest: digest.clone(),
+                size,
+                data_offset,
+                chunk_size: opts.chunk_size,
+                chunk_digests,
+                prefetch: Vec::new(),
+            },
+            ConvertedLayer {
+                source_digest: layer.digest.clone(),
+                source_media_type: layer.media_type.clone(),
+                source_size: layer.size,
+                digest,
+                size,
+                data_offset,
+                chunks: size.div_ceil(opts.chunk_size),
+                prefetch_chunks: Vec::new(),
+                prefetch_files: Vec::new(),
+                convert_seconds,
+                push: if kept {
+                    "kept".into()
+                } else {
+                    match push {
+                        registry::BlobPush::Uploaded => "uploaded".into(),
+                        _ => "existed".into(),
+                    }
+                },
+            },
+        ));
+        files.push(path);
+    }
+
+    // A path's data is read from the topmost layer that has it.
+    let mut claimed = HashSet::new();
+    for i in (0..converted.len()).rev() {
+        let wanted: Vec<String> = opts
+            .prefetch_paths
+            .iter()
+            .filter(|p| !claimed.contains(*p))
+            .cloned()
+            .collect();
+        if wanted.is_empty() {
+            break;
+        }
+        let (chunks, found) = crate::prefetch_chunks(&files[i], &wanted, opts.chunk_size)
+            .map_err(|e| Error::Invalid(format!("layer {i}: reading the converted image: {e}")))?;
+        claimed.extend(found.iter().cloned());
+        converted[i].0.prefetch = chunks.clone();
+        converted[i].1.prefetch_chunks = chunks;
+        converted[i].1.prefetch_files = found;
+    }
+
+    let new_layers: Vec<Value> = converted
+        .iter()
+        .zip(&layers)
+        .map(|((lazy, _), src_layer)| {
+            let mut a: BTreeMap<String, String> = src_layer.annotations.clone().unwrap_or_default();
+            a.extend(lazy.annotations());
+            a.insert(annotations::SOURCE_DIGEST.into(), src_layer.digest.clone());
+            a.insert(annotations::SOURCE_MEDIA_TYPE.into(), src_layer.media_type.clone());
+            json!({
+                "mediaType": EROFS_LAYER_MEDIA_TYPE,
+                "digest": lazy.digest,
+                "size": lazy.size,
+                "annotations": a,
+            })
+        })
+        .collect();
+    config["rootfs"]["diff_ids"] = Value::Array(converted.iter().map(|(l, _)| Value::String(l.digest.clone())).collect());
+    let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Invalid(e.to_string()))?;
+    let config_digest = registry::sha256_digest(&config_bytes);
+    client.push_blob(dst_repo, &config_digest, config_bytes.len() as u64, &config_bytes[..])?;
+
+    let mut annotations = match &m["annotations"] {
+        Value::Object(o) => o.clone(),
+        _ => serde_json::Map::new(),
+    };
+    annotations.insert(
+        annotations::SOURCE_IMAGE.into(),
+        Value::String(format!("{src_repo}@{}", manifest.digest)),
+    );
+    let new_manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": OCI_CONFIG,
+            "digest": config_digest,
+            "size": config_bytes.len(),
+        },
+        "layers": new_layers,
+        "annotations": annotations,
+    });
+    let bytes = serde_json::to_vec_pretty(&new_manifest).map_err(|e| Error::Invalid(e.to_string()))?;
+    let manifest_digest = client.put_manifest(dst, OCI_MANIFEST, &bytes)?;
+    Ok(ConvertReport {
+        source: format!("{src_repo}@{}", manifest.digest),
+        target: dst.to_string(),
+        manifest_digest,
+        config_digest,
+        layers: converted.into_iter().map(|(_, c)| c).collect(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The blob's digest and size, and the sha256 of each `chunk`-sized piece.
+fn hash_chunks(path: &std::path::Path, chunk: u64) -> io::Result<(String, u64, Vec<String>)> {
+    let mut f = File::open(path)?;
+    let mut whole = Sha256::new();
+    let mut digests = Vec::new();
+    let mut buf = vec![0u8; chunk as usize];
+    let mut size = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        whole.update(&buf[..n]);
+        digests.push(hex::encode(Sha256::digest(&buf[..n])));
+        size += n as u64;
+        if n < buf.len() {
+            break;
+        }
+    }
+    Ok((format!("sha256:{}", hex::encode(whole.finalize())), size, digests))
+}

@@ -1,0 +1,23 @@
+//! `convert-image`: an OCI image in a registry becomes an image whose layers are
+//! EROFS-native, ready to be mounted before they are downloaded.
+//!
+//! Each layer is converted with the one-pass converter in the *metadata-first*
+//! layout (superblock, directories, inodes and xattrs in the first bytes, file data
+//! after), so a lazy reader fetches one prefix and can list the whole tree. The layer
+//! descriptor carries, in annotations (see [`annotations`]), the source layer's
+//! digest, where the file data starts, a sha256 per fixed-size chunk of the blob
+//! (any fetched range can be verified on its own) and the chunks a start reads
+//! first. The annotations are part of the manifest, whose digest the client
+//! verifies, so the chunk table is as trustworthy as the image reference.
+//!
+//! The image config's `rootfs.diff_ids` become the EROFS blob digests: an EROFS
+//! layer is not compressed, so its diff id is its digest (what containerd's EROFS
+//! differ reports when it applies such a layer as is).
+
+pub mod annotations;
+mod convert;
+mod prefetch;
+
+pub use annotations::{LazyLayer, EROFS_LAYER_MEDIA_TYPE};
+pub use convert::{convert_image, ConvertOptions, ConvertReport, ConvertedLayer, Error};
+pub use prefetch::prefetch_chunks;
