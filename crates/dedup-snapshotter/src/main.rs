@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 mod inspect;
+mod lazy;
 mod serve;
 mod stats;
 
@@ -81,8 +82,11 @@ enum Command {
         /// Chunk size for --dedup: a power of two from 4K to 16M (default 64K).
         #[arg(long, value_parser = parse_chunk_size)]
         chunk_size: Option<u64>,
+        /// The fetch daemon's (dedupd) control socket: lazy pulls of converted images.
+        #[arg(long)]
+        fetch_socket: Option<PathBuf>,
         /// A TOML file with the same settings (root, address, socket_mode, socket_gid, log_level, log_json,
-        /// differs, containerd_address, dedup, chunk_size).
+        /// differs, containerd_address, dedup, chunk_size, fetch_socket, plain_http, docker_config).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -109,6 +113,11 @@ enum Command {
         /// Also use plain HTTP for this registry host (loopback always does).
         #[arg(long)]
         plain_http: Vec<String>,
+        /// Media type of the converted layers. containerd before 2.x unpacks only OCI/Docker layer types
+        /// through its unpacker (the one that lets a snapshotter mount a layer lazily): use `oci` there
+        /// (application/vnd.oci.image.layer.v1.erofs); `erofs` is application/vnd.erofs.layer.v1.
+        #[arg(long, default_value = "erofs")]
+        layer_media_type: String,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -262,6 +271,7 @@ fn run(cli: Cli) -> Result<()> {
             work_dir,
             docker_config,
             plain_http,
+            layer_media_type,
             json,
         } => convert_image(ConvertImageArgs {
             src,
@@ -271,6 +281,7 @@ fn run(cli: Cli) -> Result<()> {
             work_dir,
             docker_config,
             plain_http,
+            layer_media_type,
             json,
         }),
         Command::Stats { root, json } => {
@@ -284,6 +295,7 @@ fn run(cli: Cli) -> Result<()> {
             differs,
             dedup,
             chunk_size,
+            fetch_socket,
             config,
         } => {
             let mut cfg = match config {
@@ -300,6 +312,7 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.dedup = Some(true);
             }
             cfg.chunk_size = chunk_size.or(cfg.chunk_size);
+            cfg.fetch_socket = fetch_socket.or(cfg.fetch_socket);
             serve::serve(cfg)
         }
         Command::Inspect { image, devices, json } => inspect::inspect(&image, &devices, json),
@@ -447,6 +460,7 @@ struct ConvertImageArgs {
     work_dir: Option<PathBuf>,
     docker_config: Option<PathBuf>,
     plain_http: Vec<String>,
+    layer_media_type: String,
     json: bool,
 }
 
@@ -474,6 +488,11 @@ fn convert_image(a: ConvertImageArgs) -> Result<()> {
         prefetch_paths,
         work_dir: a.work_dir,
         progress: !a.json && io::stderr().is_terminal(),
+        layer_media_type: match a.layer_media_type.as_str() {
+            "erofs" => image_convert::EROFS_LAYER_MEDIA_TYPE.to_string(),
+            "oci" => image_convert::annotations::OCI_EROFS_LAYER_MEDIA_TYPE.to_string(),
+            other => other.to_string(),
+        },
         ..Default::default()
     };
     let report = image_convert::convert_image(&client, &src, &dst, &opts)?;

@@ -39,6 +39,15 @@ pub struct Config {
     /// Seconds without Prepare/View/Commit before committed layers' unpacked copies are
     /// deleted (default 10; deleting them during a pull burst slows ext4's inode allocation).
     pub trash_idle_secs: Option<u64>,
+    /// The fetch daemon's (`dedupd`) control socket: when set, a Prepare with CRI's
+    /// layer labels for an EROFS-native layer of a converted image mounts the layer
+    /// before it is downloaded (lazy pull).
+    pub fetch_socket: Option<PathBuf>,
+    /// Registries (host or host:port) to reach over plain HTTP besides loopback, for
+    /// the manifests of lazy layers.
+    pub plain_http: Option<Vec<String>>,
+    /// Docker config file with registry credentials (default $DOCKER_CONFIG, ~/.docker).
+    pub docker_config: Option<PathBuf>,
 }
 
 /// Default containerd socket.
@@ -70,8 +79,21 @@ pub fn serve(cfg: Config) -> Result<()> {
         chunk_bits: chunk_size.trailing_zeros() as u8,
         trash_idle: std::time::Duration::from_secs(cfg.trash_idle_secs.unwrap_or(10)),
     };
+    let remote: Option<Arc<dyn snapshotter::RemoteLayers>> = match &cfg.fetch_socket {
+        None => None,
+        Some(sock) => {
+            let mut ro = registry::ClientOptions {
+                docker_config: cfg.docker_config.clone(),
+                ..Default::default()
+            };
+            ro.plain_http.extend(cfg.plain_http.clone().unwrap_or_default());
+            let client = registry::Client::new(ro).context("registry client for lazy layers")?;
+            tracing::info!(fetch_socket = %sock.display(), "lazy layers through the fetch daemon");
+            Some(Arc::new(crate::lazy::Lazy::new(sock.clone(), client)))
+        }
+    };
     let store = Arc::new(
-        snapshotter::Snapshotter::open_with(&root, opts)
+        snapshotter::Snapshotter::open_with_remote(&root, opts, remote)
             .with_context(|| format!("opening the store at {}", root.display()))?,
     );
     tracing::info!(root = %root.display(), address = %address.display(), dedup = opts.dedup, chunk_size, "serving snapshots");

@@ -83,6 +83,7 @@ pub fn to_status(err: Error) -> Status {
         Error::AlreadyExists(m) => Status::already_exists(m),
         Error::FailedPrecondition(m) => Status::failed_precondition(m),
         Error::InvalidArgument(m) => Status::invalid_argument(m),
+        Error::Unavailable(m) => Status::unavailable(m),
         Error::Internal(m) => Status::unknown(m),
     }
 }

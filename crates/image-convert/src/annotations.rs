@@ -10,6 +10,10 @@ use registry::Descriptor;
 /// layer as is, and so does ours.
 pub const EROFS_LAYER_MEDIA_TYPE: &str = "application/vnd.erofs.layer.v1";
 
+/// The same layers under a type containerd 1.6 and 1.7 unpack as layers (an OCI layer
+/// type with the `.erofs` suffix, which containerd's EROFS differ also takes as is).
+pub const OCI_EROFS_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.erofs";
+
 /// Digest of the OCI layer this one was converted from.
 pub const SOURCE_DIGEST: &str = "io.dedup-snapshotter.source.digest";
 /// Media type of that source layer.
@@ -83,11 +87,16 @@ impl LazyLayer {
         let num = |k: &str| -> Result<u64, String> { get(k)?.parse().map_err(|e| format!("annotation {k}: {e}")) };
         let chunk_size = num(CHUNK_SIZE)?;
         if !(4096..=(1 << 30)).contains(&chunk_size) || !chunk_size.is_power_of_two() {
-            return Err(format!("chunk size {chunk_size} is not a power of two from 4 KiB to 1 GiB"));
+            return Err(format!(
+                "chunk size {chunk_size} is not a power of two from 4 KiB to 1 GiB"
+            ));
         }
         let data_offset = num(DATA_OFFSET)?;
         if data_offset > desc.size {
-            return Err(format!("data offset {data_offset} beyond the blob's {} bytes", desc.size));
+            return Err(format!(
+                "data offset {data_offset} beyond the blob's {} bytes",
+                desc.size
+            ));
         }
         let raw = base64::engine::general_purpose::STANDARD
             .decode(get(CHUNK_DIGESTS)?)
@@ -184,6 +193,7 @@ mod tests {
         assert!(is_erofs_native("application/vnd.erofs.layer.v1"));
         assert!(is_erofs_native("application/vnd.erofs.layer.v1; x=y"));
         assert!(is_erofs_native("application/vnd.example.layer.erofs"));
+        assert!(is_erofs_native(OCI_EROFS_LAYER_MEDIA_TYPE));
         assert!(!is_erofs_native("application/vnd.example.layer.erofs+gzip"));
         assert!(!is_erofs_native("application/vnd.oci.image.layer.v1.tar"));
     }

@@ -53,6 +53,11 @@ pub struct ConvertOptions {
     pub layer: layer_convert::Options,
     /// Draw progress bars on stderr.
     pub progress: bool,
+    /// Media type of the converted layers: [`EROFS_LAYER_MEDIA_TYPE`] by default, or
+    /// [`annotations::OCI_EROFS_LAYER_MEDIA_TYPE`] for containerd before 2.x, whose
+    /// unpacker treats only `application/vnd.oci.image.layer.*` (and Docker's) types as
+    /// layers: it passes no snapshot labels for others, so they cannot be pulled lazily.
+    pub layer_media_type: String,
 }
 
 impl Default for ConvertOptions {
@@ -63,6 +68,7 @@ impl Default for ConvertOptions {
             work_dir: None,
             layer: layer_convert::Options::from_env(),
             progress: false,
+            layer_media_type: EROFS_LAYER_MEDIA_TYPE.to_string(),
         }
     }
 }
@@ -105,7 +111,12 @@ pub struct ConvertReport {
 
 /// Converts `src` (a manifest, or an index resolved to this host's platform) into
 /// an image of EROFS-native layers pushed as `dst`.
-pub fn convert_image(client: &Client, src: &Reference, dst: &Reference, opts: &ConvertOptions) -> Result<ConvertReport, Error> {
+pub fn convert_image(
+    client: &Client,
+    src: &Reference,
+    dst: &Reference,
+    opts: &ConvertOptions,
+) -> Result<ConvertReport, Error> {
     let started = Instant::now();
     if !opts.chunk_size.is_power_of_two() || !(4096..=(1 << 30)).contains(&opts.chunk_size) {
         return Err(Error::Invalid(format!(
@@ -113,11 +124,16 @@ pub fn convert_image(client: &Client, src: &Reference, dst: &Reference, opts: &C
             opts.chunk_size
         )));
     }
+    if !annotations::is_erofs_native(&opts.layer_media_type) {
+        return Err(Error::Invalid(format!(
+            "{} is not an EROFS-native layer media type",
+            opts.layer_media_type
+        )));
+    }
     let mut manifest = client.get_manifest(src)?;
     if registry::is_index(&manifest.media_type) {
-        let d = registry::resolve_platform(&manifest.bytes, "linux", registry::host_arch())?.ok_or_else(|| {
-            Error::Invalid(format!("{src}: the index has no linux/{} image", registry::host_arch()))
-        })?;
+        let d = registry::resolve_platform(&manifest.bytes, "linux", registry::host_arch())?
+            .ok_or_else(|| Error::Invalid(format!("{src}: the index has no linux/{} image", registry::host_arch())))?;
         manifest = client.get_manifest(&src.with_digest(&d.digest)?)?;
     }
     let m: Value = serde_json::from_slice(&manifest.bytes)
@@ -130,7 +146,9 @@ pub fn convert_image(client: &Client, src: &Reference, dst: &Reference, opts: &C
     let dst_repo = dst.repo();
 
     let mut config = Vec::new();
-    client.get_blob(src_repo, &config_desc.digest)?.read_to_end(&mut config)?;
+    client
+        .get_blob(src_repo, &config_desc.digest)?
+        .read_to_end(&mut config)?;
     let mut config: Value =
         serde_json::from_slice(&config).map_err(|e| Error::Invalid(format!("{src}: config is not JSON: {e}")))?;
     let diff_ids = config["rootfs"]["diff_ids"].as_array().map_or(0, Vec::len);
@@ -175,11 +193,12 @@ pub fn convert_image(client: &Client, src: &Reference, dst: &Reference, opts: &C
             lopts.media_type = Some(layer.media_type.clone());
             lopts.meta_first = true;
             let progress = |n: u64| bar.set_position(n.min(layer.size));
-            let report = layer_convert::convert(blob, &path, &lopts, Some(&progress)).map_err(|source| Error::Layer {
-                index,
-                digest: layer.digest.clone(),
-                source,
-            })?;
+            let report =
+                layer_convert::convert(blob, &path, &lopts, Some(&progress)).map_err(|source| Error::Layer {
+                    index,
+                    digest: layer.digest.clone(),
+                    source,
+                })?;
             if report.input_digest != layer.digest {
                 return Err(Error::Invalid(format!(
                     "layer {index}: read {} but the manifest names {}",
@@ -259,14 +278,15 @@ pub fn convert_image(client: &Client, src: &Reference, dst: &Reference, opts: &C
             a.insert(annotations::SOURCE_DIGEST.into(), src_layer.digest.clone());
             a.insert(annotations::SOURCE_MEDIA_TYPE.into(), src_layer.media_type.clone());
             json!({
-                "mediaType": EROFS_LAYER_MEDIA_TYPE,
+                "mediaType": opts.layer_media_type,
                 "digest": lazy.digest,
                 "size": lazy.size,
                 "annotations": a,
             })
         })
         .collect();
-    config["rootfs"]["diff_ids"] = Value::Array(converted.iter().map(|(l, _)| Value::String(l.digest.clone())).collect());
+    config["rootfs"]["diff_ids"] =
+        Value::Array(converted.iter().map(|(l, _)| Value::String(l.digest.clone())).collect());
     let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Invalid(e.to_string()))?;
     let config_digest = registry::sha256_digest(&config_bytes);
     client.push_blob(dst_repo, &config_digest, config_bytes.len() as u64, &config_bytes[..])?;

@@ -14,7 +14,11 @@ const BLOCK: u64 = 4096;
 ///
 /// Only file bodies count: metadata (and inline tails, which live in it) is fetched
 /// first anyway.
-pub fn prefetch_chunks(image: &Path, paths: &[String], chunk_size: u64) -> erofs::reader::Result<(Vec<u32>, Vec<String>)> {
+pub fn prefetch_chunks(
+    image: &Path,
+    paths: &[String],
+    chunk_size: u64,
+) -> erofs::reader::Result<(Vec<u32>, Vec<String>)> {
     let img = Image::open(image)?;
     let mut chunks = Vec::new();
     let mut seen = std::collections::HashSet::new();

@@ -74,6 +74,9 @@ pub enum Error {
     /// The request is malformed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A service the call needs (the fetch daemon, a registry) cannot be reached.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// Anything else (I/O, database, conversion).
     #[error("{0}")]
     Internal(String),
@@ -85,4 +88,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub mod blobs;
 pub mod mounts;
 mod store;
-pub use store::{ChainStats, DedupSession, Snapshotter, StoreOptions, StoreStats};
+pub use store::{
+    Attached, ChainStats, DedupSession, RemoteLayer, RemoteLayers, Snapshotter, StoreOptions, StoreStats,
+    TARGET_SNAPSHOT_LABEL,
+};

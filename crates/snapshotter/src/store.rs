@@ -16,6 +16,9 @@
 //!                        (see `blobs.rs`)
 //! ```
 //!
+//! A *lazy* layer (see [`RemoteLayers`]) has no `layer.erofs`: its committed record
+//! names a remote blob, and `m/<id>` mounts the file a fetch daemon serves for it.
+//!
 //! Ordering keeps every crash recoverable: directories are created before the record
 //! that owns them and deleted after it; a directory, mount or blob without a record is
 //! removed at start-up and by Cleanup; a committed record without its mount is
@@ -57,6 +60,50 @@ struct Record {
     /// File bytes of the layer (dedup only; what it would take without sharing).
     #[serde(default, skip_serializing_if = "is_zero")]
     logical: u64,
+    /// A lazily fetched layer: the blob the mount reads through the fetch daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    remote: Option<RemoteLayer>,
+}
+
+/// The label containerd puts on a Prepare to say which committed snapshot the
+/// layer would become: a snapshotter that can make it without the layer's data
+/// does so and answers AlreadyExists, and containerd downloads nothing.
+pub const TARGET_SNAPSHOT_LABEL: &str = "containerd.io/snapshot.ref";
+
+/// A layer mounted from a blob that is fetched on demand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoteLayer {
+    /// The blob's digest.
+    pub digest: String,
+    /// The blob's size in bytes.
+    pub size: u64,
+    /// What the [`RemoteLayers`] implementation needs to attach the blob again (after
+    /// a restart of either daemon); opaque to the store.
+    pub spec: serde_json::Value,
+}
+
+/// A blob made available as a local file.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    /// The file the EROFS mount reads.
+    pub path: PathBuf,
+    /// Which incarnation of the fetch daemon serves it: a mount made from an earlier
+    /// one reads nothing new and must be made again.
+    pub instance: u64,
+}
+
+/// Where lazy layers come from: the store asks it at Prepare whether the labels
+/// name a layer it can mount without downloading, and to attach blobs at mount time.
+pub trait RemoteLayers: Send + Sync {
+    /// The lazily mountable layer the Prepare labels name, `None` when they name
+    /// none (no labels, a tar layer, ...), an error when it should be and is not.
+    fn resolve(&self, labels: &BTreeMap<String, String>) -> std::result::Result<Option<RemoteLayer>, String>;
+    /// Makes the blob's file available (registers it with the fetch daemon).
+    fn attach(&self, layer: &RemoteLayer) -> std::io::Result<Attached>;
+    /// The fetch daemon's current incarnation, `None` when it is not reachable.
+    fn instance(&self) -> Option<u64>;
+    /// The blob is not needed any more (no layer names it).
+    fn detach(&self, layer: &RemoteLayer);
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -251,6 +298,9 @@ pub struct Snapshotter {
     opts: StoreOptions,
     pins: Pins,
     trash: Arc<Trash>,
+    remote: Option<Arc<dyn RemoteLayers>>,
+    /// Lazy layers mounted by this process: id -> fetch daemon instance.
+    attached: Mutex<std::collections::HashMap<u64, u64>>,
 }
 
 impl Snapshotter {
@@ -262,6 +312,15 @@ impl Snapshotter {
 
     /// [`Snapshotter::open`] with options.
     pub fn open_with(root: &Path, opts: StoreOptions) -> Result<Snapshotter> {
+        Self::open_with_remote(root, opts, None)
+    }
+
+    /// [`Snapshotter::open_with`], with lazily fetched layers from `remote`.
+    pub fn open_with_remote(
+        root: &Path,
+        opts: StoreOptions,
+        remote: Option<Arc<dyn RemoteLayers>>,
+    ) -> Result<Snapshotter> {
         if !(12..=24).contains(&opts.chunk_bits) {
             return Err(Error::InvalidArgument(format!(
                 "chunk size 2^{} out of range (4 KiB .. 16 MiB)",
@@ -294,6 +353,8 @@ impl Snapshotter {
                 idle: opts.trash_idle,
                 last_activity: Mutex::new(std::time::Instant::now()),
             }),
+            remote,
+            attached: Mutex::new(Default::default()),
         };
         s.repair()?;
         let trash = s.trash.clone();
@@ -323,6 +384,18 @@ impl Snapshotter {
 
     /// Mounts a committed layer with its blobs as devices.
     fn mount_layer(&self, rec: &Record) -> std::io::Result<()> {
+        if let Some(layer) = &rec.remote {
+            let remote = self.remote.as_ref().ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "layer {} is lazy but no fetch daemon is configured",
+                    layer.digest
+                ))
+            })?;
+            let a = remote.attach(layer)?;
+            mounts::mount_erofs_with_devices(&a.path, &[], &self.mountpoint(rec.id))?;
+            self.attached.lock().unwrap().insert(rec.id, a.instance);
+            return Ok(());
+        }
         let image = self.dir(rec.id).join("layer.erofs");
         let devices: Vec<PathBuf> = rec.blobs.iter().map(|b| blobs::path(&self.blob_dir(), *b)).collect();
         mounts::mount_erofs_with_devices(&image, &devices, &self.mountpoint(rec.id))
@@ -518,6 +591,17 @@ impl Snapshotter {
             return Err(Error::InvalidArgument("snapshot key must not be empty".into()));
         }
         self.trash.touch();
+        tracing::debug!(key, parent, ?labels, "create");
+        if kind == Kind::Active {
+            if let Some(target) = labels.get(TARGET_SNAPSHOT_LABEL) {
+                match self.try_lazy(key, parent, target, &labels) {
+                    Ok(true) => return Err(Error::AlreadyExists(format!("snapshot {target:?}"))),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(target, error = %e, "lazy layer failed; containerd will download it"),
+                }
+            }
+        }
+        self.refresh_lazy(parent)?;
         let _g = self.lock.lock().unwrap();
         if self.get(key)?.is_some() {
             return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
@@ -556,6 +640,7 @@ impl Snapshotter {
             inodes: 0,
             blobs: Vec::new(),
             logical: 0,
+            remote: None,
         };
         let result = (|| {
             let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
@@ -568,6 +653,158 @@ impl Snapshotter {
             return Err(e);
         }
         Ok(self.mounts_of(&rec, &parents))
+    }
+
+    /// The lazy path of Prepare: when the labels name a layer the remote source can
+    /// mount without its data, commit it (mounted from the fetch daemon's file) and
+    /// say so (`true`); `false` lets the normal path run.
+    ///
+    /// The committed snapshot is named by the Prepare's key, which containerd made
+    /// unique and namespaced; containerd finds it by its `containerd.io/snapshot.ref`
+    /// label (the `target`) and its parent.
+    fn try_lazy(&self, key: &str, parent: &str, target: &str, labels: &BTreeMap<String, String>) -> Result<bool> {
+        let Some(remote) = &self.remote else { return Ok(false) };
+        if self.find_target(target, parent)?.is_some() {
+            return Ok(true);
+        }
+        let layer = match remote.resolve(labels) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                tracing::debug!(target, ?labels, "not a lazy layer");
+                return Ok(false);
+            }
+            Err(e) => return Err(Error::Unavailable(e)),
+        };
+        if !parent.is_empty() {
+            let p = self
+                .get(parent)?
+                .ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?}")))?;
+            if p.kind != Kind::Committed {
+                return Err(Error::InvalidArgument(format!(
+                    "parent {parent:?} is not a committed snapshot"
+                )));
+            }
+        }
+        self.refresh_lazy(parent)?;
+        let parents = self.parent_ids(parent)?;
+        let id = {
+            let _g = self.lock.lock().unwrap();
+            let txn = self.db.begin_write().map_err(internal)?;
+            let id = {
+                let mut c = txn.open_table(COUNTERS).map_err(internal)?;
+                let id = c.get("next_id").map_err(internal)?.map(|v| v.value()).unwrap_or(1);
+                c.insert("next_id", id + 1).map_err(internal)?;
+                id
+            };
+            txn.commit().map_err(internal)?;
+            id
+        };
+        // As in Commit: directory, then mount, then record; start-up removes what a
+        // crash leaves without a record.
+        self.stage_dir(id, &parents).map_err(internal)?;
+        let now = now_pair();
+        let mut rec = Record {
+            id,
+            kind: Kind::Committed,
+            parent: parent.to_string(),
+            labels: labels.clone(),
+            created: now,
+            updated: now,
+            size: layer.size as i64,
+            inodes: 0,
+            blobs: Vec::new(),
+            logical: 0,
+            remote: Some(layer.clone()),
+        };
+        if let Err(e) = self.mount_layer(&rec) {
+            self.remove_files(id);
+            return Err(Error::Unavailable(format!("mounting lazy layer {}: {e}", layer.digest)));
+        }
+        // The inode count is in the superblock, which the mount has read already.
+        rec.inodes = rustix::fs::statfs(&self.mountpoint(id)).map_or(0, |st| st.f_files as i64);
+        let _g = self.lock.lock().unwrap();
+        let res = (|| {
+            if self.find_target(target, parent)?.is_some() {
+                return Err(Error::AlreadyExists(format!("snapshot {target:?}")));
+            }
+            if self.get(key)?.is_some() {
+                return Err(Error::Internal(format!("snapshot {key:?} exists")));
+            }
+            let txn = self.db.begin_write().map_err(internal)?;
+            {
+                let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
+                t.insert(key, serde_json::to_vec(&rec).map_err(internal)?.as_slice())
+                    .map_err(internal)?;
+            }
+            txn.commit().map_err(internal)
+        })();
+        match res {
+            Ok(()) => {
+                tracing::info!(key, target, digest = %layer.digest, id, "lazy layer committed");
+                Ok(true)
+            }
+            // Another Prepare made it meanwhile: theirs stands.
+            Err(Error::AlreadyExists(_)) => {
+                self.attached.lock().unwrap().remove(&id);
+                self.remove_files(id);
+                Ok(true)
+            }
+            Err(e) => {
+                self.attached.lock().unwrap().remove(&id);
+                self.remove_files(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The committed snapshot labelled as `target` over `parent`, if any.
+    fn find_target(&self, target: &str, parent: &str) -> Result<Option<String>> {
+        Ok(self.all()?.into_iter().find_map(|(k, r)| {
+            (r.kind == Kind::Committed
+                && r.parent == parent
+                && r.labels.get(TARGET_SNAPSHOT_LABEL).map(String::as_str) == Some(target))
+            .then_some(k)
+        }))
+    }
+
+    /// Re-mounts the lazy layers of `parent`'s chain whose mount was made from a
+    /// fetch daemon that has since restarted: such a mount cannot read anything not
+    /// already cached by the kernel. Running containers keep the old mount (their
+    /// overlay holds it); new snapshots get the fresh one at the same place.
+    fn refresh_lazy(&self, parent: &str) -> Result<()> {
+        let Some(remote) = &self.remote else { return Ok(()) };
+        let mut chain = Vec::new();
+        let mut cur = parent.to_string();
+        while !cur.is_empty() {
+            let Some(r) = self.get(&cur)? else { break };
+            cur = r.parent.clone();
+            if r.remote.is_some() {
+                chain.push(r);
+            }
+        }
+        if chain.is_empty() {
+            return Ok(());
+        }
+        let Some(now) = remote.instance() else {
+            return Err(Error::Unavailable("the fetch daemon does not answer".into()));
+        };
+        for rec in chain {
+            let mounted = self.attached.lock().unwrap().get(&rec.id).copied();
+            if mounted == Some(now) {
+                continue;
+            }
+            tracing::warn!(
+                id = rec.id,
+                ?mounted,
+                now,
+                "fetch daemon restarted: mounting the lazy layer again"
+            );
+            let mp = self.mountpoint(rec.id);
+            mounts::unmount(&mp).map_err(internal)?;
+            self.mount_layer(&rec)
+                .map_err(|e| Error::Unavailable(format!("mounting lazy layer {}: {e}", mp.display())))?;
+        }
+        Ok(())
     }
 
     /// Makes `snapshots/<id>` with `fs`, `work` and the marker, via `staging/`.
@@ -619,6 +856,7 @@ impl Snapshotter {
                 "snapshot {key:?} is committed, not active or a view"
             )));
         }
+        self.refresh_lazy(&rec.parent)?;
         let parents = self.parent_ids(&rec.parent)?;
         Ok(self.mounts_of(&rec, &parents))
     }
@@ -821,8 +1059,19 @@ impl Snapshotter {
         // After the record is gone: a crash here leaves only orphans for start-up.
         // The layer is unmounted before its blobs go.
         self.remove_files(rec.id);
+        self.attached.lock().unwrap().remove(&rec.id);
         if !rec.blobs.is_empty() {
             self.collect_blobs()?;
+        }
+        if let (Some(layer), Some(remote)) = (&rec.remote, &self.remote) {
+            // Another chain may mount the same blob.
+            if !self
+                .all()?
+                .iter()
+                .any(|(_, r)| r.remote.as_ref().is_some_and(|l| l.digest == layer.digest))
+            {
+                remote.detach(layer);
+            }
         }
         Ok(())
     }

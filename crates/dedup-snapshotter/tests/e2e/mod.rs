@@ -123,24 +123,29 @@ pub struct Env {
 impl Env {
     /// Starts registry, snapshotter and containerd in a fresh directory under /tmp (short paths: unix sockets).
     pub fn start() -> Env {
-        require_root_and_tools();
-        let dir = tempfile::Builder::new()
-            .prefix("e2e.")
-            .tempdir_in("/tmp")
-            .expect("tempdir")
-            .keep();
         let cmd = std::env::var("E2E_SNAPSHOTTER_CMD").unwrap_or_else(|_| {
             format!(
                 "{} serve --root {{root}} --address {{socket}}",
                 env!("CARGO_BIN_EXE_dedup-snapshotter")
             )
         });
+        Env::start_with(&cmd)
+    }
+
+    /// [`Env::start`] with this snapshotter command (`{root}` and `{socket}` substituted).
+    pub fn start_with(cmd: &str) -> Env {
+        require_root_and_tools();
+        let dir = tempfile::Builder::new()
+            .prefix("e2e.")
+            .tempdir_in("/tmp")
+            .expect("tempdir")
+            .keep();
         eprintln!("e2e: environment in {} with snapshotter `{cmd}`", dir.display());
         let started = Instant::now();
         let out = Command::new(script("e2e-env.sh"))
             .arg("start")
             .arg(&dir)
-            .arg(&cmd)
+            .arg(cmd)
             .stdin(Stdio::null())
             .output()
             .expect("run scripts/e2e-env.sh");
@@ -625,6 +630,11 @@ impl Env {
         }
         self.load_vars();
         eprintln!("e2e: snapshotter restarted in {:.2}s", t.elapsed().as_secs_f64());
+    }
+
+    /// The snapshotter's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("logs").join("snapshotter.log")).unwrap_or_default()
     }
 
     /// Prints the tails of the logs (on failure).

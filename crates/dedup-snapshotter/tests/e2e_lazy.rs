@@ -1,0 +1,644 @@
+//! Lazy pulls end to end: `convert-image` turns a two-layer Debian + python3 image (built by
+//! scripts/build-python-image.sh) into EROFS-native layers; containerd 1.6 pulls it through our snapshotter
+//! with CRI's labels (`diffclient -cri-labels`, what CRI does) from a throttled proxy in front of the registry,
+//! and the fetch daemon (`dedupd`) serves the blobs over FUSE, fetching verified chunks as they are read.
+//!
+//! - The converted image, pulled the normal way (our Diff service copies native layers), equals the source
+//!   image pulled by containerd's own overlayfs snapshotter, entry by entry, and runs.
+//! - Lazy: `python3 -c 'print(42)'` prints 42 before the layers are fully fetched (the fraction fetched is
+//!   printed); the background fetch completes and every blob verifies against its digest; once local, the image
+//!   keeps working with the registry gone across a kill -9 of dedupd.
+//! - Failures: a corrupting registry makes the read fail (no wrong bytes) and a good one then serves it; an outage
+//!   fails the read after the deadline and the same read works once the registry is back; kill -9 of dedupd and
+//!   of the snapshotter, each followed by a restart: the next container start works.
+//!
+//! Needs root, the e2e tools (see tests/e2e/mod.rs), Go (diffclient), FUSE, and the workspace's release binaries
+//! `dedupd` and `registry-proxy` (scripts/test.sh builds them first).
+//!
+//!     cargo test --release -p dedup-snapshotter --test e2e_lazy -- --nocapture
+
+mod common;
+mod e2e;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{compare_trees, snapshot_tree, CompareOpts};
+use e2e::*;
+
+/// A binary of another workspace crate, beside this test's own target directory.
+fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace first (cargo build --release --workspace)",
+        p.display()
+    );
+    p
+}
+
+fn diffclient() -> PathBuf {
+    let p = PathBuf::from(
+        std::env::var("DIFFCLIENT").unwrap_or_else(|_| "/work/shared/conformance/diffclient.sh".to_string()),
+    );
+    assert!(p.is_file(), "{} is missing (set DIFFCLIENT)", p.display());
+    p
+}
+
+fn sh(script: &str) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn bash");
+    assert!(out.status.success(), "{}", describe(script, &out));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// The loopback proxy between containerd/dedupd and the registry.
+struct Proxy {
+    child: Child,
+    addr: String,
+}
+
+impl Proxy {
+    fn start(upstream: &str, rate: u64) -> Proxy {
+        let mut child = Command::new(workspace_bin("registry-proxy"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                upstream,
+                "--rate",
+                &rate.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn registry-proxy");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read the proxy's address");
+        let addr = line.trim().to_string();
+        assert!(addr.starts_with("127.0.0.1:"), "registry-proxy printed {line:?}");
+        Proxy { child, addr }
+    }
+
+    fn config(&self, query: &str) {
+        sh(&format!(
+            "curl -sf -X POST 'http://{}/_proxy/config?{query}' >/dev/null",
+            self.addr
+        ));
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&sh(&format!("curl -sf http://{}/_proxy/stats", self.addr))).expect("proxy stats")
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The fetch daemon, in a directory of its own (its FUSE mount outlives the e2e environment's checks).
+struct Dedupd {
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Dedupd {
+    fn start(socket: &Path, extra: &[&str]) -> Dedupd {
+        let dir = tempfile::Builder::new().prefix("dedupd.").tempdir_in("/tmp").unwrap();
+        let mut args: Vec<String> = vec![
+            "--root".into(),
+            dir.path().join("cache").display().to_string(),
+            "--mountpoint".into(),
+            dir.path().join("fuse").display().to_string(),
+            "--socket".into(),
+            socket.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut d = Dedupd { dir, args, child: None };
+        d.spawn();
+        d
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("dedupd.log")
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .unwrap();
+        let child = Command::new(workspace_bin("dedupd"))
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn dedupd");
+        self.child = Some(child);
+        let c = self.client();
+        let t = Instant::now();
+        while c.ping().is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "dedupd did not answer: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn client(&self) -> fetch_api::Client {
+        let sock = &self.args[self.args.iter().position(|a| a == "--socket").unwrap() + 1];
+        fetch_api::Client::new(sock)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("kill -9 dedupd");
+            c.wait().unwrap();
+        }
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    fn blobs(&self) -> Vec<fetch_api::BlobStatus> {
+        self.client().list().expect("dedupd list")
+    }
+}
+
+impl Drop for Dedupd {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // SAFETY: plain kill(2) of our child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        if let Some(mut c) = self.child.take() {
+            let t = Instant::now();
+            while c.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path().join("fuse"))
+            .stderr(Stdio::null())
+            .status();
+        if std::thread::panicking() {
+            eprintln!("----- dedupd log -----\n{}", self.log_text());
+        }
+    }
+}
+
+/// Everything a lazy test needs.
+struct Lazy {
+    env: Env,
+    dedupd: Dedupd,
+    proxy: Proxy,
+    /// The source image in the registry, and its conversion as seen through the proxy.
+    source: String,
+    lazy: String,
+    converted: serde_json::Value,
+}
+
+impl Lazy {
+    /// `media`: the converted layers' media type (`erofs` or `oci`, see `convert-image --layer-media-type`).
+    fn start(media: &str, proxy_rate: u64, dedupd_args: &[&str]) -> Lazy {
+        diffclient();
+        let env = Env::start_with(&format!(
+            "{} serve --root {{root}} --address {{socket}} --containerd {{root}}/../containerd.sock \
+             --fetch-socket {{root}}/../dedupd.sock",
+            env!("CARGO_BIN_EXE_dedup-snapshotter")
+        ));
+        let dedupd = Dedupd::start(&env.dir.join("dedupd.sock"), dedupd_args);
+        let t = Instant::now();
+        let pushed = sh(&format!(
+            "{}/scripts/build-python-image.sh push {} python:latest",
+            repo_root().display(),
+            env.registry
+        ));
+        eprintln!("e2e: pushed {} in {:.1}s", pushed.trim(), t.elapsed().as_secs_f64());
+        let source = format!("{}/python:latest", env.registry);
+        let t = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
+            .args(["convert-image", "--json", "--layer-media-type", media])
+            .args([&source, &format!("{}/python:erofs", env.registry)])
+            .output()
+            .expect("spawn convert-image");
+        assert!(out.status.success(), "{}", describe("convert-image", &out));
+        let converted: serde_json::Value = serde_json::from_slice(&out.stdout).expect("convert-image JSON");
+        eprintln!("e2e: convert-image in {:.1}s: {converted}", t.elapsed().as_secs_f64());
+        let proxy = Proxy::start(&env.registry, proxy_rate);
+        let lazy = format!("{}/python:erofs", proxy.addr);
+        Lazy {
+            env,
+            dedupd,
+            proxy,
+            source,
+            lazy,
+            converted,
+        }
+    }
+
+    fn dc_raw(&self, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .args(["-k", "5", "300"])
+            .arg(diffclient())
+            .args([
+                "-address",
+                &self.env.ctrd_sock,
+                "-diff",
+                &self.env.var("E2E_SNAPSHOTTER_SOCK"),
+            ])
+            .args(["-snapshotter", "dedup", "-namespace", &self.env.ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn diffclient")
+    }
+
+    fn dc(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.dc_raw(args);
+        if !out.status.success() {
+            self.env.dump_logs();
+        }
+        assert!(
+            out.status.success(),
+            "{}",
+            describe(&format!("diffclient {}", args.join(" ")), &out)
+        );
+        serde_json::from_slice(&out.stdout).expect("diffclient JSON")
+    }
+
+    /// `ctr run --rm` of a full reference; the output whatever the status.
+    fn run_raw(&self, image: &str, id: &str, args: &[&str]) -> Output {
+        let mut a = vec!["run", "--rm", "--snapshotter", "dedup", image, id];
+        a.extend_from_slice(args);
+        let out = self.env.ctr_raw(&a, 120);
+        if !out.status.success() {
+            // A failed start can leave the container behind.
+            let _ = self.env.ctr_raw(&["task", "rm", "-f", id], 30);
+            let _ = self.env.ctr_raw(&["container", "rm", id], 30);
+        }
+        out
+    }
+
+    fn run(&self, image: &str, id: &str, args: &[&str]) -> String {
+        let out = self.run_raw(image, id, args);
+        if !out.status.success() {
+            self.env.dump_logs();
+        }
+        assert!(out.status.success(), "{}", describe(&format!("ctr run {id}"), &out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn total_size(&self) -> u64 {
+        self.converted["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .sum()
+    }
+
+    fn fetched(&self) -> u64 {
+        self.dedupd.blobs().iter().map(|b| b.fetched_bytes).sum()
+    }
+
+    /// The committed lazy layers: none has a local `layer.erofs`, each is mounted from a file under dedupd's
+    /// FUSE mount.
+    fn check_lazy_layers(&self) {
+        let fuse = self.dedupd.dir.path().join("fuse");
+        let digests: Vec<String> = self.converted["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect();
+        let blobs = self.dedupd.blobs();
+        for d in &digests {
+            assert!(
+                blobs.iter().any(|b| &b.digest == d),
+                "layer {d} is not registered with dedupd: {blobs:?}"
+            );
+            let f = fuse.join(d.replace(':', "-"));
+            assert!(f.is_file(), "{} missing", f.display());
+        }
+        let erofs_mounts: Vec<MountEntry> = mountinfo()
+            .into_iter()
+            .filter(|m| m.fstype == "erofs" && m.point.starts_with(&self.env.root.display().to_string()))
+            .collect();
+        for d in &digests {
+            let hex = d.trim_start_matches("sha256:");
+            assert!(
+                erofs_mounts.iter().any(|m| m.source.contains(hex)),
+                "no EROFS mount of {d} from dedupd's file: {erofs_mounts:#?}"
+            );
+        }
+    }
+
+    fn stop(self) {
+        let Lazy { env, dedupd, proxy, .. } = self;
+        env.remove_everything();
+        assert!(
+            dedupd.blobs().is_empty(),
+            "removing the lazy snapshots should unregister their blobs: {:?}",
+            dedupd.blobs()
+        );
+        env.stop();
+        drop(proxy);
+        drop(dedupd);
+    }
+}
+
+/// sha256 (hex) of a file of the python image's first (Debian) layer, from its tar.
+fn source_sha256(path_in_layer: &str) -> String {
+    let layout = sh(&format!("{}/scripts/build-python-image.sh path", repo_root().display()));
+    let layout = layout.trim();
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(format!("{layout}/index.json")).unwrap()).unwrap();
+    let blob = |d: &str| format!("{layout}/blobs/sha256/{}", d.trim_start_matches("sha256:"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap()).unwrap();
+    let layer = blob(manifest["layers"][0]["digest"].as_str().unwrap());
+    let out = sh(&format!(
+        "tar -xzOf {layer} --wildcards '*{path_in_layer}' | sha256sum | cut -d' ' -f1"
+    ));
+    let sha = out.trim().to_string();
+    assert_ne!(
+        sha, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+        "{path_in_layer} is not a regular file of the source layer"
+    );
+    sha
+}
+
+fn sha_in(l: &Lazy, id: &str, path: &str) -> Output {
+    l.run_raw(&l.lazy, id, &["sha256sum", path])
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn converted_image_pulls_normally_and_equals_the_source() {
+    let _serial = e2e::serial();
+    let l = Lazy::start("erofs", 0, &[]);
+    let converted = format!("{}/python:erofs", l.env.registry);
+    // Every layer is EROFS-native, with its source kept in an annotation.
+    for layer in l.converted["layers"].as_array().unwrap() {
+        assert!(
+            layer["source_media_type"].as_str().unwrap().contains("tar+gzip"),
+            "{layer}"
+        );
+        assert!(
+            layer["data_offset"].as_u64().unwrap() < layer["size"].as_u64().unwrap(),
+            "{layer}"
+        );
+    }
+    // The normal path: containerd downloads the layers, our Diff service keeps them as they are.
+    l.dc(&["pull", &converted]);
+    assert_eq!(l.run(&converted, "norm", &["python3", "-c", "print(42)"]).trim(), "42");
+    let top = {
+        let mut chain = String::new();
+        for layer in l.converted["layers"].as_array().unwrap() {
+            let d = layer["digest"].as_str().unwrap();
+            chain = if chain.is_empty() {
+                d.to_string()
+            } else {
+                common::sha256_hex(format!("{chain} {d}").as_bytes())
+            };
+        }
+        chain
+    };
+    // The source image, unpacked by containerd's own overlayfs snapshotter and walking differ.
+    let unpack_started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    l.env
+        .ctr(&["image", "pull", "--plain-http", "--snapshotter", "overlayfs", &l.source]);
+    let source_top = {
+        let cfg = sh(&format!(
+            "ctr -a {} -n {} image ls --quiet >/dev/null; skopeo inspect --tls-verify=false --config docker://{}",
+            l.env.ctrd_sock, l.env.ns, l.source
+        ));
+        let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        let mut chain = String::new();
+        for d in cfg["rootfs"]["diff_ids"].as_array().unwrap() {
+            let d = d.as_str().unwrap();
+            chain = if chain.is_empty() {
+                d.to_string()
+            } else {
+                common::sha256_hex(format!("{chain} {d}").as_bytes())
+            };
+        }
+        chain
+    };
+    let mount = |snapshotter: &str, key: &str| {
+        let dir = tempfile::Builder::new().prefix("mnt.").tempdir_in(&l.env.dir).unwrap();
+        let view = format!("cmp-{snapshotter}");
+        l.env
+            .ctr(&["snapshot", "--snapshotter", snapshotter, "view", &view, key]);
+        let cmds = l.env.ctr(&[
+            "snapshot",
+            "--snapshotter",
+            snapshotter,
+            "mounts",
+            dir.path().to_str().unwrap(),
+            &view,
+        ]);
+        host_sh(&cmds);
+        (dir, view)
+    };
+    let (ours, ours_view) = mount("dedup", &top);
+    let (theirs, theirs_view) = mount("overlayfs", &source_top);
+    let (a, b) = (snapshot_tree(ours.path()), snapshot_tree(theirs.path()));
+    let stamped: Vec<PathBuf> = b
+        .iter()
+        .filter(|(_, n)| n.kind == common::Kind::Dir && n.mtime >= unpack_started - 1)
+        .map(|(p, _)| p.clone())
+        .collect();
+    let r = compare_trees(&b, &a, &CompareOpts::ignoring_mtime_of(stamped));
+    sh(&format!("umount {} {}", ours.path().display(), theirs.path().display()));
+    // Views hold no lease: containerd's GC may have taken them already.
+    let _ = l
+        .env
+        .ctr_raw(&["snapshot", "--snapshotter", "dedup", "rm", &ours_view], 30);
+    let _ = l
+        .env
+        .ctr_raw(&["snapshot", "--snapshotter", "overlayfs", "rm", &theirs_view], 30);
+    if let Err(e) = r {
+        panic!("converted image vs source image: {e}");
+    }
+    eprintln!("e2e: converted image equals the source: {} entries", b.len());
+    l.stop();
+}
+
+#[test]
+fn lazy_pull_runs_before_the_layers_are_fetched() {
+    let _serial = e2e::serial();
+    // 20 MB/s at the registry; the background fetch takes half of it, reads are not limited.
+    // containerd 1.6 passes snapshot labels only for layer types it knows: the OCI-typed EROFS layers.
+    let l = Lazy::start(
+        "oci",
+        20_000_000,
+        &["--prefetch-rate", "10000000", "--read-deadline-secs", "30"],
+    );
+    let total = l.total_size();
+    let t = Instant::now();
+    let pulled = l.dc(&["-cri-labels", "pull", &l.lazy]);
+    let pull_s = t.elapsed().as_secs_f64();
+    l.check_lazy_layers();
+    let out = l.run(&l.lazy, "py1", &["python3", "-c", "print(42)"]);
+    let first_s = t.elapsed().as_secs_f64();
+    let fetched = l.fetched();
+    let blobs = l.dedupd.blobs();
+    eprintln!(
+        "e2e: lazy pull {pull_s:.2}s ({pulled}), first output {first_s:.2}s after the pull started, \
+         {fetched} of {total} bytes fetched then ({:.1}%)",
+        100.0 * fetched as f64 / total as f64
+    );
+    assert_eq!(out.trim(), "42");
+    assert!(
+        blobs.iter().any(|b| !b.complete),
+        "every layer was already fetched when the container printed: {blobs:?}"
+    );
+    // The background fetch completes and each blob matches its digest.
+    for b in &blobs {
+        let s = l
+            .dedupd
+            .client()
+            .wait(&b.digest, Duration::from_secs(300))
+            .expect("wait for the blob");
+        assert!(
+            s.complete && s.verified,
+            "{} did not complete and verify: {s:?}",
+            b.digest
+        );
+    }
+    eprintln!(
+        "e2e: all layers fetched and verified {:.1}s after the pull started",
+        t.elapsed().as_secs_f64()
+    );
+    let read_all = "find / -xdev -type f -exec cat {} + >/dev/null && echo read-all-ok";
+    assert_eq!(l.run(&l.lazy, "ra", &["sh", "-c", read_all]).trim(), "read-all-ok");
+
+    // Local now: with the registry gone, a kill -9 of dedupd and a restart change nothing for new containers.
+    l.proxy.config("down=1");
+    let mut l = l;
+    l.dedupd.kill9();
+    l.dedupd.spawn();
+    assert_eq!(l.run(&l.lazy, "py2", &["python3", "-c", "print(6*7)"]).trim(), "42");
+    assert_eq!(l.run(&l.lazy, "ra2", &["sh", "-c", read_all]).trim(), "read-all-ok");
+    assert!(
+        l.env
+            .log()
+            .contains("fetch daemon restarted: mounting the lazy layer again"),
+        "the snapshotter did not remount after dedupd's restart"
+    );
+    l.proxy.config("down=0");
+    l.stop();
+}
+
+#[test]
+fn lazy_failures_corruption_outage_and_restarts() {
+    let _serial = e2e::serial();
+    // Nothing is fetched unless read, so the files below are surely not local.
+    let mut l = Lazy::start("oci", 0, &["--no-prefetch", "--read-deadline-secs", "4"]);
+    l.dc(&["-cri-labels", "pull", &l.lazy]);
+    l.check_lazy_layers();
+    assert_eq!(l.run(&l.lazy, "py", &["python3", "-c", "print(42)"]).trim(), "42");
+    // sha256sum itself becomes local.
+    assert!(sha_in(&l, "warm", "/etc/hostname").status.success());
+
+    // A registry serving modified ranges: the read fails, no wrong bytes reach the container.
+    let apt = source_sha256("usr/lib/x86_64-linux-gnu/libapt-pkg.so.6.0.0");
+    l.proxy.config("corrupt=1");
+    let out = sha_in(&l, "bad", "/usr/lib/x86_64-linux-gnu/libapt-pkg.so.6.0.0");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "a corrupted read succeeded: {}",
+        describe("sha256sum", &out)
+    );
+    assert!(!stdout.contains(&apt), "{stdout}");
+    let log = l.dedupd.log_text();
+    assert!(
+        log.lines()
+            .any(|x| x.contains("chunk") && x.to_lowercase().contains("digest")),
+        "dedupd did not log the bad chunk:\n{log}"
+    );
+    let metrics = l.dedupd.client().metrics().unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|x| x.starts_with("dedupd_verify_failures_total") && !x.ends_with(" 0")),
+        "{metrics}"
+    );
+    l.proxy.config("corrupt=0");
+    let out = sha_in(&l, "good", "/usr/lib/x86_64-linux-gnu/libapt-pkg.so.6.0.0");
+    assert!(
+        out.status.success(),
+        "{}",
+        describe("sha256sum after the registry is good", &out)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&apt));
+
+    // An outage: the read waits for the deadline, then fails; the same read works once the registry is back.
+    let dpkg = source_sha256("usr/bin/dpkg");
+    l.proxy.config("down=1");
+    let t = Instant::now();
+    let out = sha_in(&l, "down", "/usr/bin/dpkg");
+    let waited = t.elapsed().as_secs_f64();
+    assert!(!out.status.success(), "a read during the outage succeeded");
+    assert!(
+        waited >= 3.5,
+        "the read failed after {waited:.1}s, before the 4 s deadline"
+    );
+    eprintln!("e2e: outage: the read failed after {waited:.1}s");
+    l.proxy.config("down=0");
+    let out = sha_in(&l, "up", "/usr/bin/dpkg");
+    assert!(out.status.success(), "{}", describe("sha256sum after the outage", &out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&dpkg));
+
+    // dedupd killed and restarted: the next container start works (the snapshotter mounts the layers again).
+    l.dedupd.kill9();
+    l.dedupd.spawn();
+    assert_eq!(
+        l.run(&l.lazy, "after-dedupd", &["python3", "-c", "print(42)"]).trim(),
+        "42"
+    );
+
+    // The snapshotter killed and restarted: lazy layers are mounted again from dedupd's files.
+    l.env.kill9_snapshotter();
+    l.env.restart_snapshotter();
+    assert_eq!(
+        l.run(&l.lazy, "after-snap", &["python3", "-c", "print(42)"]).trim(),
+        "42"
+    );
+    l.check_lazy_layers();
+    let stats = l.proxy.stats();
+    eprintln!("e2e: proxy stats at the end: {stats}");
+    l.stop();
+}

@@ -1,0 +1,107 @@
+//! `dedupd`: the FUSE fetch daemon. See the `fetch_daemon` library for what it does.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use fetch_daemon::Options;
+use tracing::{error, info};
+
+/// Serves registry blobs as files on a FUSE mount, fetching verified chunks on demand.
+#[derive(Parser, Debug)]
+#[command(name = "dedupd", version)]
+struct Args {
+    /// Cache directory (blobs live in ROOT/blobs).
+    #[arg(long)]
+    root: PathBuf,
+    /// Where to mount the FUSE file system.
+    #[arg(long)]
+    mountpoint: PathBuf,
+    /// The control socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics, e.g. 127.0.0.1:9580.
+    #[arg(long)]
+    metrics_address: Option<String>,
+    /// Docker config file with registry credentials (default: $DOCKER_CONFIG/config.json or ~/.docker/config.json).
+    #[arg(long)]
+    docker_config: Option<PathBuf>,
+    /// Speak plain HTTP to this registry (host or host:port); loopback names always are. Repeatable.
+    #[arg(long)]
+    plain_http: Vec<String>,
+    /// Range requests in flight at most.
+    #[arg(long, default_value_t = 4)]
+    fetch_threads: usize,
+    /// A read retries a failing chunk this long before it fails with EIO.
+    #[arg(long, default_value_t = 30)]
+    read_deadline_secs: u64,
+    /// Prefetch bandwidth limit in bytes per second (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    prefetch_rate: u64,
+    /// Fetch only what is read.
+    #[arg(long)]
+    no_prefetch: bool,
+    /// Timeout for connecting and for each read or write of one HTTP request.
+    #[arg(long, default_value_t = 10)]
+    request_timeout_secs: u64,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Colour codes would garble a log file or journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    // Blocked before any thread starts, so every thread inherits the mask and only sigwait sees them.
+    let signals = block_signals();
+    let opts = Options {
+        root: args.root,
+        mountpoint: args.mountpoint,
+        socket: args.socket,
+        metrics_address: args.metrics_address,
+        docker_config: args.docker_config,
+        plain_http: args.plain_http,
+        fetch_threads: args.fetch_threads.max(1),
+        read_deadline: Duration::from_secs(args.read_deadline_secs),
+        prefetch_rate: args.prefetch_rate,
+        no_prefetch: args.no_prefetch,
+        request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
+    };
+    let running = match fetch_daemon::start(opts) {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cannot start: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let sig = wait_for(&signals);
+    info!(signal = sig, "stopping");
+    running.stop();
+    std::process::exit(0);
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a local sigset_t, before any other thread exists.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: `set` is initialized and `sig` is a valid out pointer.
+    unsafe {
+        libc::sigwait(set, &mut sig);
+    }
+    sig
+}
