@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod inspect;
 mod lazy;
+mod record;
 mod serve;
 mod stats;
 
@@ -97,8 +98,11 @@ enum Command {
         src: String,
         /// Target image reference, pushed when every layer is converted.
         dst: String,
-        /// Size of the verification chunks: a power of two from 4K to 1G.
-        #[arg(long, value_parser = parse_size, default_value = "1M")]
+        /// Size of the verification chunks (and of each fetch): a power of two from 4K to 1G. Smaller
+        /// fetches less beyond what a start reads, larger makes fewer requests (scripts/bench-lazy.sh:
+        /// 1M fetched 21.5% of the image before the first output, 256K 11.2%, 64K 9.4% but with more
+        /// round trips).
+        #[arg(long, value_parser = parse_size, default_value = "256K")]
         chunk_size: u64,
         /// A file of absolute paths (one per line, e.g. from `record`) whose data a start reads
         /// first: their chunks become each layer's prefetch list.
@@ -118,6 +122,10 @@ enum Command {
         /// (application/vnd.oci.image.layer.v1.erofs); `erofs` is application/vnd.erofs.layer.v1.
         #[arg(long, default_value = "erofs")]
         layer_media_type: String,
+        /// Pack small files and tails after their inodes. Off by default here: inline data would
+        /// spread the inodes a start looks up over many more chunks to fetch.
+        #[arg(long)]
+        inline: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -142,6 +150,33 @@ enum Command {
         /// Layers (tar, tar+gzip, tar+zstd), in the order a node would pull them.
         #[arg(required = true)]
         layers: Vec<PathBuf>,
+    },
+    /// Record which files a container start reads, in order (for `convert-image --prefetch`): traces
+    /// the fetch daemon's reads while the image (already pulled lazily) runs once, and maps them to paths.
+    Record {
+        /// The fetch daemon's (dedupd) control socket.
+        #[arg(long)]
+        fetch_socket: PathBuf,
+        /// containerd's socket.
+        #[arg(long)]
+        containerd: PathBuf,
+        /// containerd namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// The snapshotter the image was pulled with.
+        #[arg(long, default_value = "dedup")]
+        snapshotter: String,
+        /// Write the paths here instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Print a JSON report (paths, accesses, bytes_read, blobs) instead of the path list.
+        #[arg(long)]
+        json: bool,
+        /// The image, already pulled lazily with the snapshotter.
+        image: String,
+        /// The command to run in the container, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Show an EROFS image's superblock and device table.
     Inspect {
@@ -272,6 +307,7 @@ fn run(cli: Cli) -> Result<()> {
             docker_config,
             plain_http,
             layer_media_type,
+            inline,
             json,
         } => convert_image(ConvertImageArgs {
             src,
@@ -282,6 +318,7 @@ fn run(cli: Cli) -> Result<()> {
             docker_config,
             plain_http,
             layer_media_type,
+            inline,
             json,
         }),
         Command::Stats { root, json } => {
@@ -315,6 +352,25 @@ fn run(cli: Cli) -> Result<()> {
             cfg.fetch_socket = fetch_socket.or(cfg.fetch_socket);
             serve::serve(cfg)
         }
+        Command::Record {
+            fetch_socket,
+            containerd,
+            namespace,
+            snapshotter,
+            output,
+            json,
+            image,
+            command,
+        } => record::record(record::RecordArgs {
+            fetch_socket,
+            containerd,
+            namespace,
+            snapshotter,
+            output,
+            json,
+            image,
+            command,
+        }),
         Command::Inspect { image, devices, json } => inspect::inspect(&image, &devices, json),
         Command::Ls {
             image,
@@ -461,6 +517,7 @@ struct ConvertImageArgs {
     docker_config: Option<PathBuf>,
     plain_http: Vec<String>,
     layer_media_type: String,
+    inline: bool,
     json: bool,
 }
 
@@ -483,7 +540,10 @@ fn convert_image(a: ConvertImageArgs) -> Result<()> {
             .map(String::from)
             .collect(),
     };
+    let mut layer = layer_convert::Options::from_env();
+    layer.inline_data = a.inline;
     let opts = image_convert::ConvertOptions {
+        layer,
         chunk_size: a.chunk_size,
         prefetch_paths,
         work_dir: a.work_dir,
@@ -493,7 +553,6 @@ fn convert_image(a: ConvertImageArgs) -> Result<()> {
             "oci" => image_convert::annotations::OCI_EROFS_LAYER_MEDIA_TYPE.to_string(),
             other => other.to_string(),
         },
-        ..Default::default()
     };
     let report = image_convert::convert_image(&client, &src, &dst, &opts)?;
     if a.json {

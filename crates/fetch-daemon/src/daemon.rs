@@ -41,6 +41,9 @@ pub struct Options {
     pub prefetch_rate: u64,
     /// Fetch only what is read.
     pub no_prefetch: bool,
+    /// The background fetch of chunks not on a blob's prefetch list waits until FUSE reads have
+    /// paused this long, so a starting container's reads are not queued behind it.
+    pub prefetch_idle: Duration,
     /// Timeout for connecting and for each read or write of one HTTP request.
     pub request_timeout: Duration,
 }
@@ -231,6 +234,9 @@ pub struct Daemon {
     /// Set once the FUSE session runs; used to drop the kernel's entry of an unregistered blob.
     pub notifier: OnceLock<fuser::Notifier>,
     shutdown: AtomicBool,
+    /// When the daemon started, and the last FUSE read in milliseconds since then.
+    started: Instant,
+    last_read_ms: AtomicU64,
 }
 
 impl Daemon {
@@ -249,6 +255,8 @@ impl Daemon {
             retries: 0,
         })?;
         let daemon = Arc::new(Daemon {
+            started: Instant::now(),
+            last_read_ms: AtomicU64::new(0),
             slots: FetchSlots::new(opts.fetch_threads),
             bucket: TokenBucket::new(opts.prefetch_rate),
             instance: random_u64(),
@@ -568,6 +576,8 @@ impl Daemon {
             return Ok(Vec::new());
         }
         let end = offset.saturating_add(u64::from(len)).min(size);
+        self.last_read_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
         let deadline = Instant::now() + self.opts.read_deadline;
         let cs = blob.spec.chunk_size;
         let mut missed = false;
@@ -791,6 +801,12 @@ impl Daemon {
                 order.push(i);
             }
         }
+        let mut listed = vec![false; n as usize];
+        for &p in &blob.spec.prefetch {
+            if let Some(l) = listed.get_mut(p as usize) {
+                *l = true;
+            }
+        }
         let began = Instant::now();
         let mut backoff = Duration::from_secs(1);
         let gone = || self.stopping() || blob.removed.load(Ordering::SeqCst) || blob.broken.load(Ordering::SeqCst);
@@ -802,6 +818,15 @@ impl Daemon {
                 }
                 if bit(&blob.lock().bitmap, i) {
                     continue;
+                }
+                if !listed[i as usize] {
+                    self.wait_for_quiet(blob);
+                    if gone() {
+                        return;
+                    }
+                    if bit(&blob.lock().bitmap, i) {
+                        continue;
+                    }
                 }
                 // Paid before the chunk is claimed: a read of the same chunk must never wait for the
                 // bandwidth limit, only for a fetch already on the wire.
@@ -844,6 +869,18 @@ impl Daemon {
                     return;
                 }
             }
+        }
+    }
+
+    /// Waits until no FUSE read has come for [`Options::prefetch_idle`].
+    fn wait_for_quiet(&self, blob: &Blob) {
+        loop {
+            let now = self.started.elapsed().as_millis() as u64;
+            let idle = Duration::from_millis(now.saturating_sub(self.last_read_ms.load(Ordering::Relaxed)));
+            if idle >= self.opts.prefetch_idle || self.stopping() || blob.removed.load(Ordering::SeqCst) {
+                return;
+            }
+            self.sleep_unless_stopped(blob, self.opts.prefetch_idle - idle);
         }
     }
 

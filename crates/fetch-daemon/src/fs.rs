@@ -203,7 +203,10 @@ impl Filesystem for BlobFs {
 
 /// Detaches a dead FUSE mount left at `mountpoint` by a killed instance (stat fails with ENOTCONN).
 pub fn clear_dead_mount(mountpoint: &std::path::Path) -> io::Result<()> {
-    match std::fs::metadata(mountpoint) {
+    // A stat alone may be answered from attributes the kernel cached while the old
+    // instance lived (long TTLs); listing the directory always asks the daemon.
+    let probe = std::fs::metadata(mountpoint).and_then(|_| std::fs::read_dir(mountpoint).map(|_| ()));
+    match probe {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             warn!(mountpoint = %mountpoint.display(), "detaching the dead mount of a previous instance");
             rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)?;

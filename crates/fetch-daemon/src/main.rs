@@ -38,6 +38,10 @@ struct Args {
     /// Prefetch bandwidth limit in bytes per second (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     prefetch_rate: u64,
+    /// Chunks not on a blob's prefetch list are fetched in the background only once FUSE reads have
+    /// paused for this many milliseconds (a starting container's reads come first).
+    #[arg(long, default_value_t = 1000)]
+    prefetch_idle_ms: u64,
     /// Fetch only what is read.
     #[arg(long)]
     no_prefetch: bool,
@@ -70,6 +74,7 @@ fn main() {
         read_deadline: Duration::from_secs(args.read_deadline_secs),
         prefetch_rate: args.prefetch_rate,
         no_prefetch: args.no_prefetch,
+        prefetch_idle: Duration::from_millis(args.prefetch_idle_ms),
         request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
     };
     let running = match fetch_daemon::start(opts) {

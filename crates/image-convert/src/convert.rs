@@ -63,10 +63,15 @@ pub struct ConvertOptions {
 impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
-            chunk_size: 1 << 20,
+            chunk_size: 256 << 10,
             prefetch_paths: Vec::new(),
             work_dir: None,
-            layer: layer_convert::Options::from_env(),
+            layer: layer_convert::Options {
+                // Inline tails would put file data between the inodes, spreading the
+                // inodes a start looks up over many more chunks to fetch.
+                inline_data: false,
+                ..layer_convert::Options::from_env()
+            },
             progress: false,
             layer_media_type: EROFS_LAYER_MEDIA_TYPE.to_string(),
         }

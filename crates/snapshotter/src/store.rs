@@ -721,7 +721,7 @@ impl Snapshotter {
             return Err(Error::Unavailable(format!("mounting lazy layer {}: {e}", layer.digest)));
         }
         // The inode count is in the superblock, which the mount has read already.
-        rec.inodes = rustix::fs::statfs(&self.mountpoint(id)).map_or(0, |st| st.f_files as i64);
+        rec.inodes = rustix::fs::statfs(self.mountpoint(id)).map_or(0, |st| st.f_files as i64);
         let _g = self.lock.lock().unwrap();
         let res = (|| {
             if self.find_target(target, parent)?.is_some() {
