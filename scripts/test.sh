@@ -72,7 +72,7 @@ if ((${#missing[@]})); then
 fi
 
 # --- kernel file systems -----------------------------------------------------
-for fs in erofs overlay; do
+for fs in erofs overlay fuse; do
     if ! grep -qw "$fs" /proc/filesystems; then
         step "modprobe $fs"
         modprobe "$fs" || true
@@ -106,6 +106,9 @@ if [[ -f "$IMAGES" ]]; then
     step "warming the end-to-end test images"
     bash "$IMAGES" "${E2E_IMAGES:-/var/cache/dedup-snapshotter-tests/oci}"
 fi
+# The lazy-pull tests' image: minbase + python3 from Debian packages (cached).
+step "warming the python test image (scripts/build-python-image.sh)"
+bash scripts/build-python-image.sh build >/dev/null
 
 # --- tests ----------------------------------------------------------------------
 step "cargo test --workspace --release --no-fail-fast $*"
