@@ -409,12 +409,7 @@ impl Snapshotter {
             return Ok(None);
         }
         let txn = self.db.begin_write().map_err(internal)?;
-        let id = {
-            let mut c = txn.open_table(COUNTERS).map_err(internal)?;
-            let id = c.get("next_blob").map_err(internal)?.map(|v| v.value()).unwrap_or(1);
-            c.insert("next_blob", id + 1).map_err(internal)?;
-            id
-        };
+        let id = next_counter(&txn, "next_blob")?;
         txn.commit().map_err(internal)?;
         // Under the lock, so no deletion decides between the view and the pins.
         let _g = self.lock.lock().unwrap();
@@ -619,12 +614,7 @@ impl Snapshotter {
         let parents = self.parent_ids(parent)?;
 
         let txn = self.db.begin_write().map_err(internal)?;
-        let id = {
-            let mut c = txn.open_table(COUNTERS).map_err(internal)?;
-            let id = c.get("next_id").map_err(internal)?.map(|v| v.value()).unwrap_or(1);
-            c.insert("next_id", id + 1).map_err(internal)?;
-            id
-        };
+        let id = next_counter(&txn, "next_id")?;
         // The directory goes into place before the record that owns it exists.
         let dir = self.dir(id);
         self.stage_dir(id, &parents).map_err(internal)?;
@@ -690,12 +680,7 @@ impl Snapshotter {
         let id = {
             let _g = self.lock.lock().unwrap();
             let txn = self.db.begin_write().map_err(internal)?;
-            let id = {
-                let mut c = txn.open_table(COUNTERS).map_err(internal)?;
-                let id = c.get("next_id").map_err(internal)?.map(|v| v.value()).unwrap_or(1);
-                c.insert("next_id", id + 1).map_err(internal)?;
-                id
-            };
+            let id = next_counter(&txn, "next_id")?;
             txn.commit().map_err(internal)?;
             id
         };
@@ -1274,6 +1259,14 @@ impl Snapshotter {
             }
         }
     }
+}
+
+/// Takes the next value of a counter (ids of snapshots and blobs, never reused).
+fn next_counter(txn: &redb::WriteTransaction, name: &str) -> Result<u64> {
+    let mut c = txn.open_table(COUNTERS).map_err(internal)?;
+    let id = c.get(name).map_err(internal)?.map(|v| v.value()).unwrap_or(1);
+    c.insert(name, id + 1).map_err(internal)?;
+    Ok(id)
 }
 
 /// Makes the directory entries in `dir` durable.
