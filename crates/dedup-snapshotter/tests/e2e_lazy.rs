@@ -8,6 +8,8 @@
 //! - Lazy: `python3 -c 'print(42)'` prints 42 before the layers are fully fetched (the fraction fetched is
 //!   printed); the background fetch completes and every blob verifies against its digest; once local, the image
 //!   keeps working with the registry gone across a kill -9 of dedupd.
+//! - `record` lists the files a start reads (the python binary, its libraries), each once, and
+//!   `convert-image --prefetch` turns the list into the python layer's prefetch chunks.
 //! - Failures: a corrupting registry makes the read fail (no wrong bytes) and a good one then serves it; an outage
 //!   fails the read after the deadline and the same read works once the registry is back; kill -9 of dedupd and
 //!   of the snapshotter, each followed by a restart: the next container start works.
@@ -20,6 +22,7 @@
 mod common;
 mod e2e;
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -394,6 +397,69 @@ fn source_sha256(path_in_layer: &str) -> String {
     sha
 }
 
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
+}
+
+/// `dedup-snapshotter record` of `image` running `python3 -c 'print(42)'`, with `extra` options.
+fn record(env: &Env, image: &str, extra: &[&str]) -> Output {
+    let t = Instant::now();
+    let out = bin()
+        .arg("record")
+        .arg("--fetch-socket")
+        .arg(env.dir.join("dedupd.sock"))
+        .args([
+            "--containerd",
+            &env.ctrd_sock,
+            "--namespace",
+            &env.ns,
+            "--snapshotter",
+            "dedup",
+        ])
+        .args(extra)
+        .args([image, "--", "python3", "-c", "print(42)"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn dedup-snapshotter record");
+    if !out.status.success() {
+        env.dump_logs();
+    }
+    assert!(out.status.success(), "{}", describe("dedup-snapshotter record", &out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.lines().any(|l| l.trim() == "42"),
+        "the container's output did not reach record's stderr: {}",
+        describe("record", &out)
+    );
+    eprintln!(
+        "e2e: record in {:.2}s: {}",
+        t.elapsed().as_secs_f64(),
+        stderr.lines().last().unwrap_or("")
+    );
+    out
+}
+
+fn check_paths(paths: &[String], python: &str) {
+    assert!(!paths.is_empty(), "nothing recorded");
+    let mut seen = HashSet::new();
+    for p in paths {
+        assert!(p.starts_with('/'), "{p:?} is not absolute: {paths:#?}");
+        assert!(seen.insert(p), "{p:?} is listed twice: {paths:#?}");
+    }
+    assert!(
+        paths.iter().any(|p| p == python),
+        "the python binary {python} is not in the recorded paths: {paths:#?}"
+    );
+    assert!(
+        paths.iter().any(|p| {
+            (p.starts_with("/usr/lib/python3.11/") && p.ends_with(".py"))
+                || p.contains("/libpython3")
+                || p.contains("/libc.so")
+        }),
+        "no python module, libpython or libc among the recorded paths: {paths:#?}"
+    );
+}
+
 fn sha_in(l: &Lazy, id: &str, path: &str) -> Output {
     l.run_raw(&l.lazy, id, &["sha256sum", path])
 }
@@ -640,5 +706,109 @@ fn lazy_failures_corruption_outage_and_restarts() {
     l.check_lazy_layers();
     let stats = l.proxy.stats();
     eprintln!("e2e: proxy stats at the end: {stats}");
+    l.stop();
+}
+
+#[test]
+fn record_lists_the_files_a_start_reads_and_feeds_prefetch() {
+    let _serial = e2e::serial();
+    // Nothing is fetched unless read: what the start reads is all the daemon sees.
+    let l = Lazy::start("oci", 0, &["--no-prefetch"]);
+    let (env, dedupd, lazy, source) = (&l.env, &l.dedupd, l.lazy.clone(), l.source.clone());
+    l.dc(&["-cri-labels", "pull", &lazy]);
+    let blobs = dedupd.blobs();
+    assert!(
+        !blobs.is_empty() && blobs.iter().any(|b| !b.complete),
+        "the pull was not lazy (the layers should be registered with dedupd, not fetched): {blobs:?}"
+    );
+
+    // First recording: the path list, to a file.
+    let work = tempfile::Builder::new().prefix("record.").tempdir_in("/tmp").unwrap();
+    let list = work.path().join("paths.txt");
+    record(env, &lazy, &["--output", list.to_str().unwrap()]);
+    let text = fs::read_to_string(&list).expect("read the recorded list");
+    let paths: Vec<String> = text.lines().map(str::to_string).collect();
+
+    // /usr/bin/python3 is a symlink; the data read belongs to the file it names.
+    let python = l
+        .run(&lazy, "readlink", &["readlink", "-f", "/usr/bin/python3"])
+        .trim()
+        .to_string();
+    assert!(
+        python.starts_with("/usr/bin/python3."),
+        "readlink -f /usr/bin/python3: {python:?}"
+    );
+    eprintln!(
+        "e2e: {} paths recorded for the python start:\n  {}",
+        paths.len(),
+        paths.join("\n  ")
+    );
+    check_paths(&paths, &python);
+
+    // Second recording, as JSON: everything is local now, but reads still go through FUSE once the cache is
+    // dropped, so the same start lists the same binary.
+    let out = record(env, &lazy, &["--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("record --json output");
+    let paths2: Vec<String> = report["paths"]
+        .as_array()
+        .expect("paths")
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    check_paths(&paths2, &python);
+    assert!(report["accesses"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["bytes_read"].as_u64().unwrap() > 0, "{report}");
+    let layer_digests: HashSet<String> = blobs.iter().map(|b| b.digest.clone()).collect();
+    let report_blobs = report["blobs"].as_array().expect("blobs");
+    assert!(!report_blobs.is_empty(), "{report}");
+    for b in report_blobs {
+        let d = b["digest"].as_str().unwrap();
+        assert!(
+            layer_digests.contains(d),
+            "blob {d} is not a layer of the image: {report}"
+        );
+    }
+    eprintln!(
+        "e2e: second recording: {} paths, {} accesses, {} bytes, blobs {}",
+        paths2.len(),
+        report["accesses"],
+        report["bytes_read"],
+        serde_json::Value::Array(report_blobs.clone())
+    );
+
+    // The list drives convert-image's prefetch: the python layer gets chunks, and the binary among its files.
+    let out = bin()
+        .arg("convert-image")
+        .arg("--prefetch")
+        .arg(&list)
+        .args(["--layer-media-type", "oci", "--json", &source])
+        .arg(format!("{}/python:prefetch", env.registry))
+        .output()
+        .expect("spawn convert-image --prefetch");
+    assert!(out.status.success(), "{}", describe("convert-image --prefetch", &out));
+    let converted: serde_json::Value = serde_json::from_slice(&out.stdout).expect("convert-image JSON");
+    let layers = converted["layers"].as_array().expect("layers");
+    let py_layer = layers
+        .iter()
+        .find(|l| {
+            l["prefetch_files"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|p| p.as_str() == Some(python.as_str())))
+        })
+        .unwrap_or_else(|| panic!("no layer lists {python} in prefetch_files: {converted}"));
+    let chunks = py_layer["prefetch_chunks"].as_array().expect("prefetch_chunks");
+    assert!(
+        !chunks.is_empty(),
+        "the python layer has no prefetch chunks: {py_layer}"
+    );
+    for (i, l) in layers.iter().enumerate() {
+        eprintln!(
+            "e2e: prefetch layer {i}: {} chunks of {}, {} files",
+            l["prefetch_chunks"].as_array().map_or(0, Vec::len),
+            l["chunks"],
+            l["prefetch_files"].as_array().map_or(0, Vec::len)
+        );
+    }
+
     l.stop();
 }
