@@ -63,7 +63,7 @@ pub struct ConvertOptions {
 impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
-            chunk_size: 256 << 10,
+            chunk_size: 128 << 10,
             prefetch_paths: Vec::new(),
             work_dir: None,
             layer: layer_convert::Options {
