@@ -93,43 +93,7 @@ enum Command {
     },
     /// Convert an image in a registry into one with EROFS-native layers that can be mounted
     /// before they are downloaded (metadata first, a sha256 per chunk in the annotations).
-    ConvertImage {
-        /// Source image (`registry/name:tag` or `@sha256:…`); loopback registries use plain HTTP.
-        src: String,
-        /// Target image reference, pushed when every layer is converted.
-        dst: String,
-        /// Size of the verification chunks (and of each fetch): a power of two from 4K to 1G. Smaller
-        /// fetches less beyond what a start reads, larger makes fewer round trips (scripts/bench-lazy.sh,
-        /// share of the image fetched before the first output: 1M 21.5%, 256K 11.2%, 128K 9.9%, 64K 9.4%
-        /// but 3.0x instead of 5.2x sooner than a full pull).
-        #[arg(long, value_parser = parse_size, default_value = "128K")]
-        chunk_size: u64,
-        /// A file of absolute paths (one per line, e.g. from `record`) whose data a start reads
-        /// first: their chunks become each layer's prefetch list.
-        #[arg(long)]
-        prefetch: Option<PathBuf>,
-        /// Where converted layers are kept until they are pushed (default: $TMPDIR).
-        #[arg(long)]
-        work_dir: Option<PathBuf>,
-        /// Docker config file with registry credentials (default: $DOCKER_CONFIG or ~/.docker).
-        #[arg(long)]
-        docker_config: Option<PathBuf>,
-        /// Also use plain HTTP for this registry host (loopback always does).
-        #[arg(long)]
-        plain_http: Vec<String>,
-        /// Media type of the converted layers. containerd before 2.x unpacks only OCI/Docker layer types
-        /// through its unpacker (the one that lets a snapshotter mount a layer lazily): use `oci` there
-        /// (application/vnd.oci.image.layer.v1.erofs); `erofs` is application/vnd.erofs.layer.v1.
-        #[arg(long, default_value = "erofs")]
-        layer_media_type: String,
-        /// Pack small files and tails after their inodes. Off by default here: inline data would
-        /// spread the inodes a start looks up over many more chunks to fetch.
-        #[arg(long)]
-        inline: bool,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    ConvertImage(ConvertImageArgs),
     /// What a store holds: layers, logical vs stored bytes, chunks, index size, sharing per image.
     /// Asks the running daemon (its admin socket under the root), or reads the store when none runs.
     Stats {
@@ -298,29 +262,7 @@ fn run(cli: Cli) -> Result<()> {
             opts.meta_first = meta_first;
             convert(&input, &output, &opts, json, blob_dir.as_deref())
         }
-        Command::ConvertImage {
-            src,
-            dst,
-            chunk_size,
-            prefetch,
-            work_dir,
-            docker_config,
-            plain_http,
-            layer_media_type,
-            inline,
-            json,
-        } => convert_image(ConvertImageArgs {
-            src,
-            dst,
-            chunk_size,
-            prefetch,
-            work_dir,
-            docker_config,
-            plain_http,
-            layer_media_type,
-            inline,
-            json,
-        }),
+        Command::ConvertImage(args) => convert_image(args),
         Command::Stats { root, json } => {
             stats::stats(&root.unwrap_or_else(|| PathBuf::from(serve::DEFAULT_ROOT)), json)
         }
@@ -508,16 +450,43 @@ fn zstd_reader<R: io::BufRead>(r: R) -> Result<impl Read> {
     Ok(layer_convert::stream::zstd_decoder(r)?)
 }
 
+/// The arguments of `convert-image`.
+#[derive(clap::Args)]
 struct ConvertImageArgs {
+    /// Source image (`registry/name:tag` or `@sha256:…`); loopback registries use plain HTTP.
     src: String,
+    /// Target image reference, pushed when every layer is converted.
     dst: String,
+    /// Size of the verification chunks (and of each fetch): a power of two from 4K to 1G. Smaller
+    /// fetches less beyond what a start reads, larger makes fewer round trips (scripts/bench-lazy.sh,
+    /// share of the image fetched before the first output: 1M 21.5%, 256K 11.2%, 128K 9.9%, 64K 9.4%
+    /// but 3.0x instead of 5.2x sooner than a full pull).
+    #[arg(long, value_parser = parse_size, default_value = "128K")]
     chunk_size: u64,
+    /// A file of absolute paths (one per line, e.g. from `record`) whose data a start reads
+    /// first: their chunks become each layer's prefetch list.
+    #[arg(long)]
     prefetch: Option<PathBuf>,
+    /// Where converted layers are kept until they are pushed (default: $TMPDIR).
+    #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Docker config file with registry credentials (default: $DOCKER_CONFIG or ~/.docker).
+    #[arg(long)]
     docker_config: Option<PathBuf>,
+    /// Also use plain HTTP for this registry host (loopback always does).
+    #[arg(long)]
     plain_http: Vec<String>,
+    /// Media type of the converted layers. containerd before 2.x unpacks only OCI/Docker layer types
+    /// through its unpacker (the one that lets a snapshotter mount a layer lazily): use `oci` there
+    /// (application/vnd.oci.image.layer.v1.erofs); `erofs` is application/vnd.erofs.layer.v1.
+    #[arg(long, default_value = "erofs")]
     layer_media_type: String,
+    /// Pack small files and tails after their inodes. Off by default here: inline data would
+    /// spread the inodes a start looks up over many more chunks to fetch.
+    #[arg(long)]
     inline: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
     json: bool,
 }
 
