@@ -77,7 +77,7 @@ fn unmount_all(root: &Path) {
 #[test]
 fn shared_chunks_outlive_the_layer_that_wrote_them() {
     need_root();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = test_support::TestDir::new("snapshotter-dedup-");
     let root = tmp.path().join("root");
     let work = tmp.path().join("work");
     let s = Snapshotter::open_with(&root, DEDUP).unwrap();
@@ -137,7 +137,7 @@ fn shared_chunks_outlive_the_layer_that_wrote_them() {
 #[test]
 fn start_up_removes_unrecorded_blobs_and_recounts_references() {
     need_root();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = test_support::TestDir::new("snapshotter-dedup-");
     let root = tmp.path().join("root");
     let work = tmp.path().join("work");
     let s = Snapshotter::open_with(&root, DEDUP).unwrap();
@@ -191,7 +191,7 @@ fn start_up_removes_unrecorded_blobs_and_recounts_references() {
 #[test]
 fn a_layer_can_name_more_blobs_than_one_option_page_holds() {
     need_root();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = test_support::TestDir::new("snapshotter-dedup-");
     // Long paths, so 40 devices take ~9 KiB of options.
     let root = tmp
         .path()

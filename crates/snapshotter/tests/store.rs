@@ -13,7 +13,7 @@ use snapshotter::{Error, Kind, Snapshotter};
 #[test]
 fn layers_commit_to_erofs_and_stack() {
     need_root();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = test_support::TestDir::new("snapshotter-store-");
     let root = tmp.path().join("root");
     let work = tmp.path().join("work");
     let s = Snapshotter::open(&root).unwrap();
@@ -146,7 +146,7 @@ fn layers_commit_to_erofs_and_stack() {
 #[test]
 fn orphans_are_removed_at_start() {
     need_root();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = test_support::TestDir::new("snapshotter-store-");
     let root = tmp.path().join("root");
     let s = Snapshotter::open(&root).unwrap();
     s.prepare("a", "", BTreeMap::new()).unwrap();

@@ -1,4 +1,7 @@
-//! Helpers shared by the store tests.
+//! Helpers shared by the store tests. Each test keeps its store root and mount
+//! points in a `test_support::TestDir`, which unmounts whatever is left under it
+//! when the test ends (passed, failed or panicked): dropping a `Snapshotter` does
+//! not unmount its layers.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -43,7 +46,8 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+        // Everything at the target (an rbind brings the mounts below its source along).
+        test_support::unmount_under(&self.0);
     }
 }
 
