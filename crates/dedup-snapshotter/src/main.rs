@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod inspect;
 mod lazy;
+mod pull;
 mod record;
 mod serve;
 mod stats;
@@ -94,6 +95,10 @@ enum Command {
     /// Convert an image in a registry into one with EROFS-native layers that can be mounted
     /// before they are downloaded (metadata first, a sha256 per chunk in the annotations).
     ConvertImage(ConvertImageArgs),
+    /// Pull an image into containerd and unpack it for our snapshotter, with the snapshot labels CRI
+    /// passes: layers of a `convert-image`d image are mounted lazily instead of downloaded (what
+    /// `ctr images pull` and nerdctl cannot ask for).
+    Pull(pull::PullArgs),
     /// What a store holds: layers, logical vs stored bytes, chunks, index size, sharing per image.
     /// Asks the running daemon (its admin socket under the root), or reads the store when none runs.
     Stats {
@@ -263,6 +268,7 @@ fn run(cli: Cli) -> Result<()> {
             convert(&input, &output, &opts, json, blob_dir.as_deref())
         }
         Command::ConvertImage(args) => convert_image(args),
+        Command::Pull(args) => pull::pull(args),
         Command::Stats { root, json } => {
             stats::stats(&root.unwrap_or_else(|| PathBuf::from(serve::DEFAULT_ROOT)), json)
         }

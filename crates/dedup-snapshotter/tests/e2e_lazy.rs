@@ -296,6 +296,34 @@ impl Lazy {
         serde_json::from_slice(&out.stdout).expect("diffclient JSON")
     }
 
+    /// `dedup-snapshotter pull` (the CRI-labelled pull for ctr users) of `image`; its JSON report.
+    fn pull(&self, image: &str) -> serde_json::Value {
+        let out = Command::new("timeout")
+            .args(["-k", "5", "300"])
+            .arg(env!("CARGO_BIN_EXE_dedup-snapshotter"))
+            .args([
+                "pull",
+                "--json",
+                "--address",
+                &self.env.ctrd_sock,
+                "--namespace",
+                &self.env.ns,
+            ])
+            .args(["--snapshotter", "dedup", image])
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn dedup-snapshotter pull");
+        if !out.status.success() {
+            self.env.dump_logs();
+        }
+        assert!(
+            out.status.success(),
+            "{}",
+            describe(&format!("dedup-snapshotter pull {image}"), &out)
+        );
+        serde_json::from_slice(&out.stdout).expect("pull JSON")
+    }
+
     /// `ctr run --rm` of a full reference; the output whatever the status.
     fn run_raw(&self, image: &str, id: &str, args: &[&str]) -> Output {
         let mut a = vec!["run", "--rm", "--snapshotter", "dedup", image, id];
@@ -632,8 +660,26 @@ fn lazy_failures_corruption_outage_and_restarts() {
     let _serial = e2e::serial();
     // Nothing is fetched unless read, so the files below are surely not local.
     let mut l = Lazy::start("oci", 0, &["--no-prefetch", "--read-deadline-secs", "4"]);
-    l.dc(&["-cri-labels", "pull", &l.lazy]);
+    // Our own pull command passes the labels CRI would: every layer is mounted lazily, none downloaded.
+    let pulled = l.pull(&l.lazy);
+    eprintln!("e2e: dedup-snapshotter pull: {pulled}");
+    assert_eq!(
+        (pulled["lazy"].as_u64(), pulled["unpacked"].as_u64()),
+        (Some(2), Some(0)),
+        "{pulled}"
+    );
     l.check_lazy_layers();
+    // The same command on the plain (gzip) source image downloads and applies every layer.
+    let plain = l.pull(&l.source);
+    assert_eq!(
+        (plain["lazy"].as_u64(), plain["unpacked"].as_u64()),
+        (Some(0), Some(2)),
+        "{plain}"
+    );
+    assert_eq!(l.run(&l.source, "plain", &["python3", "-c", "print(42)"]).trim(), "42");
+    // Pulled again, nothing is fetched or applied.
+    let again = l.pull(&l.lazy);
+    assert_eq!(again["present"].as_u64(), Some(2), "{again}");
     assert_eq!(l.run(&l.lazy, "py", &["python3", "-c", "print(42)"]).trim(), "42");
     // sha256sum itself becomes local.
     assert!(sha_in(&l, "warm", "/etc/hostname").status.success());
