@@ -26,13 +26,16 @@ fn assert_root() {
 }
 
 /// A store served on a temporary socket, and a client connected to it.
+///
+/// The directory is the last field: dropped last (also when a test panics), it
+/// unmounts whatever the store left mounted under it, then goes.
 struct Harness {
-    dir: tempfile::TempDir,
     socket: PathBuf,
     store: Arc<Snapshotter>,
     client: SnapshotsClient<Channel>,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), String>>,
+    dir: test_support::TestDir,
 }
 
 impl Harness {
@@ -42,7 +45,7 @@ impl Harness {
 
     async fn start_with_mode(mode: u32) -> Harness {
         assert_root();
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_support::TestDir::new("grpc-snapshots-");
         let store = Arc::new(Snapshotter::open(&dir.path().join("root")).expect("open the store"));
         let socket = dir.path().join("run/snapshotter.sock");
         let (stop, rx) = oneshot::channel::<()>();
@@ -64,17 +67,18 @@ impl Harness {
         }
         let client = SnapshotsClient::new(containerd_client::connect(&socket).await.unwrap());
         Harness {
-            dir,
             socket,
             store,
             client,
             stop,
             task,
+            dir,
         }
     }
 
-    /// Stops the server (it must stop cleanly and remove its socket) and unmounts
-    /// the store's layers so the temporary directory can go.
+    /// Stops the server (it must stop cleanly and remove its socket) and the store,
+    /// which must leave nothing mounted (the directory's guard would clean up, but
+    /// that is the test's safety net, not the product's).
     async fn finish(self) {
         self.stop.send(()).unwrap();
         let served = tokio::time::timeout(Duration::from_secs(20), self.task)
@@ -83,6 +87,8 @@ impl Harness {
         served.unwrap().expect("serve returns Ok");
         assert!(!self.socket.exists(), "socket removed on shutdown");
         self.store.shutdown();
+        let left = self.dir.mounts();
+        assert!(left.is_empty(), "mounted after the store's shutdown: {left:?}");
         drop(self.dir);
     }
 
