@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 mod inspect;
 mod lazy;
+mod logging;
 mod pull;
 mod record;
 mod serve;
@@ -21,10 +22,15 @@ mod stats;
 #[derive(Parser)]
 #[command(
     name = "dedup-snapshotter",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("DEDUP_GIT_REVISION"), ")"),
     about = "A containerd snapshotter and differ storing layers as EROFS images"
 )]
 struct Cli {
+    /// Log filter for every subcommand (`tracing` syntax: `info`, `debug`, `snapshotter=debug`);
+    /// default: RUST_LOG, else `info`. Wins over `log_level` in
+    /// the config file.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -223,6 +229,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The daemon sets its logging up itself, once its config file is read.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        logging::init(cli.log_level.as_deref(), "info", false);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // A reader that closed the pipe (`ls | head`) got what it wanted.
@@ -242,6 +252,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let log_level = cli.log_level;
     match cli.command {
         Command::Convert {
             media_type,
@@ -298,6 +309,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             cfg.chunk_size = chunk_size.or(cfg.chunk_size);
             cfg.fetch_socket = fetch_socket.or(cfg.fetch_socket);
+            cfg.log_level = log_level.or(cfg.log_level);
             serve::serve(cfg)
         }
         Command::Record {

@@ -15,6 +15,8 @@ pub const DEFAULT_ADDRESS: &str = "/run/dedup-snapshotter/snapshotter.sock";
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The config format's version: 1 (the only one so far; a file without it is read as 1).
+    pub version: Option<u32>,
     /// Store root.
     pub root: Option<PathBuf>,
     /// Unix socket to serve on.
@@ -50,6 +52,9 @@ pub struct Config {
     pub docker_config: Option<PathBuf>,
 }
 
+/// The config file format this daemon reads.
+pub const CONFIG_VERSION: u32 = 1;
+
 /// Default containerd socket.
 pub const DEFAULT_CONTAINERD: &str = "/run/containerd/containerd.sock";
 
@@ -63,7 +68,10 @@ impl Config {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn serve(cfg: Config) -> Result<()> {
-    init_logging(&cfg);
+    crate::logging::init(cfg.log_level.as_deref(), "info", cfg.log_json.unwrap_or(false));
+    if let Some(v) = cfg.version.filter(|v| *v != CONFIG_VERSION) {
+        anyhow::bail!("config version {v} is not supported: this daemon reads version {CONFIG_VERSION}");
+    }
     let root = cfg.root.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
     let address = cfg.address.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ADDRESS));
     if let Some(dir) = address.parent() {
@@ -149,20 +157,4 @@ pub fn serve(cfg: Config) -> Result<()> {
     store.shutdown();
     tracing::info!("stopped");
     served.map_err(|e| anyhow::anyhow!("serving on {}: {e}", address.display()))
-}
-
-fn init_logging(cfg: &Config) {
-    use tracing_subscriber::EnvFilter;
-    let filter = match &cfg.log_level {
-        Some(l) => EnvFilter::new(l),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if cfg.log_json.unwrap_or(false) {
-        let _ = builder.json().try_init();
-    } else {
-        let _ = builder.try_init();
-    }
 }

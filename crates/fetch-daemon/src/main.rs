@@ -84,6 +84,11 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // systemd's Type=notify: the control socket and the FUSE mount are up (a no-op
+    // outside systemd).
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot notify systemd of readiness");
+    }
     let sig = wait_for(&signals);
     info!(signal = sig, "stopping");
     running.stop();

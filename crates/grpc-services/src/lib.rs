@@ -94,6 +94,10 @@ pub async fn serve_with_differ(
 /// The services on the socket.
 fn routes(snapshotter: Arc<Snapshotter>, differ: Option<Arc<differ::Differ>>) -> Routes {
     let mut routes = Routes::builder();
+    // grpc.health.v1: the overall status ("") answers SERVING while the socket is up,
+    // for probes (grpc_health_probe, a DaemonSet's liveness check).
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    routes.add_service(health);
     routes.add_service(SnapshotsService::new(snapshotter).into_server());
     if let Some(d) = differ {
         routes.add_service(DiffService::new(d).into_server());
@@ -125,6 +129,11 @@ async fn serve_routes(
                 .map_err(|e| with_path(e, "setting the group of", socket))?;
         }
         tracing::info!(socket = %socket.display(), mode = format!("{socket_mode:o}"), "serving");
+        // systemd's Type=notify: ready once the socket accepts connections (a no-op
+        // outside systemd, where NOTIFY_SOCKET is unset).
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "cannot notify systemd of readiness");
+        }
         Server::builder()
             .add_routes(routes)
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
