@@ -300,15 +300,6 @@ fn refuses_bad_specs() {
     assert!(d.client.list().unwrap().is_empty());
 }
 
-/// Unmounts (lazily) on drop.
-struct MountGuard(std::path::PathBuf);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
-    }
-}
-
 #[test]
 fn kernel_mounts_erofs_from_a_fuse_file() {
     require_fuse();
@@ -321,7 +312,7 @@ fn kernel_mounts_erofs_from_a_fuse_file() {
         filesystems.contains("erofs"),
         "erofs is not in /proc/filesystems: `modprobe erofs`"
     );
-    let work = tempfile::tempdir().unwrap();
+    let work = test_support::TestDir::new("dedupd-erofs-");
     let tree = work.path().join("tree");
     std::fs::create_dir_all(tree.join("sub")).unwrap();
     let files: Vec<(String, Vec<u8>)> = (0..6)
@@ -362,7 +353,7 @@ fn kernel_mounts_erofs_from_a_fuse_file() {
         None,
     )
     .expect("mount(2) of an EROFS image file on the FUSE mount");
-    let guard = MountGuard(target.clone());
+    let guard = test_support::Unmount(target.clone());
     for (name, content) in &files {
         assert!(std::fs::read(target.join(name)).unwrap() == *content, "{name} differs");
     }

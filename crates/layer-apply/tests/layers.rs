@@ -102,18 +102,11 @@ fn oci_layers_match_expected_merge() {
     assert_same(&snapshot(&got_dir), &snapshot(&want_dir), "OCI layers");
 }
 
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
-    }
-}
-
 #[test]
 fn overlay_upper_mounted_matches_oci_result() {
     assert_root();
-    let t = tempfile::tempdir().unwrap();
+    // The overlay is mounted in here: unmounted (even on panic) before it is removed.
+    let t = test_support::TestDir::new("layer-apply-overlay-");
     build(t.path());
     let oci = t.path().join("oci");
     apply(&t.path().join("l1.tar"), &oci, Whiteouts::Oci).unwrap();
@@ -171,7 +164,7 @@ fn overlay_upper_mounted_matches_oci_result() {
         data.as_c_str(),
     )
     .expect("mount overlay");
-    let m = Mount(merged.clone());
+    let m = test_support::Unmount(merged.clone());
     let view = snapshot(&merged);
     drop(m);
     assert_same(&view, &snapshot(&oci), "overlay merged view vs OCI apply");

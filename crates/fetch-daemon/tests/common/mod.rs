@@ -424,15 +424,17 @@ pub struct Dedupd {
     pub client: fetch_api::Client,
 }
 
-/// Where one test's daemon lives; kept across restarts of the daemon.
+/// Where one test's daemon lives; kept across restarts of the daemon. Whatever is
+/// still mounted under it when it is dropped (a killed daemon's dead FUSE mount, an
+/// EROFS mount of a served file) is unmounted, then it is removed.
 pub struct Place {
-    pub dir: tempfile::TempDir,
+    pub dir: test_support::TestDir,
 }
 
 impl Place {
     pub fn new() -> Place {
         Place {
-            dir: tempfile::tempdir().unwrap(),
+            dir: test_support::TestDir::new("dedupd-test-"),
         }
     }
 
@@ -555,9 +557,7 @@ impl Drop for Dedupd {
     fn drop(&mut self) {
         self.terminate();
         // Whatever the daemon did or did not do, nothing of this test stays mounted.
-        if is_mounted(&self.mountpoint) {
-            let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
-        }
+        test_support::unmount_under(&self.mountpoint);
     }
 }
 
