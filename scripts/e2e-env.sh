@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
 # A private containerd + registry + proxy snapshotter for end-to-end tests, all living in one directory.
 #
-# usage: e2e-env.sh start DIR [SNAPSHOTTER_CMD]
+# usage: [E2E_CONTAINERD=1.6|1.7|2.1] e2e-env.sh start DIR [SNAPSHOTTER_CMD]
 #        e2e-env.sh restart-snapshotter DIR     (starts the snapshotter again, e.g. after a kill -9)
 #        e2e-env.sh stop DIR
 #
-# SNAPSHOTTER_CMD has {root} and {socket} substituted (default:
+# SNAPSHOTTER_CMD has {root}, {socket} and {containerd} (containerd's socket) substituted (default:
 #   target/release/dedup-snapshotter serve --root {root} --address {socket}).
 # Leading words starting with `+` are flags for the harness, not part of the command:
 #   +noerofs  the snapshotter is not ours (skip EROFS layout checks; read by the Rust test)
 #   +rmsock   remove a stale socket before restart-snapshotter (for daemons that do not do it themselves)
-# The word `reference` alone means `+noerofs +rmsock /work/shared/conformance/reference.sh --root {root} --address {socket}`
-# (containerd's own overlayfs snapshotter served as a proxy).
+#   +nodiff   the daemon serves no Diff service: containerd >= 1.7 gets no `diff` proxy (implied by `--differs none`)
+# The word `reference` alone means `+noerofs +rmsock +nodiff /work/shared/conformance/reference.sh --root {root}
+# --address {socket}` (containerd's own overlayfs snapshotter served as a proxy).
+#
+# E2E_CONTAINERD picks containerd: 1.6 (default; the system's), 1.7 (1.7.24, Debian trixie's) or 2.1 (2.1.9, Debian
+# forky's), the latter two installed into a cache on first use by scripts/lib/containerd-versions.sh. Its bin dir
+# comes first in PATH for containerd and all it starts (containerd-shim-runc-v2 is found through PATH) and for ctr.
+#   1.6: config `version = 2`, the Snapshots proxy only (1.6 has no diff proxies: our Commit converts).
+#   1.7: config `version = 2`; 2.1: `version = 3`. Both also get our Diff service as the proxy `dedup-diff` on the
+#   same socket, first in the diff service's `default` (then containerd's `walking`), and the transfer service's
+#   unpack_config for linux/amd64: snapshotter `dedup` with differ `dedup-diff`, `overlayfs` with `walking`.
+#   A SNAPSHOTTER_CMD of ours (`... serve ...`) without `--containerd` gets `--containerd DIR/containerd.sock`
+#   appended: the Diff service reads and writes blobs in that containerd's content store.
 #
 # start: builds (cached) and pushes the test images (busybox, layered, minbase, busybox-plus; see build-test-images.sh) from
 # ${E2E_IMAGES:-/var/cache/dedup-snapshotter-tests/oci} to a docker-registry on 127.0.0.1:<free port>, starts the
 # snapshotter (root DIR/snapshotter, socket DIR/dedup.sock) and containerd (DIR/containerd.toml, socket
-# DIR/containerd.sock, proxy plugin `dedup`), waits until each answers, writes DIR/env (sourceable KEY=VALUE lines).
+# DIR/containerd.sock, proxy plugin `dedup`), waits until each answers, writes DIR/env (sourceable KEY=VALUE lines,
+# among them E2E_CONTAINERD, E2E_CONTAINERD_VERSION, E2E_CONTAINERD_BIN (bin dir), E2E_CTR, E2E_DIFF_PROXY (0/1)).
 # Logs: DIR/logs/*.log.
 # stop: kills tasks, containerd, the snapshotter, the registry (only the processes it started, by pid), unmounts
 # everything under DIR (deepest first) and checks nothing stays mounted there.  DIR itself is left for the caller.
@@ -26,7 +38,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 cmd=${1:-}
 dir=${2:-}
-[[ -n "$cmd" && -n "$dir" ]] || { sed -n '2,20p' "$0" >&2; exit 2; }
+[[ -n "$cmd" && -n "$dir" ]] || { sed -n '2,34p' "$0" >&2; exit 2; }
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 envf=$dir/env
@@ -74,7 +86,7 @@ free_port() {
 parse_snapshotter_cmd() { # sets SNAP_FLAGS and SNAP_CMD from $1
     local c=$1 w
     if [[ "$c" == reference ]]; then
-        c="+noerofs +rmsock /work/shared/conformance/reference.sh --root {root} --address {socket}"
+        c="+noerofs +rmsock +nodiff /work/shared/conformance/reference.sh --root {root} --address {socket}"
     fi
     SNAP_FLAGS=""
     read -r -a words <<<"$c"
@@ -86,6 +98,111 @@ parse_snapshotter_cmd() { # sets SNAP_FLAGS and SNAP_CMD from $1
     for w in "${words[@]}"; do SNAP_CMD+="${SNAP_CMD:+ }$w"; done
     SNAP_CMD=${SNAP_CMD//\{root\}/$dir/snapshotter}
     SNAP_CMD=${SNAP_CMD//\{socket\}/$dir/dedup.sock}
+    SNAP_CMD=${SNAP_CMD//\{containerd\}/$dir/containerd.sock}
+}
+
+# Sets CTRD_BIN, CTRD_VERSION and CTRD_CONFIG_VERSION for $E2E_CONTAINERD and puts CTRD_BIN first in PATH.
+select_containerd() {
+    E2E_CONTAINERD=${E2E_CONTAINERD:-1.6}
+    case "$E2E_CONTAINERD" in
+    1.6 | 1.7) CTRD_CONFIG_VERSION=2 ;;
+    2.1) CTRD_CONFIG_VERSION=3 ;;
+    *) die "E2E_CONTAINERD=$E2E_CONTAINERD: known versions are 1.6, 1.7, 2.1" ;;
+    esac
+    CTRD_BIN=$("$here/lib/containerd-versions.sh" install "$E2E_CONTAINERD") ||
+        die "cannot install containerd $E2E_CONTAINERD (scripts/lib/containerd-versions.sh)"
+    export PATH="$CTRD_BIN:$PATH"
+    # `containerd github.com/containerd/containerd 1.7.24~ds1 <revision>`
+    CTRD_VERSION=$("$CTRD_BIN/containerd" --version | awk '{print $3}')
+    [[ -n "$CTRD_VERSION" ]] || die "$CTRD_BIN/containerd --version printed no version"
+}
+
+# Whether containerd gets our Diff service as a `diff` proxy: >= 1.7, and a daemon that serves it.
+wants_diff_proxy() {
+    [[ "$E2E_CONTAINERD" != 1.6 ]] || return 1
+    [[ " $SNAP_FLAGS " != *" nodiff "* ]] || return 1
+    [[ " $SNAP_CMD " != *" --differs none "* && " $SNAP_CMD " != *" --differs=none "* ]] || return 1
+}
+
+# containerd 1.7's transfer service (`ctr images pull --local=false`) ignores --plain-http: it speaks HTTPS only, and
+# trusts the system's roots (Go reads SSL_CERT_FILE). For 1.7 the same registry storage is also served over TLS with a
+# throwaway self-signed certificate for 127.0.0.1, which only our containerd is told to trust (E2E_REGISTRY_TLS).
+start_tls_registry() {
+    command -v openssl >/dev/null || die "missing: openssl (apt-get install -y openssl)"
+    mkdir -p "$dir/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 -subj /CN=127.0.0.1 \
+        -addext subjectAltName=IP:127.0.0.1 -keyout "$dir/tls/key.pem" -out "$dir/tls/cert.pem" >/dev/null 2>&1 ||
+        die "openssl could not make a certificate for the TLS registry"
+    local port
+    port=$(free_port)
+    sed -e "s|addr: 127.0.0.1:.*|addr: 127.0.0.1:$port\n  tls:\n    certificate: $dir/tls/cert.pem\n    key: $dir/tls/key.pem|" \
+        "$dir/registry.yml" >"$dir/registry-tls.yml"
+    setsid docker-registry serve "$dir/registry-tls.yml" >>"$logs/registry-tls.log" 2>&1 </dev/null &
+    local pid=$!
+    setenv E2E_REGISTRY_TLS_PID "$pid"
+    setenv E2E_REGISTRY_TLS "127.0.0.1:$port"
+    wait_for "docker-registry (TLS)" 30 "$pid" curl -fsS --cacert "$dir/tls/cert.pem" "https://127.0.0.1:$port/v2/"
+}
+
+write_containerd_config() {
+    local disabled='"io.containerd.grpc.v1.cri"'
+    if [[ "$CTRD_CONFIG_VERSION" == 3 ]]; then
+        # containerd 2.x splits CRI into three plugins; none is wanted here
+        disabled='"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"'
+    fi
+    cat >"$dir/containerd.toml" <<TOML
+version = $CTRD_CONFIG_VERSION
+root = "$dir/containerd/root"
+state = "$dir/containerd/state"
+disabled_plugins = [$disabled]
+
+[grpc]
+  address = "$dir/containerd.sock"
+
+[ttrpc]
+  address = "$dir/containerd.sock.ttrpc"
+
+[debug]
+  level = "info"
+
+# Collect garbage (and so remove the proxy's snapshots) right after each deletion, not only every 100 mutations.
+[plugins."io.containerd.gc.v1.scheduler"]
+  deletion_threshold = 1
+
+[proxy_plugins.dedup]
+  type = "snapshot"
+  address = "$dir/dedup.sock"
+TOML
+    [[ "$E2E_CONTAINERD" != 1.6 ]] || return 0
+    local differ=walking
+    if [[ "$DIFF_PROXY" == 1 ]]; then
+        differ=dedup-diff
+        cat >>"$dir/containerd.toml" <<TOML
+
+# Our Diff service on the same socket (containerd >= 1.7.4). A layer it answers Unimplemented to (mounts that are not
+# ours) goes on to containerd's own walking differ.
+[proxy_plugins.dedup-diff]
+  type = "diff"
+  address = "$dir/dedup.sock"
+
+[plugins."io.containerd.service.v1.diff-service"]
+  default = ["dedup-diff", "walking"]
+TOML
+    fi
+    # The transfer service (ctr images pull; CRI in 2.x) unpacks only for the snapshotters listed, each with one
+    # differ and no fall-through; listing any replaces the default entry (overlayfs), so it is listed too.
+    cat >>"$dir/containerd.toml" <<TOML
+
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "dedup"
+  differ = "$differ"
+
+[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "overlayfs"
+  differ = "walking"
+TOML
 }
 
 start_snapshotter() {
@@ -112,8 +229,20 @@ do_start() {
     [[ ! -f "$envf" ]] || die "$envf exists: stop the old environment first"
     mkdir -p "$logs"
     local default_cmd="$repo/target/release/dedup-snapshotter serve --root {root} --address {socket}"
+    select_containerd
     parse_snapshotter_cmd "${3:-$default_cmd}"
+    # ours on containerd >= 1.7: the Diff service dials containerd back for its content store
+    if [[ "$E2E_CONTAINERD" != 1.6 && " $SNAP_CMD " == *" serve "* && " $SNAP_CMD " != *" --containerd"* ]]; then
+        SNAP_CMD+=" --containerd $dir/containerd.sock"
+    fi
+    DIFF_PROXY=0
+    if wants_diff_proxy; then DIFF_PROXY=1; fi
     setenv E2E_DIR "$dir"
+    setenv E2E_CONTAINERD "$E2E_CONTAINERD"
+    setenv E2E_CONTAINERD_VERSION "$CTRD_VERSION"
+    setenv E2E_CONTAINERD_BIN "$CTRD_BIN"
+    setenv E2E_CTR "$CTRD_BIN/ctr"
+    setenv E2E_DIFF_PROXY "$DIFF_PROXY"
     setenv E2E_SNAPSHOTTER_CMD "$SNAP_CMD"
     setenv E2E_SNAPSHOTTER_FLAGS "$SNAP_FLAGS"
     setenv E2E_SNAPSHOTTER_ROOT "$dir/snapshotter"
@@ -148,6 +277,7 @@ EOF
     setenv E2E_REGISTRY_PID "$reg_pid"
     setenv E2E_REGISTRY "127.0.0.1:$port"
     wait_for "docker-registry" 30 "$reg_pid" curl -fsS "http://127.0.0.1:$port/v2/"
+    if [[ "$E2E_CONTAINERD" == 1.7 ]]; then start_tls_registry; fi
 
     # push the images (in parallel with the daemons starting up)
     local img push_pids=()
@@ -161,30 +291,11 @@ EOF
     start_snapshotter
 
     # containerd
-    cat >"$dir/containerd.toml" <<EOF
-version = 2
-root = "$dir/containerd/root"
-state = "$dir/containerd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = "$dir/containerd.sock"
-
-[ttrpc]
-  address = "$dir/containerd.sock.ttrpc"
-
-[debug]
-  level = "info"
-
-# Collect garbage (and so remove the proxy's snapshots) right after each deletion, not only every 100 mutations.
-[plugins."io.containerd.gc.v1.scheduler"]
-  deletion_threshold = 1
-
-[proxy_plugins.dedup]
-  type = "snapshot"
-  address = "$dir/dedup.sock"
-EOF
+    write_containerd_config
+    # only 1.7 gets it: its transfer service trusts the TLS registry's certificate (see start_tls_registry)
+    if [[ "$E2E_CONTAINERD" == 1.7 ]]; then export SSL_CERT_FILE=$dir/tls/cert.pem; fi
     setsid containerd --config "$dir/containerd.toml" >>"$logs/containerd.log" 2>&1 </dev/null &
+    unset SSL_CERT_FILE
     local ctrd_pid=$!
     setenv E2E_CONTAINERD_PID "$ctrd_pid"
     wait_for "containerd" 60 "$ctrd_pid" ctr_ version
@@ -194,13 +305,14 @@ EOF
     for i in "${!push_pids[@]}"; do
         wait "${push_pids[$i]}" || die "skopeo push of ${names[$i]} failed: $(cat "$logs/push-${names[$i]}.log")"
     done
-    log "up: registry 127.0.0.1:$port, containerd $dir/containerd.sock, snapshotter $dir/dedup.sock; env in $envf"
+    log "up: registry 127.0.0.1:$port, containerd $CTRD_VERSION ($dir/containerd.sock, diff proxy $DIFF_PROXY), snapshotter $dir/dedup.sock; env in $envf"
 }
 
 do_restart_snapshotter() {
     [[ -f "$envf" ]] || die "no $envf"
     # shellcheck disable=SC1090
     source "$envf"
+    if [[ -n "${E2E_CONTAINERD_BIN:-}" ]]; then export PATH="$E2E_CONTAINERD_BIN:$PATH"; fi
     if alive "$E2E_SNAPSHOTTER_PID"; then die "snapshotter (pid $E2E_SNAPSHOTTER_PID) still runs"; fi
     SNAP_CMD=$E2E_SNAPSHOTTER_CMD
     if [[ " $E2E_SNAPSHOTTER_FLAGS " == *" rmsock "* ]]; then rm -f "$dir/dedup.sock"; fi
@@ -232,6 +344,7 @@ do_stop() {
     if [[ -f "$envf" ]]; then
         # shellcheck disable=SC1090
         source "$envf"
+        if [[ -n "${E2E_CONTAINERD_BIN:-}" ]]; then export PATH="$E2E_CONTAINERD_BIN:$PATH"; fi
         if alive "${E2E_CONTAINERD_PID:-}"; then
             local ns t
             for ns in $(ctr_ namespaces ls -q 2>/dev/null); do
@@ -249,6 +362,7 @@ do_stop() {
         stop_pid containerd "${E2E_CONTAINERD_PID:-}"
         stop_pid snapshotter "${E2E_SNAPSHOTTER_PID:-}"
         stop_pid docker-registry "${E2E_REGISTRY_PID:-}"
+        stop_pid docker-registry "${E2E_REGISTRY_TLS_PID:-}"
         # shims our containerd started (they outlive it): found by their -address argument
         # (a shim exits on its own shortly after its last task is deleted; give it a moment)
         local p shims i

@@ -4,6 +4,9 @@
 //! The snapshotter command comes from `E2E_SNAPSHOTTER_CMD` (with `{root}` and `{socket}`; leading `+flag` words are
 //! harness flags, see the script; `reference` = containerd's own overlayfs snapshotter served as a proxy) and defaults
 //! to this crate's binary: `dedup-snapshotter serve --root {root} --address {socket}`.
+//!
+//! The containerd version comes from `E2E_CONTAINERD` (`1.6`, the default and the system's; `1.7`; `2.1`: see the
+//! script and scripts/lib/containerd-versions.sh), or [`Env::start_version`]. `ctr` is always that version's.
 
 #![allow(dead_code)]
 
@@ -116,6 +119,14 @@ pub struct Env {
     pub root: PathBuf,
     /// False for a snapshotter that is not ours (`+noerofs`): the EROFS layout checks are skipped.
     pub erofs: bool,
+    /// The containerd line: `1.6`, `1.7` or `2.1`.
+    pub containerd: String,
+    /// That containerd's `--version` (e.g. `1.7.24~ds1`).
+    pub containerd_version: String,
+    /// Its `ctr`.
+    pub ctr_bin: String,
+    /// Whether containerd has our Diff service as the `dedup-diff` proxy (1.7 and 2.1 with a daemon serving it).
+    pub diff_proxy: bool,
     stopped: bool,
     started: Instant,
 }
@@ -132,8 +143,24 @@ impl Env {
         Env::start_with(&cmd)
     }
 
+    /// [`Env::start`] with this containerd (`1.6`, `1.7` or `2.1`) whatever `E2E_CONTAINERD` says.
+    pub fn start_version(version: &str) -> Env {
+        let cmd = std::env::var("E2E_SNAPSHOTTER_CMD").unwrap_or_else(|_| {
+            format!(
+                "{} serve --root {{root}} --address {{socket}}",
+                env!("CARGO_BIN_EXE_dedup-snapshotter")
+            )
+        });
+        Env::start_with_version(&cmd, Some(version))
+    }
+
     /// [`Env::start`] with this snapshotter command (`{root}` and `{socket}` substituted).
     pub fn start_with(cmd: &str) -> Env {
+        Env::start_with_version(cmd, None)
+    }
+
+    /// [`Env::start_with`] on this containerd (`None`: `E2E_CONTAINERD`, default 1.6).
+    pub fn start_with_version(cmd: &str, version: Option<&str>) -> Env {
         require_root_and_tools();
         let dir = tempfile::Builder::new()
             .prefix("e2e.")
@@ -142,13 +169,12 @@ impl Env {
             .keep();
         eprintln!("e2e: environment in {} with snapshotter `{cmd}`", dir.display());
         let started = Instant::now();
-        let out = Command::new(script("e2e-env.sh"))
-            .arg("start")
-            .arg(&dir)
-            .arg(cmd)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run scripts/e2e-env.sh");
+        let mut start = Command::new(script("e2e-env.sh"));
+        start.arg("start").arg(&dir).arg(cmd).stdin(Stdio::null());
+        if let Some(v) = version {
+            start.env("E2E_CONTAINERD", v);
+        }
+        let out = start.output().expect("run scripts/e2e-env.sh");
         let mut env = Env {
             dir: dir.clone(),
             vars: BTreeMap::new(),
@@ -157,6 +183,10 @@ impl Env {
             registry: String::new(),
             root: PathBuf::new(),
             erofs: true,
+            containerd: String::new(),
+            containerd_version: String::new(),
+            ctr_bin: "ctr".into(),
+            diff_proxy: false,
             stopped: false,
             started,
         };
@@ -171,9 +201,16 @@ impl Env {
             .var("E2E_SNAPSHOTTER_FLAGS")
             .split_whitespace()
             .any(|f| f == "noerofs");
+        env.containerd = env.var("E2E_CONTAINERD");
+        env.containerd_version = env.var("E2E_CONTAINERD_VERSION");
+        env.ctr_bin = env.var("E2E_CTR");
+        env.diff_proxy = env.var("E2E_DIFF_PROXY") == "1";
         eprintln!(
-            "e2e: up in {:.1}s (registry {}, erofs checks {})",
+            "e2e: up in {:.1}s (containerd {} {}, diff proxy {}, registry {}, erofs checks {})",
             started.elapsed().as_secs_f64(),
+            env.containerd,
+            env.containerd_version,
+            if env.diff_proxy { "on" } else { "off" },
             env.registry,
             if env.erofs { "on" } else { "off" }
         );
@@ -216,7 +253,7 @@ impl Env {
                 "-k",
                 "5",
                 &timeout_s.to_string(),
-                "ctr",
+                &self.ctr_bin,
                 "-a",
                 &self.ctrd_sock,
                 "-n",
