@@ -99,6 +99,18 @@ impl Differ {
         self
     }
 
+    /// The containerd namespace of the active snapshot `mounts` name, read from its
+    /// key: containerd's metadata store names a proxy snapshotter's snapshots
+    /// `<namespace>/<id>/<key>`. For containerd 1.7, whose calls to a proxy differ
+    /// carry no `containerd-namespace` metadata. `None` when the mounts are not one of
+    /// our active snapshots (or this differ has no store to ask).
+    pub fn namespace_of(&self, mounts: &[snapshotter::Mount]) -> Option<String> {
+        let (snap, _) = mounts::our_snapshot(&self.root, mounts)?;
+        let id: u64 = snap.file_name()?.to_str()?.parse().ok()?;
+        let key = self.store.as_ref()?.key_of_id(id).ok()??;
+        namespace_from_key(&key)
+    }
+
     /// Applies a layer onto mounts; returns the applied (uncompressed) descriptor.
     pub async fn apply(&self, ctx: &CallContext, req: ApplyRequest) -> Result<Descriptor> {
         let mut why = Vec::new();
@@ -135,5 +147,91 @@ impl Differ {
             "no differ compares these mounts ({})",
             why.join("; ")
         )))
+    }
+}
+
+/// The namespace of a snapshot key containerd's metadata store chose
+/// (`<namespace>/<id>/<key>`, the namespace a valid containerd identifier and the id a
+/// number); `None` for any other key.
+pub fn namespace_from_key(key: &str) -> Option<String> {
+    let mut parts = key.splitn(3, '/');
+    let (ns, id, rest) = (parts.next()?, parts.next()?, parts.next()?);
+    let id_ok = !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit());
+    (id_ok && !rest.is_empty() && valid_identifier(ns)).then(|| ns.to_string())
+}
+
+/// containerd's identifier rule (`identifiers.Validate`): at most 76 characters,
+/// alphanumeric runs joined by single `.`, `_` or `-`.
+fn valid_identifier(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 76
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.windows(2)
+            .all(|w| w[0].is_ascii_alphanumeric() || w[1].is_ascii_alphanumeric())
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn namespace_from_containerd_keys() {
+        assert_eq!(
+            namespace_from_key("default/12/extract-1 sha256:ab").as_deref(),
+            Some("default")
+        );
+        assert_eq!(namespace_from_key("k8s.io/3/a/b/c").as_deref(), Some("k8s.io"));
+        assert_eq!(namespace_from_key("e2e-x_y/0/k").as_deref(), Some("e2e-x_y"));
+        for bad in [
+            "",
+            "plain-key",
+            "ns/12",
+            "ns/12/",
+            "ns/x1/k",
+            "ns//k",
+            "/1/k",
+            "-ns/1/k",
+            "n..s/1/k",
+            "n s/1/k",
+        ] {
+            assert_eq!(namespace_from_key(bad), None, "{bad:?}");
+        }
+        assert_eq!(namespace_from_key(&format!("{}/1/k", "a".repeat(77))), None);
+    }
+
+    /// containerd 1.7 calls a proxy differ without its namespace: the differ finds it
+    /// in the key of the snapshot the Apply's mounts name, and only for ours.
+    #[test]
+    fn namespace_of_our_snapshot_mounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let store = Arc::new(snapshotter::Snapshotter::open(&root).expect("open the store"));
+        let differ =
+            Differ::new(vec![Kind::Erofs], &root, &dir.path().join("no-containerd.sock")).with_store(store.clone());
+        let m = store
+            .prepare("ns-one/7/extract-1 sha256:00", "", BTreeMap::new())
+            .unwrap();
+        assert_eq!(differ.namespace_of(&m).as_deref(), Some("ns-one"));
+        // a key containerd did not make: no namespace to derive
+        let m = store.prepare("not-containerd", "", BTreeMap::new()).unwrap();
+        assert_eq!(differ.namespace_of(&m), None);
+        // mounts that are not ours
+        let other = snapshotter::Mount {
+            kind: "bind".into(),
+            source: dir.path().display().to_string(),
+            target: String::new(),
+            options: vec!["rbind".into()],
+        };
+        assert_eq!(differ.namespace_of(&[other]), None);
+        // a differ without a store cannot tell
+        let m = store.mounts("ns-one/7/extract-1 sha256:00").unwrap();
+        let bare = Differ::new(vec![Kind::Erofs], &root, &dir.path().join("no-containerd.sock"));
+        assert_eq!(bare.namespace_of(&m), None);
+        store.shutdown();
     }
 }

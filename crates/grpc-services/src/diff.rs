@@ -41,16 +41,16 @@ pub fn diff_status(e: DiffError) -> Status {
     }
 }
 
-/// The namespace and lease the client sent, to carry onto content store calls.
-fn call_context<T>(req: &Request<T>) -> Result<CallContext, Status> {
+/// The namespace (if sent) and lease the client sent, to carry onto content store calls.
+fn call_metadata<T>(req: &Request<T>) -> (Option<String>, Option<String>) {
     let md = req.metadata();
-    let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let namespace =
-        get("containerd-namespace").ok_or_else(|| Status::invalid_argument("missing containerd-namespace metadata"))?;
-    Ok(CallContext {
-        namespace,
-        lease: get("containerd-lease"),
-    })
+    let get = |k: &str| {
+        md.get(k)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    (get("containerd-namespace"), get("containerd-lease"))
 }
 
 fn mount_from_proto(m: pbt::Mount) -> snapshotter::Mount {
@@ -84,7 +84,7 @@ fn descriptor_to_proto(d: differ::Descriptor) -> pbt::Descriptor {
 impl Diff for DiffService {
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
         let started = std::time::Instant::now();
-        let ctx = call_context(&request)?;
+        let (namespace, lease) = call_metadata(&request);
         let req = request.into_inner();
         let diff = req
             .diff
@@ -95,6 +95,19 @@ impl Diff for DiffService {
             mounts: req.mounts.into_iter().map(mount_from_proto).collect(),
             payloads: req.payloads.into_keys().collect(),
         };
+        // containerd 1.7 calls proxy differs without `containerd-namespace`: the target
+        // snapshot's key names it when the target is ours. Otherwise containerd's own
+        // differs must take the layer (Unimplemented makes it try the next one).
+        let namespace = match namespace.or_else(|| self.inner.namespace_of(&apply.mounts)) {
+            Some(ns) => ns,
+            None => {
+                tracing::info!(rpc = "Apply", digest = %digest, "no containerd-namespace metadata and not our snapshot: Unimplemented");
+                return Err(Status::unimplemented(
+                    "no containerd-namespace metadata, and the mounts are not a dedup-snapshotter snapshot to read it from",
+                ));
+            }
+        };
+        let ctx = CallContext { namespace, lease };
         let r = self.inner.apply(&ctx, apply).await;
         tracing::info!(rpc = "Apply", digest = %digest, ok = r.is_ok(), micros = started.elapsed().as_micros() as u64,
             error = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
@@ -106,7 +119,17 @@ impl Diff for DiffService {
 
     async fn diff(&self, request: Request<pb::DiffRequest>) -> Result<Response<pb::DiffResponse>, Status> {
         let started = std::time::Instant::now();
-        let ctx = call_context(&request)?;
+        // Without the namespace (containerd 1.7's proxy differ calls) the lease is
+        // missing too, and a layer written without the client's lease may be
+        // garbage-collected before the client references it: leave Compare to
+        // containerd's own differs, which see both.
+        let (Some(namespace), lease) = call_metadata(&request) else {
+            tracing::info!(rpc = "Diff", "no containerd-namespace metadata: Unimplemented");
+            return Err(Status::unimplemented(
+                "no containerd-namespace metadata (containerd before 2.0): compare with containerd's own differ",
+            ));
+        };
+        let ctx = CallContext { namespace, lease };
         let req = request.into_inner();
         let source_date_epoch = req
             .source_date_epoch

@@ -564,6 +564,13 @@ impl Snapshotter {
         Ok(out)
     }
 
+    /// The key of the snapshot whose directory is `snapshots/<id>` (a differ knows a
+    /// snapshot only by the mounts naming its directory); `None` when no record has
+    /// that id. A scan of the records: for the rare caller that needs it.
+    pub fn key_of_id(&self, id: u64) -> Result<Option<String>> {
+        Ok(self.all()?.into_iter().find(|(_, r)| r.id == id).map(|(k, _)| k))
+    }
+
     /// Ids of `parent` and its ancestors, nearest first.
     fn parent_ids(&self, parent: &str) -> Result<Vec<u64>> {
         let mut ids = Vec::new();
