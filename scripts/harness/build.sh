@@ -75,7 +75,7 @@ note "building $name ($(go version | cut -d' ' -f3), containerd $(dpkg-query -W 
 began=$SECONDS
 tmp=$bin.tmp.$$
 trap 'rm -f "$tmp"' EXIT
-export GOPATH=$gocode GO111MODULE=off GOFLAGS= GOCACHE=${GOCACHE:-$cache/go-build}
+export GOPATH=$gocode GO111MODULE=off GOFLAGS='' GOCACHE=${GOCACHE:-$cache/go-build}
 (
     cd "$stage"
     if [[ "$name" == suite ]]; then
