@@ -14,7 +14,7 @@ use common::*;
 /// A fresh directory holding only the would-be OUTPUT, so "nothing left
 /// behind" is simply "the directory is still empty".
 struct Case {
-    work: tempfile::TempDir,
+    work: TestDir,
     outdir: PathBuf,
 }
 

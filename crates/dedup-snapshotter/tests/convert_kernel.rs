@@ -489,7 +489,7 @@ def add(t, name, kind="f", data=b"", mode=0o644, uid=0, gid=0, mtime=1600000000,
 /// Writes `input.tar` (argv[1]) and `expect.tar` (argv[2]) with `body`,
 /// converts the first, and compares the mount with GNU tar's extraction of
 /// the second (which GNU tar can extract without the contested semantics).
-fn semantics_case(what: &str, body: &str, opts: CompareOpts) -> (tempfile::TempDir, PathBuf) {
+fn semantics_case(what: &str, body: &str, opts: CompareOpts) -> (TestDir, PathBuf) {
     require_root_and_kernel();
     let work = tempdir();
     let input = work.path().join("input.tar");

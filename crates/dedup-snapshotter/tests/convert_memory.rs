@@ -45,10 +45,8 @@ fn five_gib_file_converts_in_bounded_memory() {
         unsafe { libc::geteuid() } == 0,
         "this test needs root (it mounts the image)"
     );
-    let dir = tempfile::Builder::new()
-        .prefix("dedup-mem")
-        .tempdir_in("/var/tmp")
-        .unwrap();
+    // Unmounted (whatever happens below) and removed on drop.
+    let dir = test_support::TestDir::new_in(Path::new("/var/tmp"), "dedup-mem");
     let image = dir.path().join("big.erofs");
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
@@ -99,6 +97,7 @@ fn five_gib_file_converts_in_bounded_memory() {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     rustix::mount::mount(&image, &mnt, "erofs", rustix::mount::MountFlags::RDONLY, None).unwrap();
+    let mounted = test_support::Unmount(mnt.clone());
     let check = (|| -> Result<(), String> {
         let f = std::fs::File::open(mnt.join("big.bin")).map_err(|e| e.to_string())?;
         let len = f.metadata().map_err(|e| e.to_string())?.len();
@@ -124,7 +123,8 @@ fn five_gib_file_converts_in_bounded_memory() {
         }
         Ok(())
     })();
-    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH).unwrap();
+    drop(mounted);
+    assert!(!test_support::is_mounted(&mnt));
     check.unwrap();
     assert!(Path::new(&image).metadata().unwrap().len() >= SIZE);
 }

@@ -17,7 +17,7 @@ use common::*;
 /// One layer's source tree, built on disk; `.wh.*` files are ordinary files
 /// there and become OCI whiteout entries in the tar.
 struct Layer {
-    dir: tempfile::TempDir,
+    dir: TestDir,
 }
 
 impl Layer {

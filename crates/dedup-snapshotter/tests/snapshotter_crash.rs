@@ -72,10 +72,10 @@ fn umount_lazy(p: &Path) -> std::io::Result<()> {
     }
 }
 
-/// A daemon on a temporary root.  Drop kills it, unmounts everything under the temporary directory (deepest first)
-/// and removes the directory.
+/// A daemon on a temporary root.  Drop kills it; then the directory's guard unmounts everything under it (deepest
+/// first) and removes it, also when a test panics.
 struct Daemon {
-    dir: PathBuf,
+    dir: test_support::TestDir,
     root: PathBuf,
     socket: PathBuf,
     child: Option<Child>,
@@ -87,11 +87,7 @@ struct Daemon {
 impl Daemon {
     fn new() -> Daemon {
         assert_root();
-        let dir = tempfile::Builder::new()
-            .prefix("crash.")
-            .tempdir_in("/var/tmp")
-            .expect("tempdir")
-            .keep();
+        let dir = test_support::TestDir::new_in(Path::new("/var/tmp"), "crash.");
         Daemon {
             root: dir.join("root"),
             socket: dir.join("s.sock"),
@@ -206,11 +202,9 @@ impl Daemon {
     }
 
     fn mounts_under(&self) -> Vec<String> {
-        let prefix = format!("{}/", self.dir.display());
-        mountinfo()
+        test_support::mounts_under(self.dir.path())
             .into_iter()
-            .map(|m| m.0)
-            .filter(|p| p.starts_with(&prefix))
+            .map(|m| m.point.display().to_string())
             .collect()
     }
 
@@ -237,22 +231,7 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for _ in 0..3 {
-            let mut m = self.mounts_under();
-            if m.is_empty() {
-                break;
-            }
-            m.reverse(); // most recent first
-            for p in m {
-                let _ = umount_lazy(Path::new(&p));
-            }
-        }
-        let left = self.mounts_under();
-        if left.is_empty() {
-            let _ = fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("crash test: still mounted, {} kept: {left:?}", self.dir.display());
-        }
+        // `self.dir` goes next: it unmounts what is left and removes the directory.
     }
 }
 
@@ -284,7 +263,7 @@ impl BindMount {
 
 impl Drop for BindMount {
     fn drop(&mut self) {
-        let _ = umount_lazy(&self.0);
+        test_support::unmount_under(&self.0);
     }
 }
 
@@ -307,7 +286,7 @@ impl OverlayMount {
 
 impl Drop for OverlayMount {
     fn drop(&mut self) {
-        let _ = umount_lazy(&self.0);
+        test_support::unmount_under(&self.0);
     }
 }
 

@@ -21,6 +21,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 
 use sha2::{Digest, Sha256};
+pub use test_support::TestDir;
 
 /// Path of the converter binary built by cargo for this test run.
 pub fn bin() -> PathBuf {
@@ -63,12 +64,11 @@ pub fn require_root_and_kernel() {
     });
 }
 
-/// A fresh temporary directory (under the system temp dir).
-pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("dedup-test-")
-        .tempdir()
-        .expect("create temp dir")
+/// A fresh temporary directory (under the system temp dir); on drop, whatever is
+/// mounted under it is unmounted (lazily, deepest first) and it is removed, also
+/// when the test panics.
+pub fn tempdir() -> TestDir {
+    TestDir::new("dedup-test-")
 }
 
 /// Runs `dedup-snapshotter convert [extra...] INPUT OUTPUT`.
@@ -131,11 +131,10 @@ fn cstr(p: &Path) -> CString {
 }
 
 /// An image (or overlay) mounted read-only at a private temp dir; unmounted
-/// (lazily, so a stray open file cannot wedge the test) on drop.
+/// (lazily, so a stray open file cannot wedge the test) and removed on drop, by the
+/// directory's guard.
 pub struct Mount {
-    // Field order matters: the mount must go before the directory is removed,
-    // which `Drop for Mount` guarantees by unmounting first.
-    dir: tempfile::TempDir,
+    dir: TestDir,
 }
 
 impl Mount {
@@ -217,21 +216,6 @@ impl Mount {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let tgt = cstr(self.dir.path());
-        // SAFETY: valid NUL-terminated path.
-        let rc = unsafe { libc::umount2(tgt.as_ptr(), libc::MNT_DETACH) };
-        if rc != 0 {
-            eprintln!(
-                "warning: umount {}: {}",
-                self.dir.path().display(),
-                std::io::Error::last_os_error()
-            );
-        }
     }
 }
 
@@ -605,7 +589,7 @@ pub fn gnu_extract(tar: &Path, dir: &Path) {
 }
 
 /// Like `gnu_extract` into a fresh dir whose root is 0755 0:0, then snapshot.
-pub fn gnu_extract_tree(tar: &Path) -> (tempfile::TempDir, Tree) {
+pub fn gnu_extract_tree(tar: &Path) -> (TestDir, Tree) {
     let dir = tempdir();
     set_mode(dir.path(), 0o755);
     gnu_extract(tar, dir.path());
