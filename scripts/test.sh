@@ -118,16 +118,16 @@ rc=0
 cargo test --workspace --release --no-fail-fast "$@" 2>&1 | tee "$log" || rc=$?
 
 # --- containerd's own snapshotter suite against our daemon -------------------------
-# shared/ sits beside the clone (CI) or the work tree (developers).
-SUITE="$ROOT/../shared/conformance/run.sh"
-[[ -f "$SUITE" ]] || die "containerd's snapshotter suite not found at $SUITE"
-step "containerd snapshotter conformance suite (shared/conformance/run.sh)"
+# scripts/harness/suite.sh builds containerd 1.6's snapshots/testsuite (Debian's Go and
+# containerd sources, installed when missing; binary cached under
+# ${DEDUP_CACHE:-/var/cache/dedup-snapshotter-tests}/harness) and runs it with one fresh
+# daemon per case.  A failed build fails the run like a failed case.
+step "containerd snapshotter conformance suite (scripts/harness/suite.sh)"
 suite_log=$(mktemp /tmp/dedup-suite.XXXXXX.log)
 trap 'rm -f "$log" "$suite_log"' EXIT
 suite_rc=0
-CONFORMANCE_WORK=${CONFORMANCE_WORK:-/var/cache/dedup-snapshotter-tests/conformance} \
-    bash "$SUITE" "$ROOT/target/release/dedup-snapshotter serve --root {root} --address {socket}" >"$suite_log" 2>&1 ||
-    suite_rc=$?
+bash scripts/harness/suite.sh "$ROOT/target/release/dedup-snapshotter serve --root {root} --address {socket}" \
+    >"$suite_log" 2>&1 || suite_rc=$?
 grep -E '^\s*--- (PASS|FAIL|SKIP)' "$suite_log" >&2 || true
 if ((suite_rc != 0)); then
     grep -vE '^\s*(=== |--- PASS)' "$suite_log" | tail -60 >&2
