@@ -112,7 +112,10 @@ fn images_share_chunks_and_leave_nothing_behind() {
     // 3. layered (busybox + /data, 3 layers) through our Diff service's Apply: its first layer repeats busybox too.
     let dc = Command::new("timeout")
         .args(["-k", "5", "300"])
-        .arg(std::env::var("DIFFCLIENT").unwrap_or_else(|_| "/work/shared/conformance/diffclient.sh".into()))
+        .arg(
+            std::env::var("DIFFCLIENT")
+                .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/harness/diffclient.sh").into()),
+        )
         .args(["-address", &env.ctrd_sock, "-diff", &env.var("E2E_SNAPSHOTTER_SOCK")])
         .args([
             "-snapshotter",

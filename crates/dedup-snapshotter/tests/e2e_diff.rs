@@ -1,5 +1,5 @@
 //! The daemon's Diff service (containerd.services.diff.v1.Diff) end to end, driven by containerd 1.6's own client
-//! code (`/work/shared/conformance/diffclient.sh`, the unpacker `ctr`/nerdctl use) and, where a test must look at a
+//! code (`scripts/harness/diffclient.sh`, the unpacker `ctr`/nerdctl use) and, where a test must look at a
 //! snapshot between Apply and Commit, by gRPC calls straight to the daemon.
 //!
 //! - Apply: busybox, layered and minbase pulled with every layer applied by our erofs differ; each committed layer's
@@ -40,9 +40,10 @@ const TAR_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
 const EROFS_LAYER: &str = "application/vnd.erofs.layer.v1";
 
 fn diffclient_path() -> PathBuf {
-    let p = PathBuf::from(
-        std::env::var("DIFFCLIENT").unwrap_or_else(|_| "/work/shared/conformance/diffclient.sh".to_string()),
-    );
+    let p =
+        PathBuf::from(std::env::var("DIFFCLIENT").unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/harness/diffclient.sh").to_string()
+        }));
     assert!(
         p.is_file(),
         "{} is missing: these tests drive the Diff service with containerd's own client code (set DIFFCLIENT)",

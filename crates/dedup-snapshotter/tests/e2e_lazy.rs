@@ -49,9 +49,10 @@ fn workspace_bin(name: &str) -> PathBuf {
 }
 
 fn diffclient() -> PathBuf {
-    let p = PathBuf::from(
-        std::env::var("DIFFCLIENT").unwrap_or_else(|_| "/work/shared/conformance/diffclient.sh".to_string()),
-    );
+    let p =
+        PathBuf::from(std::env::var("DIFFCLIENT").unwrap_or_else(|_| {
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/harness/diffclient.sh").to_string()
+        }));
     assert!(p.is_file(), "{} is missing (set DIFFCLIENT)", p.display());
     p
 }
