@@ -11,7 +11,7 @@
 #   +noerofs  the snapshotter is not ours (skip EROFS layout checks; read by the Rust test)
 #   +rmsock   remove a stale socket before restart-snapshotter (for daemons that do not do it themselves)
 #   +nodiff   the daemon serves no Diff service: containerd >= 1.7 gets no `diff` proxy (implied by `--differs none`)
-# The word `reference` alone means `+noerofs +rmsock +nodiff /work/shared/conformance/reference.sh --root {root}
+# The word `reference` alone means `+noerofs +rmsock +nodiff scripts/harness/reference.sh --root {root}
 # --address {socket}` (containerd's own overlayfs snapshotter served as a proxy).
 #
 # E2E_CONTAINERD picks containerd: 1.6 (default; the system's), 1.7 (1.7.24, Debian trixie's) or 2.1 (2.1.9, Debian
@@ -86,7 +86,7 @@ free_port() {
 parse_snapshotter_cmd() { # sets SNAP_FLAGS and SNAP_CMD from $1
     local c=$1 w
     if [[ "$c" == reference ]]; then
-        c="+noerofs +rmsock +nodiff /work/shared/conformance/reference.sh --root {root} --address {socket}"
+        c="+noerofs +rmsock +nodiff $here/harness/reference.sh --root {root} --address {socket}"
     fi
     SNAP_FLAGS=""
     read -r -a words <<<"$c"
