@@ -296,6 +296,27 @@ impl Env {
         eprintln!("e2e: pulled {name} in {:.2}s", t.elapsed().as_secs_f64());
     }
 
+    /// The layer digests (bottom first) of a pulled image, `reference` as `ctr image ls` lists it (a
+    /// single-platform manifest).
+    pub fn image_layer_digests(&self, reference: &str) -> Vec<String> {
+        let ls = self.ctr(&["image", "ls"]);
+        let target = ls
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.first() == Some(&reference)).then(|| f[2].to_string())
+            })
+            .unwrap_or_else(|| panic!("{reference} not in `ctr image ls`:\n{ls}"));
+        let manifest: serde_json::Value =
+            serde_json::from_str(&self.ctr(&["content", "get", &target])).expect("manifest JSON");
+        manifest["layers"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{reference}: no layers in its manifest (an index?): {manifest}"))
+            .iter()
+            .map(|l| l["digest"].as_str().expect("layer digest").to_string())
+            .collect()
+    }
+
     /// `ctr run --rm --snapshotter dedup IMAGE ID ARGS...`; returns stdout.
     pub fn run(&self, name: &str, id: &str, args: &[&str]) -> String {
         let image = self.image(name);
