@@ -95,7 +95,7 @@ fn no_test_path_reaches_outside_the_repo() {
 #[test]
 fn the_harnesses_are_in_the_repo() {
     let harness = repo().join("scripts/harness");
-    for script in ["build.sh", "suite.sh", "diffclient.sh", "reference.sh"] {
+    for script in ["build.sh", "suite.sh", "suite2.sh", "diffclient.sh", "reference.sh"] {
         let p = harness.join(script);
         let meta = fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert!(
@@ -104,7 +104,7 @@ fn the_harnesses_are_in_the_repo() {
             p.display()
         );
     }
-    for tool in ["suite", "diffclient", "reference"] {
+    for tool in ["suite", "suite2", "diffclient", "reference"] {
         let dir = harness.join(tool);
         let go_files = fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
