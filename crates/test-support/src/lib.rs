@@ -129,7 +129,10 @@ pub fn unmount_under(dir: &Path) -> Vec<MountEntry> {
 fn unmount_and_remove(dir: &Path, keep: bool) {
     let left = unmount_under(dir);
     if !left.is_empty() {
-        let points: Vec<_> = left.iter().map(|m| format!("{} ({})", m.point.display(), m.fstype)).collect();
+        let points: Vec<_> = left
+            .iter()
+            .map(|m| format!("{} ({})", m.point.display(), m.fstype))
+            .collect();
         eprintln!(
             "test-support: could not unmount under {}, keeping it: {}",
             dir.display(),
@@ -343,15 +346,7 @@ mod tests {
             fs::create_dir_all(p).unwrap();
             let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
             // SAFETY: valid NUL-terminated strings.
-            let rc = unsafe {
-                libc::mount(
-                    c"tmpfs".as_ptr(),
-                    c.as_ptr(),
-                    c"tmpfs".as_ptr(),
-                    0,
-                    std::ptr::null(),
-                )
-            };
+            let rc = unsafe { libc::mount(c"tmpfs".as_ptr(), c.as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()) };
             assert_eq!(rc, 0, "mount tmpfs {}: {}", p.display(), io::Error::last_os_error());
         };
         let path = std::sync::Mutex::new(PathBuf::new());
