@@ -111,6 +111,11 @@ step "warming the python test image (scripts/build-python-image.sh)"
 bash scripts/build-python-image.sh build >/dev/null
 
 # --- tests ----------------------------------------------------------------------
+# What is mounted and running now, for the leak check after the tests (scripts/lib/leak-check.sh);
+# every process the tests start inherits DEDUP_LEAK_MARK, which tells the ones left running.
+leak_state=$ROOT/target/leak-check
+DEDUP_LEAK_MARK=$(bash scripts/lib/leak-check.sh snapshot "$leak_state")
+export DEDUP_LEAK_MARK
 step "cargo test --workspace --release --no-fail-fast $*"
 log=$(mktemp /tmp/dedup-test.XXXXXX.log)
 trap 'rm -f "$log"' EXIT
@@ -134,9 +139,18 @@ if ((suite_rc != 0)); then
     rc=1
 fi
 
+# --- leftovers: no mount or process of the tests may outlive them ---------------------
+# Lists what the tests left mounted or running that was not there before them, cleans
+# it up (lazy unmount, kill) and writes one pseudo-case line, "--- PASS/FAIL: leak-check".
+step "leak check: mounts and processes left behind (scripts/lib/leak-check.sh)"
+leak_log=$leak_state/result
+bash scripts/lib/leak-check.sh check "$leak_state" >"$leak_log" || rc=1
+cat "$leak_log" >&2
+
 # One closing line over all test binaries (cargo prints one "test result:"
-# line per binary, the last being the doc-tests of the last crate) and the
-# conformance cases (go test -v prints one "--- PASS/FAIL/SKIP" line per case).
+# line per binary, the last being the doc-tests of the last crate), the
+# conformance cases (go test -v prints one "--- PASS/FAIL/SKIP" line per case)
+# and the leak check (one such line).
 awk '
     FNR == NR && /^test result: / {
         for (i = 1; i <= NF; i++) {
@@ -149,5 +163,5 @@ awk '
     FNR != NR && /^ +--- FAIL/ { f++ }
     FNR != NR && /^ +--- SKIP/ { s++ }
     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }
-' "$log" "$suite_log"
+' "$log" "$suite_log" "$leak_log"
 exit "$rc"
