@@ -96,7 +96,7 @@ is_self() {
     return 1
 }
 
-pcmd() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | cut -c1-160; }
+pcmd() { { tr '\0' ' ' <"/proc/$1/cmdline"; } 2>/dev/null | cut -c1-160; }
 
 under_watched() {
     case "$1" in
@@ -152,7 +152,7 @@ check() {
         [[ $(starttime "$pid") == "$st" ]] || continue # gone meanwhile
         name=$(pname "$pid")
         root=$(readlink "/proc/$pid/root" 2>/dev/null || echo /)
-        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "DEDUP_LEAK_MARK=$mark" ||
+        if { tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null | grep -qxF "DEDUP_LEAK_MARK=$mark" ||
             { [[ $root != / ]] && under_watched "$root/"; }; then
             stray+=("$pid"$'\t'"$st"$'\t'"$name")
         elif [[ $name =~ $NAMES ]]; then
