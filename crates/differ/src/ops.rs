@@ -35,7 +35,7 @@ pub struct ApplyRequest {
     pub diff: Descriptor,
     /// Where to apply it.
     pub mounts: Vec<Mount>,
-    /// Stream-processor payloads by media type (not supported: refused).
+    /// The stream processors (by id) the caller sent payloads for; see `check_payloads`.
     pub payloads: Vec<String>,
 }
 
@@ -92,7 +92,30 @@ fn classify(mt: &str) -> Result<Media> {
     }
     layer_convert::Compression::from_media_type(mt)
         .map(Media::Tar)
-        .map_err(|e| DiffError::InvalidArgument(e.to_string()))
+        // A type we do not read (`+encrypted`, a vendor's) may be one containerd's own
+        // differ reads through a stream processor: let the next differ try.
+        .map_err(|e| match e.kind {
+            layer_convert::ErrorKind::Unsupported => DiffError::NotImplemented(e.to_string()),
+            _ => DiffError::InvalidArgument(e.to_string()),
+        })
+}
+
+/// Stream processors are containerd's (it runs them in its own differs). CRI sends
+/// imgcrypt's decryption payloads with every layer it unpacks; those processors only
+/// take `+encrypted` media types, which [`classify`] leaves to the next differ, so
+/// their payloads are ignored. Any other processor's payload may be meant for this
+/// layer: the next differ (containerd's walking, which runs processors) takes it.
+fn check_payloads(req: &ApplyRequest) -> Result<()> {
+    match req
+        .payloads
+        .iter()
+        .find(|id| !id.starts_with("io.containerd.ocicrypt.decoder."))
+    {
+        None => Ok(()),
+        Some(id) => Err(DiffError::NotImplemented(format!(
+            "a payload for stream processor {id:?}: left to a differ that runs stream processors"
+        ))),
+    }
 }
 
 fn conv_err(e: layer_convert::Error) -> DiffError {
@@ -130,12 +153,7 @@ pub(crate) async fn apply_erofs(d: &Differ, ctx: &CallContext, req: &ApplyReques
             "the mounts are not a dedup-snapshotter active snapshot".into(),
         ));
     };
-    if !req.payloads.is_empty() {
-        return Err(DiffError::InvalidArgument(format!(
-            "stream processors are not supported (payloads for {:?})",
-            req.payloads
-        )));
-    }
+    check_payloads(req)?;
     let media = classify(&req.diff.media_type)?;
     let blob = d.content.reader(ctx, &req.diff.digest).await?;
     let desc = req.diff.clone();
@@ -292,12 +310,7 @@ fn copy_native(blob: impl Read, staged: &Path, desc: &Descriptor, base: &str, zs
 /// Apply onto any mounts: the upper dir of a single overlay mount directly (overlay
 /// whiteouts), anything else mounted in a temporary directory (OCI whiteouts).
 pub(crate) async fn apply_walking(d: &Differ, ctx: &CallContext, req: &ApplyRequest) -> Result<Applied> {
-    if !req.payloads.is_empty() {
-        return Err(DiffError::InvalidArgument(format!(
-            "stream processors are not supported (payloads for {:?})",
-            req.payloads
-        )));
-    }
+    check_payloads(req)?;
     let compression = match classify(&req.diff.media_type)? {
         Media::Tar(c) => c,
         Media::Erofs { .. } => {
@@ -503,5 +516,48 @@ impl Write for ChunkWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(media_type: &str, payloads: &[&str]) -> ApplyRequest {
+        ApplyRequest {
+            diff: Descriptor {
+                media_type: media_type.into(),
+                ..Default::default()
+            },
+            payloads: payloads.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cri_decryption_payloads_do_not_stop_a_plain_layer() {
+        // What CRI sends with every layer (imgcrypt's decoders).
+        let r = req(
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            &[
+                "io.containerd.ocicrypt.decoder.v1.tar",
+                "io.containerd.ocicrypt.decoder.v1.tar.gzip",
+            ],
+        );
+        assert!(check_payloads(&r).is_ok());
+        assert!(matches!(classify(&r.diff.media_type), Ok(Media::Tar(_))));
+    }
+
+    #[test]
+    fn other_processors_and_unread_types_go_to_the_next_differ() {
+        let r = req(
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            &["com.example.processor"],
+        );
+        assert!(matches!(check_payloads(&r), Err(DiffError::NotImplemented(_))));
+        let encrypted = classify("application/vnd.oci.image.layer.v1.tar+gzip+encrypted");
+        assert!(matches!(encrypted, Err(DiffError::NotImplemented(_))));
+        let vendor = classify("application/vnd.example.layer");
+        assert!(matches!(vendor, Err(DiffError::NotImplemented(_))));
     }
 }
