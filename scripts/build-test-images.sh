@@ -15,11 +15,13 @@
 #                 crates/dedup-snapshotter/tests/fixtures/debian-minbase.sh, laid out directly (no repacking)
 # OUTDIR/busybox-plus  one layer: the busybox rootfs again plus /extra/{data,data-copy} (1 MiB of fixed
 #                 pseudo-random bytes, twice): another image repeating busybox's files, for dedup
+# OUTDIR/pause  one layer: the busybox rootfs, entrypoint `/bin/sleep 2147483647`: the pod sandbox image of the
+#                 CRI tests (a sandbox's process must outlive the pod's containers)
 # Every layout has the tag `latest`.  OUTDIR is reused when OUTDIR/.complete holds the current recipe version.
 # Needs root (umoci unpack as root keeps owners), umoci, busybox-static.
 set -euo pipefail
 
-RECIPE=4
+RECIPE=5
 out=${1:?usage: build-test-images.sh OUTDIR}
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -148,9 +150,18 @@ cp "$tmp/p1/rootfs/extra/data" "$tmp/p1/rootfs/extra/data-copy"
 umoci repack --image "$tmp/busybox-plus:latest" "$tmp/p1"
 umoci gc --layout "$tmp/busybox-plus"
 
+# (e) pause
+echo "build-test-images: pause" >&2
+new_image "$tmp/pause"
+umoci unpack --image "$tmp/pause:latest" "$tmp/s1"
+busybox_rootfs "$tmp/s1/rootfs"
+umoci repack --image "$tmp/pause:latest" "$tmp/s1"
+umoci config --image "$tmp/pause:latest" --config.entrypoint /bin/sleep --config.cmd 2147483647
+umoci gc --layout "$tmp/pause"
+
 # Install: only complete layouts move into OUTDIR.
 mkdir -p "$out"
-for img in busybox layered minbase busybox-plus; do
+for img in busybox layered minbase busybox-plus pause; do
     rm -rf "$out/$img"
     mv "$tmp/$img" "$out/$img"
 done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A private containerd + registry + proxy snapshotter for end-to-end tests, all living in one directory.
 #
-# usage: [E2E_CONTAINERD=1.6|1.7|2.1] e2e-env.sh start DIR [SNAPSHOTTER_CMD]
+# usage: [E2E_CONTAINERD=1.6|1.7|2.1] [E2E_CRI=1] [E2E_CONTAINERD_EXTRA=FILE] e2e-env.sh start DIR [SNAPSHOTTER_CMD]
 #        e2e-env.sh restart-snapshotter DIR     (starts the snapshotter again, e.g. after a kill -9)
 #        e2e-env.sh stop DIR
 #
@@ -23,6 +23,9 @@
 #   unpack_config for linux/amd64: snapshotter `dedup` with differ `dedup-diff`, `overlayfs` with `walking`.
 #   A SNAPSHOTTER_CMD of ours (`... serve ...`) without `--containerd` gets `--containerd DIR/containerd.sock`
 #   appended: the Diff service reads and writes blobs in that containerd's content store.
+#
+# E2E_CRI=1 enables containerd's CRI plugin (see write_cri_config); E2E_CONTAINERD_EXTRA names a TOML file appended to
+# the generated containerd.toml (extra plugins' tables, more unpack_config entries; not the tables written here).
 #
 # start: builds (cached) and pushes the test images (busybox, layered, minbase, busybox-plus; see build-test-images.sh) from
 # ${E2E_IMAGES:-/var/cache/dedup-snapshotter-tests/oci} to a docker-registry on 127.0.0.1:<free port>, starts the
@@ -146,7 +149,9 @@ start_tls_registry() {
 
 write_containerd_config() {
     local disabled='"io.containerd.grpc.v1.cri"'
-    if [[ "$CTRD_CONFIG_VERSION" == 3 ]]; then
+    if [[ "${E2E_CRI:-0}" == 1 ]]; then
+        disabled=""
+    elif [[ "$CTRD_CONFIG_VERSION" == 3 ]]; then
         # containerd 2.x splits CRI into three plugins; none is wanted here
         disabled='"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"'
     fi
@@ -173,6 +178,14 @@ disabled_plugins = [$disabled]
   type = "snapshot"
   address = "$dir/dedup.sock"
 TOML
+    if [[ "$CTRD_CONFIG_VERSION" == 3 ]]; then
+        # 2.x's transfer service labels each layer's Prepare (digest, image) for snapshotters that ask, as
+        # contrib/containerd-config-v3.toml does: `ctr images pull` can then mount converted layers lazily.
+        cat >>"$dir/containerd.toml" <<TOML
+  [proxy_plugins.dedup.exports]
+    enable_remote_snapshot_annotations = "true"
+TOML
+    fi
     [[ "$E2E_CONTAINERD" != 1.6 ]] || return 0
     local differ=walking
     if [[ "$DIFF_PROXY" == 1 ]]; then
@@ -203,6 +216,49 @@ TOML
   snapshotter = "overlayfs"
   differ = "walking"
 TOML
+}
+
+# Kubernetes' path (E2E_CRI=1): containerd's CRI plugin with our snapshotter and snapshot annotations on (as
+# contrib/containerd-config*.toml), the pause image from this registry as the sandbox image, pods' CNI dirs inside DIR
+# (the tests use host-network pods: no CNI plugin runs). CRI keeps its images and containers in namespace k8s.io.
+# restrict_oom_score_adj: CRI gives sandboxes oom_score_adj -998, which a test machine without CAP_SYS_RESOURCE (a
+# container or sandboxed VM) may not set; restricted, it never goes below containerd's own.
+write_cri_config() {
+    mkdir -p "$dir/cni/bin" "$dir/cni/conf"
+    local sandbox="127.0.0.1:$port/pause:latest" # do_start's registry port
+    if [[ "$CTRD_CONFIG_VERSION" == 3 ]]; then
+        cat >>"$dir/containerd.toml" <<TOML
+
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "dedup"
+  disable_snapshot_annotations = false
+  discard_unpacked_layers = false
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = "$sandbox"
+
+[plugins.'io.containerd.cri.v1.runtime']
+  restrict_oom_score_adj = true
+
+[plugins.'io.containerd.cri.v1.runtime'.cni]
+  bin_dirs = ["$dir/cni/bin"]
+  conf_dir = "$dir/cni/conf"
+TOML
+    else
+        cat >>"$dir/containerd.toml" <<TOML
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$sandbox"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "dedup"
+    disable_snapshot_annotations = false
+    discard_unpacked_layers = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$dir/cni/bin"
+    conf_dir = "$dir/cni/conf"
+TOML
+    fi
+    setenv E2E_CRI 1
 }
 
 start_snapshotter() {
@@ -281,7 +337,7 @@ EOF
 
     # push the images (in parallel with the daemons starting up)
     local img push_pids=()
-    for img in busybox layered minbase busybox-plus; do
+    for img in busybox layered minbase busybox-plus pause; do
         skopeo copy --quiet --insecure-policy --dest-tls-verify=false \
             "oci:$images/$img:latest" "docker://127.0.0.1:$port/$img:latest" >>"$logs/push-$img.log" 2>&1 &
         push_pids+=($!)
@@ -292,6 +348,11 @@ EOF
 
     # containerd
     write_containerd_config
+    if [[ "${E2E_CRI:-0}" == 1 ]]; then write_cri_config; fi
+    if [[ -n "${E2E_CONTAINERD_EXTRA:-}" ]]; then
+        [[ -f "$E2E_CONTAINERD_EXTRA" ]] || die "E2E_CONTAINERD_EXTRA=$E2E_CONTAINERD_EXTRA is not a file"
+        { echo; echo "# from E2E_CONTAINERD_EXTRA ($E2E_CONTAINERD_EXTRA)"; cat "$E2E_CONTAINERD_EXTRA"; } >>"$dir/containerd.toml"
+    fi
     # only 1.7 gets it: its transfer service trusts the TLS registry's certificate (see start_tls_registry)
     if [[ "$E2E_CONTAINERD" == 1.7 ]]; then export SSL_CERT_FILE=$dir/tls/cert.pem; fi
     setsid containerd --config "$dir/containerd.toml" >>"$logs/containerd.log" 2>&1 </dev/null &
@@ -301,7 +362,7 @@ EOF
     wait_for "containerd" 60 "$ctrd_pid" ctr_ version
     wait_for "snapshotter through containerd" 60 "$SNAP_PID" snapshotter_answers
 
-    local names=(busybox layered minbase busybox-plus) i
+    local names=(busybox layered minbase busybox-plus pause) i
     for i in "${!push_pids[@]}"; do
         wait "${push_pids[$i]}" || die "skopeo push of ${names[$i]} failed: $(cat "$logs/push-${names[$i]}.log")"
     done

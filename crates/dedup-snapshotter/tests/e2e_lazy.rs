@@ -20,6 +20,7 @@
 //!     cargo test --release -p dedup-snapshotter --test e2e_lazy -- --nocapture
 
 mod common;
+mod cri;
 mod e2e;
 
 use std::collections::HashSet;
@@ -30,6 +31,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{compare_trees, snapshot_tree, CompareOpts};
+use cri::{Cri, CRI_NAMESPACE};
 use e2e::*;
 
 /// A binary of another workspace crate, beside this test's own target directory.
@@ -231,12 +233,21 @@ struct Lazy {
 impl Lazy {
     /// `media`: the converted layers' media type (`erofs` or `oci`, see `convert-image --layer-media-type`).
     fn start(media: &str, proxy_rate: u64, dedupd_args: &[&str]) -> Lazy {
+        Lazy::start_on(media, proxy_rate, dedupd_args, None)
+    }
+
+    /// [`Lazy::start`] on containerd `cri_version` (`1.7`, `2.1`) with its CRI plugin on, when given.
+    fn start_on(media: &str, proxy_rate: u64, dedupd_args: &[&str], cri_version: Option<&str>) -> Lazy {
         diffclient();
-        let env = Env::start_with(&format!(
+        let cmd = format!(
             "{} serve --root {{root}} --address {{socket}} --containerd {{root}}/../containerd.sock \
              --fetch-socket {{root}}/../dedupd.sock",
             env!("CARGO_BIN_EXE_dedup-snapshotter")
-        ));
+        );
+        let env = match cri_version {
+            Some(v) => Env::start_cri(&cmd, v),
+            None => Env::start_with(&cmd),
+        };
         let dedupd = Dedupd::start(&env.dir.join("dedupd.sock"), dedupd_args);
         let t = Instant::now();
         let pushed = sh(&format!(
@@ -858,4 +869,116 @@ fn record_lists_the_files_a_start_reads_and_feeds_prefetch() {
     }
 
     l.stop();
+}
+
+/// Kubernetes' path, with no help from the test: containerd's CRI plugin (snapshot annotations on, as
+/// contrib/containerd-config*.toml) pulls the converted image, passing CRI's labels itself; the snapshotter mounts
+/// every layer from dedupd and containerd downloads no layer. A host-network pod runs it, and its first output
+/// arrives while most of the image is still in the registry. A plain OCI image pulled through CRI is unpacked by our
+/// Diff service (one pass, no Commit conversion).
+fn cri_pull_is_lazy_and_runs(version: &str) {
+    let _serial = e2e::serial();
+    let l = Lazy::start_on(
+        "oci",
+        20_000_000,
+        &["--prefetch-rate", "10000000", "--read-deadline-secs", "30"],
+        Some(version),
+    );
+    let mut cri = Cri::connect(&l.env.ctrd_sock);
+    // The sandbox image first, so that the timing below is the application image's alone.
+    let pause = format!("{}/pause:latest", l.env.registry);
+    cri.pull(&pause);
+    let pod = cri.run_pod("lazy", &l.env.dir.join("pods"));
+
+    let total = l.total_size();
+    let t = Instant::now();
+    let image_ref = cri.pull(&l.lazy);
+    let pull_s = t.elapsed().as_secs_f64();
+    l.check_lazy_layers();
+    // containerd fetched no layer into its content store: the layers are only in dedupd's cache.
+    let content = l.env.ctr_in(CRI_NAMESPACE, &["content", "ls", "-q"]);
+    for layer in l.converted["layers"].as_array().unwrap() {
+        let d = layer["digest"].as_str().unwrap();
+        assert!(!content.contains(d), "containerd downloaded layer {d}: {content}");
+    }
+    let id = cri.start_container(&pod, "py", &l.lazy, &["python3", "-c", "print(42)"]);
+    let code = cri.wait_exit(&id, Duration::from_secs(120));
+    let first_s = t.elapsed().as_secs_f64();
+    let fetched = l.fetched();
+    let blobs = l.dedupd.blobs();
+    let out = Cri::logs(&pod, "py");
+    eprintln!(
+        "e2e: CRI on containerd {version}: lazy PullImage {pull_s:.2}s ({image_ref}), first output {first_s:.2}s \
+         after the pull started, {fetched} of {total} bytes fetched then ({:.1}%)",
+        100.0 * fetched as f64 / total as f64
+    );
+    assert_eq!((code, out.trim()), (0, "42"), "the container's log: {out:?}");
+    assert!(
+        fetched < total / 2,
+        "{fetched} of {total} bytes were fetched before the first output"
+    );
+    assert!(
+        blobs.iter().any(|b| !b.complete),
+        "every layer was already fetched when the container printed: {blobs:?}"
+    );
+
+    // A plain OCI image through CRI: each layer applied by our Diff service, none converted at Commit.
+    let applied = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("rpc=\"Apply\"") && l.contains("ok=true"))
+            .count()
+    };
+    let before = applied(&l.env.log());
+    cri.pull(&l.source);
+    let source_layers = l.converted["layers"].as_array().unwrap().len();
+    assert_eq!(
+        applied(&l.env.log()) - before,
+        source_layers,
+        "our Diff service should have applied every layer of {}",
+        l.source
+    );
+    let id = cri.start_container(&pod, "plain", &l.source, &["python3", "-c", "print(6*7)"]);
+    assert_eq!(cri.wait_exit(&id, Duration::from_secs(120)), 0);
+    assert_eq!(Cri::logs(&pod, "plain").trim(), "42");
+
+    // Everything CRI made goes away with the pod and the images; the lazy blobs are unregistered.
+    cri.remove_pod(&pod);
+    for image in [&l.lazy, &l.source, &pause] {
+        cri.remove_image(image);
+    }
+    l.env.wait_until("CRI's snapshots to be collected", 60, || {
+        l.env
+            .ctr_in(CRI_NAMESPACE, &["snapshots", "--snapshotter", "dedup", "ls"])
+            .lines()
+            .count()
+            <= 1
+    });
+
+    if version == "2.1" {
+        // containerd 2.x's transfer service labels layers for a snapshotter that exports
+        // enable_remote_snapshot_annotations (contrib/containerd-config-v3.toml): plain `ctr images pull` is lazy too.
+        l.env.ctr(&["images", "pull", "--snapshotter", "dedup", &l.lazy]);
+        l.check_lazy_layers();
+        let content = l.env.ctr(&["content", "ls", "-q"]);
+        for layer in l.converted["layers"].as_array().unwrap() {
+            let d = layer["digest"].as_str().unwrap();
+            assert!(
+                !content.contains(d),
+                "the transfer service downloaded layer {d}: {content}"
+            );
+        }
+        let out = l.run(&l.lazy, "transfer", &["python3", "-c", "print(42)"]);
+        assert_eq!(out.trim(), "42");
+    }
+    l.stop();
+}
+
+#[test]
+fn cri_pull_is_lazy_and_runs_on_containerd_1_7() {
+    cri_pull_is_lazy_and_runs("1.7");
+}
+
+#[test]
+fn cri_pull_is_lazy_and_runs_on_containerd_2_1() {
+    cri_pull_is_lazy_and_runs("2.1");
 }

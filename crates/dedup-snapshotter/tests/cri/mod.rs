@@ -2,7 +2,8 @@
 //! containerd's CRI plugin (PullImage, RunPodSandbox, CreateContainer,
 //! StartContainer, ContainerStatus), over containerd's own socket.
 //!
-//! Pods use the host's network namespace, so no CNI plugin is needed.
+//! Pods use the host's network namespace (and so its hostname, as the kubelet does for
+//! hostNetwork pods), so no CNI plugin is needed.
 
 #![allow(dead_code)]
 
@@ -90,7 +91,6 @@ impl Cri {
                 namespace: "e2e".into(),
                 attempt: 0,
             }),
-            hostname: name.into(),
             log_directory: log_dir.display().to_string(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 security_context: Some(cri::LinuxSandboxSecurityContext {

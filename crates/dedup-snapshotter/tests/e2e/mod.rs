@@ -161,6 +161,16 @@ impl Env {
 
     /// [`Env::start_with`] on this containerd (`None`: `E2E_CONTAINERD`, default 1.6).
     pub fn start_with_version(cmd: &str, version: Option<&str>) -> Env {
+        Env::start_with_options(cmd, version, false)
+    }
+
+    /// [`Env::start_with_version`] with containerd's CRI plugin on (`E2E_CRI=1`, see the script): our snapshotter
+    /// for CRI with snapshot annotations, the registry's `pause` image as the sandbox image.
+    pub fn start_cri(cmd: &str, version: &str) -> Env {
+        Env::start_with_options(cmd, Some(version), true)
+    }
+
+    fn start_with_options(cmd: &str, version: Option<&str>, cri: bool) -> Env {
         require_root_and_tools();
         let dir = tempfile::Builder::new()
             .prefix("e2e.")
@@ -173,6 +183,9 @@ impl Env {
         start.arg("start").arg(&dir).arg(cmd).stdin(Stdio::null());
         if let Some(v) = version {
             start.env("E2E_CONTAINERD", v);
+        }
+        if cri {
+            start.env("E2E_CRI", "1");
         }
         let out = start.output().expect("run scripts/e2e-env.sh");
         let mut env = Env {
@@ -248,6 +261,21 @@ impl Env {
 
     /// Runs `ctr -a SOCK -n NS ARGS...` with a timeout; returns the output whatever the status.
     pub fn ctr_raw(&self, args: &[&str], timeout_s: u32) -> Output {
+        self.ctr_raw_in(&self.ns, args, timeout_s)
+    }
+
+    /// `ctr ARGS...` in namespace `ns` (CRI keeps its images and containers in `k8s.io`); stdout, panicking on failure.
+    pub fn ctr_in(&self, ns: &str, args: &[&str]) -> String {
+        let out = self.ctr_raw_in(ns, args, 180);
+        assert!(
+            out.status.success(),
+            "{}",
+            describe(&format!("ctr -n {ns} {}", args.join(" ")), &out)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    fn ctr_raw_in(&self, ns: &str, args: &[&str], timeout_s: u32) -> Output {
         Command::new("timeout")
             .args([
                 "-k",
@@ -257,7 +285,7 @@ impl Env {
                 "-a",
                 &self.ctrd_sock,
                 "-n",
-                &self.ns,
+                ns,
             ])
             .args(args)
             .stdin(Stdio::null())
