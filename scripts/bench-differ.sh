@@ -5,7 +5,7 @@
 #
 # The blob is the minbase layer (debootstrap bookworm minbase, one ~93 MB tar+gzip layer, ~211 MB / 6,768 entries
 # uncompressed; scripts/build-test-images.sh), ingested once into containerd's content store.  Each measurement is
-# one `diffclient apply DIGEST MEDIATYPE "" KEY` (/work/shared/conformance/diffclient.sh: containerd 1.6's own client
+# one `diffclient apply DIGEST MEDIATYPE "" KEY` (scripts/harness/diffclient.sh: containerd 1.6's own client
 # code doing Prepare + Apply + Commit), timed as a whole from the outside:
 #   a  erofs     our Diff service's erofs differ: Apply onto a fresh dedup snapshot converts the gzip stream into
 #                the snapshot's layer.erofs in one pass; Commit has nothing left to convert.
@@ -43,7 +43,7 @@ die() {
 for b in ctr containerd python3 sha256sum; do
     command -v "$b" >/dev/null || die "$b missing (apt-get install -y containerd python3)"
 done
-DIFFCLIENT=${DIFFCLIENT:-/work/shared/conformance/diffclient.sh}
+DIFFCLIENT=${DIFFCLIENT:-$ROOT/scripts/harness/diffclient.sh}
 [[ -x "$DIFFCLIENT" ]] || die "$DIFFCLIENT missing (containerd's client code driving a Diff service)"
 
 BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench}

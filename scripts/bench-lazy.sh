@@ -50,7 +50,7 @@ fi
 BIN=$ROOT/target/release/dedup-snapshotter
 DEDUPD=$ROOT/target/release/dedupd
 PROXY=$ROOT/target/release/registry-proxy
-DIFFCLIENT=${DIFFCLIENT:-/work/shared/conformance/diffclient.sh}
+DIFFCLIENT=${DIFFCLIENT:-$ROOT/scripts/harness/diffclient.sh}
 [[ -x $DEDUPD && -x $PROXY ]] || die "build dedupd and registry-proxy first"
 [[ -f $DIFFCLIENT ]] || die "$DIFFCLIENT missing (CRI's pull with labels)"
 

@@ -57,6 +57,8 @@ declare -A PKG_FILE=(
     [umoci]=/usr/bin/umoci
     [curl]=/usr/bin/curl
     [iproute2]=/bin/ss
+    # containerd 1.7's transfer-service tests serve the registry over TLS too
+    [openssl]=/usr/bin/openssl
     # containerd-client's build script compiles containerd's protos with protoc
     [protobuf-compiler]=/usr/bin/protoc
 )
@@ -109,6 +111,17 @@ fi
 # The lazy-pull tests' image: minbase + python3 from Debian packages (cached).
 step "warming the python test image (scripts/build-python-image.sh)"
 bash scripts/build-python-image.sh build >/dev/null
+# The containerd matrix: 1.6 is the system's; 1.7.24 and 2.1.9 from Debian trixie/forky (cached).
+step "warming containerd 1.7 and 2.1 (scripts/lib/containerd-versions.sh)"
+for v in 1.7 2.1; do
+    bash scripts/lib/containerd-versions.sh install "$v" >/dev/null ||
+        die "cannot install containerd $v (scripts/lib/containerd-versions.sh)"
+done
+# The Go harnesses (containerd's own client code) the end-to-end tests drive.
+step "building the test harnesses (scripts/harness/build.sh)"
+for h in diffclient suite suite2; do
+    bash scripts/harness/build.sh "$h" >/dev/null || die "cannot build the $h harness"
+done
 
 # --- tests ----------------------------------------------------------------------
 # What is mounted and running now, for the leak check after the tests (scripts/lib/leak-check.sh);
@@ -138,6 +151,21 @@ if ((suite_rc != 0)); then
     grep -vE '^\s*(=== |--- PASS)' "$suite_log" | tail -60 >&2
     rc=1
 fi
+# The same suite from containerd 2.1.9's sources (core/snapshots/testsuite; trixie's Go 1.24
+# and forky's Go packages, unpacked into the cache, never installed): its cases are
+# counted with the 1.6 ones.
+step "containerd 2.1 snapshotter conformance suite (scripts/harness/suite2.sh)"
+suite2_log=$(mktemp /tmp/dedup-suite2.XXXXXX.log)
+trap 'rm -f "$log" "$suite_log" "$suite2_log"' EXIT
+suite2_rc=0
+bash scripts/harness/suite2.sh "$ROOT/target/release/dedup-snapshotter serve --root {root} --address {socket}" \
+    >"$suite2_log" 2>&1 || suite2_rc=$?
+grep -E '^\s*--- (PASS|FAIL|SKIP)' "$suite2_log" >&2 || true
+if ((suite2_rc != 0)); then
+    grep -vE '^\s*(=== |--- PASS)' "$suite2_log" | tail -60 >&2
+    rc=1
+fi
+cat "$suite2_log" >>"$suite_log"
 
 # --- leftovers: no mount or process of the tests may outlive them ---------------------
 # Lists what the tests left mounted or running that was not there before them, cleans
