@@ -190,3 +190,62 @@ fn images_share_chunks_and_leave_nothing_behind() {
     assert!(env.mounts_under_dir().is_empty(), "{:?}", env.mounts_under_dir());
     env.stop();
 }
+
+/// Dedup on the newer containerds, where our Diff service unpacks every layer (`ctr image pull`: the client-side
+/// unpacker on 1.7, the transfer service on 2.1): the layers share busybox's chunks, containers read them, and
+/// removing everything leaves no blob, chunk or mount.
+fn dedup_through_our_apply(version: &str) {
+    let _g = serial();
+    let env = Env::start_with_version(
+        &format!(
+            "{} serve --root {{root}} --address {{socket}} --dedup",
+            env!("CARGO_BIN_EXE_dedup-snapshotter")
+        ),
+        Some(version),
+    );
+    assert!(env.diff_proxy, "containerd {version} should get our Diff service");
+    let applied = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("rpc=\"Apply\"") && l.contains("ok=true"))
+            .count()
+    };
+    env.pull("busybox");
+    env.pull("busybox-plus");
+    assert_eq!(applied(&env.log()), 2, "our Apply unpacks both layers");
+    let s = stats(&env);
+    assert_eq!(s["layers"], 2, "{s}");
+    for c in s["chains"].as_array().expect("chains") {
+        assert!(
+            c["shared_blob_bytes"].as_u64().unwrap() > 0,
+            "every image shares busybox's blob: {s}"
+        );
+    }
+    assert_eq!(
+        sha_in(&env, "busybox-plus", "p1", "/extra/data"),
+        sha_in(&env, "busybox-plus", "p2", "/extra/data-copy")
+    );
+    assert_eq!(
+        sha_in(&env, "busybox", "b1", "/bin/busybox"),
+        sha_in(&env, "busybox-plus", "p3", "/bin/busybox")
+    );
+    env.check_layout();
+    env.remove_everything();
+    let s = stats(&env);
+    assert_eq!(
+        (s["layers"].as_u64(), s["blobs"].as_u64(), s["chunks"].as_u64()),
+        (Some(0), Some(0), Some(0)),
+        "{s}"
+    );
+    assert!(blob_files(&env.root).is_empty(), "{:?}", blob_files(&env.root));
+    env.stop();
+}
+
+#[test]
+fn dedup_through_our_apply_on_containerd_1_7() {
+    dedup_through_our_apply("1.7");
+}
+
+#[test]
+fn dedup_through_our_apply_on_containerd_2_1() {
+    dedup_through_our_apply("2.1");
+}
