@@ -34,22 +34,6 @@ use common::{compare_trees, snapshot_tree, CompareOpts};
 use cri::{Cri, CRI_NAMESPACE};
 use e2e::*;
 
-/// A binary of another workspace crate, beside this test's own target directory.
-fn workspace_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .join(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: build the workspace first (cargo build --release --workspace)",
-        p.display()
-    );
-    p
-}
-
 fn diffclient() -> PathBuf {
     let p =
         PathBuf::from(std::env::var("DIFFCLIENT").unwrap_or_else(|_| {
@@ -78,7 +62,7 @@ struct Proxy {
 
 impl Proxy {
     fn start(upstream: &str, rate: u64) -> Proxy {
-        let mut child = Command::new(workspace_bin("registry-proxy"))
+        let mut child = Command::new(test_support::workspace_bin("registry-proxy"))
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -153,7 +137,7 @@ impl Dedupd {
             .append(true)
             .open(self.log())
             .unwrap();
-        let child = Command::new(workspace_bin("dedupd"))
+        let child = Command::new(test_support::workspace_bin("dedupd"))
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().unwrap())

@@ -42,22 +42,6 @@ fn assert_root() {
     );
 }
 
-/// A binary of another workspace crate, beside this test's own target directory.
-fn workspace_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .join(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: build the workspace first (cargo build --release --workspace)",
-        p.display()
-    );
-    p
-}
-
 /// What is mounted at or under `dir`, as "point (type)".
 fn mounts_under(dir: &Path) -> Vec<String> {
     test_support::mounts_under(dir)
@@ -558,7 +542,7 @@ fn start_dedupd(dir: &Path) -> ChildGuard {
         .append(true)
         .open(dir.join("dedupd.log"))
         .unwrap();
-    let child = Command::new(workspace_bin("dedupd"))
+    let child = Command::new(test_support::workspace_bin("dedupd"))
         .arg("--root")
         .arg(dir.join("dedupd/cache"))
         .arg("--mountpoint")

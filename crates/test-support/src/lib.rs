@@ -300,6 +300,24 @@ impl Drop for ChildGuard {
     }
 }
 
+/// A binary of another workspace crate (`dedupd`, `registry-proxy`), beside the
+/// running test's own `target/<profile>/deps` directory; cargo builds only the
+/// package's own binaries for its tests, so the workspace must have been built.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace first (cargo build --release --workspace)",
+        p.display()
+    );
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
