@@ -74,6 +74,8 @@ fi
 CTRD_BIN=$("$ROOT/scripts/lib/containerd-versions.sh" install 2.1) || die "cannot install containerd 2.1"
 EROFS_BIN=$("$ROOT/scripts/lib/erofs-utils.sh" install) || die "cannot build erofs-utils 1.9.4"
 MKFS_VERSION=$("$EROFS_BIN/mkfs.erofs" -V 2>&1 | head -n 1)
+DEDUP_VERSION=$("$DEDUP_BIN" --version 2>/dev/null | head -n 1 || echo "?")
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 # containerd inherits this PATH (e2e-env.sh only puts containerd's own bin dir before it): its erofs differ runs
 # this mkfs.erofs
 export PATH="$EROFS_BIN:$PATH"
@@ -271,11 +273,12 @@ for ((rep = 1; rep <= REPS; rep++)); do
     done
 done
 
-python3 - "$BENCH_DIR" "$RAW" "$REPS" "$CTRD_VERSION" "$MKFS_VERSION" "$MODES" "$IMAGES" <<'PY'
+python3 - "$BENCH_DIR" "$RAW" "$REPS" "$CTRD_VERSION" "$MKFS_VERSION" "$MODES" "$IMAGES" "$DEDUP_VERSION" \
+    "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
 import json, os, platform, statistics, sys, time
 
 out_dir, raw, reps, ctrd, mkfs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-modes, images = sys.argv[6].split(), sys.argv[7].split()
+modes, images, dedup_version, load_start, load_end = sys.argv[6].split(), sys.argv[7].split(), *sys.argv[8:11]
 samples = {}
 for line in open(raw):
     img, mode, metric, rep, value = line.rstrip("\n").split("\t")
@@ -327,6 +330,8 @@ meta = {
     "cpus": os.cpu_count(),
     "containerd": ctrd,
     "mkfs_erofs": mkfs,
+    "dedup_snapshotter": dedup_version,
+    "loadavg_start_end": [load_start, load_end],
     "erofs_mkfs_options": ["-T0", "--mkfs-time", "--sort=none"],
     "modes": modes,
     "read_all": "find / -xdev -type f -exec cat {} + >/dev/null, timed inside the container",
@@ -339,7 +344,8 @@ with open(os.path.join(out_dir, "containerd.json"), "w") as f:
 md = ["# containerd 2.1: overlayfs, containerd's erofs, dedup-snapshotter", "",
       f"{meta['date']}, kernel {meta['kernel']}, {meta['cpus']} CPUs, containerd {ctrd}, {mkfs} "
       f"(erofs differ mkfs_options {' '.join(meta['erofs_mkfs_options'])}); median (min–max) of {reps} round(s), "
-      "each mode in a fresh containerd root per round; same registry and images.", ""]
+      f"each mode in a fresh containerd root per round; same registry and images; {dedup_version}; "
+      f"load average {load_start} at the start, {load_end} at the end.", ""]
 hdr = "| image | step | " + " | ".join(f"{label[m]}" for m in modes) + " | " + \
       " | ".join(f"{label[m]} / erofs" for m in modes if m != "erofs") + " |"
 md += [hdr, "|---|---|" + "---:|" * (len(modes) + len([m for m in modes if m != "erofs"]))]
