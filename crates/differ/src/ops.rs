@@ -171,7 +171,9 @@ pub(crate) async fn apply_erofs(d: &Differ, ctx: &CallContext, req: &ApplyReques
                 let opts = layer_convert::Options {
                     media_type: Some(desc.media_type.clone()),
                     max_size,
-                    inline_data: true,
+                    // Block-aligned file data: inline tails would fill the inode area
+                    // that the kernel reads one block at a time (cold reads ~1.6x slower).
+                    inline_data: false,
                     build_time: 0,
                     fsync: true,
                     chunk_bits: session.as_ref().map_or(16, |s| s.chunk_bits()),

@@ -53,8 +53,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// How the image is written.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Pack small files and tails right after their inode. Off gives block-aligned data
-    /// for every file, which layers that will later be merged or chunk-shared prefer.
+    /// Pack small regular files and the tails of regular files right after their inode.
+    /// Off gives block-aligned data for every regular file, which layers that will later
+    /// be merged or chunk-shared prefer, and which keeps the inode area dense: the kernel
+    /// reads metadata one block at a time, without readahead. Directories and symlinks
+    /// are inlined whenever they fit either way (as `mkfs.erofs -E noinline_data` does):
+    /// they are metadata, read together with their inode.
     pub inline_data: bool,
     /// Timestamp compact inodes report; inodes with any other mtime are extended.
     pub build_time: u64,
@@ -846,12 +850,12 @@ impl Plan {
                     }
                     (f.size, f.tail.as_ref().map_or(0, |t| t.len()), 0)
                 }
-                Body::Symlink(t) => split_data(t.len() as u64, opts, m, xattr_size),
+                Body::Symlink(t) => split_data(t.len() as u64, m, xattr_size),
                 Body::Dir(children) => {
                     let entries = dir_entries(children, &[]);
                     let (blocks, size) = pack_dir(&entries);
                     dir_blocks = blocks;
-                    split_data(size, opts, m, xattr_size)
+                    split_data(size, m, xattr_size)
                 }
                 _ => (0, 0, 0),
             };
@@ -1097,15 +1101,16 @@ impl Plan {
     }
 }
 
-/// Splits in-memory data (directory, symlink) into late blocks and an inline tail:
+/// Splits in-memory data (directory, symlink) into late blocks and an inline tail,
+/// inlined whenever it fits ([`Options::inline_data`] is about regular files only):
 /// returns (size, inline tail length, late blocks).
-fn split_data(size: u64, opts: &Options, m: &Meta, xattr_size: usize) -> (u64, usize, u32) {
+fn split_data(size: u64, m: &Meta, xattr_size: usize) -> (u64, usize, u32) {
     let tail = (size % BLOCK_SIZE) as usize;
     let full = (size / BLOCK_SIZE) as u32;
     // Same worst case as for files, so the decision never depends on the inode
     // layout chosen a moment later.
     let fits = tail != 0 && format::EXTENDED_INODE_SIZE + xattr_size.max(m.xattr_upper_bound()) + tail <= BS;
-    if opts.inline_data && fits {
+    if fits {
         (size, tail, full)
     } else {
         (size, 0, size.div_ceil(BLOCK_SIZE) as u32)

@@ -892,7 +892,8 @@ impl Snapshotter {
             let mut uuid = [0u8; 16];
             uuid[..8].copy_from_slice(&rec.id.to_le_bytes());
             let opts = layer_convert::DirOptions {
-                inline_data: true,
+                // as the differ's Apply: block-aligned file data, a dense inode area
+                inline_data: false,
                 build_time: 0,
                 uuid,
                 fsync: true,

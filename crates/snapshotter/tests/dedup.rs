@@ -99,10 +99,11 @@ fn shared_chunks_outlive_the_layer_that_wrote_them() {
     assert_eq!(st.layers, 3);
     assert_eq!(
         st.logical_bytes,
-        300_000 + 200_000 + 300_000 + 150_000 + 150_000 + 200_000
+        300_000 + 200_000 + 3 + 300_000 + 150_000 + 150_000 + 200_000
     );
-    // Written once each: big1 (5 chunks of 64K), big2 (4), big3 (3), block-padded.
-    let expect_blob = (300_000u64.div_ceil(4096) + 200_000u64.div_ceil(4096) + 150_000u64.div_ceil(4096)) * 4096;
+    // Written once each: big1 (5 chunks of 64K), big2 (4), big3 (3), block-padded, and
+    // etc/small's block (file data is never inlined: block-aligned layers).
+    let expect_blob = (300_000u64.div_ceil(4096) + 200_000u64.div_ceil(4096) + 150_000u64.div_ceil(4096) + 1) * 4096;
     assert_eq!(st.chunks.blob_bytes, expect_blob, "{st:?}");
     assert_eq!(st.chunks.blobs, 2, "c wrote nothing new: {st:?}");
     assert_eq!(files_in(&root.join("blobs")).len(), 2);
