@@ -310,11 +310,12 @@ do_start() {
     local images=${E2E_IMAGES:-/var/cache/dedup-snapshotter-tests/oci}
     "$here/build-test-images.sh" "$images"
 
-    # registry
-    local port
-    port=$(free_port)
+    # registry (a port picked free may be taken by the time the registry binds it: up to 3 ports are tried)
+    local port reg_pid try i up=0
     mkdir -p "$dir/registry"
-    cat >"$dir/registry.yml" <<EOF
+    for try in 1 2 3; do
+        port=$(free_port)
+        cat >"$dir/registry.yml" <<EOF
 version: 0.1
 log:
   level: warn
@@ -328,11 +329,20 @@ storage:
 http:
   addr: 127.0.0.1:$port
 EOF
-    setsid docker-registry serve "$dir/registry.yml" >>"$logs/registry.log" 2>&1 </dev/null &
-    local reg_pid=$!
-    setenv E2E_REGISTRY_PID "$reg_pid"
+        setsid docker-registry serve "$dir/registry.yml" >>"$logs/registry.log" 2>&1 </dev/null &
+        reg_pid=$!
+        setenv E2E_REGISTRY_PID "$reg_pid"
+        for ((i = 0; i < 300; i++)); do
+            if curl -fsS "http://127.0.0.1:$port/v2/" >/dev/null 2>&1; then up=1; break; fi
+            alive "$reg_pid" || break
+            sleep 0.1
+        done
+        ((up)) && break
+        log "docker-registry on 127.0.0.1:$port did not come up (try $try): $(tail -n 3 "$logs/registry.log")"
+        stop_pid docker-registry "$reg_pid"
+    done
+    ((up)) || die "docker-registry did not start (see $logs/registry.log)"
     setenv E2E_REGISTRY "127.0.0.1:$port"
-    wait_for "docker-registry" 30 "$reg_pid" curl -fsS "http://127.0.0.1:$port/v2/"
     if [[ "$E2E_CONTAINERD" == 1.7 ]]; then start_tls_registry; fi
 
     # push the images (in parallel with the daemons starting up)

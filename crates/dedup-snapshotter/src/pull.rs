@@ -23,6 +23,7 @@ use containerd_client::services::v1::snapshots as sn;
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request};
 use containerd_client::types as pbt;
+use differ::content::rfc3339;
 use differ::{CallContext, ContentStore};
 use registry::{Descriptor, Reference};
 use sha2::{Digest, Sha256};
@@ -599,28 +600,6 @@ fn nanos() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 
-/// RFC 3339 in UTC (`2026-12-04T13:00:00Z`), what containerd's `gc.expire` label takes.
-fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,19 +612,6 @@ mod tests {
         assert_eq!(ids[0], a);
         let want = format!("sha256:{}", hex::encode(Sha256::digest(format!("{a} {b}"))));
         assert_eq!(ids[1], want);
-    }
-
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400 + 3661)),
-            "2000-02-29T01:01:01Z"
-        );
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(1_796_342_400)),
-            "2026-12-04T00:00:00Z"
-        );
     }
 
     #[test]

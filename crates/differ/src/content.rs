@@ -226,6 +226,27 @@ impl ContentStore {
         Ok(())
     }
 
+    /// A lease of its own that expires after `ttl`, for a write whose caller's lease
+    /// did not reach us: containerd 2.x forwards the namespace to proxy differs but
+    /// not the client's lease, and a blob written with no lease is collected by the
+    /// next garbage collection, before the client can read it. Expiring, it holds
+    /// the blob only until the client has referenced it (or given up).
+    pub async fn expiring_lease(&self, ctx: &CallContext, ttl: std::time::Duration) -> Result<String> {
+        self.client().await?;
+        let channel = self.channel.get().expect("connected by client()").clone();
+        let mut leases = containerd_client::services::v1::leases_client::LeasesClient::new(channel);
+        let id = format!("dedup-diff-{}-{}", std::process::id(), unique_suffix());
+        let labels = HashMap::from([(
+            "containerd.io/gc.expire".to_string(),
+            rfc3339(std::time::SystemTime::now() + ttl),
+        )]);
+        leases
+            .create(ctx.request(containerd_client::services::v1::CreateRequest { id: id.clone(), labels }))
+            .await
+            .map_err(|s| status("creating a lease for the layer", s))?;
+        Ok(id)
+    }
+
     /// Aborts an unfinished write.
     pub async fn abort(&self, ctx: &CallContext, reference: &str) {
         if let Ok(mut c) = self.client().await {
@@ -261,5 +282,52 @@ impl Read for BlobReader {
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+fn unique_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// RFC 3339 in UTC (`2026-12-04T13:00:00Z`), what containerd's `gc.expire` label takes.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400 + 3661)),
+            "2000-02-29T01:01:01Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(1_796_342_400)),
+            "2026-12-04T00:00:00Z"
+        );
     }
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use snapshotter::Mount;
@@ -456,6 +456,21 @@ where
         let _ = fin_tx.send((digest.clone(), size, labels));
         Ok::<_, DiffError>((digest, size))
     });
+    // containerd 2.x calls proxy differs without the client's lease: hold the layer
+    // with a lease of our own for an hour, long enough for the client to use it.
+    let owned;
+    let ctx = match ctx.lease {
+        Some(_) => ctx,
+        None => {
+            let lease = d.content.expiring_lease(ctx, Duration::from_secs(3600)).await?;
+            tracing::debug!(lease, "no lease with the Compare call: writing under an expiring one");
+            owned = CallContext {
+                namespace: ctx.namespace.clone(),
+                lease: Some(lease),
+            };
+            &owned
+        }
+    };
     let written = d.content.write(ctx, &reference, truncate, chunk_rx, fin_rx).await;
     let produced = producer.await.map_err(join_err)?;
     match (produced, written) {
