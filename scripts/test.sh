@@ -137,35 +137,30 @@ cargo test --workspace --release --no-fail-fast "$@" 2>&1 | tee "$log" || rc=$?
 
 # --- containerd's own snapshotter suite against our daemon -------------------------
 # scripts/harness/suite.sh builds containerd 1.6's snapshots/testsuite (Debian's Go and
-# containerd sources, installed when missing; binary cached under
-# ${DEDUP_CACHE:-/var/cache/dedup-snapshotter-tests}/harness) and runs it with one fresh
-# daemon per case.  A failed build fails the run like a failed case.
-step "containerd snapshotter conformance suite (scripts/harness/suite.sh)"
+# containerd sources, installed when missing) and suite2.sh the same suite from containerd
+# 2.1.9's sources (core/snapshots/testsuite; trixie's Go 1.24 and forky's Go packages,
+# unpacked into the cache, never installed); binaries cached under
+# ${DEDUP_CACHE:-/var/cache/dedup-snapshotter-tests}/harness. Each runs with one fresh
+# daemon per case; both suites' cases count in the closing line. A failed build fails
+# the run like a failed case.
 suite_log=$(mktemp /tmp/dedup-suite.XXXXXX.log)
 trap 'rm -f "$log" "$suite_log"' EXIT
-suite_rc=0
-bash scripts/harness/suite.sh "$ROOT/target/release/dedup-snapshotter serve --root {root} --address {socket}" \
-    >"$suite_log" 2>&1 || suite_rc=$?
-grep -E '^\s*--- (PASS|FAIL|SKIP)' "$suite_log" >&2 || true
-if ((suite_rc != 0)); then
-    grep -vE '^\s*(=== |--- PASS)' "$suite_log" | tail -60 >&2
-    rc=1
-fi
-# The same suite from containerd 2.1.9's sources (core/snapshots/testsuite; trixie's Go 1.24
-# and forky's Go packages, unpacked into the cache, never installed): its cases are
-# counted with the 1.6 ones.
-step "containerd 2.1 snapshotter conformance suite (scripts/harness/suite2.sh)"
-suite2_log=$(mktemp /tmp/dedup-suite2.XXXXXX.log)
-trap 'rm -f "$log" "$suite_log" "$suite2_log"' EXIT
-suite2_rc=0
-bash scripts/harness/suite2.sh "$ROOT/target/release/dedup-snapshotter serve --root {root} --address {socket}" \
-    >"$suite2_log" 2>&1 || suite2_rc=$?
-grep -E '^\s*--- (PASS|FAIL|SKIP)' "$suite2_log" >&2 || true
-if ((suite2_rc != 0)); then
-    grep -vE '^\s*(=== |--- PASS)' "$suite2_log" | tail -60 >&2
-    rc=1
-fi
-cat "$suite2_log" >>"$suite_log"
+run_suite() { # SCRIPT TITLE: appends go test -v's output to $suite_log
+    local out suite_rc=0
+    step "$2 (scripts/harness/$1)"
+    out=$(mktemp /tmp/dedup-suite.XXXXXX.log)
+    bash "scripts/harness/$1" "$ROOT/target/release/dedup-snapshotter serve --root {root} --address {socket}" \
+        >"$out" 2>&1 || suite_rc=$?
+    grep -E '^\s*--- (PASS|FAIL|SKIP)' "$out" >&2 || true
+    if ((suite_rc != 0)); then
+        grep -vE '^\s*(=== |--- PASS)' "$out" | tail -60 >&2
+        rc=1
+    fi
+    cat "$out" >>"$suite_log"
+    rm -f "$out"
+}
+run_suite suite.sh "containerd 1.6 snapshotter conformance suite"
+run_suite suite2.sh "containerd 2.1 snapshotter conformance suite"
 
 # --- leftovers: no mount or process of the tests may outlive them ---------------------
 # Lists what the tests left mounted or running that was not there before them, cleans
