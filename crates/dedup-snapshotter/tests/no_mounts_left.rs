@@ -50,18 +50,7 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Pseudo-random bytes (xorshift), distinct per seed.
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use test_support::pseudo_random as data;
 
 /// `dedup-snapshotter serve` on `root`, restartable; SIGTERM (then SIGKILL) on drop.
 struct Daemon {

@@ -19,17 +19,7 @@ const DEDUP: StoreOptions = StoreOptions {
     trash_idle: std::time::Duration::from_secs(10),
 };
 
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use test_support::pseudo_random as data;
 
 /// Prepares `key` over `parent`, writes `files` through the mount and commits as `name`.
 fn layer(s: &Snapshotter, work: &Path, name: &str, parent: &str, files: &[(&str, Vec<u8>)]) {

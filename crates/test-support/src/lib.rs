@@ -318,6 +318,20 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     p
 }
 
+/// Pseudo-random bytes (xorshift), the same for the same seed, distinct per seed:
+/// file contents that neither compress nor deduplicate by accident.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
