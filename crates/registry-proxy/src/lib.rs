@@ -8,8 +8,10 @@
 //!
 //! Control endpoints on the same listener, never forwarded:
 //!
-//! - `POST /_proxy/config?rate=N&down=0|1&corrupt=0|1&delay_ms=N`: sets any subset; answers the
-//!   whole configuration as JSON (`GET /_proxy/config` only reads it).
+//! - `POST /_proxy/config?rate=N&down=0|1&corrupt=0|1&delay_ms=N&refuse_agent=S`: sets any subset;
+//!   answers the whole configuration as JSON (`GET /_proxy/config` only reads it). `refuse_agent`
+//!   takes the upstream away only for clients whose `User-Agent` contains `S` (empty: none), so one
+//!   client (the snapshotter) sees a dead registry while another (containerd) pulls.
 //! - `GET /_proxy/stats`: `{"requests":N,"range_requests":N,"blob_bytes":N,"bytes_out":N}`.
 //! - `POST /_proxy/reset-stats`: zeroes the counters; answers their values before.
 
@@ -39,6 +41,7 @@ pub struct Settings {
     down: AtomicBool,
     corrupt: AtomicBool,
     delay_ms: AtomicU64,
+    refuse_agent: std::sync::Mutex<String>,
 }
 
 impl Settings {
@@ -82,13 +85,30 @@ impl Settings {
         self.delay_ms.store(ms, Ordering::SeqCst)
     }
 
-    /// The settings as JSON: `{"rate":N,"down":bool,"corrupt":bool,"delay_ms":N}`.
+    /// The `User-Agent` substring whose requests are refused as if the upstream were down.
+    pub fn refuse_agent(&self) -> String {
+        self.refuse_agent.lock().unwrap().clone()
+    }
+
+    /// Sets the refused `User-Agent` substring (empty: refuse none).
+    pub fn set_refuse_agent(&self, agent: &str) {
+        *self.refuse_agent.lock().unwrap() = agent.to_string();
+    }
+
+    /// Whether a request from `agent` is refused (`refuse_agent`).
+    fn refuses(&self, agent: Option<&str>) -> bool {
+        let refused = self.refuse_agent.lock().unwrap();
+        !refused.is_empty() && agent.is_some_and(|a| a.contains(refused.as_str()))
+    }
+
+    /// The settings as JSON: `{"rate":N,"down":bool,"corrupt":bool,"delay_ms":N,"refuse_agent":S}`.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "rate": self.rate(),
             "down": self.down(),
             "corrupt": self.corrupt(),
             "delay_ms": self.delay_ms(),
+            "refuse_agent": self.refuse_agent(),
         })
     }
 }
@@ -313,7 +333,7 @@ fn serve_connection(client: TcpStream, shared: &Shared, local: SocketAddr) -> io
         let path = target.split('?').next().unwrap_or("");
         let keep = if path.starts_with(CONTROL_PREFIX) {
             control(&head, &mut reader, &mut writer, shared, keep_alive)?
-        } else if shared.settings.down() {
+        } else if shared.settings.down() || shared.settings.refuses(head.header("user-agent")) {
             false
         } else {
             forward(&head, &mut reader, &mut writer, shared, local, keep_alive)?
@@ -380,9 +400,10 @@ fn control(
     Ok(keep_alive)
 }
 
-/// Applies `rate=N&down=0|1&corrupt=0|1&delay_ms=N`: all of it, or nothing when a part is invalid.
+/// Applies `rate=N&down=0|1&corrupt=0|1&delay_ms=N&refuse_agent=S`: all of it, or nothing when a part
+/// is invalid.
 pub fn apply_config(settings: &Settings, query: &str) -> Result<(), String> {
-    let (mut rate, mut down, mut corrupt, mut delay) = (None, None, None, None);
+    let (mut rate, mut down, mut corrupt, mut delay, mut agent) = (None, None, None, None, None);
     let flag = |k: &str, v: &str| match v {
         "0" | "false" => Ok(false),
         "1" | "true" => Ok(true),
@@ -396,6 +417,8 @@ pub fn apply_config(settings: &Settings, query: &str) -> Result<(), String> {
             "down" => down = Some(flag(k, v)?),
             "corrupt" => corrupt = Some(flag(k, v)?),
             "delay_ms" => delay = Some(num(k, v)?),
+            // A user agent token has no characters that need URL-decoding.
+            "refuse_agent" => agent = Some(v),
             _ => return Err(format!("unknown setting {k:?}")),
         }
     }
@@ -410,6 +433,9 @@ pub fn apply_config(settings: &Settings, query: &str) -> Result<(), String> {
     }
     if let Some(d) = delay {
         settings.set_delay_ms(d);
+    }
+    if let Some(a) = agent {
+        settings.set_refuse_agent(a);
     }
     Ok(())
 }

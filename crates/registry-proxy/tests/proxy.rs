@@ -297,7 +297,10 @@ fn control_api() {
     let reg = Registry::start();
     let proxy = Proxy::start(&reg.addr, &[]);
     let c = proxy.config("rate=5&delay_ms=0");
-    assert_eq!(c, json!({"rate":5,"down":false,"corrupt":false,"delay_ms":0}));
+    assert_eq!(
+        c,
+        json!({"rate":5,"down":false,"corrupt":false,"delay_ms":0,"refuse_agent":""})
+    );
     assert_eq!(proxy.config("rate=0")["rate"], 0);
     assert_eq!(proxy.request("POST", "/_proxy/config?rate=x", &[]).status, 400);
     assert_eq!(proxy.request("POST", "/_proxy/config?speed=1", &[]).status, 400);
@@ -307,6 +310,25 @@ fn control_api() {
     assert_eq!(stat(&proxy, "requests"), 0);
     assert_eq!(proxy.request("GET", "/v2/", &[]).status, 200);
     assert_eq!(stat(&proxy, "requests"), 1);
+
+    // refuse_agent: that client's connection is closed without an answer, others are served.
+    assert_eq!(proxy.config("refuse_agent=probe")["refuse_agent"], "probe");
+    let mut s = TcpStream::connect(&proxy.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nUser-Agent: probe/1.0\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
+    assert_eq!(
+        proxy.request("GET", "/v2/", &[("User-Agent", "other/1.0")]).status,
+        200
+    );
+    proxy.config("refuse_agent=");
+    assert_eq!(
+        proxy.request("GET", "/v2/", &[("User-Agent", "probe/1.0")]).status,
+        200
+    );
 
     // A TLS ClientHello (a client trying HTTPS first) is refused at once.
     let mut s = TcpStream::connect(&proxy.addr).unwrap();

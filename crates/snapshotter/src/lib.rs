@@ -90,5 +90,6 @@ pub mod mounts;
 mod store;
 pub use store::{
     Attached, ChainStats, DedupSession, RemoteLayer, RemoteLayers, Snapshotter, StoreOptions, StoreStats,
+    StreamedLayer,
     TARGET_SNAPSHOT_LABEL,
 };

@@ -104,6 +104,26 @@ pub trait RemoteLayers: Send + Sync {
     fn instance(&self) -> Option<u64>;
     /// The blob is not needed any more (no layer names it).
     fn detach(&self, layer: &RemoteLayer);
+    /// A plain (tar) layer the labels name that the source can stream from its
+    /// registry, for the store to convert while it downloads; `None` (the default)
+    /// lets containerd download it and our Diff service apply it.
+    fn stream(&self, _labels: &BTreeMap<String, String>) -> std::result::Result<Option<StreamedLayer>, String> {
+        Ok(None)
+    }
+}
+
+/// A layer blob being downloaded, converted by the store as it arrives.
+pub struct StreamedLayer {
+    /// The blob's digest, checked once it is read.
+    pub digest: String,
+    /// The blob's size, checked too.
+    pub size: u64,
+    /// The layer's media type (tar, tar+gzip, tar+zstd).
+    pub media_type: String,
+    /// The uncompressed layer's digest from the image config, checked when known.
+    pub diff_id: Option<String>,
+    /// The blob's bytes.
+    pub reader: Box<dyn std::io::Read + Send>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -667,23 +687,18 @@ impl Snapshotter {
         let layer = match remote.resolve(labels) {
             Ok(Some(l)) => l,
             Ok(None) => {
-                tracing::debug!(target, ?labels, "not a lazy layer");
-                return Ok(false);
+                return match remote.stream(labels) {
+                    Ok(Some(streamed)) => self.stream_layer(key, parent, target, labels, streamed),
+                    Ok(None) => {
+                        tracing::debug!(target, ?labels, "not a lazy layer");
+                        Ok(false)
+                    }
+                    Err(e) => Err(Error::Unavailable(e)),
+                };
             }
             Err(e) => return Err(Error::Unavailable(e)),
         };
-        if !parent.is_empty() {
-            let p = self
-                .get(parent)?
-                .ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?}")))?;
-            if p.kind != Kind::Committed {
-                return Err(Error::InvalidArgument(format!(
-                    "parent {parent:?} is not a committed snapshot"
-                )));
-            }
-        }
-        self.refresh_lazy(parent)?;
-        let parents = self.parent_ids(parent)?;
+        let parents = self.committed_parents(parent)?;
         let id = {
             let _g = self.lock.lock().unwrap();
             let txn = self.db.begin_write().map_err(internal)?;
@@ -747,6 +762,159 @@ impl Snapshotter {
                 Err(e)
             }
         }
+    }
+
+    /// The streamed path of Prepare: the layer is downloaded by us and converted as
+    /// it arrives (download, inflate and conversion overlap), then committed as
+    /// `key`, as the lazy path does. containerd then downloads nothing for it.
+    ///
+    /// Nothing is recorded until the blob and diffID digests are checked and the
+    /// layer is mounted; any failure removes what was written, and `Err` lets
+    /// containerd pull the layer the usual way.
+    fn stream_layer(
+        &self,
+        key: &str,
+        parent: &str,
+        target: &str,
+        labels: &BTreeMap<String, String>,
+        layer: StreamedLayer,
+    ) -> Result<bool> {
+        let started = std::time::Instant::now();
+        let parents = self.committed_parents(parent)?;
+        let id = {
+            let _g = self.lock.lock().unwrap();
+            let txn = self.db.begin_write().map_err(internal)?;
+            let id = next_counter(&txn, "next_id")?;
+            txn.commit().map_err(internal)?;
+            id
+        };
+        self.stage_dir(id, &parents).map_err(internal)?;
+        let blob = self.dir(id).join("layer.erofs");
+        let opts = layer_convert::Options {
+            media_type: Some(layer.media_type.clone()),
+            // as the differ's Apply: block-aligned file data, a dense inode area
+            inline_data: false,
+            build_time: 0,
+            fsync: true,
+            chunk_bits: self.opts.chunk_bits,
+            meta_first: false,
+            ..Default::default()
+        };
+        let digest = layer.digest.clone();
+        let fail = |e: Error, own: Option<&Path>| {
+            if let Some(p) = own {
+                let _ = fs::remove_file(p);
+            }
+            self.remove_files(id);
+            e
+        };
+        let conv_err = |e: layer_convert::Error| Error::Unavailable(format!("streaming layer {digest}: {e}"));
+        let session = self.dedup_session().map_err(|e| fail(e, None))?;
+        let (report, sink) = match &session {
+            None => (
+                layer_convert::convert(layer.reader, &blob, &opts, None).map_err(|e| fail(conv_err(e), None))?,
+                None,
+            ),
+            Some(sess) => {
+                let (r, rep) = sess
+                    .run(|sink| layer_convert::convert_with(layer.reader, &blob, &opts, None, Some(sink)))
+                    .map_err(|e| fail(conv_err(e), None))?;
+                (r, Some(rep))
+            }
+        };
+        let own = sink.as_ref().and_then(|s| s.own.as_ref()).map(|o| o.path.clone());
+        let own = own.as_deref();
+        let mut bad = None;
+        if report.input_digest != layer.digest || report.input_size != layer.size {
+            bad = Some(format!(
+                "the blob read is {} ({} bytes), the manifest says {} ({} bytes)",
+                report.input_digest, report.input_size, layer.digest, layer.size
+            ));
+        } else if let Some(d) = layer.diff_id.as_ref().filter(|d| **d != report.diff_id) {
+            bad = Some(format!("diffID {} but the image config says {d}", report.diff_id));
+        }
+        if let Some(why) = bad {
+            return Err(fail(Error::InvalidArgument(format!("streamed layer {digest}: {why}")), own));
+        }
+        if sink.is_some() {
+            fsync_dir(&self.blob_dir()).map_err(|e| fail(internal(e), own))?;
+        }
+        let image = erofs::reader::Image::open(&blob)
+            .map_err(|e| fail(Error::Internal(format!("{}: {e}", blob.display())), own))?;
+        let inodes = image.superblock().inos as i64;
+        drop(image);
+        let now = now_pair();
+        let rec = Record {
+            id,
+            kind: Kind::Committed,
+            parent: parent.to_string(),
+            labels: labels.clone(),
+            created: now,
+            updated: now,
+            size: report.output_size as i64,
+            inodes,
+            blobs: sink.as_ref().map(|s| s.devices.clone()).unwrap_or_default(),
+            logical: sink.as_ref().map_or(0, |s| s.logical_bytes),
+            remote: None,
+        };
+        self.mount_layer(&rec)
+            .map_err(|e| fail(Error::Internal(format!("mounting {}: {e}", blob.display())), own))?;
+        let guard = self.lock.lock().unwrap();
+        let res = (|| {
+            if self.find_target(target, parent)?.is_some() {
+                return Err(Error::AlreadyExists(format!("snapshot {target:?}")));
+            }
+            if self.get(key)?.is_some() {
+                return Err(Error::Internal(format!("snapshot {key:?} exists")));
+            }
+            let txn = self.db.begin_write().map_err(internal)?;
+            if let Some(report) = &sink {
+                blobs::record(&txn, report)?;
+            }
+            {
+                let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
+                t.insert(key, serde_json::to_vec(&rec).map_err(internal)?.as_slice())
+                    .map_err(internal)?;
+            }
+            txn.commit().map_err(internal)
+        })();
+        drop(guard);
+        drop(session);
+        match res {
+            Ok(()) => {
+                tracing::info!(
+                    key,
+                    target,
+                    %digest,
+                    id,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "streamed layer committed"
+                );
+                Ok(true)
+            }
+            // Another Prepare made it meanwhile: theirs stands.
+            Err(Error::AlreadyExists(_)) => {
+                let _ = fail(Error::Internal(String::new()), own);
+                Ok(true)
+            }
+            Err(e) => Err(fail(e, own)),
+        }
+    }
+
+    /// The ids of `parent`'s chain, checking that it is committed.
+    fn committed_parents(&self, parent: &str) -> Result<Vec<u64>> {
+        if !parent.is_empty() {
+            let p = self
+                .get(parent)?
+                .ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?}")))?;
+            if p.kind != Kind::Committed {
+                return Err(Error::InvalidArgument(format!(
+                    "parent {parent:?} is not a committed snapshot"
+                )));
+            }
+        }
+        self.refresh_lazy(parent)?;
+        self.parent_ids(parent)
     }
 
     /// The committed snapshot labelled as `target` over `parent`, if any.
