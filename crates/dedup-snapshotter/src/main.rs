@@ -93,8 +93,13 @@ enum Command {
         /// The fetch daemon's (dedupd) control socket: lazy pulls of converted images.
         #[arg(long)]
         fetch_socket: Option<PathBuf>,
+        /// containerd's registry host configuration directory (hosts.toml per registry; default
+        /// /etc/containerd/certs.d), for the manifests of lazy layers.
+        #[arg(long)]
+        hosts_dir: Option<PathBuf>,
         /// A TOML file with the same settings (root, address, socket_mode, socket_gid, log_level, log_json,
-        /// differs, containerd_address, dedup, chunk_size, fetch_socket, plain_http, docker_config).
+        /// differs, containerd_address, dedup, chunk_size, fetch_socket, plain_http, docker_config,
+        /// hosts_dir, connect_timeout_secs).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -292,6 +297,7 @@ fn run(cli: Cli) -> Result<()> {
             dedup,
             chunk_size,
             fetch_socket,
+            hosts_dir,
             config,
         } => {
             let mut cfg = match config {
@@ -309,6 +315,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             cfg.chunk_size = chunk_size.or(cfg.chunk_size);
             cfg.fetch_socket = fetch_socket.or(cfg.fetch_socket);
+            cfg.hosts_dir = hosts_dir.or(cfg.hosts_dir);
             cfg.log_level = log_level.or(cfg.log_level);
             serve::serve(cfg)
         }
@@ -494,6 +501,13 @@ struct ConvertImageArgs {
     /// Also use plain HTTP for this registry host (loopback always does).
     #[arg(long)]
     plain_http: Vec<String>,
+    /// containerd's registry host configuration directory: DIR/<registry>/hosts.toml names mirrors
+    /// (tried first, in order), CAs and client certificates, as containerd reads it.
+    #[arg(long, default_value = registry::hosts::DEFAULT_HOSTS_DIR)]
+    hosts_dir: PathBuf,
+    /// Seconds to wait for a connection to a registry host before the next one is tried.
+    #[arg(long, default_value_t = 5)]
+    connect_timeout_secs: u64,
     /// Media type of the converted layers. containerd before 2.x unpacks only OCI/Docker layer types
     /// through its unpacker (the one that lets a snapshotter mount a layer lazily): use `oci` there
     /// (application/vnd.oci.image.layer.v1.erofs); `erofs` is application/vnd.erofs.layer.v1.
@@ -511,6 +525,8 @@ struct ConvertImageArgs {
 fn convert_image(a: ConvertImageArgs) -> Result<()> {
     let mut copts = registry::ClientOptions {
         docker_config: a.docker_config,
+        hosts_dir: Some(a.hosts_dir),
+        connect_timeout: std::time::Duration::from_secs(a.connect_timeout_secs.max(1)),
         ..Default::default()
     };
     copts.plain_http.extend(a.plain_http);

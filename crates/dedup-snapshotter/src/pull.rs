@@ -56,6 +56,13 @@ pub struct PullArgs {
     /// Docker config file with registry credentials (default: $DOCKER_CONFIG or ~/.docker).
     #[arg(long)]
     pub docker_config: Option<PathBuf>,
+    /// containerd's registry host configuration directory: DIR/<registry>/hosts.toml names mirrors
+    /// (tried first, in order), CAs and client certificates, as containerd reads it.
+    #[arg(long, default_value = registry::hosts::DEFAULT_HOSTS_DIR)]
+    pub hosts_dir: PathBuf,
+    /// Seconds to wait for a connection to a registry host before the next one is tried.
+    #[arg(long, default_value_t = 5)]
+    pub connect_timeout_secs: u64,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -82,6 +89,8 @@ struct Report {
 pub fn pull(a: PullArgs) -> Result<()> {
     let mut copts = registry::ClientOptions {
         docker_config: a.docker_config.clone(),
+        hosts_dir: Some(a.hosts_dir.clone()),
+        connect_timeout: std::time::Duration::from_secs(a.connect_timeout_secs.max(1)),
         ..Default::default()
     };
     copts.plain_http.extend(a.plain_http.iter().cloned());

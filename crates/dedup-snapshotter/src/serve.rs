@@ -50,6 +50,12 @@ pub struct Config {
     pub plain_http: Option<Vec<String>>,
     /// Docker config file with registry credentials (default $DOCKER_CONFIG, ~/.docker).
     pub docker_config: Option<PathBuf>,
+    /// containerd's registry host configuration directory (`DIR/<registry>/hosts.toml`:
+    /// mirrors, CAs, client certificates; default /etc/containerd/certs.d).
+    pub hosts_dir: Option<PathBuf>,
+    /// Seconds to wait for a connection to a registry host before the next one is tried
+    /// (default 5).
+    pub connect_timeout_secs: Option<u64>,
 }
 
 /// The config file format this daemon reads.
@@ -92,8 +98,16 @@ pub fn serve(cfg: Config) -> Result<()> {
         Some(sock) => {
             let mut ro = registry::ClientOptions {
                 docker_config: cfg.docker_config.clone(),
+                hosts_dir: Some(
+                    cfg.hosts_dir
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from(registry::hosts::DEFAULT_HOSTS_DIR)),
+                ),
                 ..Default::default()
             };
+            if let Some(secs) = cfg.connect_timeout_secs {
+                ro.connect_timeout = std::time::Duration::from_secs(secs.max(1));
+            }
             ro.plain_http.extend(cfg.plain_http.clone().unwrap_or_default());
             let client = registry::Client::new(ro).context("registry client for lazy layers")?;
             tracing::info!(fetch_socket = %sock.display(), "lazy layers through the fetch daemon");

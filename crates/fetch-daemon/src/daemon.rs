@@ -33,6 +33,11 @@ pub struct Options {
     pub docker_config: Option<PathBuf>,
     /// Registries spoken to over plain HTTP, in addition to the loopback names.
     pub plain_http: Vec<String>,
+    /// containerd's registry host configuration (`certs.d`: mirrors, CAs, client certificates).
+    pub hosts_dir: Option<PathBuf>,
+    /// Limit for connecting to a registry host (an unreachable mirror is left for the next host
+    /// after this).
+    pub connect_timeout: Duration,
     /// Range requests in flight at most.
     pub fetch_threads: usize,
     /// How long a FUSE read keeps retrying a chunk before failing with EIO.
@@ -253,6 +258,8 @@ impl Daemon {
             timeout: opts.request_timeout,
             // Retries happen here, against the read's deadline, not inside the client's own schedule.
             retries: 0,
+            hosts_dir: opts.hosts_dir.clone(),
+            connect_timeout: opts.connect_timeout,
         })?;
         let daemon = Arc::new(Daemon {
             started: Instant::now(),

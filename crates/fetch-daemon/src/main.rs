@@ -29,6 +29,15 @@ struct Args {
     /// Speak plain HTTP to this registry (host or host:port); loopback names always are. Repeatable.
     #[arg(long)]
     plain_http: Vec<String>,
+    /// containerd's registry host configuration directory: DIR/<registry>/hosts.toml names mirrors
+    /// (tried first, in order), CAs and client certificates, as containerd reads it. A missing
+    /// directory means none.
+    #[arg(long, default_value = registry::hosts::DEFAULT_HOSTS_DIR)]
+    hosts_dir: PathBuf,
+    /// Limit for connecting to a registry host; an unreachable mirror is passed over after this
+    /// (a hosts.toml `dial_timeout` overrides it for its host).
+    #[arg(long, default_value_t = 5)]
+    connect_timeout_secs: u64,
     /// Range requests in flight at most.
     #[arg(long, default_value_t = 4)]
     fetch_threads: usize,
@@ -70,6 +79,8 @@ fn main() {
         metrics_address: args.metrics_address,
         docker_config: args.docker_config,
         plain_http: args.plain_http,
+        hosts_dir: Some(args.hosts_dir),
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs.max(1)),
         fetch_threads: args.fetch_threads.max(1),
         read_deadline: Duration::from_secs(args.read_deadline_secs),
         prefetch_rate: args.prefetch_rate,

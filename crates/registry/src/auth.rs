@@ -1,7 +1,10 @@
-//! Credentials from the docker config file, `WWW-Authenticate` challenges, and the token cache.
+//! Credentials from the docker config file and its credential helpers, `WWW-Authenticate` challenges, and the token cache.
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -10,29 +13,59 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::reference::DOCKER_HUB;
 
-#[derive(Clone)]
-pub(crate) struct Credentials {
-    pub username: String,
-    pub password: String,
+/// What the docker config (or its credential helper) holds for a registry.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum Credentials {
+    /// A user name and password: sent as Basic auth, to the registry or to its token endpoint.
+    Basic { username: String, password: String },
+    /// An identity token (`identitytoken`, or a helper's `<token>` user): an OAuth2 refresh token,
+    /// exchanged at the token endpoint for access tokens.
+    IdentityToken(String),
 }
 
 impl Credentials {
-    pub(crate) fn basic_header(&self) -> String {
-        let raw = format!("{}:{}", self.username, self.password);
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+    /// The Basic Authorization header, for credentials that have a password.
+    pub(crate) fn basic_header(&self) -> Option<String> {
+        match self {
+            Credentials::Basic { username, password } => {
+                let raw = format!("{username}:{password}");
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(raw)
+                ))
+            }
+            Credentials::IdentityToken(_) => None,
+        }
     }
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials({}:***)", self.username)
+        match self {
+            Credentials::Basic { username, .. } => write!(f, "Credentials({username}:***)"),
+            Credentials::IdentityToken(_) => write!(f, "Credentials(identity token)"),
+        }
     }
 }
 
-/// The `auths` of a docker config file, keyed by normalized registry host.
+/// How long a credential helper's answer is reused: helpers are processes (and some hand out
+/// short-lived secrets), and a host that wants Basic auth asks for credentials on every request.
+const HELPER_CACHE: Duration = Duration::from_secs(300);
+/// How long a credential helper may take before it is killed and the lookup fails.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The credentials of a docker config file: `auths` (keyed by normalized registry host), and the
+/// credential helpers (`credHelpers` per host, else `credsStore`).
+///
+/// Helpers are run here with `std::process` rather than through the `docker_credential` crate: it
+/// waits on a helper without a time limit (a helper stuck on a keychain prompt would hang a lazy
+/// layer's reads for good), and reports "no credentials" and a failing helper the same way.
 #[derive(Debug, Default)]
 pub(crate) struct DockerConfig {
     auths: HashMap<String, Credentials>,
+    creds_store: Option<String>,
+    cred_helpers: HashMap<String, String>,
+    helper_answers: Mutex<HashMap<String, (Instant, Option<Credentials>)>>,
 }
 
 impl DockerConfig {
@@ -55,20 +88,28 @@ impl DockerConfig {
 
     pub(crate) fn parse(data: &[u8]) -> std::result::Result<DockerConfig, String> {
         #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
         struct File {
             #[serde(default)]
             auths: HashMap<String, Entry>,
+            creds_store: Option<String>,
+            #[serde(default)]
+            cred_helpers: HashMap<String, String>,
         }
         #[derive(Deserialize)]
         struct Entry {
             auth: Option<String>,
             username: Option<String>,
             password: Option<String>,
+            identitytoken: Option<String>,
         }
         let file: File = serde_json::from_slice(data).map_err(|e| e.to_string())?;
         let mut auths = HashMap::new();
         for (key, entry) in file.auths {
-            let creds = if let Some(auth) = entry.auth.filter(|a| !a.is_empty()) {
+            let creds = if let Some(token) = entry.identitytoken.filter(|t| !t.is_empty()) {
+                // `docker login` stores the refresh token next to an `auth` with an empty password.
+                Credentials::IdentityToken(token)
+            } else if let Some(auth) = entry.auth.filter(|a| !a.is_empty()) {
                 let raw = base64::engine::general_purpose::STANDARD
                     .decode(auth.trim())
                     .map_err(|e| format!("auths[{key:?}].auth: {e}"))?;
@@ -76,12 +117,12 @@ impl DockerConfig {
                 let (u, p) = raw
                     .split_once(':')
                     .ok_or_else(|| format!("auths[{key:?}].auth: expected user:password"))?;
-                Credentials {
+                Credentials::Basic {
                     username: u.to_string(),
                     password: p.to_string(),
                 }
             } else if let (Some(u), Some(p)) = (entry.username, entry.password) {
-                Credentials {
+                Credentials::Basic {
                     username: u,
                     password: p,
                 }
@@ -91,12 +132,130 @@ impl DockerConfig {
             };
             auths.insert(normalize_host(&key), creds);
         }
-        Ok(DockerConfig { auths })
+        let cred_helpers = file
+            .cred_helpers
+            .into_iter()
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(k, h)| (normalize_host(&k), h))
+            .collect();
+        Ok(DockerConfig {
+            auths,
+            creds_store: file.creds_store.filter(|s| !s.is_empty()),
+            cred_helpers,
+            helper_answers: Mutex::new(HashMap::new()),
+        })
     }
 
-    pub(crate) fn lookup(&self, registry: &str) -> Option<&Credentials> {
-        self.auths.get(&normalize_host(registry))
+    /// The credentials for `registry`: from its credential helper (`credHelpers`, else
+    /// `credsStore`), else from `auths`. A helper that has none is not an error; one that fails is.
+    pub(crate) fn lookup(&self, registry: &str) -> Result<Option<Credentials>> {
+        let host = normalize_host(registry);
+        let helper = self.cred_helpers.get(&host).or(self.creds_store.as_ref());
+        if let Some(helper) = helper {
+            if let Some(found) = self.ask_helper(helper, &host)? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(self.auths.get(&host).cloned())
     }
+
+    fn ask_helper(&self, helper: &str, host: &str) -> Result<Option<Credentials>> {
+        let key = format!("{helper}\0{host}");
+        if let Some((at, answer)) = self.helper_answers.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            if at.elapsed() < HELPER_CACHE {
+                return Ok(answer.clone());
+            }
+        }
+        // What `docker login` stored the credentials under: Docker Hub's legacy URL, else the host.
+        let server = if host == DOCKER_HUB {
+            "https://index.docker.io/v1/"
+        } else {
+            host
+        };
+        let answer = run_helper(helper, server, HELPER_TIMEOUT)?;
+        self.helper_answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (Instant::now(), answer.clone()));
+        Ok(answer)
+    }
+}
+
+/// Runs `docker-credential-HELPER get` with `server` on stdin (the credential helper protocol) and
+/// reads `{"Username": …, "Secret": …}`; `None` when the helper has no credentials for it.
+pub(crate) fn run_helper(helper: &str, server: &str, timeout: Duration) -> Result<Option<Credentials>> {
+    let fail = |msg: String| Error::CredentialHelper {
+        helper: helper.to_string(),
+        server: server.to_string(),
+        msg,
+    };
+    let program = format!("docker-credential-{helper}");
+    let mut child = Command::new(&program)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
+    // The helper reads all of stdin before it answers; a write error shows up as its exit status.
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(server.as_bytes());
+    }
+    let read_all = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(r) = r {
+                let _ = r.take(1 << 20).read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = read_all(child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
+    let stderr = read_all(child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!("no answer within {timeout:?}; killed")));
+            }
+            Err(e) => return Err(fail(format!("waiting for {program}: {e}"))),
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+    if !status.success() {
+        let (out, err) = (text(&stdout), text(&stderr));
+        // docker-credential-helpers' errCredentialsNotFound message.
+        if out.contains("credentials not found") || err.contains("credentials not found") {
+            return Ok(None);
+        }
+        let detail = if err.is_empty() { out } else { err };
+        return Err(fail(format!("{status}: {detail}")));
+    }
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(rename = "Username", default)]
+        username: String,
+        #[serde(rename = "Secret", default)]
+        secret: String,
+    }
+    let a: Answer = serde_json::from_slice(&stdout).map_err(|e| fail(format!("bad answer: {e}")))?;
+    if a.secret.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(if a.username == "<token>" {
+        Credentials::IdentityToken(a.secret)
+    } else {
+        Credentials::Basic {
+            username: a.username,
+            password: a.secret,
+        }
+    }))
 }
 
 fn default_path() -> Option<PathBuf> {
@@ -304,18 +463,28 @@ mod tests {
                 "https://index.docker.io/v1/":{"auth":"dTE6cDE="},
                 "127.0.0.1:5000":{"auth":"dTI6cDI6d2l0aDpjb2xvbnM="},
                 "http://Reg.Example:8443/v2/":{"username":"u3","password":"p3"},
-                "helper.example":{}
-            },"credsStore":"desktop"}"#,
+                "helper.example":{},
+                "token.example":{"auth":"dTQ6","identitytoken":"refresh-me"}
+            }}"#,
         )
         .unwrap();
-        let get = |h| cfg.lookup(h).map(|c| (c.username.clone(), c.password.clone()));
+        let get = |h| match cfg.lookup(h).unwrap() {
+            Some(Credentials::Basic { username, password }) => Some((username, password)),
+            _ => None,
+        };
         assert_eq!(get("docker.io"), Some(("u1".into(), "p1".into())));
         assert_eq!(get("registry-1.docker.io"), Some(("u1".into(), "p1".into())));
         assert_eq!(get("127.0.0.1:5000"), Some(("u2".into(), "p2:with:colons".into())));
         assert_eq!(get("reg.example:8443"), Some(("u3".into(), "p3".into())));
         assert_eq!(get("helper.example"), None);
         assert_eq!(get("127.0.0.1:5001"), None);
-        assert_eq!(cfg.lookup("docker.io").unwrap().basic_header(), "Basic dTE6cDE=");
+        assert_eq!(
+            cfg.lookup("docker.io").unwrap().unwrap().basic_header().unwrap(),
+            "Basic dTE6cDE="
+        );
+        let token = cfg.lookup("token.example").unwrap().unwrap();
+        assert_eq!(token, Credentials::IdentityToken("refresh-me".into()));
+        assert_eq!(token.basic_header(), None);
     }
 
     #[test]

@@ -1,18 +1,20 @@
 //! The registry client: requests with auth and retries, and the pull/push operations on top.
 
+use std::collections::HashMap;
 use std::io::{self, Read};
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
-use tracing::debug;
+use tracing::{debug, warn};
 use ureq::http::{self, Method, Response};
 use ureq::{BodyReader, SendBody};
 use url::Url;
 
-use crate::auth::{parse_challenges, AuthCache, Challenge, DockerConfig, HostAuth, TokenResponse};
+use crate::auth::{parse_challenges, AuthCache, Challenge, Credentials, DockerConfig, HostAuth, TokenResponse};
 use crate::digest::{sha256_digest, validate_digest, verify, Hasher, VerifyingReader};
 use crate::error::{status_error, Error, Result};
+use crate::hosts::{self, Capabilities, HostEntry};
 use crate::manifest::MANIFEST_ACCEPT;
 use crate::reference::{Reference, Repository};
 
@@ -35,6 +37,12 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// How many times an idempotent request is retried after a connection error, 5xx or 429.
     pub retries: u32,
+    /// containerd's registry host configuration directory (`certs.d`: `<dir>/<registry>/hosts.toml`,
+    /// see [`crate::hosts`]): mirrors, CAs, client certificates. `None` reads none.
+    pub hosts_dir: Option<PathBuf>,
+    /// Limit for establishing a connection (at most `timeout`): how long an unreachable mirror holds a
+    /// request up before the next host is tried. A host's `dial_timeout` in hosts.toml overrides it.
+    pub connect_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -44,17 +52,67 @@ impl Default for ClientOptions {
             docker_config: None,
             timeout: Duration::from_secs(30),
             retries: 3,
+            hosts_dir: None,
+            connect_timeout: Duration::from_secs(5),
         }
     }
 }
 
 /// A blocking OCI Distribution client. Shareable between threads; it keeps connections and tokens.
+///
+/// Each registry is reached through the hosts its `hosts.toml` names (read once per registry, on first
+/// use): mirrors first, in file order, then the upstream. A request goes to the first host whose
+/// capabilities allow it and falls back to the next on any failure; pushes go to the first host that
+/// may push, only.
 pub struct Client {
     agent: ureq::Agent,
-    plain_http: Vec<String>,
+    options: ClientOptions,
     creds: DockerConfig,
     auth: Mutex<AuthCache>,
     retries: u32,
+    /// Per registry name: the hosts to try, in order.
+    hosts: Mutex<HashMap<String, Arc<Vec<Endpoint>>>>,
+    /// Hosts that could not be reached, by origin, and until when they are passed over.
+    down: Mutex<HashMap<String, Instant>>,
+}
+
+/// How long a host that could not be connected to is passed over (unless it is the last one): without
+/// it every chunk a lazy layer fetches would wait out the dead mirror's connect timeout first.
+const DOWN_FOR: Duration = Duration::from_secs(30);
+
+/// One host a registry's requests may go to: a mirror or the upstream.
+struct Endpoint {
+    /// `scheme://host[:port]`: where credentials may be sent, and the key of the down list.
+    origin: String,
+    /// The API root (`…/v2`), no trailing slash.
+    api: String,
+    /// `host[:port]`: the key of its tokens and learnt auth scheme.
+    authority: String,
+    /// Whose credentials it gets: the registry's name for the upstream, its own for a mirror.
+    creds_key: String,
+    /// `ns=<registry>` for a host that is not the registry itself, as containerd sends it.
+    ns: Option<String>,
+    capabilities: Capabilities,
+    agent: ureq::Agent,
+    headers: Vec<(String, String)>,
+}
+
+/// Which operation a request is for, i.e. which capability a host needs to be asked.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Need {
+    Pull,
+    Resolve,
+    Push,
+}
+
+impl Need {
+    fn allowed(self, c: Capabilities) -> bool {
+        match self {
+            Need::Pull => c.pull,
+            Need::Resolve => c.resolve,
+            Need::Push => c.push,
+        }
+    }
 }
 
 /// A manifest as the registry sent it.
@@ -109,24 +167,26 @@ impl Read for Blob {
 struct Scope {
     host: String,
     registry: String,
+    origin: String,
     scopes: Vec<String>,
 }
 
 impl Scope {
-    fn new(repo: &Repository, scopes: Vec<String>) -> Scope {
+    fn new(ep: &Endpoint, scopes: Vec<String>) -> Scope {
         Scope {
-            host: repo.host().to_string(),
-            registry: repo.registry().to_string(),
+            host: ep.authority.clone(),
+            registry: ep.creds_key.clone(),
+            origin: ep.origin.clone(),
             scopes,
         }
     }
 
-    fn pull(repo: &Repository) -> Scope {
-        Scope::new(repo, vec![format!("repository:{}:pull", repo.name())])
+    fn pull(ep: &Endpoint, repo: &Repository) -> Scope {
+        Scope::new(ep, vec![format!("repository:{}:pull", repo.name())])
     }
 
-    fn push(repo: &Repository) -> Scope {
-        Scope::new(repo, vec![format!("repository:{}:pull,push", repo.name())])
+    fn push(ep: &Endpoint, repo: &Repository) -> Scope {
+        Scope::new(ep, vec![format!("repository:{}:pull,push", repo.name())])
     }
 
     fn key(&self) -> String {
@@ -142,23 +202,160 @@ enum ReqBody<'a> {
 }
 
 impl Client {
-    /// A client; reads the docker config file now.
+    /// A client; reads the docker config file now (hosts.toml files later, per registry).
     pub fn new(options: ClientOptions) -> Result<Client> {
-        let t = Some(options.timeout);
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_connect(t)
-            .timeout_per_read(t)
-            .timeout_per_write(t)
-            .user_agent(concat!("dedup-snapshotter-registry/", env!("CARGO_PKG_VERSION")))
-            .build();
+        let agent = new_agent(&options, None)?;
         Ok(Client {
-            agent: ureq::Agent::new_with_config(config),
-            plain_http: options.plain_http,
+            agent,
             creds: DockerConfig::load(options.docker_config.as_deref())?,
             auth: Mutex::new(AuthCache::default()),
             retries: options.retries,
+            options,
+            hosts: Mutex::new(HashMap::new()),
+            down: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The hosts to try for `repo`'s registry, in order; read from its hosts.toml on first use. A
+    /// configuration with errors is logged with its file and line, and the registry is reached
+    /// as if it had none.
+    fn endpoints(&self, repo: &Repository) -> Arc<Vec<Endpoint>> {
+        let registry = repo.registry();
+        if let Some(e) = self.hosts.lock().unwrap_or_else(|e| e.into_inner()).get(registry) {
+            return e.clone();
+        }
+        let configured = match &self.options.hosts_dir {
+            None => Ok(None),
+            Some(dir) => hosts::load(dir, registry).and_then(|c| c.map(|c| self.build_endpoints(repo, c)).transpose()),
+        };
+        let endpoints = match configured {
+            Ok(Some(e)) => e,
+            Ok(None) => vec![self.default_endpoint(repo)],
+            Err(e) => {
+                warn!(registry, error = %e, "registry host configuration not used: reaching the registry with the defaults");
+                vec![self.default_endpoint(repo)]
+            }
+        };
+        let endpoints = Arc::new(endpoints);
+        self.hosts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(registry.to_string(), endpoints.clone());
+        endpoints
+    }
+
+    fn default_endpoint(&self, repo: &Repository) -> Endpoint {
+        let base = self.base(repo.host());
+        Endpoint {
+            api: format!("{base}/v2"),
+            origin: base,
+            authority: repo.host().to_string(),
+            creds_key: repo.registry().to_string(),
+            ns: None,
+            capabilities: Capabilities::ALL,
+            agent: self.agent.clone(),
+            headers: Vec::new(),
+        }
+    }
+
+    fn build_endpoints(&self, repo: &Repository, config: hosts::HostsConfig) -> Result<Vec<Endpoint>> {
+        let mut out = Vec::new();
+        let entries = config.mirrors.iter().chain(std::iter::once(&config.server));
+        for entry in entries {
+            let url = match &entry.url {
+                Some(u) => u.clone(),
+                None => Url::parse(&self.base(repo.host()))
+                    .map_err(|e| Error::invalid("registry URL", repo.host(), e.to_string()))?,
+            };
+            let authority = match url.port() {
+                Some(p) => format!("{}:{p}", url.host_str().unwrap_or("")),
+                None => url.host_str().unwrap_or("").to_string(),
+            };
+            let upstream = authority == repo.host() || authority == repo.registry();
+            let agent = if entry.custom_tls() || entry.dial_timeout.is_some() {
+                new_agent(&self.options, Some(entry)).map_err(|e| Error::HostsConfig {
+                    path: config.source.clone(),
+                    line: None,
+                    msg: format!("{url}: {e}"),
+                })?
+            } else {
+                self.agent.clone()
+            };
+            out.push(Endpoint {
+                origin: hosts::origin(&url),
+                api: entry.api_root(&url),
+                creds_key: if upstream {
+                    repo.registry().to_string()
+                } else {
+                    authority.clone()
+                },
+                ns: (!upstream).then(|| repo.registry().to_string()),
+                authority,
+                capabilities: entry.capabilities,
+                agent,
+                headers: entry.headers.clone(),
+            });
+        }
+        debug!(
+            registry = repo.registry(),
+            source = %config.source.display(),
+            hosts = ?out.iter().map(|e| e.api.as_str()).collect::<Vec<_>>(),
+            "registry hosts"
+        );
+        Ok(out)
+    }
+
+    /// Runs `op` against each host allowed to do `need`, in order, until one succeeds; the last host's
+    /// error is returned. Pushes use the first host that may push, only: an upload session lives on
+    /// one host.
+    fn each<T>(&self, repo: &Repository, need: Need, mut op: impl FnMut(&Endpoint) -> Result<T>) -> Result<T> {
+        let endpoints = self.endpoints(repo);
+        let mut candidates: Vec<&Endpoint> = endpoints.iter().filter(|e| need.allowed(e.capabilities)).collect();
+        if need == Need::Push {
+            candidates.truncate(1);
+        }
+        if candidates.is_empty() {
+            return Err(Error::HostsConfig {
+                path: self.options.hosts_dir.clone().unwrap_or_default(),
+                line: None,
+                msg: format!("no host of {} has the {need:?} capability", repo.registry()),
+            });
+        }
+        let last = candidates.len() - 1;
+        for (i, ep) in candidates.into_iter().enumerate() {
+            if i < last && self.is_down(&ep.origin) {
+                debug!(host = %ep.origin, "passed over: unreachable a moment ago");
+                continue;
+            }
+            match op(ep) {
+                Ok(v) => return Ok(v),
+                Err(e) if i == last => return Err(e),
+                Err(e) => {
+                    if matches!(e, Error::Transport { .. }) {
+                        warn!(host = %ep.origin, error = %e, "registry host unreachable: trying the next one");
+                        self.down
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(ep.origin.clone(), Instant::now() + DOWN_FOR);
+                    } else {
+                        debug!(host = %ep.origin, error = %e, "trying the next registry host");
+                    }
+                }
+            }
+        }
+        unreachable!("the last candidate returns")
+    }
+
+    fn is_down(&self, origin: &str) -> bool {
+        let mut down = self.down.lock().unwrap_or_else(|e| e.into_inner());
+        match down.get(origin) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                down.remove(origin);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Fetches a manifest (or index) by tag or digest.
@@ -166,11 +363,22 @@ impl Client {
     /// Fetched by digest, the content is verified against it; by tag, against `Docker-Content-Digest` when
     /// the registry sends it. The returned digest is that of the bytes.
     pub fn get_manifest(&self, reference: &Reference) -> Result<RawManifest> {
-        let url = self.url(reference.repo(), &format!("manifests/{}", reference.locator()))?;
+        // A tag means whatever the host says: only hosts trusted to resolve are asked.
+        let need = if reference.digest().is_some() {
+            Need::Pull
+        } else {
+            Need::Resolve
+        };
+        self.each(reference.repo(), need, |ep| self.get_manifest_from(ep, reference))
+    }
+
+    fn get_manifest_from(&self, ep: &Endpoint, reference: &Reference) -> Result<RawManifest> {
+        let url = self.url(ep, reference.repo(), &format!("manifests/{}", reference.locator()))?;
         let request = describe(&Method::GET, &url);
         let accept = MANIFEST_ACCEPT.join(", ");
-        let scope = Scope::pull(reference.repo());
+        let scope = Scope::pull(ep, reference.repo());
         let resp = self.send(
+            ep,
             Method::GET,
             &url,
             Some(&scope),
@@ -218,7 +426,13 @@ impl Client {
     ///
     /// Every blob and manifest it refers to must already be in the repository.
     pub fn put_manifest(&self, reference: &Reference, media_type: &str, bytes: &[u8]) -> Result<String> {
-        let url = self.url(reference.repo(), &format!("manifests/{}", reference.locator()))?;
+        self.each(reference.repo(), Need::Push, |ep| {
+            self.put_manifest_to(ep, reference, media_type, bytes)
+        })
+    }
+
+    fn put_manifest_to(&self, ep: &Endpoint, reference: &Reference, media_type: &str, bytes: &[u8]) -> Result<String> {
+        let url = self.url(ep, reference.repo(), &format!("manifests/{}", reference.locator()))?;
         let request = describe(&Method::PUT, &url);
         let digest = match reference.digest() {
             Some(d) => {
@@ -227,9 +441,17 @@ impl Client {
             }
             None => sha256_digest(bytes),
         };
-        let scope = Scope::push(reference.repo());
+        let scope = Scope::push(ep, reference.repo());
         let headers = [("Content-Type", media_type)];
-        let resp = self.send(Method::PUT, &url, Some(&scope), &headers, ReqBody::Bytes(bytes), true)?;
+        let resp = self.send(
+            ep,
+            Method::PUT,
+            &url,
+            Some(&scope),
+            &headers,
+            ReqBody::Bytes(bytes),
+            true,
+        )?;
         let resp = expect(&request, resp, &[200, 201, 202, 204])?;
         // A registry that rewrote the manifest would store something else than the caller's bytes.
         if let Some(theirs) = header(&resp, "docker-content-digest") {
@@ -247,9 +469,14 @@ impl Client {
     /// Streams a blob; see [`Blob`] for when its digest is checked.
     pub fn get_blob(&self, repo: &Repository, digest: &str) -> Result<Blob> {
         validate_digest(digest)?;
-        let url = self.url(repo, &format!("blobs/{digest}"))?;
+        self.each(repo, Need::Pull, |ep| self.get_blob_from(ep, repo, digest))
+    }
+
+    fn get_blob_from(&self, ep: &Endpoint, repo: &Repository, digest: &str) -> Result<Blob> {
+        let url = self.url(ep, repo, &format!("blobs/{digest}"))?;
         let request = describe(&Method::GET, &url);
-        let resp = self.send(Method::GET, &url, Some(&Scope::pull(repo)), &[], ReqBody::Empty, true)?;
+        let scope = Scope::pull(ep, repo);
+        let resp = self.send(ep, Method::GET, &url, Some(&scope), &[], ReqBody::Empty, true)?;
         let resp = expect(&request, resp, &[200])?;
         let size = header(&resp, "content-length").and_then(|l| l.parse().ok());
         let reader = resp.into_body().into_reader();
@@ -271,13 +498,28 @@ impl Client {
         let last = offset
             .checked_add(len - 1)
             .ok_or_else(|| Error::invalid("range", &format!("{offset}+{len}"), "overflows"))?;
-        let url = self.url(repo, &format!("blobs/{digest}"))?;
+        self.each(repo, Need::Pull, |ep| {
+            self.get_range_from(ep, repo, digest, offset, len, last)
+        })
+    }
+
+    fn get_range_from(
+        &self,
+        ep: &Endpoint,
+        repo: &Repository,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        last: u64,
+    ) -> Result<Vec<u8>> {
+        let url = self.url(ep, repo, &format!("blobs/{digest}"))?;
         let request = format!("{} bytes={offset}-{last}", describe(&Method::GET, &url));
         let range = format!("bytes={offset}-{last}");
         let resp = self.send(
+            ep,
             Method::GET,
             &url,
-            Some(&Scope::pull(repo)),
+            Some(&Scope::pull(ep, repo)),
             &[("Range", &range)],
             ReqBody::Empty,
             true,
@@ -316,7 +558,10 @@ impl Client {
 
     /// The blob's size if the repository has it, `None` if not (a HEAD request).
     pub fn blob_exists(&self, repo: &Repository, digest: &str) -> Result<Option<u64>> {
-        self.head_blob(repo, digest, &Scope::pull(repo))
+        validate_digest(digest)?;
+        self.each(repo, Need::Pull, |ep| {
+            self.head_blob(ep, repo, digest, &Scope::pull(ep, repo))
+        })
     }
 
     /// Uploads a blob of `size` bytes read from `reader`, unless the repository has it already.
@@ -325,15 +570,19 @@ impl Client {
     /// body is streamed in one PUT, so this is not retried: the caller can, with a fresh reader.
     pub fn push_blob(&self, repo: &Repository, digest: &str, size: u64, reader: impl Read) -> Result<BlobPush> {
         validate_digest(digest)?;
-        let scope = Scope::push(repo);
-        if self.head_blob(repo, digest, &scope)?.is_some() {
-            return Ok(BlobPush::Existed);
-        }
-        let session = self
-            .start_upload(repo, &scope, None)?
-            .expect("only mounts complete at once");
-        self.upload(&scope, session, digest, size, reader)?;
-        Ok(BlobPush::Uploaded)
+        let mut reader = Some(reader);
+        self.each(repo, Need::Push, |ep| {
+            let scope = Scope::push(ep, repo);
+            if self.head_blob(ep, repo, digest, &scope)?.is_some() {
+                return Ok(BlobPush::Existed);
+            }
+            let session = self
+                .start_upload(ep, repo, &scope, None)?
+                .expect("only mounts complete at once");
+            let reader = reader.take().expect("pushes go to one host");
+            self.upload(ep, &scope, session, digest, size, reader)?;
+            Ok(BlobPush::Uploaded)
+        })
     }
 
     /// Asks the registry to link a blob from another repository of the same registry (no data moves).
@@ -341,16 +590,18 @@ impl Client {
     /// `false` when it would not (the source lacks the blob, or the registry does not mount): then push
     /// it with [`Client::push_blob`], or use [`Client::mount_or_push_blob`] which does both.
     pub fn mount_blob(&self, repo: &Repository, from: &Repository, digest: &str) -> Result<bool> {
-        let scope = mount_scope(repo, from)?;
         validate_digest(digest)?;
-        match self.start_upload(repo, &scope, Some((digest, from)))? {
-            None => Ok(true),
-            Some(session) => {
-                // The registry opened a plain upload instead; nothing will be sent to it.
-                self.cancel_upload(&scope, session);
-                Ok(false)
+        self.each(repo, Need::Push, |ep| {
+            let scope = mount_scope(ep, repo, from)?;
+            match self.start_upload(ep, repo, &scope, Some((digest, from)))? {
+                None => Ok(true),
+                Some(session) => {
+                    // The registry opened a plain upload instead; nothing will be sent to it.
+                    self.cancel_upload(ep, &scope, session);
+                    Ok(false)
+                }
             }
-        }
+        })
     }
 
     /// Puts a blob into `repo` the cheapest way: nothing if it is there, a mount from `from` if the
@@ -363,25 +614,28 @@ impl Client {
         size: u64,
         reader: impl Read,
     ) -> Result<BlobPush> {
-        let scope = mount_scope(repo, from)?;
         validate_digest(digest)?;
-        if self.head_blob(repo, digest, &scope)?.is_some() {
-            return Ok(BlobPush::Existed);
-        }
-        match self.start_upload(repo, &scope, Some((digest, from)))? {
-            None => Ok(BlobPush::Mounted),
-            Some(session) => {
-                self.upload(&scope, session, digest, size, reader)?;
-                Ok(BlobPush::Uploaded)
+        let mut reader = Some(reader);
+        self.each(repo, Need::Push, |ep| {
+            let scope = mount_scope(ep, repo, from)?;
+            if self.head_blob(ep, repo, digest, &scope)?.is_some() {
+                return Ok(BlobPush::Existed);
             }
-        }
+            match self.start_upload(ep, repo, &scope, Some((digest, from)))? {
+                None => Ok(BlobPush::Mounted),
+                Some(session) => {
+                    let reader = reader.take().expect("pushes go to one host");
+                    self.upload(ep, &scope, session, digest, size, reader)?;
+                    Ok(BlobPush::Uploaded)
+                }
+            }
+        })
     }
 
-    fn head_blob(&self, repo: &Repository, digest: &str, scope: &Scope) -> Result<Option<u64>> {
-        validate_digest(digest)?;
-        let url = self.url(repo, &format!("blobs/{digest}"))?;
+    fn head_blob(&self, ep: &Endpoint, repo: &Repository, digest: &str, scope: &Scope) -> Result<Option<u64>> {
+        let url = self.url(ep, repo, &format!("blobs/{digest}"))?;
         let request = describe(&Method::HEAD, &url);
-        let resp = self.send(Method::HEAD, &url, Some(scope), &[], ReqBody::Empty, true)?;
+        let resp = self.send(ep, Method::HEAD, &url, Some(scope), &[], ReqBody::Empty, true)?;
         match resp.status().as_u16() {
             200 => header(&resp, "content-length")
                 .and_then(|l| l.parse().ok())
@@ -395,11 +649,12 @@ impl Client {
     /// POSTs to the uploads endpoint: `None` when a mount completed, else the upload session's URL.
     fn start_upload(
         &self,
+        ep: &Endpoint,
         repo: &Repository,
         scope: &Scope,
         mount: Option<(&str, &Repository)>,
     ) -> Result<Option<Url>> {
-        let mut url = self.url(repo, "blobs/uploads/")?;
+        let mut url = self.url(ep, repo, "blobs/uploads/")?;
         if let Some((digest, from)) = mount {
             url.query_pairs_mut()
                 .append_pair("mount", digest)
@@ -407,7 +662,7 @@ impl Client {
         }
         let request = describe(&Method::POST, &url);
         // Retrying the POST is safe: an abandoned upload session is only garbage on the registry.
-        let resp = self.send(Method::POST, &url, Some(scope), &[], ReqBody::Bytes(&[]), true)?;
+        let resp = self.send(ep, Method::POST, &url, Some(scope), &[], ReqBody::Bytes(&[]), true)?;
         match resp.status().as_u16() {
             201 if mount.is_some() => Ok(None),
             202 => {
@@ -423,7 +678,15 @@ impl Client {
     }
 
     /// Completes an upload session with one PUT carrying the whole blob.
-    fn upload(&self, scope: &Scope, session: Url, digest: &str, size: u64, reader: impl Read) -> Result<()> {
+    fn upload(
+        &self,
+        ep: &Endpoint,
+        scope: &Scope,
+        session: Url,
+        digest: &str,
+        size: u64,
+        reader: impl Read,
+    ) -> Result<()> {
         let mut url = session.clone();
         // Appends to the session's own query (`_state=...`), which must be sent back as it came.
         url.query_pairs_mut().append_pair("digest", digest);
@@ -431,6 +694,7 @@ impl Client {
         let mut src = UploadReader::new(reader, Hasher::for_digest(digest)?, size);
         let headers = [("Content-Type", "application/octet-stream")];
         let result = self.send(
+            ep,
             Method::PUT,
             &url,
             Some(scope),
@@ -461,27 +725,32 @@ impl Client {
             (None, Ok(resp)) => expect(&request, resp, &[201, 204]).map(drop),
         };
         if result.is_err() {
-            self.cancel_upload(scope, session);
+            self.cancel_upload(ep, scope, session);
         }
         result
     }
 
     /// Best effort: a session left open only costs the registry some storage until its GC.
-    fn cancel_upload(&self, scope: &Scope, session: Url) {
-        match self.send(Method::DELETE, &session, Some(scope), &[], ReqBody::Empty, false) {
+    fn cancel_upload(&self, ep: &Endpoint, scope: &Scope, session: Url) {
+        match self.send(ep, Method::DELETE, &session, Some(scope), &[], ReqBody::Empty, false) {
             Ok(resp) => debug!(status = resp.status().as_u16(), "cancelled upload session"),
             Err(e) => debug!(error = %e, "cancelling upload session failed"),
         }
     }
 
-    fn url(&self, repo: &Repository, path: &str) -> Result<Url> {
-        let s = format!("{}/v2/{}/{}", self.base(repo.host()), repo.name(), path);
-        Url::parse(&s).map_err(|e| Error::invalid("registry URL", &s, e.to_string()))
+    fn url(&self, ep: &Endpoint, repo: &Repository, path: &str) -> Result<Url> {
+        let s = format!("{}/{}/{}", ep.api, repo.name(), path);
+        let mut url = Url::parse(&s).map_err(|e| Error::invalid("registry URL", &s, e.to_string()))?;
+        if let Some(ns) = &ep.ns {
+            url.query_pairs_mut().append_pair("ns", ns);
+        }
+        Ok(url)
     }
 
     fn base(&self, host: &str) -> String {
         let bare = strip_port(host);
         let plain = self
+            .options
             .plain_http
             .iter()
             .any(|h| h.eq_ignore_ascii_case(host) || h.eq_ignore_ascii_case(bare));
@@ -495,8 +764,10 @@ impl Client {
     /// Sends a request, retrying transient failures when `retry` is set and the body can be sent again,
     /// and answering one authentication challenge. Returns any response that is not retried, error
     /// statuses included: callers decide which statuses they expect.
+    #[allow(clippy::too_many_arguments)]
     fn send(
         &self,
+        ep: &Endpoint,
         method: Method,
         url: &Url,
         scope: Option<&Scope>,
@@ -508,31 +779,40 @@ impl Client {
         let replayable = !matches!(body, ReqBody::Stream(..));
         let attempts = if retry && replayable { self.retries + 1 } else { 1 };
         // Credentials go only to the registry itself, not to wherever a Location header points.
-        let scope = scope.filter(|s| same_origin(url, &self.base(&s.host)));
+        let scope = scope.filter(|s| same_origin(url, &s.origin));
+        // hosts.toml's headers are for the host, not for token endpoints or redirect targets.
+        let host_headers = if same_origin(url, &ep.origin) {
+            ep.headers.as_slice()
+        } else {
+            &[]
+        };
         let mut attempt = 0;
         let mut challenged = false;
         loop {
             attempt += 1;
             let authorization = match scope {
-                Some(s) => self.authorization(s)?,
+                Some(s) => self.authorization(ep, s)?,
                 None => None,
             };
             let mut builder = http::Request::builder().method(method.clone()).uri(url.as_str());
             for (k, v) in headers {
                 builder = builder.header(*k, *v);
             }
+            for (k, v) in host_headers {
+                builder = builder.header(k.as_str(), v.as_str());
+            }
             if let Some(a) = &authorization {
                 builder = builder.header("Authorization", a);
             }
             let built = |e: http::Error| Error::protocol(&request, format!("cannot build request: {e}"));
             let result = match &mut body {
-                ReqBody::Empty => self.agent.run(builder.body(()).map_err(built)?),
-                ReqBody::Bytes(bytes) => self.agent.run(builder.body(*bytes).map_err(built)?),
+                ReqBody::Empty => ep.agent.run(builder.body(()).map_err(built)?),
+                ReqBody::Bytes(bytes) => ep.agent.run(builder.body(*bytes).map_err(built)?),
                 ReqBody::Stream(reader, len) => {
                     let req = builder
                         .header("Content-Length", *len)
                         .body(SendBody::from_reader(*reader));
-                    self.agent.run(req.map_err(built)?)
+                    ep.agent.run(req.map_err(built)?)
                 }
             };
             let resp = match result {
@@ -555,7 +835,7 @@ impl Client {
             if status == 401 && !challenged {
                 if let Some(s) = scope {
                     challenged = true;
-                    if self.on_challenge(s, &resp, authorization.as_deref())? && replayable {
+                    if self.on_challenge(ep, s, &resp, authorization.as_deref())? && replayable {
                         // Not a retry of a failure: the first try is expected to be refused.
                         attempt -= 1;
                         continue;
@@ -576,23 +856,29 @@ impl Client {
     ///
     /// Sending it up front saves the 401 round trip, and is what makes streamed uploads work at all: their
     /// body cannot be sent a second time after a challenge.
-    fn authorization(&self, scope: &Scope) -> Result<Option<String>> {
+    fn authorization(&self, ep: &Endpoint, scope: &Scope) -> Result<Option<String>> {
         let host_auth = self.auth_cache().hosts.get(&scope.host).cloned();
         match host_auth {
             None => Ok(None),
-            Some(HostAuth::Basic) => Ok(self.creds.lookup(&scope.registry).map(|c| c.basic_header())),
+            Some(HostAuth::Basic) => Ok(self.creds.lookup(&scope.registry)?.and_then(|c| c.basic_header())),
             Some(HostAuth::Bearer { realm, service }) => {
                 if let Some(token) = self.auth_cache().token(&scope.host, &scope.key()) {
                     return Ok(Some(format!("Bearer {token}")));
                 }
-                let token = self.fetch_token(scope, &realm, service.as_deref(), None)?;
+                let token = self.fetch_token(ep, scope, &realm, service.as_deref(), None)?;
                 Ok(Some(format!("Bearer {token}")))
             }
         }
     }
 
     /// Learns from a 401's challenge; true if sending the request again with new credentials can help.
-    fn on_challenge(&self, scope: &Scope, resp: &Response<ureq::Body>, sent: Option<&str>) -> Result<bool> {
+    fn on_challenge(
+        &self,
+        ep: &Endpoint,
+        scope: &Scope,
+        resp: &Response<ureq::Body>,
+        sent: Option<&str>,
+    ) -> Result<bool> {
         let challenges: Vec<Challenge> = resp
             .headers()
             .get_all("www-authenticate")
@@ -618,6 +904,7 @@ impl Client {
                 cache.tokens.remove(&(scope.host.clone(), scope.key()));
             }
             self.fetch_token(
+                ep,
                 scope,
                 realm,
                 service.as_deref(),
@@ -627,7 +914,8 @@ impl Client {
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
             let already_sent = sent.is_some_and(|s| s.starts_with("Basic "));
-            if already_sent || self.creds.lookup(&scope.registry).is_none() {
+            let basic = self.creds.lookup(&scope.registry)?.and_then(|c| c.basic_header());
+            if already_sent || basic.is_none() {
                 return Ok(false);
             }
             self.auth_cache().hosts.insert(scope.host.clone(), HostAuth::Basic);
@@ -637,29 +925,66 @@ impl Client {
     }
 
     /// Gets a bearer token for `scope` (plus the challenge's own scope) and caches it.
-    fn fetch_token(&self, scope: &Scope, realm: &str, service: Option<&str>, extra: Option<&str>) -> Result<String> {
+    ///
+    /// With an identity token this is the OAuth2 refresh-token grant (a form POST, as the distribution
+    /// token spec has it); otherwise a GET, with Basic credentials when there are some.
+    fn fetch_token(
+        &self,
+        ep: &Endpoint,
+        scope: &Scope,
+        realm: &str,
+        service: Option<&str>,
+        extra: Option<&str>,
+    ) -> Result<String> {
         let mut url = Url::parse(realm)
             .map_err(|e| Error::protocol(&format!("token realm {realm:?}"), format!("bad URL: {e}")))?;
-        {
-            let mut query = url.query_pairs_mut();
+        let mut scopes: Vec<&str> = scope.scopes.iter().map(String::as_str).collect();
+        if let Some(extra) = extra.filter(|e| !scopes.contains(e)) {
+            scopes.push(extra);
+        }
+        let creds = self.creds.lookup(&scope.registry)?;
+        let (request, resp) = if let Some(Credentials::IdentityToken(refresh)) = &creds {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "refresh_token")
+                .append_pair("refresh_token", refresh)
+                .append_pair("client_id", "dedup-snapshotter");
             if let Some(service) = service {
-                query.append_pair("service", service);
+                form.append_pair("service", service);
             }
-            for s in &scope.scopes {
-                query.append_pair("scope", s);
+            // The spec's form takes the scopes space-separated in one field.
+            form.append_pair("scope", &scopes.join(" "));
+            let form = form.finish();
+            let headers = [("Content-Type", "application/x-www-form-urlencoded")];
+            let request = describe(&Method::POST, &url);
+            let resp = self.send(
+                ep,
+                Method::POST,
+                &url,
+                None,
+                &headers,
+                ReqBody::Bytes(form.as_bytes()),
+                true,
+            )?;
+            (request.clone(), expect(&request, resp, &[200])?)
+        } else {
+            {
+                let mut query = url.query_pairs_mut();
+                if let Some(service) = service {
+                    query.append_pair("service", service);
+                }
+                for s in &scopes {
+                    query.append_pair("scope", s);
+                }
             }
-            if let Some(extra) = extra.filter(|e| !scope.scopes.iter().any(|s| s == e)) {
-                query.append_pair("scope", extra);
+            let basic = creds.and_then(|c| c.basic_header());
+            let mut headers = Vec::new();
+            if let Some(b) = &basic {
+                headers.push(("Authorization", b.as_str()));
             }
-        }
-        let request = describe(&Method::GET, &url);
-        let basic = self.creds.lookup(&scope.registry).map(|c| c.basic_header());
-        let mut headers = Vec::new();
-        if let Some(b) = &basic {
-            headers.push(("Authorization", b.as_str()));
-        }
-        let resp = self.send(Method::GET, &url, None, &headers, ReqBody::Empty, true)?;
-        let resp = expect(&request, resp, &[200])?;
+            let request = describe(&Method::GET, &url);
+            let resp = self.send(ep, Method::GET, &url, None, &headers, ReqBody::Empty, true)?;
+            (request.clone(), expect(&request, resp, &[200])?)
+        };
         let body = read_body(&request, resp, MAX_SMALL_BODY)?;
         let token = serde_json::from_slice::<TokenResponse>(&body)
             .ok()
@@ -674,7 +999,7 @@ impl Client {
     }
 }
 
-fn mount_scope(repo: &Repository, from: &Repository) -> Result<Scope> {
+fn mount_scope(ep: &Endpoint, repo: &Repository, from: &Repository) -> Result<Scope> {
     if repo.registry() != from.registry() {
         return Err(Error::invalid(
             "mount source",
@@ -682,7 +1007,7 @@ fn mount_scope(repo: &Repository, from: &Repository) -> Result<Scope> {
             format!("not on {}", repo.registry()),
         ));
     }
-    let mut scope = Scope::push(repo);
+    let mut scope = Scope::push(ep, repo);
     scope.scopes.push(format!("repository:{}:pull", from.name()));
     Ok(scope)
 }
@@ -838,6 +1163,66 @@ fn backoff(attempt: u32) -> Duration {
 fn retry_after(resp: &Response<ureq::Body>) -> Option<Duration> {
     let secs: u64 = header(resp, "retry-after")?.parse().ok()?;
     Some(Duration::from_secs(secs.min(30)))
+}
+
+/// An agent for `options`, with `host`'s TLS settings, connect timeout and proxy when given.
+///
+/// Servers are verified against the system's trust roots (plus the host's CAs): what the machine's
+/// administrator installed is what a registry behind a corporate CA needs.
+fn new_agent(options: &ClientOptions, host: Option<&HostEntry>) -> Result<ureq::Agent> {
+    use ureq::tls::{ClientCert, RootCerts, TlsConfig};
+    let t = Some(options.timeout);
+    let connect = host
+        .and_then(|h| h.dial_timeout)
+        .unwrap_or(options.connect_timeout)
+        .min(options.timeout);
+    let mut roots: Vec<ureq::tls::Certificate<'static>> = system_roots().to_vec();
+    let mut tls = TlsConfig::builder();
+    if let Some(h) = host {
+        roots.extend(h.ca.iter().cloned());
+        if let Some(id) = &h.client {
+            tls = tls.client_cert(Some(ClientCert::new_with_certs(&id.chain, id.key.to_owned())));
+        }
+        tls = tls.disable_verification(h.skip_verify);
+    }
+    // A machine without a CA bundle still reaches public registries, through Mozilla's roots.
+    let roots = if roots.is_empty() {
+        RootCerts::WebPki
+    } else {
+        RootCerts::Specific(Arc::new(roots))
+    };
+    let mut config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(connect))
+        .timeout_per_read(t)
+        .timeout_per_write(t)
+        .tls_config(tls.root_certs(roots).build())
+        .user_agent(concat!("dedup-snapshotter-registry/", env!("CARGO_PKG_VERSION")));
+    if let Some(proxy) = host.and_then(|h| h.proxy.as_deref()) {
+        let proxy = ureq::Proxy::new(proxy).map_err(|e| Error::invalid("proxy", proxy, e.to_string()))?;
+        config = config.proxy(Some(proxy));
+    }
+    Ok(ureq::Agent::new_with_config(config.build()))
+}
+
+/// The system's trust roots (`SSL_CERT_FILE`/`SSL_CERT_DIR`, else the distribution's bundle), read
+/// once per process; empty when there are none.
+fn system_roots() -> &'static [ureq::tls::Certificate<'static>] {
+    static ROOTS: OnceLock<Vec<ureq::tls::Certificate<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            debug!(error = %e, "reading the system's trust roots");
+        }
+        if found.certs.is_empty() {
+            warn!("no system trust roots found: using the compiled-in Mozilla roots");
+        }
+        found
+            .certs
+            .iter()
+            .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+            .collect()
+    })
 }
 
 #[cfg(test)]

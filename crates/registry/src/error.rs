@@ -24,8 +24,10 @@ pub enum ErrorKind {
     Protocol,
     /// A reference, repository name or digest given by the caller is malformed.
     InvalidInput,
-    /// The docker config file is unreadable or malformed.
+    /// The docker config file is unreadable or malformed, or its credential helper failed.
     Config,
+    /// A `hosts.toml` (or a certificate file it names) is unreadable or malformed.
+    HostsConfig,
 }
 
 /// One entry of the `errors` array a registry sends with an error status.
@@ -89,6 +91,20 @@ pub enum Error {
     /// The docker config file could not be used.
     #[error("docker config {}: {msg}", path.display())]
     Config { path: PathBuf, msg: String },
+    /// A docker credential helper failed (not: it had no credentials for the registry).
+    #[error("credential helper docker-credential-{helper} for {server}: {msg}")]
+    CredentialHelper {
+        helper: String,
+        server: String,
+        msg: String,
+    },
+    /// A registry's host configuration could not be used; `line` is where in the file, when known.
+    #[error("{}{}: {msg}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    HostsConfig {
+        path: PathBuf,
+        line: Option<usize>,
+        msg: String,
+    },
 }
 
 /// Shorthand for results of this crate.
@@ -106,7 +122,8 @@ impl Error {
             Error::Transport { .. } | Error::Io { .. } => ErrorKind::Io,
             Error::Protocol { .. } => ErrorKind::Protocol,
             Error::InvalidInput { .. } => ErrorKind::InvalidInput,
-            Error::Config { .. } => ErrorKind::Config,
+            Error::Config { .. } | Error::CredentialHelper { .. } => ErrorKind::Config,
+            Error::HostsConfig { .. } => ErrorKind::HostsConfig,
         }
     }
 

@@ -28,6 +28,7 @@ mod auth;
 mod client;
 mod digest;
 mod error;
+pub mod hosts;
 mod manifest;
 mod reference;
 

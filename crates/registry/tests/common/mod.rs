@@ -30,7 +30,16 @@ impl Registry {
         Registry::start_with(Some((user, password)))
     }
 
+    /// Serving HTTPS with this certificate and key (PEM files).
+    pub fn start_tls(cert: &Path, key: &Path) -> Registry {
+        Registry::start_full(None, Some((cert, key)))
+    }
+
     fn start_with(htpasswd: Option<(&str, &str)>) -> Registry {
+        Registry::start_full(htpasswd, None)
+    }
+
+    fn start_full(htpasswd: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Registry {
         let bin = which("docker-registry").unwrap_or_else(|| {
             panic!("docker-registry is not installed: apt-get install -y docker-registry (the registry tests need it)")
         });
@@ -54,12 +63,20 @@ impl Registry {
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
             let addr = format!("127.0.0.1:{port}");
+            let tls_conf = match tls {
+                Some((cert, key)) => format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    cert.display(),
+                    key.display()
+                ),
+                None => String::new(),
+            };
             let config = dir.path().join("config.yml");
             std::fs::write(
                 &config,
                 format!(
                     "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    \
-                     rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth}",
+                     rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{tls_conf}{auth}",
                     storage.display()
                 ),
             )
@@ -78,7 +95,7 @@ impl Registry {
                 if child.try_wait().unwrap().is_some() {
                     break;
                 }
-                if answers_http(&addr) {
+                if answers_http(&addr) || (tls.is_some() && answers_tcp(&addr)) {
                     return Registry { addr, dir, child };
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -123,6 +140,11 @@ fn which(name: &str) -> Option<PathBuf> {
         .chain(["/usr/bin", "/usr/sbin"])
         .map(|d| Path::new(d).join(name))
         .find(|p| p.is_file())
+}
+
+/// Whether something accepts connections at `addr` (a TLS server does not answer plain HTTP).
+fn answers_tcp(addr: &str) -> bool {
+    TcpStream::connect(addr).is_ok()
 }
 
 /// Whether something at `addr` answers `GET /v2/` with an HTTP status line (401 counts).
