@@ -61,6 +61,9 @@ declare -A PKG_FILE=(
     [openssl]=/usr/bin/openssl
     # containerd-client's build script compiles containerd's protos with protoc
     [protobuf-compiler]=/usr/bin/protoc
+    # the Debian package's test (scripts/package.sh runs dpkg-shlibdeps) and the units' (systemd-analyze verify)
+    [dpkg-dev]=/usr/bin/dpkg-shlibdeps
+    [systemd]=/usr/bin/systemd-analyze
 )
 missing=()
 for pkg in "${!PKG_FILE[@]}"; do
