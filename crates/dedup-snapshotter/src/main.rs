@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 mod inspect;
 mod lazy;
 mod logging;
+mod metrics;
 mod pull;
 mod record;
 mod serve;
@@ -93,6 +94,9 @@ enum Command {
         /// The fetch daemon's (dedupd) control socket: lazy pulls of converted images.
         #[arg(long)]
         fetch_socket: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDRESS/metrics, e.g. 127.0.0.1:9101 (config `metrics_address`).
+        #[arg(long, value_name = "ADDRESS")]
+        metrics_address: Option<String>,
         /// containerd's registry host configuration directory (hosts.toml per registry; default
         /// /etc/containerd/certs.d), for the manifests of lazy layers.
         #[arg(long)]
@@ -298,6 +302,7 @@ fn run(cli: Cli) -> Result<()> {
             chunk_size,
             fetch_socket,
             hosts_dir,
+            metrics_address,
             config,
         } => {
             let mut cfg = match config {
@@ -315,6 +320,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             cfg.chunk_size = chunk_size.or(cfg.chunk_size);
             cfg.fetch_socket = fetch_socket.or(cfg.fetch_socket);
+            cfg.metrics_address = metrics_address.or(cfg.metrics_address);
             cfg.hosts_dir = hosts_dir.or(cfg.hosts_dir);
             cfg.log_level = log_level.or(cfg.log_level);
             serve::serve(cfg)

@@ -50,6 +50,8 @@ pub struct Config {
     pub plain_http: Option<Vec<String>>,
     /// Docker config file with registry credentials (default $DOCKER_CONFIG, ~/.docker).
     pub docker_config: Option<PathBuf>,
+    /// `host:port` to serve Prometheus metrics on at `/metrics` (default: none).
+    pub metrics_address: Option<String>,
     /// containerd's registry host configuration directory (`DIR/<registry>/hosts.toml`:
     /// mirrors, CAs, client certificates; default /etc/containerd/certs.d).
     pub hosts_dir: Option<PathBuf>,
@@ -136,6 +138,15 @@ pub fn serve(cfg: Config) -> Result<()> {
     let differ =
         (!order.is_empty()).then(|| Arc::new(differ::Differ::new(order, &root, &containerd).with_store(store.clone())));
 
+    let metrics = match &cfg.metrics_address {
+        None => None,
+        Some(addr) => {
+            let m = Arc::new(crate::metrics::Metrics::new(store.clone(), cfg.fetch_socket.clone()));
+            m.serve(addr)?;
+            Some(m)
+        }
+    };
+
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let served = rt.block_on(async {
         let admin = match crate::stats::serve_admin(store.clone(), &root) {
@@ -156,6 +167,7 @@ pub fn serve(cfg: Config) -> Result<()> {
         let served = grpc_services::serve_with_differ(
             store.clone(),
             differ,
+            metrics.as_ref().map(|m| m.services.clone()),
             &address,
             cfg.socket_mode.unwrap_or(0o600),
             cfg.socket_gid,

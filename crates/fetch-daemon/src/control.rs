@@ -104,11 +104,7 @@ fn handle_http(daemon: &Daemon, conn: TcpStream) -> std::io::Result<()> {
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            daemon.render_metrics(),
-        ),
+        ("GET", "/metrics") => ("200 OK", crate::metrics::CONTENT_TYPE, daemon.render_metrics()),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (
             "405 Method Not Allowed",

@@ -532,7 +532,7 @@ impl Daemon {
                 size: b.spec.size,
             })
             .collect();
-        self.metrics.render(&gauges)
+        self.metrics.render(gauges)
     }
 
     /// `TraceStart`.
@@ -592,7 +592,7 @@ impl Daemon {
             match self.ensure_chunk(blob, i, deadline, Mode::Demand) {
                 Ok(ready) => missed |= !ready,
                 Err(e) => {
-                    Metrics::inc(&self.metrics.cache_misses);
+                    self.metrics.cache_misses.inc();
                     let (start, stop) = blob.spec.chunk_range(i);
                     let msg = format!("{e:?}");
                     warn!(digest = %blob.spec.digest, chunk = i, range = %format!("{start}-{stop}"), offset, len,
@@ -606,11 +606,11 @@ impl Daemon {
             error!(digest = %blob.spec.digest, offset, error = %e, "cannot read the cache file");
             e.to_string()
         })?;
-        Metrics::inc(if missed {
-            &self.metrics.cache_misses
+        if missed {
+            self.metrics.cache_misses.inc();
         } else {
-            &self.metrics.cache_hits
-        });
+            self.metrics.cache_hits.inc();
+        }
         Ok(buf)
     }
 
@@ -695,7 +695,7 @@ impl Daemon {
                     return Ok(false);
                 }
                 Ok(bytes) => {
-                    Metrics::inc(&self.metrics.verify_failures);
+                    self.metrics.verify_failures.inc();
                     blob.errors.fetch_add(1, Ordering::Relaxed);
                     error!(digest = %blob.spec.digest, chunk = i, range = %format!("{start}-{end}"),
                         expected = %expected, got = %sha256_hex(&bytes),
@@ -723,24 +723,24 @@ impl Daemon {
         let len = end - start;
         let _slot = self.slots.acquire(mode == Mode::Background);
         let began = Instant::now();
-        Metrics::inc(&self.metrics.fetches);
+        self.metrics.fetches.inc();
         let result = self.client.get_blob_range(&blob.repo, &blob.spec.digest, start, len);
         self.metrics.observe_fetch(began.elapsed());
         let bytes = match result {
             Ok(b) if b.len() as u64 == len => b,
             Ok(b) => {
-                self.metrics.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                self.metrics.fetched_bytes.inc_by(b.len() as u64);
                 blob.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                 return Err(self.fetch_failed(blob, i, format!("got {} bytes of {len}", b.len())));
             }
             Err(e) => return Err(self.fetch_failed(blob, i, e.to_string())),
         };
-        self.metrics.fetched_bytes.fetch_add(len, Ordering::Relaxed);
+        self.metrics.fetched_bytes.inc_by(len);
         blob.fetched_bytes.fetch_add(len, Ordering::Relaxed);
         let expected = &blob.spec.chunk_digests[i as usize];
         let got = sha256_hex(&bytes);
         if got != *expected {
-            Metrics::inc(&self.metrics.verify_failures);
+            self.metrics.verify_failures.inc();
             blob.errors.fetch_add(1, Ordering::Relaxed);
             error!(digest = %blob.spec.digest, chunk = i, range = %format!("{start}-{end}"), expected = %expected,
                 got = %got, "fetched chunk does not match its digest: discarded");
@@ -751,7 +751,7 @@ impl Daemon {
     }
 
     fn fetch_failed(&self, blob: &Blob, i: u64, msg: String) -> String {
-        Metrics::inc(&self.metrics.fetch_errors);
+        self.metrics.fetch_errors.inc();
         blob.errors.fetch_add(1, Ordering::Relaxed);
         let (start, end) = blob.spec.chunk_range(i);
         warn!(digest = %blob.spec.digest, chunk = i, range = %format!("{start}-{end}"), error = %msg, "chunk fetch failed");
@@ -934,7 +934,7 @@ fn verify_whole(blob: &Blob, metrics: &Metrics) {
         return;
     }
     if bad.is_empty() {
-        Metrics::inc(&metrics.verify_failures);
+        metrics.verify_failures.inc();
         blob.errors.fetch_add(1, Ordering::Relaxed);
         error!(digest = %blob.spec.digest, got = %got,
             "every chunk matches the chunk table but the blob does not match its digest: clearing its cache");
@@ -964,7 +964,7 @@ fn verify_whole(blob: &Blob, metrics: &Metrics) {
             confirmed += 1;
         }
         if confirmed > 0 {
-            Metrics::inc(&metrics.verify_failures);
+            metrics.verify_failures.inc();
             blob.errors.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -1,39 +1,45 @@
-//! Counters and the fetch-latency histogram, rendered in the Prometheus text format.
+//! dedupd's Prometheus metrics (`dedupd_*`), encoded with `prometheus-client` in the
+//! Prometheus text format (0.0.4) for `GET /metrics` and the control socket's `Metrics`.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Upper bounds (seconds) of the `dedupd_fetch_seconds` buckets: from a loopback hit to a slow WAN.
 const BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// The daemon-wide counters. Per-blob gauges are added at render time from the blobs themselves.
-#[derive(Default)]
+/// The daemon-wide counters; per-blob gauges are added at render time from the blobs themselves.
+///
+/// The handles are clones of what the registry holds: incrementing one moves the scraped value.
+#[derive(Debug)]
 pub struct Metrics {
     /// Bytes received from registries (verified or not).
-    pub fetched_bytes: AtomicU64,
+    pub fetched_bytes: Counter,
     /// Range requests sent (successful or not).
-    pub fetches: AtomicU64,
+    pub fetches: Counter,
     /// Range requests that failed (transport, HTTP status, short body).
-    pub fetch_errors: AtomicU64,
+    pub fetch_errors: Counter,
     /// Chunks whose bytes did not hash to their digest (fetched or cached), and whole-blob mismatches.
-    pub verify_failures: AtomicU64,
+    pub verify_failures: Counter,
     /// FUSE reads served without waiting for a fetch.
-    pub cache_hits: AtomicU64,
+    pub cache_hits: Counter,
     /// FUSE reads that needed a fetch (theirs or another's in flight).
-    pub cache_misses: AtomicU64,
-    histogram: Mutex<Histogram>,
-}
-
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+    pub cache_misses: Counter,
+    fetch_seconds: Histogram,
+    registry: Registry,
 }
 
 /// One blob's gauges.
+#[derive(Debug, Clone)]
 pub struct BlobGauges {
     /// `sha256:<hex>`.
     pub digest: String,
@@ -43,104 +49,78 @@ pub struct BlobGauges {
     pub size: u64,
 }
 
-impl Metrics {
-    /// Adds one to a counter.
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("dedupd");
+        let mut counter = |name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        // prometheus-client appends `_total` to counters.
+        let fetched_bytes = counter("fetched_bytes", "Bytes received from registries");
+        let fetches = counter("fetches", "Range requests sent to registries");
+        let fetch_errors = counter("fetch_errors", "Range requests that failed");
+        let verify_failures = counter(
+            "verify_failures",
+            "Chunks or blobs whose content did not match their digest",
+        );
+        let cache_hits = counter("cache_hits", "FUSE reads served from the cache alone");
+        let cache_misses = counter("cache_misses", "FUSE reads that waited for a fetch");
+        let fetch_seconds = Histogram::new(BUCKETS);
+        registry.register("fetch_seconds", "Duration of range requests", fetch_seconds.clone());
+        Metrics {
+            fetched_bytes,
+            fetches,
+            fetch_errors,
+            verify_failures,
+            cache_hits,
+            cache_misses,
+            fetch_seconds,
+            registry,
+        }
     }
+}
 
+impl Metrics {
     /// Records how long one range request took.
     pub fn observe_fetch(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        let mut h = self.histogram.lock().unwrap_or_else(|e| e.into_inner());
-        // Prometheus buckets are cumulative: a sample counts in every bucket whose bound it is under.
-        for (count, bound) in h.counts.iter_mut().zip(BUCKETS) {
-            if secs <= bound {
-                *count += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += secs;
+        self.fetch_seconds.observe(took.as_secs_f64());
     }
 
-    /// The text exposition of every metric.
-    pub fn render(&self, blobs: &[BlobGauges]) -> String {
+    /// The text exposition of every metric, with `blobs`' gauges.
+    pub fn render(&self, blobs: Vec<BlobGauges>) -> String {
+        use prometheus_client::encoding::prometheus_text::encode;
+        // The blobs come and go: they are a scrape-time collector in a registry of their own.
+        let mut per_blob = Registry::with_prefix("dedupd");
+        per_blob.register_collector(Box::new(BlobCollector(blobs)));
         let mut out = String::new();
-        let counters = [
-            (
-                "dedupd_fetched_bytes_total",
-                "Bytes received from registries.",
-                &self.fetched_bytes,
-            ),
-            (
-                "dedupd_fetches_total",
-                "Range requests sent to registries.",
-                &self.fetches,
-            ),
-            (
-                "dedupd_fetch_errors_total",
-                "Range requests that failed.",
-                &self.fetch_errors,
-            ),
-            (
-                "dedupd_verify_failures_total",
-                "Chunks or blobs whose content did not match their digest.",
-                &self.verify_failures,
-            ),
-            (
-                "dedupd_cache_hits_total",
-                "FUSE reads served from the cache alone.",
-                &self.cache_hits,
-            ),
-            (
-                "dedupd_cache_misses_total",
-                "FUSE reads that waited for a fetch.",
-                &self.cache_misses,
-            ),
-        ];
-        for (name, help, value) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                value.load(Ordering::Relaxed)
-            );
-        }
-        {
-            let h = self.histogram.lock().unwrap_or_else(|e| e.into_inner());
-            let name = "dedupd_fetch_seconds";
-            let _ = writeln!(
-                out,
-                "# HELP {name} Duration of range requests.\n# TYPE {name} histogram"
-            );
-            for (count, bound) in h.counts.iter().zip(BUCKETS) {
-                let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
-            }
-            let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(out, "{name}_sum {}", h.sum);
-            let _ = writeln!(out, "{name}_count {}", h.count);
-        }
-        type Gauge = fn(&BlobGauges) -> u64;
-        let gauges: [(&str, &str, Gauge); 2] = [
-            ("dedupd_blob_present_bytes", "Cached bytes of a blob.", |b| {
-                b.present_bytes
-            }),
-            ("dedupd_blob_size_bytes", "Size of a blob.", |b| b.size),
-        ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for b in blobs {
-                let _ = writeln!(out, "{name}{{digest=\"{}\"}} {}", b.digest, value(b));
-            }
-        }
+        // Writing to a String cannot fail; an encoder error would be a bug in a metric's name.
+        encode(&mut out, &self.registry).expect("encoding metrics");
+        encode(&mut out, &per_blob).expect("encoding metrics");
         out
     }
 }
 
-/// The value of an unlabelled sample `name` in a text exposition (for tests and tools).
-pub fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+#[derive(Debug)]
+struct BlobCollector(Vec<BlobGauges>);
+
+impl Collector for BlobCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        type Value = fn(&BlobGauges) -> u64;
+        let gauges: [(&str, &str, Value); 2] = [
+            ("blob_present_bytes", "Cached bytes of a blob.", |b| b.present_bytes),
+            ("blob_size_bytes", "Size of a blob.", |b| b.size),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for b in &self.0 {
+                let labels = [("digest", b.digest.as_str())];
+                ConstGauge::new(value(b) as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -150,22 +130,29 @@ mod tests {
     #[test]
     fn renders_counters_histogram_and_gauges() {
         let m = Metrics::default();
-        Metrics::inc(&m.fetches);
-        m.fetched_bytes.fetch_add(1 << 20, Ordering::Relaxed);
+        m.fetches.inc();
+        m.fetched_bytes.inc_by(1 << 20);
         m.observe_fetch(Duration::from_millis(30));
-        let text = m.render(&[BlobGauges {
+        let text = m.render(vec![BlobGauges {
             digest: "sha256:ab".into(),
             present_bytes: 5,
             size: 9,
         }]);
-        assert_eq!(sample(&text, "dedupd_fetches_total"), Some(1.0));
-        assert_eq!(sample(&text, "dedupd_fetched_bytes_total"), Some(1048576.0));
-        assert_eq!(sample(&text, "dedupd_cache_hits_total"), Some(0.0));
-        assert!(text.contains("dedupd_fetch_seconds_bucket{le=\"0.025\"} 0\n"), "{text}");
-        assert!(text.contains("dedupd_fetch_seconds_bucket{le=\"0.05\"} 1\n"), "{text}");
-        assert!(text.contains("dedupd_fetch_seconds_bucket{le=\"+Inf\"} 1\n"), "{text}");
-        assert_eq!(sample(&text, "dedupd_fetch_seconds_count"), Some(1.0));
-        assert!(text.contains("dedupd_blob_present_bytes{digest=\"sha256:ab\"} 5\n"));
-        assert!(text.contains("dedupd_blob_size_bytes{digest=\"sha256:ab\"} 9\n"));
+        for line in [
+            "# TYPE dedupd_fetches_total counter\n",
+            "dedupd_fetches_total 1\n",
+            "dedupd_fetched_bytes_total 1048576\n",
+            "dedupd_cache_hits_total 0\n",
+            "# TYPE dedupd_fetch_seconds histogram\n",
+            "dedupd_fetch_seconds_bucket{le=\"0.025\"} 0\n",
+            "dedupd_fetch_seconds_bucket{le=\"0.05\"} 1\n",
+            "dedupd_fetch_seconds_bucket{le=\"+Inf\"} 1\n",
+            "dedupd_fetch_seconds_count 1\n",
+            "# TYPE dedupd_blob_present_bytes gauge\n",
+            "dedupd_blob_present_bytes{digest=\"sha256:ab\"} 5\n",
+            "dedupd_blob_size_bytes{digest=\"sha256:ab\"} 9\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in:\n{text}");
+        }
     }
 }

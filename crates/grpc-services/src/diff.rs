@@ -1,7 +1,7 @@
 //! `containerd.services.diff.v1.Diff` over the [`differ::Differ`].
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use containerd_client::services::v1 as pb;
 use containerd_client::types as pbt;
@@ -9,23 +9,61 @@ use differ::{ApplyRequest, CallContext, CompareRequest, DiffError, Differ};
 use tonic::{Request, Response, Status};
 
 pub use crate::generated::diff_server::{Diff, DiffServer};
+use crate::metrics::{Failure, ServiceMetrics, DIFF};
+
+/// A failed call: the error's kind (for the `errors` metric) and the status answered.
+type Failed = (&'static str, Status);
 
 /// The Diff service: Apply and Diff (Compare) over the ordered differs.
 #[derive(Clone)]
 pub struct DiffService {
     inner: Arc<Differ>,
+    metrics: Option<Arc<ServiceMetrics>>,
 }
 
 impl DiffService {
     /// A service over `differ`.
     pub fn new(differ: Arc<Differ>) -> DiffService {
-        DiffService { inner: differ }
+        DiffService {
+            inner: differ,
+            metrics: None,
+        }
+    }
+
+    /// Records every call in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<ServiceMetrics>) -> DiffService {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn record<T>(&self, method: &'static str, started: Instant, result: Result<T, Failed>) -> Result<T, Status> {
+        if let Some(m) = &self.metrics {
+            let failure = result.as_ref().err().map(|(kind, s)| Failure { code: s.code(), kind });
+            m.record(DIFF, method, started, failure);
+        }
+        result.map_err(|(_, s)| s)
     }
 
     /// The tonic server for this service.
     pub fn into_server(self) -> DiffServer<DiffService> {
         DiffServer::new(self)
     }
+}
+
+/// The differ error's kind, as the `errors` metric names it.
+fn error_kind(e: &DiffError) -> &'static str {
+    match e {
+        DiffError::NotImplemented(_) => "not_implemented",
+        DiffError::InvalidArgument(_) => "invalid_argument",
+        DiffError::NotFound(_) => "not_found",
+        DiffError::AlreadyExists(_) => "already_exists",
+        DiffError::FailedPrecondition(_) => "failed_precondition",
+        DiffError::Internal(_) => "internal",
+    }
+}
+
+fn failed(e: DiffError) -> Failed {
+    (error_kind(&e), diff_status(e))
 }
 
 /// Maps a differ error to the gRPC status containerd expects; NotImplemented becomes
@@ -83,13 +121,34 @@ fn descriptor_to_proto(d: differ::Descriptor) -> pbt::Descriptor {
 #[tonic::async_trait]
 impl Diff for DiffService {
     async fn apply(&self, request: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
+        let r = self.apply_inner(request, started).await;
+        self.record("Apply", started, r)
+    }
+
+    async fn diff(&self, request: Request<pb::DiffRequest>) -> Result<Response<pb::DiffResponse>, Status> {
+        let started = Instant::now();
+        let r = self.diff_inner(request, started).await;
+        self.record("Diff", started, r)
+    }
+}
+
+impl DiffService {
+    async fn apply_inner(
+        &self,
+        request: Request<pb::ApplyRequest>,
+        started: Instant,
+    ) -> Result<Response<pb::ApplyResponse>, Failed> {
         let (namespace, lease) = call_metadata(&request);
         let req = request.into_inner();
-        let diff = req
-            .diff
-            .ok_or_else(|| Status::invalid_argument("apply without a descriptor"))?;
+        let diff = req.diff.ok_or_else(|| {
+            (
+                "invalid_argument",
+                Status::invalid_argument("apply without a descriptor"),
+            )
+        })?;
         let digest = diff.digest.clone();
+        let size = diff.size;
         let apply = ApplyRequest {
             diff: descriptor_from_proto(diff),
             mounts: req.mounts.into_iter().map(mount_from_proto).collect(),
@@ -102,8 +161,11 @@ impl Diff for DiffService {
             Some(ns) => ns,
             None => {
                 tracing::info!(rpc = "Apply", digest = %digest, "no containerd-namespace metadata and not our snapshot: Unimplemented");
-                return Err(Status::unimplemented(
-                    "no containerd-namespace metadata, and the mounts are not a dedup-snapshotter snapshot to read it from",
+                return Err((
+                    "not_implemented",
+                    Status::unimplemented(
+                        "no containerd-namespace metadata, and the mounts are not a dedup-snapshotter snapshot to read it from",
+                    ),
                 ));
             }
         };
@@ -111,22 +173,31 @@ impl Diff for DiffService {
         let r = self.inner.apply(&ctx, apply).await;
         tracing::info!(rpc = "Apply", digest = %digest, ok = r.is_ok(), micros = started.elapsed().as_micros() as u64,
             error = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
-        let applied = r.map_err(diff_status)?;
+        let applied = r.map_err(failed)?;
+        if let Some(m) = &self.metrics {
+            m.record_applied(size);
+        }
         Ok(Response::new(pb::ApplyResponse {
             applied: Some(descriptor_to_proto(applied)),
         }))
     }
 
-    async fn diff(&self, request: Request<pb::DiffRequest>) -> Result<Response<pb::DiffResponse>, Status> {
-        let started = std::time::Instant::now();
+    async fn diff_inner(
+        &self,
+        request: Request<pb::DiffRequest>,
+        started: Instant,
+    ) -> Result<Response<pb::DiffResponse>, Failed> {
         // Without the namespace (containerd 1.7's proxy differ calls) the lease is
         // missing too, and a layer written without the client's lease may be
         // garbage-collected before the client references it: leave Compare to
         // containerd's own differs, which see both.
         let (Some(namespace), lease) = call_metadata(&request) else {
             tracing::info!(rpc = "Diff", "no containerd-namespace metadata: Unimplemented");
-            return Err(Status::unimplemented(
-                "no containerd-namespace metadata (containerd before 2.0): compare with containerd's own differ",
+            return Err((
+                "not_implemented",
+                Status::unimplemented(
+                    "no containerd-namespace metadata (containerd before 2.0): compare with containerd's own differ",
+                ),
             ));
         };
         let ctx = CallContext { namespace, lease };
@@ -149,7 +220,7 @@ impl Diff for DiffService {
             micros = started.elapsed().as_micros() as u64,
             error = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default()
         );
-        let desc = r.map_err(diff_status)?;
+        let desc = r.map_err(failed)?;
         Ok(Response::new(pb::DiffResponse {
             diff: Some(descriptor_to_proto(desc)),
         }))

@@ -13,6 +13,7 @@
 //! - [`snapshots`]: the Snapshots service ([`SnapshotsService`]).
 //! - [`diff`]: the Diff service ([`DiffService`]) over the ordered differs.
 //! - [`filters`]: containerd's filter expressions, as `List` receives them.
+//! - [`metrics`]: the Prometheus metrics the services record ([`ServiceMetrics`]).
 
 #![warn(missing_docs)]
 
@@ -31,10 +32,12 @@ use tonic::transport::Server;
 
 pub mod diff;
 pub mod filters;
+pub mod metrics;
 pub mod snapshots;
 
 pub use diff::DiffService;
 pub use filters::Filter;
+pub use metrics::ServiceMetrics;
 pub use snapshots::SnapshotsService;
 
 /// The generated tonic servers (messages are containerd-client's).
@@ -75,32 +78,60 @@ pub async fn serve(
     socket_gid: Option<u32>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
-    serve_routes(routes(snapshotter, None), socket, socket_mode, socket_gid, shutdown).await
+    serve_routes(
+        routes(snapshotter, None, None),
+        socket,
+        socket_mode,
+        socket_gid,
+        shutdown,
+    )
+    .await
 }
 
 /// [`serve`], with the Diff service on the same socket when `differ` is given
-/// (containerd ≥ 1.7.4 dials it as a `type = "diff"` proxy plugin).
+/// (containerd ≥ 1.7.4 dials it as a `type = "diff"` proxy plugin), and both
+/// services recording into `metrics` when given.
 pub async fn serve_with_differ(
     snapshotter: Arc<Snapshotter>,
     differ: Option<Arc<differ::Differ>>,
+    metrics: Option<Arc<ServiceMetrics>>,
     socket: &Path,
     socket_mode: u32,
     socket_gid: Option<u32>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
-    serve_routes(routes(snapshotter, differ), socket, socket_mode, socket_gid, shutdown).await
+    serve_routes(
+        routes(snapshotter, differ, metrics),
+        socket,
+        socket_mode,
+        socket_gid,
+        shutdown,
+    )
+    .await
 }
 
 /// The services on the socket.
-fn routes(snapshotter: Arc<Snapshotter>, differ: Option<Arc<differ::Differ>>) -> Routes {
+fn routes(
+    snapshotter: Arc<Snapshotter>,
+    differ: Option<Arc<differ::Differ>>,
+    metrics: Option<Arc<ServiceMetrics>>,
+) -> Routes {
     let mut routes = Routes::builder();
     // grpc.health.v1: the overall status ("") answers SERVING while the socket is up,
     // for probes (grpc_health_probe, a DaemonSet's liveness check).
     let (_reporter, health) = tonic_health::server::health_reporter();
     routes.add_service(health);
-    routes.add_service(SnapshotsService::new(snapshotter).into_server());
+    let mut snapshots = SnapshotsService::new(snapshotter);
+    if let Some(m) = &metrics {
+        snapshots = snapshots.with_metrics(m.clone());
+    }
+    routes.add_service(snapshots.into_server());
     if let Some(d) = differ {
-        routes.add_service(DiffService::new(d).into_server());
+        let mut diff = DiffService::new(d);
+        if let Some(m) = metrics {
+            diff = diff.with_metrics(m);
+        }
+        routes.add_service(diff.into_server());
     }
     routes.routes()
 }

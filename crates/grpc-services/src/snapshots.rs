@@ -18,6 +18,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::filters::Filter;
 pub use crate::generated::snapshots_server::{Snapshots, SnapshotsServer};
+use crate::metrics::{commit_will_convert, Failure, ServiceMetrics, SNAPSHOTS};
 
 /// How many snapshot infos one `List` response message carries. containerd's own
 /// service batches the same way, which keeps each message far below gRPC's 4 MiB
@@ -28,12 +29,22 @@ pub const LIST_BATCH: usize = 100;
 #[derive(Clone)]
 pub struct SnapshotsService {
     inner: Arc<Snapshotter>,
+    metrics: Option<Arc<ServiceMetrics>>,
 }
 
 impl SnapshotsService {
     /// A service over `snapshotter` (shared, so the daemon can keep a handle too).
     pub fn new(snapshotter: Arc<Snapshotter>) -> SnapshotsService {
-        SnapshotsService { inner: snapshotter }
+        SnapshotsService {
+            inner: snapshotter,
+            metrics: None,
+        }
+    }
+
+    /// Records every call in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<ServiceMetrics>) -> SnapshotsService {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// This service wrapped in the generated tonic server, ready for a router.
@@ -49,15 +60,54 @@ impl SnapshotsService {
         T: Send + 'static,
         F: FnOnce(&Snapshotter) -> snapshotter::Result<T> + Send + 'static,
     {
+        self.call_timed(rpc, key, Instant::now(), f).await
+    }
+
+    /// [`Self::call`] for a call that began at `start`.
+    async fn call_timed<T, F>(&self, rpc: &'static str, key: &str, start: Instant, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Snapshotter) -> snapshotter::Result<T> + Send + 'static,
+    {
         let store = Arc::clone(&self.inner);
-        let start = Instant::now();
         let result = match tokio::task::spawn_blocking(move || f(&store)).await {
-            Ok(r) => r.map_err(to_status),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err((error_kind(&e), to_status(e))),
             // A panic in the store: the call failed, the server goes on.
-            Err(e) => Err(Status::unknown(format!("{rpc}: store task failed: {e}"))),
+            Err(e) => Err(("panic", Status::unknown(format!("{rpc}: store task failed: {e}")))),
         };
-        log_call(rpc, key, start, result.as_ref().err());
-        result
+        log_call(rpc, key, start, result.as_ref().err().map(|(_, s)| s));
+        if let Some(m) = &self.metrics {
+            let failure = result.as_ref().err().map(|(kind, s)| Failure { code: s.code(), kind });
+            m.record(SNAPSHOTS, rpc, start, failure);
+        }
+        result.map_err(|(_, s)| s)
+    }
+
+    /// Answers a request refused before it reached the store.
+    fn reject(&self, rpc: &'static str, key: &str, status: Status) -> Status {
+        let start = Instant::now();
+        log_call(rpc, key, start, Some(&status));
+        if let Some(m) = &self.metrics {
+            let failure = Failure {
+                code: status.code(),
+                kind: "invalid_argument",
+            };
+            m.record(SNAPSHOTS, rpc, start, Some(failure));
+        }
+        status
+    }
+}
+
+/// The store error's kind, as the `errors` metric names it.
+fn error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::NotFound(_) => "not_found",
+        Error::AlreadyExists(_) => "already_exists",
+        Error::FailedPrecondition(_) => "failed_precondition",
+        Error::InvalidArgument(_) => "invalid_argument",
+        Error::Unavailable(_) => "unavailable",
+        Error::Internal(_) => "internal",
     }
 }
 
@@ -162,10 +212,16 @@ impl Snapshots for SnapshotsService {
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = request.into_inner();
         let key = r.key.clone();
+        let pull = r.labels.contains_key(snapshotter::TARGET_SNAPSHOT_LABEL);
         let labels = r.labels.into_iter().collect();
-        let mounts = self
-            .call("Prepare", &key, move |s| s.prepare(&r.key, &r.parent, labels))
-            .await?;
+        let start = Instant::now();
+        let result = self
+            .call_timed("Prepare", &key, start, move |s| s.prepare(&r.key, &r.parent, labels))
+            .await;
+        if let (Some(m), true) = (&self.metrics, pull) {
+            m.record_pull_prepare(start, result.as_ref().err().map(Status::code));
+        }
+        let mounts = result?;
         Ok(Response::new(pb::PrepareSnapshotResponse {
             mounts: mounts_to_proto(mounts),
         }))
@@ -200,8 +256,19 @@ impl Snapshots for SnapshotsService {
         // Log both: containerd commits "extract-…" keys under the layer's chain ID.
         let what = format!("{} -> {}", r.key, r.name);
         let labels = r.labels.into_iter().collect();
-        self.call("Commit", &what, move |s| s.commit(&r.name, &r.key, labels))
+        let start = Instant::now();
+        let measure = self.metrics.is_some();
+        let converted = self
+            .call_timed("Commit", &what, start, move |s| {
+                // Whether Commit converts is only known before it runs: the
+                // upper dir and any differ-written layer are gone afterwards.
+                let converts = measure && s.mounts(&r.key).is_ok_and(|m| commit_will_convert(&m));
+                s.commit(&r.name, &r.key, labels).map(|()| converts)
+            })
             .await?;
+        if let (Some(m), true) = (&self.metrics, converted) {
+            m.record_commit_conversion(start);
+        }
         Ok(Response::new(()))
     }
 
@@ -230,9 +297,7 @@ impl Snapshots for SnapshotsService {
     ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
         let r = request.into_inner();
         let Some(info) = r.info else {
-            let status = Status::invalid_argument("update: info is required");
-            log_call("Update", "", Instant::now(), Some(&status));
-            return Err(status);
+            return Err(self.reject("Update", "", Status::invalid_argument("update: info is required")));
         };
         let info = info_from_proto(info);
         let key = info.name.clone();
@@ -252,11 +317,7 @@ impl Snapshots for SnapshotsService {
         // whatever the store holds.
         let filter = match Filter::parse_all(&r.filters) {
             Ok(f) => f,
-            Err(e) => {
-                let status = Status::invalid_argument(e.to_string());
-                log_call("List", &what, Instant::now(), Some(&status));
-                return Err(status);
-            }
+            Err(e) => return Err(self.reject("List", &what, Status::invalid_argument(e.to_string()))),
         };
         let infos = self
             .call("List", &what, move |s| {

@@ -13,9 +13,13 @@
 //! - [`Unmount`]: the same for one mount point the test made itself.
 //! - [`ChildGuard`]: a child process, stopped on drop (SIGTERM, then SIGKILL).
 //!
+//! [`prometheus`] parses the daemons' `/metrics` for the tests that scrape them.
+//!
 //! Put every mount a test makes (and every root a daemon under test mounts in)
 //! under a [`TestDir`], declared before the things that use it so that it is
 //! dropped after them.
+
+pub mod prometheus;
 
 use std::fs;
 use std::io;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use fetch_api::{BlobSpec, Source};
 use sha2::{Digest, Sha256};
+use test_support::prometheus::Exposition;
 
 pub const MIB: u64 = 1 << 20;
 
@@ -522,7 +523,10 @@ impl Dedupd {
     /// An unlabelled sample from the daemon's metrics.
     pub fn metric(&self, name: &str) -> f64 {
         let text = self.metrics();
-        fetch_daemon::metrics::sample(&text, name).unwrap_or_else(|| panic!("no {name} in metrics:\n{text}"))
+        let parsed = Exposition::parse(&text).unwrap_or_else(|e| panic!("bad metrics ({e}):\n{text}"));
+        parsed
+            .get(name, &[])
+            .unwrap_or_else(|| panic!("no {name} in metrics:\n{text}"))
     }
 
     /// SIGKILL, as a crash: the mount is left dead.
