@@ -11,6 +11,8 @@
 #                  `[plugins."io.containerd.differ.v1.erofs"] mkfs_options = ["-T0", "--mkfs-time", "--sort=none"]`
 #   dedup          ours: `dedup-snapshotter serve` as proxy snapshotter `dedup` + proxy Diff `dedup-diff`
 #   dedup-dedup    the same with `serve --dedup`
+#   dedup-stream   (opt-in mode, not in the default list) `serve --stream-layers`: the snapshotter downloads each
+#                  layer itself when the transfer service's Prepare names it and converts it as it arrives
 # Every (round, mode) gets a FRESH environment: scripts/e2e-env.sh (E2E_CONTAINERD=2.1; its registry, containerd root
 # and snapshotter root all new), started for that mode and stopped after it, so each mode starts from an empty
 # containerd root and snapshotter.  The erofs pieces go in through E2E_CONTAINERD_EXTRA (appended to e2e-env's
@@ -53,7 +55,7 @@ die() {
 MODES=${BENCH_MODES:-overlayfs erofs dedup dedup-dedup}
 IMAGES=${BENCH_IMAGES:-minbase layered}
 for m in $MODES; do
-    case $m in overlayfs | erofs | dedup | dedup-dedup) ;; *) die "BENCH_MODES: unknown mode $m" ;; esac
+    case $m in overlayfs | erofs | dedup | dedup-dedup | dedup-stream) ;; *) die "BENCH_MODES: unknown mode $m" ;; esac
 done
 for i in $IMAGES; do
     case $i in minbase | layered | busybox | busybox-plus) ;; *) die "BENCH_IMAGES: unknown image $i" ;; esac
@@ -175,6 +177,11 @@ check_path() { # MODE IMAGE CTRD_LOG_FROM SNAP_LOG_FROM
             die "$img (erofs): no layer.erofs under $(snap_dir erofs)/snapshots"
         log "$img (erofs): $n layer(s) through $EROFS_BIN/mkfs.erofs"
         ;;
+    dedup-stream)
+        n=$(grep -c 'streamed layer committed' <<<"$snaplog" || true)
+        ((n > 0)) || die "$img ($mode): no streamed layer in the daemon's log:"$'\n'"$(tail -n 20 <<<"$snaplog")"
+        log "$img ($mode): $n layer(s) streamed by the snapshotter"
+        ;;
     dedup | dedup-dedup)
         n=$(grep 'rpc="Apply"' <<<"$snaplog" | grep -c 'ok=true' || true)
         ((n > 0)) || die "$img ($mode): no successful Apply in the daemon's log:"$'\n'"$(tail -n 20 <<<"$snaplog")"
@@ -235,6 +242,7 @@ start_env() { # REP MODE: a fresh e2e environment for MODE in RUN_DIR
     RUN_DIR=$TOP/r$rep-$mode
     cmd="$DEDUP_BIN serve --root {root} --address {socket}"
     [[ $mode != dedup-dedup ]] || cmd="$DEDUP_BIN serve --dedup --root {root} --address {socket}"
+    [[ $mode != dedup-stream ]] || cmd="$DEDUP_BIN serve --stream-layers --root {root} --address {socket}"
     "$ROOT/scripts/e2e-env.sh" start "$RUN_DIR" "$cmd" >"$TOP/start.log" 2>&1 ||
         die "e2e-env.sh start ($mode): $(cat "$TOP/start.log")"
     # shellcheck disable=SC1091
@@ -284,7 +292,8 @@ for line in open(raw):
     img, mode, metric, rep, value = line.rstrip("\n").split("\t")
     samples.setdefault((img, metric, mode), []).append(float(value))
 
-label = {"overlayfs": "overlayfs", "erofs": "containerd erofs", "dedup": "dedup", "dedup-dedup": "dedup --dedup"}
+label = {"overlayfs": "overlayfs", "erofs": "containerd erofs", "dedup": "dedup", "dedup-dedup": "dedup --dedup",
+         "dedup-stream": "dedup --stream-layers"}
 metrics = [("pull", "pull + unpack (ctr images pull, transfer service)"),
            ("run_true", "ctr run --rm /bin/true (warm)"),
            ("read_cold", "read every file, cold cache"),
@@ -318,6 +327,8 @@ def target(name, num, den, limit):
     targets.append({"target": name, "ratio": round(r, 3), "max": limit, "ok": r <= limit})
 if "minbase" in images:
     target("pull minbase: dedup / containerd erofs", med("minbase", "pull", "dedup"), med("minbase", "pull", "erofs"), 0.5)
+    target("pull minbase: dedup --stream-layers / containerd erofs", med("minbase", "pull", "dedup-stream"),
+           med("minbase", "pull", "erofs"), 0.5)
 for img in images:
     target(f"read-all cold {img}: dedup / containerd erofs", med(img, "read_cold", "dedup"), med(img, "read_cold", "erofs"), 1.0)
 for img in images:

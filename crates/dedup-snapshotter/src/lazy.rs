@@ -1,6 +1,12 @@
-//! The lazy path's remote source: a Prepare carrying CRI's layer labels names an
-//! EROFS-native layer of a converted image; its blob is registered with the fetch
-//! daemon (`dedupd`) and mounted from the file the daemon serves.
+//! The remote source of Prepare: a Prepare carrying CRI's layer labels names a layer
+//! of an image in a registry.
+//!
+//! - An EROFS-native layer of a converted image (with a fetch daemon configured):
+//!   its blob is registered with `dedupd` and mounted from the file the daemon
+//!   serves (lazy pull).
+//! - A tar layer (with `stream_layers`): the store downloads it itself and converts
+//!   it as it arrives, so downloading, inflating and converting overlap instead of
+//!   containerd downloading the whole blob before our Apply starts.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -9,7 +15,7 @@ use std::time::Duration;
 
 use image_convert::annotations::{is_erofs_native, LazyLayer};
 use registry::Descriptor;
-use snapshotter::{Attached, RemoteLayer, RemoteLayers};
+use snapshotter::{Attached, RemoteLayer, RemoteLayers, StreamedLayer};
 
 /// The layer's digest, as CRI labels a Prepare.
 pub const LAYER_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.layer-digest";
@@ -18,45 +24,93 @@ pub const IMAGE_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
 /// The digest of the (platform) manifest that lists the layer.
 pub const MANIFEST_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-digest";
 
-/// Lazy layers served through a fetch daemon.
+/// Lazy layers served through a fetch daemon, and layers streamed from the registry.
 pub struct Lazy {
     registry: registry::Client,
-    fetch: fetch_api::Client,
+    /// The fetch daemon; `None`: no lazy layers.
+    fetch: Option<fetch_api::Client>,
+    /// Stream tar layers from the registry into the store.
+    stream: bool,
     /// Layers of manifests read so far, by manifest digest (a pull asks once per layer).
     manifests: Mutex<HashMap<String, Arc<Vec<Descriptor>>>>,
+    /// The diffIDs of image configs read so far, by manifest digest.
+    diff_ids: Mutex<HashMap<String, Arc<Vec<String>>>>,
 }
 
 impl Lazy {
-    /// A source using the fetch daemon at `socket` and `registry` for manifests.
-    pub fn new(socket: PathBuf, registry: registry::Client) -> Lazy {
+    /// A source using the fetch daemon at `socket` (if any) and `registry` for
+    /// manifests, and streaming tar layers when `stream` is set.
+    pub fn new(socket: Option<PathBuf>, registry: registry::Client, stream: bool) -> Lazy {
         Lazy {
             registry,
-            fetch: fetch_api::Client::new(socket).with_timeout(Duration::from_secs(30)),
+            fetch: socket.map(|s| fetch_api::Client::new(s).with_timeout(Duration::from_secs(30))),
+            stream,
             manifests: Mutex::new(HashMap::new()),
+            diff_ids: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn fetch(&self) -> std::io::Result<&fetch_api::Client> {
+        self.fetch
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no fetch daemon is configured"))
+    }
+
+    /// A manifest by digest, as JSON.
+    fn manifest(&self, image_ref: &str, manifest_digest: &str) -> Result<serde_json::Value, String> {
+        let reference = registry::Reference::parse(image_ref).map_err(|e| format!("image ref {image_ref:?}: {e}"))?;
+        let pinned = reference.with_digest(manifest_digest).map_err(|e| e.to_string())?;
+        // The registry client checks the bytes against the digest: what the manifest
+        // says (the chunk table in the annotations, the config) is as trusted as the
+        // manifest digest containerd resolved.
+        let m = self
+            .registry
+            .get_manifest(&pinned)
+            .map_err(|e| format!("fetching manifest {pinned}: {e}"))?;
+        serde_json::from_slice(&m.bytes).map_err(|e| format!("manifest {pinned}: {e}"))
     }
 
     fn layers(&self, image_ref: &str, manifest_digest: &str) -> Result<Arc<Vec<Descriptor>>, String> {
         if let Some(l) = self.manifests.lock().unwrap().get(manifest_digest) {
             return Ok(l.clone());
         }
-        let reference = registry::Reference::parse(image_ref).map_err(|e| format!("image ref {image_ref:?}: {e}"))?;
-        let pinned = reference.with_digest(manifest_digest).map_err(|e| e.to_string())?;
-        // The registry client checks the bytes against the digest: the chunk table in
-        // the annotations is as trusted as the manifest digest containerd resolved.
-        let m = self
-            .registry
-            .get_manifest(&pinned)
-            .map_err(|e| format!("fetching manifest {pinned}: {e}"))?;
-        let v: serde_json::Value = serde_json::from_slice(&m.bytes).map_err(|e| format!("manifest {pinned}: {e}"))?;
-        let layers: Vec<Descriptor> =
-            serde_json::from_value(v["layers"].clone()).map_err(|e| format!("manifest {pinned} layers: {e}"))?;
+        let v = self.manifest(image_ref, manifest_digest)?;
+        let layers: Vec<Descriptor> = serde_json::from_value(v["layers"].clone())
+            .map_err(|e| format!("manifest {manifest_digest} layers: {e}"))?;
         let layers = Arc::new(layers);
         self.manifests
             .lock()
             .unwrap()
             .insert(manifest_digest.to_string(), layers.clone());
         Ok(layers)
+    }
+
+    /// The diffIDs of the manifest's image config, checked against streamed layers.
+    fn diff_ids(&self, image_ref: &str, manifest_digest: &str) -> Result<Arc<Vec<String>>, String> {
+        if let Some(d) = self.diff_ids.lock().unwrap().get(manifest_digest) {
+            return Ok(d.clone());
+        }
+        let v = self.manifest(image_ref, manifest_digest)?;
+        let config: Descriptor = serde_json::from_value(v["config"].clone())
+            .map_err(|e| format!("manifest {manifest_digest} config: {e}"))?;
+        let reference = registry::Reference::parse(image_ref).map_err(|e| e.to_string())?;
+        let blob = self
+            .registry
+            .get_blob(reference.repo(), &config.digest)
+            .map_err(|e| format!("fetching config {}: {e}", config.digest))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(blob, 16 << 20), &mut bytes)
+            .map_err(|e| format!("reading config {}: {e}", config.digest))?;
+        let c: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| format!("config {}: {e}", config.digest))?;
+        let ids: Vec<String> = serde_json::from_value(c["rootfs"]["diff_ids"].clone())
+            .map_err(|e| format!("config {} rootfs.diff_ids: {e}", config.digest))?;
+        let ids = Arc::new(ids);
+        self.diff_ids
+            .lock()
+            .unwrap()
+            .insert(manifest_digest.to_string(), ids.clone());
+        Ok(ids)
     }
 }
 
@@ -74,7 +128,7 @@ impl RemoteLayers for Lazy {
             .iter()
             .find(|d| &d.digest == digest)
             .ok_or_else(|| format!("manifest {manifest} of {image_ref} has no layer {digest}"))?;
-        if !is_erofs_native(&desc.media_type) {
+        if !is_erofs_native(&desc.media_type) || self.fetch.is_none() {
             return Ok(None);
         }
         let lazy = match LazyLayer::from_descriptor(desc) {
@@ -109,8 +163,8 @@ impl RemoteLayers for Lazy {
 
     fn attach(&self, layer: &RemoteLayer) -> std::io::Result<Attached> {
         let spec: fetch_api::BlobSpec = serde_json::from_value(layer.spec.clone()).map_err(std::io::Error::other)?;
-        let reg = self.fetch.register(&spec).map_err(std::io::Error::other)?;
-        let ping = self.fetch.ping().map_err(std::io::Error::other)?;
+        let reg = self.fetch()?.register(&spec).map_err(std::io::Error::other)?;
+        let ping = self.fetch()?.ping().map_err(std::io::Error::other)?;
         Ok(Attached {
             path: PathBuf::from(reg.path),
             instance: ping.instance,
@@ -118,12 +172,53 @@ impl RemoteLayers for Lazy {
     }
 
     fn instance(&self) -> Option<u64> {
-        self.fetch.ping().ok().map(|p| p.instance)
+        self.fetch.as_ref()?.ping().ok().map(|p| p.instance)
     }
 
     fn detach(&self, layer: &RemoteLayer) {
-        if let Err(e) = self.fetch.unregister(&layer.digest) {
+        let Some(fetch) = &self.fetch else { return };
+        if let Err(e) = fetch.unregister(&layer.digest) {
             tracing::warn!(digest = %layer.digest, error = %e, "unregistering a lazy blob");
         }
+    }
+
+    fn stream(&self, labels: &BTreeMap<String, String>) -> Result<Option<StreamedLayer>, String> {
+        if !self.stream {
+            return Ok(None);
+        }
+        let (Some(digest), Some(image_ref), Some(manifest)) = (
+            labels.get(LAYER_DIGEST_LABEL),
+            labels.get(IMAGE_REF_LABEL),
+            labels.get(MANIFEST_DIGEST_LABEL),
+        ) else {
+            return Ok(None);
+        };
+        let layers = self.layers(image_ref, manifest)?;
+        let Some(index) = layers.iter().position(|d| &d.digest == digest) else {
+            return Err(format!("manifest {manifest} of {image_ref} has no layer {digest}"));
+        };
+        let desc = &layers[index];
+        if layer_convert::Compression::from_media_type(&desc.media_type).is_err() {
+            // Not a tar layer we convert (EROFS-native, encrypted, foreign): the
+            // normal path decides.
+            return Ok(None);
+        }
+        let diff_id = self.diff_ids(image_ref, manifest)?.get(index).cloned();
+        if diff_id.is_none() {
+            return Err(format!("config of {image_ref} has no diffID for layer {index}"));
+        }
+        let reference = registry::Reference::parse(image_ref).map_err(|e| e.to_string())?;
+        let blob = self
+            .registry
+            .get_blob(reference.repo(), digest)
+            .map_err(|e| format!("fetching layer {digest}: {e}"))?;
+        tracing::info!(%digest, image = %image_ref, "streaming the layer from the registry");
+        Ok(Some(StreamedLayer {
+            digest: digest.clone(),
+            size: desc.size,
+            media_type: desc.media_type.clone(),
+            diff_id,
+            reader: Box::new(blob),
+        }))
     }
 }

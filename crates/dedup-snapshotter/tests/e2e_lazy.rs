@@ -966,3 +966,100 @@ fn cri_pull_is_lazy_and_runs_on_containerd_1_7() {
 fn cri_pull_is_lazy_and_runs_on_containerd_2_1() {
     cri_pull_is_lazy_and_runs("2.1");
 }
+
+/// The CRI pull of a converted image while the snapshotter cannot reach the registry (the proxy refuses its user
+/// agent only), then while dedupd is down: containerd downloads every layer and our Diff service keeps them, the
+/// snapshotter says so once per layer, the image runs, and nothing of the failed lazy attempts is left behind.
+#[test]
+fn cri_pull_falls_back_when_the_registry_or_dedupd_is_unreachable() {
+    let _serial = e2e::serial();
+    let mut l = Lazy::start_on("oci", 0, &[], Some("2.1"));
+    let mut cri = Cri::connect(&l.env.ctrd_sock);
+    let pause = format!("{}/pause:latest", l.env.registry);
+    cri.pull(&pause);
+    let pod = cri.run_pod("fallback", &l.env.dir.join("pods"));
+    let layers: Vec<String> = l.converted["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["digest"].as_str().unwrap().to_string())
+        .collect();
+    let fallbacks = |log: &str| {
+        log.lines()
+            .filter(|x| x.contains("WARN") && x.contains("containerd will download it"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+
+    let cri_snapshots = || {
+        l.env
+            .ctr_in(CRI_NAMESPACE, &["snapshots", "--snapshotter", "dedup", "ls"])
+            .lines()
+            .count()
+            - 1
+    };
+    // The pause image's layer and the sandbox's snapshot.
+    let before = cri_snapshots();
+    for (phase, setup) in [("registry", "refuse_agent=dedup-snapshotter"), ("dedupd", "refuse_agent=")] {
+        l.proxy.config(setup);
+        if phase == "dedupd" {
+            l.dedupd.kill9();
+        }
+        let log_from = l.env.log().len();
+        let t = Instant::now();
+        cri.pull(&l.lazy);
+        let log = l.env.log().get(log_from..).unwrap_or("").to_string();
+        let warned = fallbacks(&log);
+        eprintln!(
+            "e2e: CRI pull with the {phase} unreachable: {:.1}s, {} fallback line(s): {warned:#?}",
+            t.elapsed().as_secs_f64(),
+            warned.len()
+        );
+        assert_eq!(
+            warned.len(),
+            layers.len(),
+            "[{phase}] one fallback line per layer expected:\n{log}"
+        );
+        let applied = log
+            .lines()
+            .filter(|x| x.contains("rpc=\"Apply\"") && x.contains("ok=true"))
+            .count();
+        assert_eq!(applied, layers.len(), "[{phase}] our Diff service should have applied every layer:\n{log}");
+        let content = l.env.ctr_in(CRI_NAMESPACE, &["content", "ls", "-q"]);
+        for d in &layers {
+            assert!(content.contains(d.as_str()), "[{phase}] containerd did not download layer {d}");
+        }
+        // Every layer is local: no mount reads a dedupd file.
+        let fuse = l.dedupd.dir.path().join("fuse").display().to_string();
+        let from_dedupd: Vec<MountEntry> = mountinfo()
+            .into_iter()
+            .filter(|m| m.fstype == "erofs" && m.source.starts_with(&fuse))
+            .collect();
+        assert!(from_dedupd.is_empty(), "[{phase}] lazy mounts left: {from_dedupd:#?}");
+        let name = format!("py-{phase}");
+        let id = cri.start_container(&pod, &name, &l.lazy, &["python3", "-c", "print(42)"]);
+        assert_eq!(cri.wait_exit(&id, Duration::from_secs(120)), 0);
+        assert_eq!(Cri::logs(&pod, &name).trim(), "42");
+        // Nothing of the failed lazy attempts is left: one directory per snapshot CRI has, nothing staged.
+        l.env.wait_until("one snapshot dir per snapshot", 20, || {
+            l.env.snapshot_dirs().len() == cri_snapshots()
+        });
+        let staged: Vec<_> = fs::read_dir(l.env.root.join("staging"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(staged.is_empty(), "[{phase}] left in staging/: {staged:?}");
+        // Removed, the image leaves nothing but the pause image's snapshot.
+        cri.remove_container(&id);
+        cri.remove_image(&l.lazy);
+        l.env.wait_until("the image's snapshots to be collected", 60, || {
+            cri_snapshots() == before && l.env.snapshot_dirs().len() == before
+        });
+    }
+    cri.remove_pod(&pod);
+    cri.remove_image(&pause);
+    let Lazy { env, dedupd, proxy, .. } = l;
+    env.remove_everything();
+    env.stop();
+    drop(proxy);
+    drop(dedupd);
+}

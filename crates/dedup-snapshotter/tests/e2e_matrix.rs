@@ -371,3 +371,49 @@ fn containerd_1_7() {
 fn containerd_2_1() {
     matrix("2.1");
 }
+
+/// `serve --stream-layers` on containerd 2.1's transfer service (which passes the layer labels to a snapshotter that
+/// exports enable_remote_snapshot_annotations): every layer is downloaded by the snapshotter and converted as it
+/// arrives, containerd downloads none of them and calls no Apply, and the images run with whiteouts and opaque
+/// directories intact.
+#[test]
+fn streamed_layers_on_containerd_2_1() {
+    let _serial = e2e::serial();
+    let cmd = format!(
+        "{} serve --root {{root}} --address {{socket}} --containerd {{containerd}} --differs erofs --stream-layers",
+        env!("CARGO_BIN_EXE_dedup-snapshotter")
+    );
+    let m = M {
+        env: Env::start_with_version(&cmd, Some("2.1")),
+        version: "2.1".into(),
+    };
+    let from = m.env.log().len();
+    let busybox = m.pull(Via::Transfer, "dedup", "busybox");
+    let layered = m.pull(Via::Transfer, "dedup", "layered");
+    let lines = log_since(&m.env, from);
+    let content = m.env.ctr(&["content", "ls", "-q"]);
+    let mut streamed = 0;
+    for r in [&busybox, &layered] {
+        for d in m.env.image_layer_digests(r) {
+            let ok = lines
+                .iter()
+                .any(|l| l.contains("streamed layer committed") && l.contains(&format!("digest={d}")));
+            if !ok {
+                m.env.dump_logs();
+            }
+            assert!(ok, "{r}: layer {d} was not streamed: {lines:#?}");
+            assert!(
+                !lines.iter().any(|l| l.contains("rpc=\"Apply\"") && l.contains(&d)),
+                "{r}: containerd applied {d} although it was streamed"
+            );
+            assert!(!content.contains(&d), "{r}: containerd downloaded {d}");
+            streamed += 1;
+        }
+    }
+    assert_eq!(streamed, 4, "busybox (1 layer) + layered (3 layers)");
+    assert_eq!(m.run("dedup", &busybox, "bb-stream", BUSYBOX_SCRIPT), BUSYBOX_OUT);
+    assert_eq!(m.run("dedup", &layered, "lay-stream", LAYERED_SCRIPT), LAYERED_OUT);
+    m.env.check_layout();
+    m.env.remove_everything();
+    m.env.stop();
+}

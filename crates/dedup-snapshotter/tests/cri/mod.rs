@@ -190,6 +190,15 @@ impl Cri {
             .collect()
     }
 
+    /// Removes an exited container.
+    pub fn remove_container(&mut self, id: &str) {
+        self.rt
+            .block_on(self.runtime.remove_container(cri::RemoveContainerRequest {
+                container_id: id.into(),
+            }))
+            .unwrap_or_else(|s| panic!("CRI RemoveContainer {id}: {s}"));
+    }
+
     /// Stops and removes the pod with its containers.
     pub fn remove_pod(&mut self, pod: &Pod) {
         self.rt
