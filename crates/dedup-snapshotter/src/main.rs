@@ -94,16 +94,20 @@ enum Command {
         /// The fetch daemon's (dedupd) control socket: lazy pulls of converted images.
         #[arg(long)]
         fetch_socket: Option<PathBuf>,
-        /// Serve Prometheus metrics at http://ADDRESS/metrics, e.g. 127.0.0.1:9101 (config `metrics_address`).
-        #[arg(long, value_name = "ADDRESS")]
-        metrics_address: Option<String>,
         /// containerd's registry host configuration directory (hosts.toml per registry; default
         /// /etc/containerd/certs.d), for the manifests of lazy layers.
         #[arg(long)]
         hosts_dir: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDRESS/metrics, e.g. 127.0.0.1:9101 (config `metrics_address`).
+        #[arg(long, value_name = "ADDRESS")]
+        metrics_address: Option<String>,
+        /// Download tar layers ourselves when a Prepare carries CRI's layer labels, converting them as they
+        /// arrive (containerd then keeps no compressed copy; see README).
+        #[arg(long)]
+        stream_layers: bool,
         /// A TOML file with the same settings (root, address, socket_mode, socket_gid, log_level, log_json,
-        /// differs, containerd_address, dedup, chunk_size, fetch_socket, plain_http, docker_config,
-        /// hosts_dir, connect_timeout_secs).
+        /// differs, containerd_address, dedup, chunk_size, fetch_socket, stream_layers, plain_http,
+        /// docker_config, hosts_dir, connect_timeout_secs).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -302,6 +306,7 @@ fn run(cli: Cli) -> Result<()> {
             chunk_size,
             fetch_socket,
             hosts_dir,
+            stream_layers,
             metrics_address,
             config,
         } => {
@@ -320,8 +325,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             cfg.chunk_size = chunk_size.or(cfg.chunk_size);
             cfg.fetch_socket = fetch_socket.or(cfg.fetch_socket);
-            cfg.metrics_address = metrics_address.or(cfg.metrics_address);
             cfg.hosts_dir = hosts_dir.or(cfg.hosts_dir);
+            cfg.metrics_address = metrics_address.or(cfg.metrics_address);
+            if stream_layers {
+                cfg.stream_layers = Some(true);
+            }
             cfg.log_level = log_level.or(cfg.log_level);
             serve::serve(cfg)
         }

@@ -45,19 +45,25 @@ pub struct Config {
     /// layer labels for an EROFS-native layer of a converted image mounts the layer
     /// before it is downloaded (lazy pull).
     pub fetch_socket: Option<PathBuf>,
+    /// Download tar layers ourselves when a Prepare carries CRI's layer labels (image
+    /// reference, manifest and layer digests), converting them as they arrive, and
+    /// answer containerd that the layer exists (default false). Download, inflate and
+    /// conversion overlap, and containerd keeps no compressed copy of the layer (so
+    /// the image cannot be pushed or exported from this node without a pull).
+    pub stream_layers: Option<bool>,
     /// Registries (host or host:port) to reach over plain HTTP besides loopback, for
     /// the manifests of lazy layers.
     pub plain_http: Option<Vec<String>>,
     /// Docker config file with registry credentials (default $DOCKER_CONFIG, ~/.docker).
     pub docker_config: Option<PathBuf>,
-    /// `host:port` to serve Prometheus metrics on at `/metrics` (default: none).
-    pub metrics_address: Option<String>,
     /// containerd's registry host configuration directory (`DIR/<registry>/hosts.toml`:
     /// mirrors, CAs, client certificates; default /etc/containerd/certs.d).
     pub hosts_dir: Option<PathBuf>,
     /// Seconds to wait for a connection to a registry host before the next one is tried
     /// (default 5).
     pub connect_timeout_secs: Option<u64>,
+    /// `host:port` to serve Prometheus metrics on at `/metrics` (default: none).
+    pub metrics_address: Option<String>,
 }
 
 /// The config file format this daemon reads.
@@ -95,26 +101,31 @@ pub fn serve(cfg: Config) -> Result<()> {
         chunk_bits: chunk_size.trailing_zeros() as u8,
         trash_idle: std::time::Duration::from_secs(cfg.trash_idle_secs.unwrap_or(10)),
     };
-    let remote: Option<Arc<dyn snapshotter::RemoteLayers>> = match &cfg.fetch_socket {
-        None => None,
-        Some(sock) => {
-            let mut ro = registry::ClientOptions {
-                docker_config: cfg.docker_config.clone(),
-                hosts_dir: Some(
-                    cfg.hosts_dir
-                        .clone()
-                        .unwrap_or_else(|| PathBuf::from(registry::hosts::DEFAULT_HOSTS_DIR)),
-                ),
-                ..Default::default()
-            };
-            if let Some(secs) = cfg.connect_timeout_secs {
-                ro.connect_timeout = std::time::Duration::from_secs(secs.max(1));
-            }
-            ro.plain_http.extend(cfg.plain_http.clone().unwrap_or_default());
-            let client = registry::Client::new(ro).context("registry client for lazy layers")?;
-            tracing::info!(fetch_socket = %sock.display(), "lazy layers through the fetch daemon");
-            Some(Arc::new(crate::lazy::Lazy::new(sock.clone(), client)))
+    let stream = cfg.stream_layers.unwrap_or(false);
+    let remote: Option<Arc<dyn snapshotter::RemoteLayers>> = if cfg.fetch_socket.is_some() || stream {
+        let mut ro = registry::ClientOptions {
+            docker_config: cfg.docker_config.clone(),
+            hosts_dir: Some(
+                cfg.hosts_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(registry::hosts::DEFAULT_HOSTS_DIR)),
+            ),
+            ..Default::default()
+        };
+        if let Some(secs) = cfg.connect_timeout_secs {
+            ro.connect_timeout = std::time::Duration::from_secs(secs.max(1));
         }
+        ro.plain_http.extend(cfg.plain_http.clone().unwrap_or_default());
+        let client = registry::Client::new(ro).context("registry client for lazy and streamed layers")?;
+        if let Some(sock) = &cfg.fetch_socket {
+            tracing::info!(fetch_socket = %sock.display(), "lazy layers through the fetch daemon");
+        }
+        if stream {
+            tracing::info!("tar layers streamed from the registry when a Prepare names them");
+        }
+        Some(Arc::new(crate::lazy::Lazy::new(cfg.fetch_socket.clone(), client, stream)))
+    } else {
+        None
     };
     let store = Arc::new(
         snapshotter::Snapshotter::open_with_remote(&root, opts, remote)
