@@ -149,3 +149,68 @@ impl Collector for LazyLayers {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use fetch_api::{BlobStatus, Response};
+    use test_support::prometheus::Exposition;
+
+    use super::*;
+
+    fn scrape(socket: PathBuf) -> Exposition {
+        let mut registry = Registry::with_prefix("dedup_snapshotter");
+        let client = fetch_api::Client::new(socket).with_timeout(Duration::from_secs(2));
+        registry.register_collector(Box::new(LazyLayers(client)));
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        Exposition::parse(&text).unwrap()
+    }
+
+    fn blob(n: u8, complete: bool, verified: bool) -> BlobStatus {
+        BlobStatus {
+            digest: format!("sha256:{n:064x}"),
+            size: 10,
+            chunks: 1,
+            present: u64::from(complete),
+            complete,
+            verified,
+            fetched_bytes: 0,
+            errors: 0,
+        }
+    }
+
+    #[test]
+    fn lazy_layers_by_state_from_the_fetch_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("dedupd.sock");
+
+        // No fetch daemon: down, and no states rather than zeros that would read as "nothing lazy".
+        let down = scrape(socket.clone());
+        assert_eq!(down.get("dedup_snapshotter_fetch_daemon_up", &[]), Some(0.0));
+        assert_eq!(down.matching("dedup_snapshotter_lazy_layers", &[]).count(), 0);
+
+        // One that answers List: complete means every chunk local and the whole blob verified.
+        let listener = UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let request: fetch_api::Request = serde_json::from_str(&fetch_api::read_line(&conn).unwrap()).unwrap();
+            assert!(matches!(request, fetch_api::Request::List), "{request:?}");
+            let blobs = vec![blob(1, true, true), blob(2, true, false), blob(3, false, false)];
+            conn.write_all(Response::line(&Ok::<_, fetch_api::Error>(blobs)).as_bytes())
+                .unwrap();
+        });
+        let up = scrape(socket);
+        server.join().unwrap();
+        assert_eq!(up.get("dedup_snapshotter_fetch_daemon_up", &[]), Some(1.0));
+        assert_eq!(
+            up.get("dedup_snapshotter_lazy_layers", &[("state", "complete")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            up.get("dedup_snapshotter_lazy_layers", &[("state", "fetching")]),
+            Some(2.0)
+        );
+    }
+}

@@ -16,15 +16,15 @@ mod e2e;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use containerd_client::services::v1 as pb;
 use containerd_client::services::v1::snapshots as spb;
 use containerd_client::types::Descriptor as PbDescriptor;
 use e2e::{describe, Env};
 use test_support::prometheus::Exposition;
-use test_support::TestDir;
+use test_support::{ChildGuard, TestDir};
 use tonic::Request;
 
 const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -281,4 +281,54 @@ fn serve_metrics_move_with_the_work() {
     );
     assert!(gauge(&after, "dedup_snapshotter_logical_bytes", &[]) >= logical + 300_000.0);
     drop(env);
+}
+
+/// `metrics_address` in the config file turns the endpoint on; an address that cannot be bound
+/// fails the start before the gRPC socket exists.
+#[test]
+fn metrics_address_from_the_config_file() {
+    let dir = TestDir::new("metrics-config.");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let cfg = dir.join("config.toml");
+    std::fs::write(&cfg, format!("version = 1\nmetrics_address = \"{addr}\"\n")).unwrap();
+    let serve = |cfg: Option<&Path>, extra: &[&str], socket: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"));
+        c.arg("serve");
+        if let Some(cfg) = cfg {
+            c.arg("--config").arg(cfg);
+        }
+        c.arg("--root")
+            .arg(dir.join("root"))
+            .arg("--address")
+            .arg(dir.join(socket))
+            .args(extra)
+            .stdin(Stdio::null());
+        c
+    };
+    let child = serve(Some(&cfg), &[], "s.sock")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut daemon = ChildGuard::new(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(&addr).is_err() || !dir.join("s.sock").exists() {
+        assert!(Instant::now() < deadline, "no metrics on {addr} after 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let e = scrape(&addr);
+    assert_eq!(e.types["dedup_snapshotter_snapshots"], "gauge");
+    assert_eq!(gauge(&e, "dedup_snapshotter_snapshots", &[("kind", "committed")]), 0.0);
+    let status = daemon.terminate().expect("the daemon ran");
+    assert!(status.success(), "{status:?}");
+
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let out = serve(None, &["--metrics-address", &taken_addr], "s2.sock")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve started on a taken metrics port");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&taken_addr), "{stderr}");
+    assert!(!dir.join("s2.sock").exists(), "the gRPC socket was bound");
 }
