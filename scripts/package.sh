@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Debian package of dedup-snapshotter from this workspace with dpkg-deb (no debhelper, no cargo-deb).
+# dpkg-deb, not cargo-deb: cargo-deb would first be compiled (`cargo install`, minutes on two cores) to write what
+# is a file list, a control file and three maintainer scripts here; dpkg-deb and dpkg-shlibdeps come with dpkg-dev.
 #
 # usage: scripts/package.sh [--no-build] [--bin-dir DIR] [--out DIR]
 #
@@ -17,7 +19,8 @@
 #   /etc/dedup-snapshotter/config.toml                            contrib/config.toml, a conffile
 #   /usr/share/doc/dedup-snapshotter/README.md                    uncompressed: the units' Documentation= names it
 #   /usr/share/doc/dedup-snapshotter/examples/                    the containerd, k3s and Kubernetes snippets
-#   /usr/share/doc/dedup-snapshotter/{copyright,changelog.Debian.gz}
+#   /usr/share/doc/dedup-snapshotter/{copyright,changelog.gz}      changelog.gz: a native package (no Debian revision)
+#   /usr/share/lintian/overrides/dedup-snapshotter                the units' intended WantedBy=containerd.service
 # The units are neither enabled nor started on install: containerd's config has to name the proxy plugins first
 # (README, "Using it with containerd").
 set -euo pipefail
@@ -34,7 +37,7 @@ while (($#)); do
     --no-build) build=0 ;;
     --bin-dir) bin_dir=${2:?--bin-dir needs a directory}; shift ;;
     --out) out_dir=${2:?--out needs a directory}; shift ;;
-    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "package.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -60,7 +63,7 @@ version=${DEB_VERSION:-$(awk '/^\[workspace.package\]/ { p = 1; next } /^\[/ { p
     p && $1 == "version" { gsub(/"/, "", $3); print $3; exit }' "$repo/Cargo.toml")}
 [[ -n "$version" ]] || die "no version in [workspace.package] of $repo/Cargo.toml"
 arch=$(dpkg --print-architecture)
-maintainer=${DEB_MAINTAINER:-dedup-snapshotter developers <root@localhost>}
+maintainer=${DEB_MAINTAINER:-dedup-snapshotter maintainers <maintainers@dedup-snapshotter.invalid>}
 
 mkdir -p "$out_dir"
 work=$(mktemp -d "$out_dir/.build.XXXXXX")
@@ -83,6 +86,9 @@ install -d -m755 "$doc/examples/k3s" "$doc/examples/kubernetes"
 install -m644 "$repo/contrib/k3s/config-v3.toml.tmpl" "$doc/examples/k3s/"
 install -m644 "$repo/contrib/kubernetes/daemonset.yaml" "$doc/examples/kubernetes/"
 
+# A fixed date keeps the package reproducible from the same tree (SOURCE_DATE_EPOCH wins when set).
+epoch=${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || echo 0)}
+year=$(date -u -d "@$epoch" +%Y)
 license=$(awk '/^\[workspace.package\]/ { p = 1; next } /^\[/ { p = 0 }
     p && $1 == "license" { gsub(/"/, "", $3); print $3; exit }' "$repo/Cargo.toml")
 [[ "$license" == Apache-2.0 ]] || die "the workspace license is '$license'; update the copyright file for it"
@@ -91,7 +97,7 @@ Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: $pkg
 
 Files: *
-Copyright: dedup-snapshotter developers
+Copyright: $year dedup-snapshotter developers
 License: Apache-2.0
 
 Files: third_party/h2/*
@@ -123,13 +129,17 @@ License: MIT
 EOF
 chmod 644 "$doc/copyright"
 
-# A fixed date keeps the package reproducible from the same tree (SOURCE_DATE_EPOCH wins when set).
-epoch=${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || echo 0)}
 rev=$(git -C "$repo" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 printf '%s (%s) unstable; urgency=medium\n\n  * Built from git %s.\n\n -- %s  %s\n' \
     "$pkg" "$version" "$rev" "$maintainer" "$(date -u -R -d "@$epoch")" |
-    gzip -9n >"$doc/changelog.Debian.gz"
-chmod 644 "$doc/changelog.Debian.gz"
+    gzip -9n >"$doc/changelog.gz"
+chmod 644 "$doc/changelog.gz"
+
+# The snapshotter unit is wanted by containerd.service on purpose (a containerd started by hand still gets it).
+install -d -m755 "$root/usr/share/lintian/overrides"
+echo "$pkg: systemd-service-file-refers-to-unusual-wantedby-target containerd.service [lib/systemd/system/dedup-snapshotter.service]" \
+    >"$root/usr/share/lintian/overrides/$pkg"
+chmod 644 "$root/usr/share/lintian/overrides/$pkg"
 
 echo /etc/$pkg/config.toml >"$root/DEBIAN/conffiles"
 
@@ -141,8 +151,8 @@ cat >"$root/DEBIAN/postinst" <<'EOF'
 set -e
 if [ "$1" = configure ] && [ -d /run/systemd/system ]; then
     systemctl --system daemon-reload >/dev/null || true
-    if [ -n "$2" ]; then
-        systemctl try-restart dedup-snapshotter.service >/dev/null || true
+    if [ -n "$2" ] && command -v deb-systemd-invoke >/dev/null; then
+        deb-systemd-invoke try-restart dedup-snapshotter.service >/dev/null || true
     fi
 fi
 exit 0
@@ -150,8 +160,8 @@ EOF
 cat >"$root/DEBIAN/prerm" <<'EOF'
 #!/bin/sh
 set -e
-if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
-    systemctl stop dedup-snapshotter.service dedupd.service >/dev/null || true
+if [ "$1" = remove ] && [ -d /run/systemd/system ] && command -v deb-systemd-invoke >/dev/null; then
+    deb-systemd-invoke stop dedup-snapshotter.service dedupd.service >/dev/null || true
 fi
 exit 0
 EOF

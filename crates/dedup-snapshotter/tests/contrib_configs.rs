@@ -8,11 +8,15 @@
 //!   wrapper adds what a host's own config has (root, state, the gRPC socket, CRI's stream port, the opt dir). With
 //!   our daemon serving on that socket (started with `--config contrib/config.toml`, flags moving its paths),
 //!   `ctr plugins ls` must list `dedup`, `dedup-diff`, the diff and transfer services and CRI as `ok`, a snapshot
-//!   listing through containerd must reach the daemon, and CRI's own status (`Status` with `verbose`, what
-//!   `crictl info` prints) must show our snapshotter with annotations on.
+//!   listing through containerd must reach the daemon, CRI's `ImageFsInfo` must name the `dedup` snapshotter's
+//!   directory, and CRI's image settings must be ours as containerd decoded them (`containerd config dump`, which
+//!   drops misplaced keys) and as CRI runs with them: 1.7's `Status` with `verbose` (what `crictl info` prints)
+//!   shows them; 2.x shows only its runtime part there, and logs that annotations send it to the client-side
+//!   unpacker ("Falling back to local image pull mode").
 //! - **k3s** (`k3s/config-v3.toml.tmpl`): its only template action is `{{ template "base" . }}`; rendered with a
 //!   stand-in for k3s's v3 base (which owns CRI's tables, hence `--snapshotter=dedup` instead of a CRI table here)
-//!   it is valid TOML, and containerd 2.1 starts with it and loads the same plugins.
+//!   it is valid TOML, and containerd 2.1 starts with it, loads the same plugins and pulls for CRI through the
+//!   transfer service (annotations off, as k3s's base sets them).
 //! - **Kubernetes** (`kubernetes/daemonset.yaml`): parses as YAML (yaml-rust2); both containers privileged, running
 //!   the units' command lines; every path the daemons use is on a host mount, `/dev/fuse` is the host's, the mounts
 //!   the daemons make (`/run/dedupd/blobs`, the snapshotter's root) propagate back to the host (Bidirectional); the
@@ -316,6 +320,15 @@ struct Node {
     dir: TestDir,
 }
 
+/// A log file both of a child's output streams append to (appends do not overwrite each other).
+fn log_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+}
+
 fn wait_until(what: &str, timeout: Duration, child: &mut ChildGuard, log: &Path, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
@@ -354,8 +367,8 @@ impl Node {
             .arg("--containerd")
             .arg(dir.join("c.sock"))
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&dlog).unwrap())
-            .stderr(std::fs::File::create(&dlog).unwrap())
+            .stdout(log_file(&dlog))
+            .stderr(log_file(&dlog))
             .spawn()
             .expect("spawn dedup-snapshotter serve");
         let mut daemon = ChildGuard::new(child);
@@ -379,8 +392,8 @@ impl Node {
                 format!("{}:{}", bindir.display(), std::env::var("PATH").unwrap_or_default()),
             )
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&clog).unwrap())
-            .stderr(std::fs::File::create(&clog).unwrap())
+            .stdout(log_file(&clog))
+            .stderr(log_file(&clog))
             .spawn()
             .expect("spawn containerd");
         let mut containerd = ChildGuard::new(child);
@@ -879,7 +892,7 @@ fn kubernetes_daemonset_runs_both_daemons_with_host_mounts() {
             .arg(&sock)
             .args(["--differs", "none"])
             .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(log_file(&log))
             .spawn()
             .unwrap(),
     );
@@ -912,7 +925,7 @@ fn kubernetes_daemonset_runs_both_daemons_with_host_mounts() {
         Command::new(workspace_bin("dedupd"))
             .args(&moved)
             .stdin(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(log_file(&log))
             .spawn()
             .unwrap(),
     );

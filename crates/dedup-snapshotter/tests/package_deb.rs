@@ -135,7 +135,7 @@ fn package_installs_and_runs_on_a_fresh_bookworm() {
         "./etc/dedup-snapshotter/config.toml",
         "./usr/share/doc/dedup-snapshotter/README.md",
         "./usr/share/doc/dedup-snapshotter/copyright",
-        "./usr/share/doc/dedup-snapshotter/changelog.Debian.gz",
+        "./usr/share/doc/dedup-snapshotter/changelog.gz",
     ] {
         assert!(
             listing.lines().any(|l| l.split_whitespace().last() == Some(path)),
