@@ -116,6 +116,11 @@ impl<R: Read> VerifyingReader<R> {
         &self.expected
     }
 
+    /// The reader underneath, for a caller that hashes the data itself anyway.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
     /// True once the whole input was read and matched.
     pub fn is_verified(&self) -> bool {
         matches!(self.state, State::Verified)
