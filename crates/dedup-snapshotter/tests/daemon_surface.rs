@@ -298,9 +298,11 @@ fn units_pass_systemd_analyze_verify() {
         .args(&units)
         .output()
         .unwrap();
+    // Only what concerns our units counts: the host's own units may draw warnings of their own.
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("dedup")).collect();
     assert!(
-        out.status.success() && stderr.trim().is_empty(),
+        out.status.success() && ours.is_empty(),
         "systemd-analyze verify {units:?}: {}\n{stderr}",
         out.status
     );
