@@ -123,7 +123,11 @@ pub fn serve(cfg: Config) -> Result<()> {
         if stream {
             tracing::info!("tar layers streamed from the registry when a Prepare names them");
         }
-        Some(Arc::new(crate::lazy::Lazy::new(cfg.fetch_socket.clone(), client, stream)))
+        Some(Arc::new(crate::lazy::Lazy::new(
+            cfg.fetch_socket.clone(),
+            client,
+            stream,
+        )))
     } else {
         None
     };

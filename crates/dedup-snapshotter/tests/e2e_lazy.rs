@@ -1000,7 +1000,10 @@ fn cri_pull_falls_back_when_the_registry_or_dedupd_is_unreachable() {
     };
     // The pause image's layer and the sandbox's snapshot.
     let before = cri_snapshots();
-    for (phase, setup) in [("registry", "refuse_agent=dedup-snapshotter"), ("dedupd", "refuse_agent=")] {
+    for (phase, setup) in [
+        ("registry", "refuse_agent=dedup-snapshotter"),
+        ("dedupd", "refuse_agent="),
+    ] {
         l.proxy.config(setup);
         if phase == "dedupd" {
             l.dedupd.kill9();
@@ -1024,10 +1027,17 @@ fn cri_pull_falls_back_when_the_registry_or_dedupd_is_unreachable() {
             .lines()
             .filter(|x| x.contains("rpc=\"Apply\"") && x.contains("ok=true"))
             .count();
-        assert_eq!(applied, layers.len(), "[{phase}] our Diff service should have applied every layer:\n{log}");
+        assert_eq!(
+            applied,
+            layers.len(),
+            "[{phase}] our Diff service should have applied every layer:\n{log}"
+        );
         let content = l.env.ctr_in(CRI_NAMESPACE, &["content", "ls", "-q"]);
         for d in &layers {
-            assert!(content.contains(d.as_str()), "[{phase}] containerd did not download layer {d}");
+            assert!(
+                content.contains(d.as_str()),
+                "[{phase}] containerd did not download layer {d}"
+            );
         }
         // Every layer is local: no mount reads a dedupd file.
         let fuse = l.dedupd.dir.path().join("fuse").display().to_string();

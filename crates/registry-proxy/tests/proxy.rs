@@ -320,15 +320,9 @@ fn control_api() {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
-    assert_eq!(
-        proxy.request("GET", "/v2/", &[("User-Agent", "other/1.0")]).status,
-        200
-    );
+    assert_eq!(proxy.request("GET", "/v2/", &[("User-Agent", "other/1.0")]).status, 200);
     proxy.config("refuse_agent=");
-    assert_eq!(
-        proxy.request("GET", "/v2/", &[("User-Agent", "probe/1.0")]).status,
-        200
-    );
+    assert_eq!(proxy.request("GET", "/v2/", &[("User-Agent", "probe/1.0")]).status, 200);
 
     // A TLS ClientHello (a client trying HTTPS first) is refused at once.
     let mut s = TcpStream::connect(&proxy.addr).unwrap();

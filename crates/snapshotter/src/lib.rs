@@ -90,6 +90,5 @@ pub mod mounts;
 mod store;
 pub use store::{
     Attached, ChainStats, DedupSession, RemoteLayer, RemoteLayers, Snapshotter, StoreOptions, StoreStats,
-    StreamedLayer,
-    TARGET_SNAPSHOT_LABEL,
+    StreamedLayer, TARGET_SNAPSHOT_LABEL,
 };

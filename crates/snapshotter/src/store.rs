@@ -834,7 +834,10 @@ impl Snapshotter {
             bad = Some(format!("diffID {} but the image config says {d}", report.diff_id));
         }
         if let Some(why) = bad {
-            return Err(fail(Error::InvalidArgument(format!("streamed layer {digest}: {why}")), own));
+            return Err(fail(
+                Error::InvalidArgument(format!("streamed layer {digest}: {why}")),
+                own,
+            ));
         }
         if sink.is_some() {
             fsync_dir(&self.blob_dir()).map_err(|e| fail(internal(e), own))?;
