@@ -260,8 +260,9 @@ impl Snapshots for SnapshotsService {
         let measure = self.metrics.is_some();
         let converted = self
             .call_timed("Commit", &what, start, move |s| {
-                // Whether Commit converts is only known before it runs: the
-                // upper dir and any differ-written layer are gone afterwards.
+                // Whether Commit converts can only be seen before it runs (afterwards
+                // `layer.erofs` is there either way); the mounts lead to the snapshot's
+                // directory as they lead a differ to it. The store's API stays as it is.
                 let converts = measure && s.mounts(&r.key).is_ok_and(|m| commit_will_convert(&m));
                 s.commit(&r.name, &r.key, labels).map(|()| converts)
             })
