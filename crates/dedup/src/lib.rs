@@ -16,9 +16,14 @@
 //! layer streams through the converter; [`ChunkLookup`] is how it asks which chunks
 //! exist already (the snapshotter's persistent index, or [`MemoryIndex`]).
 //!
-//! Chunks are identified by SHA-256. A chunk digest decides which bytes a file of one
-//! image reads from a blob written for another image, so a collision would be a
-//! cross-image integrity failure: a fast non-cryptographic hash is not acceptable here.
+//! Chunks are identified by BLAKE3 (256-bit). A chunk digest decides which bytes a
+//! file of one image reads from a blob written for another image, so a collision would
+//! be a cross-image integrity failure: a fast non-cryptographic hash is not acceptable
+//! here. BLAKE3 is as collision-resistant as SHA-256 and about twice as fast on this
+//! path even against SHA extensions: it took a `--dedup` pull from 1.09x a plain one
+//! to 1.05x (see README). The digests never leave the node (the registry-facing chunk
+//! digests of lazy layers stay SHA-256); a store whose index was written with SHA-256
+//! keeps working, its old chunks are just not matched by new layers.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -27,9 +32,8 @@ use std::path::{Path, PathBuf};
 
 use erofs::format::DeviceSlot;
 use erofs::writer::{ChunkAddr, ChunkSink};
-use sha2::{Digest, Sha256};
 
-/// A chunk digest (SHA-256 of the chunk's bytes).
+/// A chunk digest (BLAKE3 of the chunk's bytes).
 pub type ChunkDigest = [u8; 32];
 
 /// Identifies a blob; its file is `<blob dir>/<blob_name(id)>`.
@@ -153,6 +157,8 @@ pub struct BlobSink<'a> {
     path: PathBuf,
     out: Option<BufWriter<File>>,
     next_block: u32,
+    /// Bytes of the own blob whose writeback has been started.
+    flushed_to: u64,
     own: HashMap<ChunkDigest, u32>,
     own_list: Vec<(ChunkDigest, u32)>,
     /// Blob -> device number, and the order devices were first used.
@@ -171,6 +177,7 @@ impl<'a> BlobSink<'a> {
             path: dir.join(blob_name(id)),
             out: None,
             next_block: 0,
+            flushed_to: 0,
             own: HashMap::new(),
             own_list: Vec::new(),
             device_of: HashMap::new(),
@@ -220,6 +227,33 @@ impl<'a> BlobSink<'a> {
             .collect()
     }
 
+    /// Starts writeback of the own blob every 32 MiB (`sync_file_range`), as the
+    /// layer converter does for the image: the disk works while the conversion goes
+    /// on, and the final fsync has little left to wait for (a layer's whole blob
+    /// flushed at the end cost a `--dedup` Apply ~20% more than a plain one).
+    fn start_writeback(&mut self) -> io::Result<()> {
+        const STEP: u64 = 32 << 20;
+        let written = u64::from(self.next_block) * BLOCK_SIZE;
+        let Some(out) = self.out.as_mut() else { return Ok(()) };
+        if written < self.flushed_to + STEP {
+            return Ok(());
+        }
+        out.flush()?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on a file descriptor we own; no memory is passed. A
+        // failure only means the final fsync does all the work, so it is ignored.
+        unsafe {
+            libc::sync_file_range(
+                out.get_ref().as_raw_fd(),
+                self.flushed_to as libc::off64_t,
+                (written - self.flushed_to) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        self.flushed_to = written;
+        Ok(())
+    }
+
     /// Flushes the own blob (and fsyncs it when `fsync`) and reports.
     pub fn finish(mut self, fsync: bool) -> io::Result<SinkReport> {
         if let Some(out) = self.out.take() {
@@ -257,7 +291,7 @@ impl ChunkSink for BlobSink<'_> {
             self.report.zero_bytes += len;
             return Ok(ChunkAddr::HOLE);
         }
-        let digest: ChunkDigest = Sha256::digest(data).into();
+        let digest: ChunkDigest = blake3::hash(data).into();
         if let Some(&blkaddr) = self.own.get(&digest) {
             self.report.repeated_bytes += len;
             let device = self.device(self.id)?;
@@ -290,6 +324,7 @@ impl ChunkSink for BlobSink<'_> {
         self.report.written_bytes += blocks * BLOCK_SIZE;
         self.own.insert(digest, blkaddr);
         self.own_list.push((digest, blkaddr));
+        self.start_writeback()?;
         Ok(ChunkAddr { device, blkaddr })
     }
 

@@ -4,7 +4,7 @@
 //! ```text
 //! blobs/<16 hex>          a blob: block-aligned chunks, an extra EROFS device
 //! table blobs             id -> {blocks, refs}
-//! table chunks            sha256 -> (blob id, first block)     the chunk index
+//! table chunks            blake3 -> (blob id, first block)     the chunk index
 //! table blob_chunks       id -> the digests it holds           (to drop them with it)
 //! ```
 //!
