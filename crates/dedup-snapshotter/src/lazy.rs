@@ -24,6 +24,15 @@ pub const IMAGE_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
 /// The digest of the (platform) manifest that lists the layer.
 pub const MANIFEST_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.manifest-digest";
 
+/// The layer digest, image reference and manifest digest CRI's labels name, if all are there.
+fn cri_labels(labels: &BTreeMap<String, String>) -> Option<(&String, &String, &String)> {
+    Some((
+        labels.get(LAYER_DIGEST_LABEL)?,
+        labels.get(IMAGE_REF_LABEL)?,
+        labels.get(MANIFEST_DIGEST_LABEL)?,
+    ))
+}
+
 /// Lazy layers served through a fetch daemon, and layers streamed from the registry.
 pub struct Lazy {
     registry: registry::Client,
@@ -116,11 +125,7 @@ impl Lazy {
 
 impl RemoteLayers for Lazy {
     fn resolve(&self, labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>, String> {
-        let (Some(digest), Some(image_ref), Some(manifest)) = (
-            labels.get(LAYER_DIGEST_LABEL),
-            labels.get(IMAGE_REF_LABEL),
-            labels.get(MANIFEST_DIGEST_LABEL),
-        ) else {
+        let Some((digest, image_ref, manifest)) = cri_labels(labels) else {
             return Ok(None);
         };
         let layers = self.layers(image_ref, manifest)?;
@@ -186,11 +191,7 @@ impl RemoteLayers for Lazy {
         if !self.stream {
             return Ok(None);
         }
-        let (Some(digest), Some(image_ref), Some(manifest)) = (
-            labels.get(LAYER_DIGEST_LABEL),
-            labels.get(IMAGE_REF_LABEL),
-            labels.get(MANIFEST_DIGEST_LABEL),
-        ) else {
+        let Some((digest, image_ref, manifest)) = cri_labels(labels) else {
             return Ok(None);
         };
         let layers = self.layers(image_ref, manifest)?;

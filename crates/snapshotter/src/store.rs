@@ -699,13 +699,7 @@ impl Snapshotter {
             Err(e) => return Err(Error::Unavailable(e)),
         };
         let parents = self.committed_parents(parent)?;
-        let id = {
-            let _g = self.lock.lock().unwrap();
-            let txn = self.db.begin_write().map_err(internal)?;
-            let id = next_counter(&txn, "next_id")?;
-            txn.commit().map_err(internal)?;
-            id
-        };
+        let id = self.new_id()?;
         // As in Commit: directory, then mount, then record; start-up removes what a
         // crash leaves without a record.
         self.stage_dir(id, &parents).map_err(internal)?;
@@ -729,22 +723,7 @@ impl Snapshotter {
         }
         // The inode count is in the superblock, which the mount has read already.
         rec.inodes = rustix::fs::statfs(self.mountpoint(id)).map_or(0, |st| st.f_files as i64);
-        let _g = self.lock.lock().unwrap();
-        let res = (|| {
-            if self.find_target(target, parent)?.is_some() {
-                return Err(Error::AlreadyExists(format!("snapshot {target:?}")));
-            }
-            if self.get(key)?.is_some() {
-                return Err(Error::Internal(format!("snapshot {key:?} exists")));
-            }
-            let txn = self.db.begin_write().map_err(internal)?;
-            {
-                let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-                t.insert(key, serde_json::to_vec(&rec).map_err(internal)?.as_slice())
-                    .map_err(internal)?;
-            }
-            txn.commit().map_err(internal)
-        })();
+        let res = self.record_prepared(key, target, &rec, None);
         match res {
             Ok(()) => {
                 tracing::info!(key, target, digest = %layer.digest, id, "lazy layer committed");
@@ -781,13 +760,7 @@ impl Snapshotter {
     ) -> Result<bool> {
         let started = std::time::Instant::now();
         let parents = self.committed_parents(parent)?;
-        let id = {
-            let _g = self.lock.lock().unwrap();
-            let txn = self.db.begin_write().map_err(internal)?;
-            let id = next_counter(&txn, "next_id")?;
-            txn.commit().map_err(internal)?;
-            id
-        };
+        let id = self.new_id()?;
         self.stage_dir(id, &parents).map_err(internal)?;
         let blob = self.dir(id).join("layer.erofs");
         let opts = layer_convert::Options {
@@ -862,26 +835,7 @@ impl Snapshotter {
         };
         self.mount_layer(&rec)
             .map_err(|e| fail(Error::Internal(format!("mounting {}: {e}", blob.display())), own))?;
-        let guard = self.lock.lock().unwrap();
-        let res = (|| {
-            if self.find_target(target, parent)?.is_some() {
-                return Err(Error::AlreadyExists(format!("snapshot {target:?}")));
-            }
-            if self.get(key)?.is_some() {
-                return Err(Error::Internal(format!("snapshot {key:?} exists")));
-            }
-            let txn = self.db.begin_write().map_err(internal)?;
-            if let Some(report) = &sink {
-                blobs::record(&txn, report)?;
-            }
-            {
-                let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-                t.insert(key, serde_json::to_vec(&rec).map_err(internal)?.as_slice())
-                    .map_err(internal)?;
-            }
-            txn.commit().map_err(internal)
-        })();
-        drop(guard);
+        let res = self.record_prepared(key, target, &rec, sink.as_ref());
         drop(session);
         match res {
             Ok(()) => {
@@ -902,6 +856,37 @@ impl Snapshotter {
             }
             Err(e) => Err(fail(e, own)),
         }
+    }
+
+    /// A new snapshot id, for a layer whose record is written only once it is ready.
+    fn new_id(&self) -> Result<u64> {
+        let _g = self.lock.lock().unwrap();
+        let txn = self.db.begin_write().map_err(internal)?;
+        let id = next_counter(&txn, "next_id")?;
+        txn.commit().map_err(internal)?;
+        Ok(id)
+    }
+
+    /// Records a layer made at Prepare (lazy or streamed) as committed `key`, with the
+    /// blobs it names; AlreadyExists when another Prepare made the same target meanwhile.
+    fn record_prepared(&self, key: &str, target: &str, rec: &Record, blobs: Option<&SinkReport>) -> Result<()> {
+        let _g = self.lock.lock().unwrap();
+        if self.find_target(target, &rec.parent)?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {target:?}")));
+        }
+        if self.get(key)?.is_some() {
+            return Err(Error::Internal(format!("snapshot {key:?} exists")));
+        }
+        let txn = self.db.begin_write().map_err(internal)?;
+        if let Some(report) = blobs {
+            blobs::record(&txn, report)?;
+        }
+        {
+            let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
+            t.insert(key, serde_json::to_vec(rec).map_err(internal)?.as_slice())
+                .map_err(internal)?;
+        }
+        txn.commit().map_err(internal)
     }
 
     /// The ids of `parent`'s chain, checking that it is committed.
