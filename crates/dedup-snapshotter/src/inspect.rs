@@ -349,16 +349,20 @@ fn format_uuid(u: &[u8; 16]) -> String {
 
 /// Names of the feature bits set, with any unknown bits in hex.
 fn feature_names(sb: &SuperBlock) -> Vec<String> {
-    const COMPAT: &[(u32, &str)] = &[(format::FEATURE_COMPAT_SB_CHKSUM, "sb_csum"), (0x2, "mtime")];
+    const COMPAT: &[(u32, &str)] = &[
+        (format::FEATURE_COMPAT_SB_CHKSUM, "sb_csum"),
+        (format::FEATURE_COMPAT_MTIME, "mtime"),
+    ];
     const INCOMPAT: &[(u32, &str)] = &[
-        (0x1, "zero_padding"),
-        (0x2, "compr_cfgs"),
+        (format::FEATURE_INCOMPAT_ZERO_PADDING, "zero_padding"),
+        (format::FEATURE_INCOMPAT_COMPR_CFGS, "compr_cfgs"),
         (format::FEATURE_INCOMPAT_CHUNKED_FILE, "chunked_file"),
         (format::FEATURE_INCOMPAT_DEVICE_TABLE, "device_table"),
-        (0x10, "ztailpacking"),
-        (0x20, "fragments"),
-        (0x40, "dedupe"),
-        (0x80, "xattr_prefixes"),
+        (format::FEATURE_INCOMPAT_ZTAILPACKING, "ztailpacking"),
+        (format::FEATURE_INCOMPAT_FRAGMENTS, "fragments"),
+        (format::FEATURE_INCOMPAT_XATTR_PREFIXES, "xattr_prefixes"),
+        (format::FEATURE_INCOMPAT_48BIT, "48bit"),
+        (format::FEATURE_INCOMPAT_METABOX, "metabox"),
     ];
     let mut names = Vec::new();
     for (bits, table, kind) in [

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use erofs::format::{LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN};
+use erofs::format::DataLayout;
 use erofs::reader::{FileKind, Image};
 use serde::Serialize;
 
@@ -184,9 +184,9 @@ impl DataMap {
             }
             let size = e.inode.size;
             let blocks = match e.inode.layout {
-                LAYOUT_FLAT_PLAIN => size.div_ceil(BLOCK),
+                DataLayout::FlatPlain => size.div_ceil(BLOCK),
                 // The tail lives in the inode's metadata block: only the full blocks are file data.
-                LAYOUT_FLAT_INLINE => size / BLOCK,
+                DataLayout::FlatInline => size / BLOCK,
                 // Chunk-based or compressed data is not what convert-image writes; nothing to map.
                 _ => 0,
             };

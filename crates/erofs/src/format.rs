@@ -4,51 +4,410 @@
 //! the layout is the contract with the kernel, so it is spelled out field by field
 //! with its byte offset rather than left to a `repr(C)` struct and `unsafe` casts.
 
-/// Byte offset of the superblock inside block 0.
+use std::mem::{offset_of, size_of};
+
+/// Byte offset of the superblock inside block 0 (room for x86 boot sectors).
 pub const SUPER_OFFSET: u64 = 1024;
-/// Superblock magic number.
+/// Superblock magic number (`EROFS_SUPER_MAGIC_V1`).
 pub const SUPER_MAGIC: u32 = 0xE0F5_E1E2;
-/// Size of the base superblock.
-pub const SUPER_SIZE: usize = 128;
+/// log2 of [`BLOCK_SIZE`].
+pub const BLKSZBITS: u8 = 12;
+/// The block size this project writes: 4 KiB, the page size the kernel wants on the
+/// platforms we run on. The reader accepts any size the kernel does (see the superblock's
+/// `blkszbits`).
+pub const BLOCK_SIZE: u64 = 1 << BLKSZBITS;
 /// Inode slots are 32 bytes: `nid * 32` is an inode's offset from `meta_blkaddr`.
 pub const ISLOT_BITS: u32 = 5;
-/// Size of a compact inode.
-pub const COMPACT_INODE_SIZE: usize = 32;
-/// Size of an extended inode.
-pub const EXTENDED_INODE_SIZE: usize = 64;
-/// Size of a directory entry record.
-pub const DIRENT_SIZE: usize = 12;
 /// Longest file name the kernel accepts.
 pub const NAME_LEN: usize = 255;
-/// Size of the inline xattr body header.
-pub const XATTR_IBODY_HEADER_SIZE: usize = 12;
-/// Size of an xattr entry header (before name and value).
-pub const XATTR_ENTRY_SIZE: usize = 4;
-/// Size of a device table slot.
-pub const DEVICE_SLOT_SIZE: usize = 128;
-/// Size of a chunk index entry (chunk-based files with a device table).
-pub const CHUNK_INDEX_SIZE: usize = 8;
+/// A block address meaning "no block": a hole in a chunk index or block map, and the
+/// `raw_blkaddr` of files without data blocks. `EROFS_NULL_ADDR` is -1, and the
+/// address fields this project uses are 32 bits wide.
+pub const NULL_ADDR: u32 = u32::MAX;
 
-/// Superblock checksum is present (`feature_compat`).
+/// Superblock checksum is present (`EROFS_FEATURE_COMPAT_SB_CHKSUM`).
 pub const FEATURE_COMPAT_SB_CHKSUM: u32 = 0x1;
-/// Chunk-based files (`feature_incompat`).
+/// Compact inodes carry their own mtime (`EROFS_FEATURE_COMPAT_MTIME`).
+pub const FEATURE_COMPAT_MTIME: u32 = 0x2;
+
+/// Compressed data is zero-padded at the front (`EROFS_FEATURE_INCOMPAT_ZERO_PADDING`).
+pub const FEATURE_INCOMPAT_ZERO_PADDING: u32 = 0x1;
+/// Compression configurations follow the superblock (`EROFS_FEATURE_INCOMPAT_COMPR_CFGS`);
+/// the same bit as `BIG_PCLUSTER`.
+pub const FEATURE_INCOMPAT_COMPR_CFGS: u32 = 0x2;
+/// Chunk-based files (`EROFS_FEATURE_INCOMPAT_CHUNKED_FILE`).
 pub const FEATURE_INCOMPAT_CHUNKED_FILE: u32 = 0x4;
-/// Extra devices and a device table (`feature_incompat`).
+/// Extra devices and a device table (`EROFS_FEATURE_INCOMPAT_DEVICE_TABLE`); the same bit
+/// as `COMPR_HEAD2`, which only means something to compressed inodes.
 pub const FEATURE_INCOMPAT_DEVICE_TABLE: u32 = 0x8;
+/// Compressed tails packed after the inode (`EROFS_FEATURE_INCOMPAT_ZTAILPACKING`).
+pub const FEATURE_INCOMPAT_ZTAILPACKING: u32 = 0x10;
+/// Compressed fragments in a packed inode (`EROFS_FEATURE_INCOMPAT_FRAGMENTS`).
+pub const FEATURE_INCOMPAT_FRAGMENTS: u32 = 0x20;
+/// Long xattr name prefixes (`EROFS_FEATURE_INCOMPAT_XATTR_PREFIXES`).
+pub const FEATURE_INCOMPAT_XATTR_PREFIXES: u32 = 0x40;
+/// 48-bit block addresses (`EROFS_FEATURE_INCOMPAT_48BIT`).
+pub const FEATURE_INCOMPAT_48BIT: u32 = 0x80;
+/// Metadata in a metabox inode (`EROFS_FEATURE_INCOMPAT_METABOX`).
+pub const FEATURE_INCOMPAT_METABOX: u32 = 0x100;
+/// The incompatible features the reader understands and the writer may set. An image
+/// with any other bit needs a decoder this crate does not have: reading it as if the bit
+/// were clear would misread addresses or names, so the reader refuses it instead.
+/// Compressed images are outside it (compressed inodes are refused one by one too, for
+/// images old enough to have no compression bit).
+pub const FEATURE_INCOMPAT_SUPPORTED: u32 = FEATURE_INCOMPAT_CHUNKED_FILE | FEATURE_INCOMPAT_DEVICE_TABLE;
 
-/// `i_format` bit 0: 0 = compact, 1 = extended inode.
+/// `i_format` bit 0: 0 = compact, 1 = extended inode (`EROFS_INODE_LAYOUT_EXTENDED`).
 pub const INODE_LAYOUT_EXTENDED: u16 = 1;
-/// Data layouts (`i_format` bits 1..=3).
-pub const LAYOUT_FLAT_PLAIN: u16 = 0;
-/// Full blocks plus a tail packed right after the inode and its xattrs.
-pub const LAYOUT_FLAT_INLINE: u16 = 2;
-/// Data in chunks addressed by a per-inode index.
-pub const LAYOUT_CHUNK_BASED: u16 = 4;
+/// `i_format` bits 1..=3 hold the data layout (`EROFS_I_DATALAYOUT_BIT`).
+pub const INODE_DATALAYOUT_BIT: u16 = 1;
+/// Mask of the data layout after shifting (`EROFS_I_DATALAYOUT_MASK`).
+pub const INODE_DATALAYOUT_MASK: u16 = 0x7;
 
-/// Chunk format flag: the index holds 8-byte entries with a device id.
+/// Where an inode's data is (`i_format` bits 1..=3; erofs_fs.h's `EROFS_INODE_*`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u16)]
+pub enum DataLayout {
+    /// Contiguous blocks from `raw_blkaddr`, the last one padded (`EROFS_INODE_FLAT_PLAIN`).
+    #[default]
+    FlatPlain = 0,
+    /// Compressed, with full lcluster indexes (`EROFS_INODE_COMPRESSED_FULL`).
+    CompressedFull = 1,
+    /// Full blocks plus a tail packed right after the inode and its xattrs
+    /// (`EROFS_INODE_FLAT_INLINE`).
+    FlatInline = 2,
+    /// Compressed, with compacted lcluster indexes (`EROFS_INODE_COMPRESSED_COMPACT`).
+    CompressedCompact = 3,
+    /// Data in chunks addressed by a per-inode index (`EROFS_INODE_CHUNK_BASED`).
+    ChunkBased = 4,
+}
+
+impl DataLayout {
+    /// The layout with this on-disk number; `None` for the reserved 5..=7.
+    pub const fn from_raw(v: u16) -> Option<DataLayout> {
+        Some(match v {
+            0 => DataLayout::FlatPlain,
+            1 => DataLayout::CompressedFull,
+            2 => DataLayout::FlatInline,
+            3 => DataLayout::CompressedCompact,
+            4 => DataLayout::ChunkBased,
+            _ => return None,
+        })
+    }
+
+    /// The on-disk number.
+    pub const fn raw(self) -> u16 {
+        self as u16
+    }
+
+    /// Whether the data is compressed (`erofs_inode_is_data_compressed`).
+    pub const fn is_compressed(self) -> bool {
+        matches!(self, DataLayout::CompressedFull | DataLayout::CompressedCompact)
+    }
+}
+
+/// Chunk format (`i_u.c.format`): the index holds 8-byte [`ChunkIndex`] entries with a
+/// device id rather than a 4-byte block map (`EROFS_CHUNK_FORMAT_INDEXES`).
 pub const CHUNK_FORMAT_INDEXES: u16 = 0x20;
-/// Chunk format: low 5 bits are log2(chunk size) - block size bits.
+/// Chunk format: low 5 bits are log2(chunk size) - block size bits
+/// (`EROFS_CHUNK_FORMAT_BLKBITS_MASK`).
 pub const CHUNK_FORMAT_BLKBITS_MASK: u16 = 0x1f;
+/// The chunk format bits this crate knows; 48-bit chunk addresses are not among them.
+pub const CHUNK_FORMAT_ALL: u16 = CHUNK_FORMAT_INDEXES | CHUNK_FORMAT_BLKBITS_MASK;
+/// Size of a block map entry: the 4-byte block address array chunk-based files use
+/// without `CHUNK_FORMAT_INDEXES` (`EROFS_BLOCK_MAP_ENTRY_SIZE`).
+pub const BLOCK_MAP_ENTRY_SIZE: usize = 4;
+
+/// The on-disk structures, field by field as erofs_fs.h declares them.
+///
+/// Fields are byte arrays (little-endian on disk), so the structs have alignment 1 and no
+/// padding: their sizes and field offsets are exactly the on-disk ones. The codecs below
+/// take every offset from here (`offset_of!`) and every size is checked at compile time
+/// against erofs_fs.h, so a misplaced field cannot go unnoticed. They are never read or
+/// written through a cast; they only describe the layout.
+pub mod raw {
+    type Le16 = [u8; 2];
+    type Le32 = [u8; 4];
+    type Le64 = [u8; 8];
+
+    /// `struct erofs_super_block`, the 128 bytes every version has. Newer formats put
+    /// fields of the 48-bit and metabox features into `reserved2`; images using them carry
+    /// incompatible feature bits, which the reader refuses.
+    #[repr(C)]
+    pub struct SuperBlock {
+        /// `magic`
+        pub magic: Le32,
+        /// `checksum`: crc32c of the superblock block from byte 1024.
+        pub checksum: Le32,
+        /// `feature_compat`
+        pub feature_compat: Le32,
+        /// `blkszbits`
+        pub blkszbits: u8,
+        /// `sb_extslots`: 16-byte slots following the superblock.
+        pub sb_extslots: u8,
+        /// `root_nid` (`rootnid_2b`)
+        pub root_nid: Le16,
+        /// `inos`
+        pub inos: Le64,
+        /// `build_time` (`epoch`)
+        pub build_time: Le64,
+        /// `build_time_nsec` (`fixed_nsec`)
+        pub build_time_nsec: Le32,
+        /// `blocks` (`blocks_lo`)
+        pub blocks: Le32,
+        /// `meta_blkaddr`
+        pub meta_blkaddr: Le32,
+        /// `xattr_blkaddr`
+        pub xattr_blkaddr: Le32,
+        /// `uuid`
+        pub uuid: [u8; 16],
+        /// `volume_name`
+        pub volume_name: [u8; 16],
+        /// `feature_incompat`
+        pub feature_incompat: Le32,
+        /// `available_compr_algs` / `lz4_max_distance`
+        pub u1: Le16,
+        /// `extra_devices`
+        pub extra_devices: Le16,
+        /// `devt_slotoff`
+        pub devt_slotoff: Le16,
+        /// `dirblkbits`
+        pub dirblkbits: u8,
+        /// `xattr_prefix_count`
+        pub xattr_prefix_count: u8,
+        /// `xattr_prefix_start`
+        pub xattr_prefix_start: Le32,
+        /// `packed_nid`
+        pub packed_nid: Le64,
+        /// `xattr_filter_reserved`
+        pub xattr_filter_reserved: u8,
+        /// `reserved`
+        pub reserved: [u8; 3],
+        /// Reserved here; `build_time`, `rootnid_8b` and `reserved2` in newer formats.
+        pub reserved2: [u8; 20],
+    }
+
+    /// `struct erofs_inode_compact`
+    #[repr(C)]
+    pub struct InodeCompact {
+        /// `i_format`
+        pub i_format: Le16,
+        /// `i_xattr_icount`
+        pub i_xattr_icount: Le16,
+        /// `i_mode`
+        pub i_mode: Le16,
+        /// `i_nlink` (`i_nb`)
+        pub i_nlink: Le16,
+        /// `i_size`
+        pub i_size: Le32,
+        /// `i_mtime` in newer formats (with `FEATURE_COMPAT_MTIME`), reserved before.
+        pub i_mtime: Le32,
+        /// `i_u`: `raw_blkaddr`, `rdev` or the chunk info.
+        pub i_u: Le32,
+        /// `i_ino`
+        pub i_ino: Le32,
+        /// `i_uid`
+        pub i_uid: Le16,
+        /// `i_gid`
+        pub i_gid: Le16,
+        /// `i_reserved`
+        pub i_reserved: Le32,
+    }
+
+    /// `struct erofs_inode_extended`
+    #[repr(C)]
+    pub struct InodeExtended {
+        /// `i_format`
+        pub i_format: Le16,
+        /// `i_xattr_icount`
+        pub i_xattr_icount: Le16,
+        /// `i_mode`
+        pub i_mode: Le16,
+        /// `i_nb` (reserved here)
+        pub i_nb: Le16,
+        /// `i_size`
+        pub i_size: Le64,
+        /// `i_u`: `raw_blkaddr`, `rdev` or the chunk info.
+        pub i_u: Le32,
+        /// `i_ino`
+        pub i_ino: Le32,
+        /// `i_uid`
+        pub i_uid: Le32,
+        /// `i_gid`
+        pub i_gid: Le32,
+        /// `i_mtime`
+        pub i_mtime: Le64,
+        /// `i_mtime_nsec`
+        pub i_mtime_nsec: Le32,
+        /// `i_nlink`
+        pub i_nlink: Le32,
+        /// `i_reserved2`
+        pub i_reserved2: [u8; 16],
+    }
+
+    /// `struct erofs_inode_chunk_info`, the `i_u` of chunk-based inodes.
+    #[repr(C)]
+    pub struct ChunkInfo {
+        /// `format`: `CHUNK_FORMAT_*`.
+        pub format: Le16,
+        /// `reserved`
+        pub reserved: Le16,
+    }
+
+    /// `struct erofs_inode_chunk_index`
+    #[repr(C)]
+    pub struct ChunkIndex {
+        /// `startblk_hi` (48-bit addressing only; `advise` before).
+        pub startblk_hi: Le16,
+        /// `device_id`
+        pub device_id: Le16,
+        /// `startblk_lo` (`blkaddr`)
+        pub startblk_lo: Le32,
+    }
+
+    /// `struct erofs_dirent`
+    #[repr(C)]
+    pub struct Dirent {
+        /// `nid`
+        pub nid: Le64,
+        /// `nameoff`
+        pub nameoff: Le16,
+        /// `file_type`
+        pub file_type: u8,
+        /// `reserved`
+        pub reserved: u8,
+    }
+
+    /// `struct erofs_xattr_ibody_header`, followed by `h_shared_count` 4-byte ids.
+    #[repr(C)]
+    pub struct XattrIbodyHeader {
+        /// `h_name_filter` (`h_reserved` before the xattr filter feature).
+        pub h_name_filter: Le32,
+        /// `h_shared_count`
+        pub h_shared_count: u8,
+        /// `h_reserved2`
+        pub h_reserved2: [u8; 7],
+    }
+
+    /// `struct erofs_xattr_entry`, followed by the name suffix and the value.
+    #[repr(C)]
+    pub struct XattrEntry {
+        /// `e_name_len`
+        pub e_name_len: u8,
+        /// `e_name_index`
+        pub e_name_index: u8,
+        /// `e_value_size`
+        pub e_value_size: Le16,
+    }
+
+    /// `struct erofs_deviceslot`
+    #[repr(C)]
+    pub struct DeviceSlot {
+        /// `tag`
+        pub tag: [u8; 64],
+        /// `blocks_lo`
+        pub blocks: Le32,
+        /// `uniaddr_lo` (`mapped_blkaddr`)
+        pub mapped_blkaddr: Le32,
+        /// `blocks_hi` (48-bit addressing only)
+        pub blocks_hi: Le32,
+        /// `uniaddr_hi` (48-bit addressing only)
+        pub uniaddr_hi: Le16,
+        /// `reserved`
+        pub reserved: [u8; 50],
+    }
+}
+
+// The sizes erofs_fs.h checks with BUILD_BUG_ON (erofs_check_ondisk_layout_definitions).
+const _: () = assert!(size_of::<raw::SuperBlock>() == 128);
+const _: () = assert!(size_of::<raw::InodeCompact>() == 32);
+const _: () = assert!(size_of::<raw::InodeExtended>() == 64);
+const _: () = assert!(size_of::<raw::ChunkInfo>() == 4);
+const _: () = assert!(size_of::<raw::ChunkIndex>() == 8);
+const _: () = assert!(size_of::<raw::Dirent>() == 12);
+const _: () = assert!(size_of::<raw::XattrIbodyHeader>() == 12);
+const _: () = assert!(size_of::<raw::XattrEntry>() == 4);
+const _: () = assert!(size_of::<raw::DeviceSlot>() == 128);
+// Offsets the kernel and mkfs.erofs agree on, as a second check on the field lists.
+const _: () = assert!(offset_of!(raw::SuperBlock, root_nid) == 14);
+const _: () = assert!(offset_of!(raw::SuperBlock, feature_incompat) == 80);
+const _: () = assert!(offset_of!(raw::SuperBlock, devt_slotoff) == 88);
+const _: () = assert!(offset_of!(raw::SuperBlock, packed_nid) == 96);
+const _: () = assert!(offset_of!(raw::InodeCompact, i_u) == 16);
+const _: () = assert!(offset_of!(raw::InodeExtended, i_u) == 16);
+const _: () = assert!(offset_of!(raw::InodeExtended, i_nlink) == 44);
+const _: () = assert!(offset_of!(raw::DeviceSlot, mapped_blkaddr) == 68);
+// The kernel reads the superblock as one block from byte 1024.
+const _: () = assert!(SUPER_OFFSET as usize + SUPER_SIZE <= BLOCK_SIZE as usize);
+
+/// Size of the base superblock.
+pub const SUPER_SIZE: usize = size_of::<raw::SuperBlock>();
+/// Size of a compact inode.
+pub const COMPACT_INODE_SIZE: usize = size_of::<raw::InodeCompact>();
+/// Size of an extended inode.
+pub const EXTENDED_INODE_SIZE: usize = size_of::<raw::InodeExtended>();
+/// Size of a directory entry record.
+pub const DIRENT_SIZE: usize = size_of::<raw::Dirent>();
+/// Size of the inline xattr body header.
+pub const XATTR_IBODY_HEADER_SIZE: usize = size_of::<raw::XattrIbodyHeader>();
+/// Size of an xattr entry header (before name and value).
+pub const XATTR_ENTRY_SIZE: usize = size_of::<raw::XattrEntry>();
+/// Size of a device table slot.
+pub const DEVICE_SLOT_SIZE: usize = size_of::<raw::DeviceSlot>();
+/// Size of a chunk index entry (chunk-based files with a device table).
+pub const CHUNK_INDEX_SIZE: usize = size_of::<raw::ChunkIndex>();
+
+/// Why bytes could not be decoded as a format structure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Fewer bytes than the structure needs.
+    #[error("{what} is truncated: {got} bytes, needs {need}")]
+    Truncated {
+        /// The structure.
+        what: &'static str,
+        /// Bytes it needs.
+        need: usize,
+        /// Bytes given.
+        got: usize,
+    },
+    /// The superblock magic is wrong: not an EROFS image (or not at this offset).
+    #[error("bad superblock magic {0:#010x} (expected {SUPER_MAGIC:#010x})")]
+    BadMagic(u32),
+    /// An inode's data layout is one of the reserved values.
+    #[error("unknown data layout {0}")]
+    UnknownLayout(u16),
+}
+
+/// The first `N` bytes of `b`, or why there are not that many.
+fn fixed<'a, const N: usize>(b: &'a [u8], what: &'static str) -> Result<&'a [u8; N], DecodeError> {
+    b.get(..N)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(DecodeError::Truncated {
+            what,
+            need: N,
+            got: b.len(),
+        })
+}
+
+/// Copies `N` bytes at `off`; `off + N` is within the structure by construction
+/// (offsets come from `offset_of!` on the raw structs, whose sizes are the array sizes).
+fn get<const N: usize, const S: usize>(b: &[u8; S], off: usize) -> [u8; N] {
+    let mut v = [0u8; N];
+    v.copy_from_slice(&b[off..off + N]);
+    v
+}
+fn le16<const S: usize>(b: &[u8; S], off: usize) -> u16 {
+    u16::from_le_bytes(get(b, off))
+}
+fn le32<const S: usize>(b: &[u8; S], off: usize) -> u32 {
+    u32::from_le_bytes(get(b, off))
+}
+fn le64<const S: usize>(b: &[u8; S], off: usize) -> u64 {
+    u64::from_le_bytes(get(b, off))
+}
+fn put(b: &mut [u8], off: usize, v: &[u8]) {
+    b[off..off + v.len()].copy_from_slice(v);
+}
 
 /// Directory entry file types.
 pub mod ft {
@@ -190,16 +549,6 @@ pub const fn decode_dev(dev: u32) -> (u32, u32) {
     ((dev & 0xfff00) >> 8, (dev & 0xff) | ((dev >> 12) & 0xfff00))
 }
 
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
-}
-fn le64(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
-}
-
 /// The superblock (the fields this project uses; the rest are written as zero).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SuperBlock {
@@ -240,52 +589,71 @@ pub struct SuperBlock {
 impl SuperBlock {
     /// Encodes into the 128-byte on-disk form.
     pub fn encode(&self) -> [u8; SUPER_SIZE] {
+        use raw::SuperBlock as R;
         let mut b = [0u8; SUPER_SIZE];
-        b[0..4].copy_from_slice(&SUPER_MAGIC.to_le_bytes());
-        b[4..8].copy_from_slice(&self.checksum.to_le_bytes());
-        b[8..12].copy_from_slice(&self.feature_compat.to_le_bytes());
-        b[12] = self.blkszbits;
-        b[13] = 0; // sb_extslots
-        b[14..16].copy_from_slice(&self.root_nid.to_le_bytes());
-        b[16..24].copy_from_slice(&self.inos.to_le_bytes());
-        b[24..32].copy_from_slice(&self.build_time.to_le_bytes());
-        b[32..36].copy_from_slice(&self.build_time_nsec.to_le_bytes());
-        b[36..40].copy_from_slice(&self.blocks.to_le_bytes());
-        b[40..44].copy_from_slice(&self.meta_blkaddr.to_le_bytes());
-        b[44..48].copy_from_slice(&self.xattr_blkaddr.to_le_bytes());
-        b[48..64].copy_from_slice(&self.uuid);
-        b[64..80].copy_from_slice(&self.volume_name);
-        b[80..84].copy_from_slice(&self.feature_incompat.to_le_bytes());
-        // 84..86: available_compr_algs / lz4_max_distance (no compression)
-        b[86..88].copy_from_slice(&self.extra_devices.to_le_bytes());
-        b[88..90].copy_from_slice(&self.devt_slotoff.to_le_bytes());
-        b[90] = self.dirblkbits;
+        put(&mut b, offset_of!(R, magic), &SUPER_MAGIC.to_le_bytes());
+        put(&mut b, offset_of!(R, checksum), &self.checksum.to_le_bytes());
+        put(
+            &mut b,
+            offset_of!(R, feature_compat),
+            &self.feature_compat.to_le_bytes(),
+        );
+        b[offset_of!(R, blkszbits)] = self.blkszbits;
+        put(&mut b, offset_of!(R, root_nid), &self.root_nid.to_le_bytes());
+        put(&mut b, offset_of!(R, inos), &self.inos.to_le_bytes());
+        put(&mut b, offset_of!(R, build_time), &self.build_time.to_le_bytes());
+        put(
+            &mut b,
+            offset_of!(R, build_time_nsec),
+            &self.build_time_nsec.to_le_bytes(),
+        );
+        put(&mut b, offset_of!(R, blocks), &self.blocks.to_le_bytes());
+        put(&mut b, offset_of!(R, meta_blkaddr), &self.meta_blkaddr.to_le_bytes());
+        put(&mut b, offset_of!(R, xattr_blkaddr), &self.xattr_blkaddr.to_le_bytes());
+        put(&mut b, offset_of!(R, uuid), &self.uuid);
+        put(&mut b, offset_of!(R, volume_name), &self.volume_name);
+        put(
+            &mut b,
+            offset_of!(R, feature_incompat),
+            &self.feature_incompat.to_le_bytes(),
+        );
+        put(&mut b, offset_of!(R, extra_devices), &self.extra_devices.to_le_bytes());
+        put(&mut b, offset_of!(R, devt_slotoff), &self.devt_slotoff.to_le_bytes());
+        b[offset_of!(R, dirblkbits)] = self.dirblkbits;
         b
     }
 
-    /// Decodes the on-disk form; `None` when the magic is wrong.
-    pub fn decode(b: &[u8]) -> Option<SuperBlock> {
-        if b.len() < SUPER_SIZE || le32(b, 0) != SUPER_MAGIC {
-            return None;
+    /// Decodes the on-disk form (`b` from the superblock's first byte).
+    pub fn decode(b: &[u8]) -> Result<SuperBlock, DecodeError> {
+        use raw::SuperBlock as R;
+        let b = fixed::<SUPER_SIZE>(b, "superblock")?;
+        let magic = le32(b, offset_of!(R, magic));
+        if magic != SUPER_MAGIC {
+            return Err(DecodeError::BadMagic(magic));
         }
-        Some(SuperBlock {
-            checksum: le32(b, 4),
-            feature_compat: le32(b, 8),
-            blkszbits: b[12],
-            root_nid: le16(b, 14),
-            inos: le64(b, 16),
-            build_time: le64(b, 24),
-            build_time_nsec: le32(b, 32),
-            blocks: le32(b, 36),
-            meta_blkaddr: le32(b, 40),
-            xattr_blkaddr: le32(b, 44),
-            uuid: b[48..64].try_into().unwrap(),
-            volume_name: b[64..80].try_into().unwrap(),
-            feature_incompat: le32(b, 80),
-            extra_devices: le16(b, 86),
-            devt_slotoff: le16(b, 88),
-            dirblkbits: b[90],
+        Ok(SuperBlock {
+            checksum: le32(b, offset_of!(R, checksum)),
+            feature_compat: le32(b, offset_of!(R, feature_compat)),
+            blkszbits: b[offset_of!(R, blkszbits)],
+            root_nid: le16(b, offset_of!(R, root_nid)),
+            inos: le64(b, offset_of!(R, inos)),
+            build_time: le64(b, offset_of!(R, build_time)),
+            build_time_nsec: le32(b, offset_of!(R, build_time_nsec)),
+            blocks: le32(b, offset_of!(R, blocks)),
+            meta_blkaddr: le32(b, offset_of!(R, meta_blkaddr)),
+            xattr_blkaddr: le32(b, offset_of!(R, xattr_blkaddr)),
+            uuid: get(b, offset_of!(R, uuid)),
+            volume_name: get(b, offset_of!(R, volume_name)),
+            feature_incompat: le32(b, offset_of!(R, feature_incompat)),
+            extra_devices: le16(b, offset_of!(R, extra_devices)),
+            devt_slotoff: le16(b, offset_of!(R, devt_slotoff)),
+            dirblkbits: b[offset_of!(R, dirblkbits)],
         })
+    }
+
+    /// The incompatible feature bits set that this crate does not understand (0: none).
+    pub fn unsupported_incompat(&self) -> u32 {
+        self.feature_incompat & !FEATURE_INCOMPAT_SUPPORTED
     }
 }
 
@@ -294,8 +662,8 @@ impl SuperBlock {
 pub struct Inode {
     /// Extended (64-byte) rather than compact (32-byte) layout.
     pub extended: bool,
-    /// Data layout (`LAYOUT_*`).
-    pub layout: u16,
+    /// Data layout.
+    pub layout: DataLayout,
     /// `i_xattr_icount`.
     pub xattr_icount: u16,
     /// Type and permission bits.
@@ -328,77 +696,135 @@ impl Inode {
         }
     }
 
+    /// Whether the inode starting with these bytes is extended, from `i_format` (the first
+    /// two bytes of both layouts), so a reader knows how much to read; `None` if `b` is
+    /// shorter than that.
+    pub fn is_extended(b: &[u8]) -> Option<bool> {
+        let f = fixed::<2>(b, "i_format").ok()?;
+        Some(u16::from_le_bytes(*f) & INODE_LAYOUT_EXTENDED != 0)
+    }
+
     /// Appends the on-disk form to `out`. Callers choose `extended` so every field fits.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let format = (if self.extended { INODE_LAYOUT_EXTENDED } else { 0 }) | (self.layout << 1);
+        let format =
+            (if self.extended { INODE_LAYOUT_EXTENDED } else { 0 }) | (self.layout.raw() << INODE_DATALAYOUT_BIT);
         let start = out.len();
         out.resize(start + self.size_on_disk(), 0);
         let b = &mut out[start..];
-        b[0..2].copy_from_slice(&format.to_le_bytes());
-        b[2..4].copy_from_slice(&self.xattr_icount.to_le_bytes());
-        b[4..6].copy_from_slice(&self.mode.to_le_bytes());
         if self.extended {
-            b[8..16].copy_from_slice(&self.size.to_le_bytes());
-            b[16..20].copy_from_slice(&self.i_u.to_le_bytes());
-            b[20..24].copy_from_slice(&self.ino.to_le_bytes());
-            b[24..28].copy_from_slice(&self.uid.to_le_bytes());
-            b[28..32].copy_from_slice(&self.gid.to_le_bytes());
-            b[32..40].copy_from_slice(&self.mtime.to_le_bytes());
-            b[40..44].copy_from_slice(&self.mtime_nsec.to_le_bytes());
-            b[44..48].copy_from_slice(&self.nlink.to_le_bytes());
+            use raw::InodeExtended as R;
+            put(b, offset_of!(R, i_format), &format.to_le_bytes());
+            put(b, offset_of!(R, i_xattr_icount), &self.xattr_icount.to_le_bytes());
+            put(b, offset_of!(R, i_mode), &self.mode.to_le_bytes());
+            put(b, offset_of!(R, i_size), &self.size.to_le_bytes());
+            put(b, offset_of!(R, i_u), &self.i_u.to_le_bytes());
+            put(b, offset_of!(R, i_ino), &self.ino.to_le_bytes());
+            put(b, offset_of!(R, i_uid), &self.uid.to_le_bytes());
+            put(b, offset_of!(R, i_gid), &self.gid.to_le_bytes());
+            put(b, offset_of!(R, i_mtime), &self.mtime.to_le_bytes());
+            put(b, offset_of!(R, i_mtime_nsec), &self.mtime_nsec.to_le_bytes());
+            put(b, offset_of!(R, i_nlink), &self.nlink.to_le_bytes());
         } else {
-            b[6..8].copy_from_slice(&(self.nlink as u16).to_le_bytes());
-            b[8..12].copy_from_slice(&(self.size as u32).to_le_bytes());
-            b[16..20].copy_from_slice(&self.i_u.to_le_bytes());
-            b[20..24].copy_from_slice(&self.ino.to_le_bytes());
-            b[24..26].copy_from_slice(&(self.uid as u16).to_le_bytes());
-            b[26..28].copy_from_slice(&(self.gid as u16).to_le_bytes());
+            use raw::InodeCompact as R;
+            put(b, offset_of!(R, i_format), &format.to_le_bytes());
+            put(b, offset_of!(R, i_xattr_icount), &self.xattr_icount.to_le_bytes());
+            put(b, offset_of!(R, i_mode), &self.mode.to_le_bytes());
+            put(b, offset_of!(R, i_nlink), &(self.nlink as u16).to_le_bytes());
+            put(b, offset_of!(R, i_size), &(self.size as u32).to_le_bytes());
+            put(b, offset_of!(R, i_u), &self.i_u.to_le_bytes());
+            put(b, offset_of!(R, i_ino), &self.ino.to_le_bytes());
+            put(b, offset_of!(R, i_uid), &(self.uid as u16).to_le_bytes());
+            put(b, offset_of!(R, i_gid), &(self.gid as u16).to_le_bytes());
         }
     }
 
     /// Decodes an inode. `b` must hold at least 64 bytes when the inode is extended;
-    /// `build_time` fills the time of compact inodes. `None` if too short.
-    pub fn decode(b: &[u8], build_time: u64, build_time_nsec: u32) -> Option<Inode> {
-        if b.len() < COMPACT_INODE_SIZE {
-            return None;
-        }
-        let format = le16(b, 0);
+    /// `build_time` fills the time of compact inodes.
+    pub fn decode(b: &[u8], build_time: u64, build_time_nsec: u32) -> Result<Inode, DecodeError> {
+        let compact = fixed::<COMPACT_INODE_SIZE>(b, "compact inode")?;
+        let format = le16(compact, offset_of!(raw::InodeCompact, i_format));
         let extended = format & INODE_LAYOUT_EXTENDED != 0;
-        let layout = (format >> 1) & 0x7;
+        let raw_layout = (format >> INODE_DATALAYOUT_BIT) & INODE_DATALAYOUT_MASK;
         if extended {
-            if b.len() < EXTENDED_INODE_SIZE {
-                return None;
-            }
-            Some(Inode {
+            use raw::InodeExtended as R;
+            let b = fixed::<EXTENDED_INODE_SIZE>(b, "extended inode")?;
+            let layout = DataLayout::from_raw(raw_layout).ok_or(DecodeError::UnknownLayout(raw_layout))?;
+            Ok(Inode {
                 extended,
                 layout,
-                xattr_icount: le16(b, 2),
-                mode: le16(b, 4),
-                size: le64(b, 8),
-                i_u: le32(b, 16),
-                ino: le32(b, 20),
-                uid: le32(b, 24),
-                gid: le32(b, 28),
-                mtime: le64(b, 32),
-                mtime_nsec: le32(b, 40),
-                nlink: le32(b, 44),
+                xattr_icount: le16(b, offset_of!(R, i_xattr_icount)),
+                mode: le16(b, offset_of!(R, i_mode)),
+                size: le64(b, offset_of!(R, i_size)),
+                i_u: le32(b, offset_of!(R, i_u)),
+                ino: le32(b, offset_of!(R, i_ino)),
+                uid: le32(b, offset_of!(R, i_uid)),
+                gid: le32(b, offset_of!(R, i_gid)),
+                mtime: le64(b, offset_of!(R, i_mtime)),
+                mtime_nsec: le32(b, offset_of!(R, i_mtime_nsec)),
+                nlink: le32(b, offset_of!(R, i_nlink)),
             })
         } else {
-            Some(Inode {
+            use raw::InodeCompact as R;
+            let b = compact;
+            let layout = DataLayout::from_raw(raw_layout).ok_or(DecodeError::UnknownLayout(raw_layout))?;
+            Ok(Inode {
                 extended,
                 layout,
-                xattr_icount: le16(b, 2),
-                mode: le16(b, 4),
-                nlink: le16(b, 6) as u32,
-                size: le32(b, 8) as u64,
-                i_u: le32(b, 16),
-                ino: le32(b, 20),
-                uid: le16(b, 24) as u32,
-                gid: le16(b, 26) as u32,
+                xattr_icount: le16(b, offset_of!(R, i_xattr_icount)),
+                mode: le16(b, offset_of!(R, i_mode)),
+                nlink: le16(b, offset_of!(R, i_nlink)) as u32,
+                size: le32(b, offset_of!(R, i_size)) as u64,
+                i_u: le32(b, offset_of!(R, i_u)),
+                ino: le32(b, offset_of!(R, i_ino)),
+                uid: le16(b, offset_of!(R, i_uid)) as u32,
+                gid: le16(b, offset_of!(R, i_gid)) as u32,
                 mtime: build_time,
                 mtime_nsec: build_time_nsec,
             })
         }
+    }
+}
+
+/// One entry of a chunk-based file's index: where one chunk lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkIndex {
+    /// 0 for the image itself, `n` for the n-th device table entry (the reader masks it
+    /// as the kernel does).
+    pub device_id: u16,
+    /// First block of the chunk; [`NULL_ADDR`] for a hole.
+    pub blkaddr: u32,
+}
+
+impl ChunkIndex {
+    /// On-disk form: without 48-bit addressing the high start block bits stay 0.
+    pub fn encode(&self) -> [u8; CHUNK_INDEX_SIZE] {
+        use raw::ChunkIndex as R;
+        let mut b = [0u8; CHUNK_INDEX_SIZE];
+        put(&mut b, offset_of!(R, device_id), &self.device_id.to_le_bytes());
+        put(&mut b, offset_of!(R, startblk_lo), &self.blkaddr.to_le_bytes());
+        b
+    }
+
+    /// Decodes an 8-byte index entry (chunk format with `CHUNK_FORMAT_INDEXES`). The high
+    /// start block bits are ignored: they only mean something with the 48-bit feature,
+    /// which this crate (like the kernel before 6.15) does not know.
+    pub fn decode(b: &[u8]) -> Result<ChunkIndex, DecodeError> {
+        use raw::ChunkIndex as R;
+        let b = fixed::<CHUNK_INDEX_SIZE>(b, "chunk index")?;
+        Ok(ChunkIndex {
+            device_id: le16(b, offset_of!(R, device_id)),
+            blkaddr: le32(b, offset_of!(R, startblk_lo)),
+        })
+    }
+
+    /// Decodes a 4-byte block map entry (chunk format without `CHUNK_FORMAT_INDEXES`),
+    /// which is always on the primary device.
+    pub fn decode_block_map(b: &[u8]) -> Result<ChunkIndex, DecodeError> {
+        let b = fixed::<BLOCK_MAP_ENTRY_SIZE>(b, "block map entry")?;
+        Ok(ChunkIndex {
+            device_id: 0,
+            blkaddr: u32::from_le_bytes(*b),
+        })
     }
 }
 
@@ -416,20 +842,23 @@ pub struct Dirent {
 impl Dirent {
     /// On-disk form.
     pub fn encode(&self) -> [u8; DIRENT_SIZE] {
+        use raw::Dirent as R;
         let mut b = [0u8; DIRENT_SIZE];
-        b[0..8].copy_from_slice(&self.nid.to_le_bytes());
-        b[8..10].copy_from_slice(&self.nameoff.to_le_bytes());
-        b[10] = self.file_type;
+        put(&mut b, offset_of!(R, nid), &self.nid.to_le_bytes());
+        put(&mut b, offset_of!(R, nameoff), &self.nameoff.to_le_bytes());
+        b[offset_of!(R, file_type)] = self.file_type;
         b
     }
 
-    /// Decodes a record from 12 bytes.
-    pub fn decode(b: &[u8]) -> Dirent {
-        Dirent {
-            nid: le64(b, 0),
-            nameoff: le16(b, 8),
-            file_type: b[10],
-        }
+    /// Decodes a record from its first 12 bytes.
+    pub fn decode(b: &[u8]) -> Result<Dirent, DecodeError> {
+        use raw::Dirent as R;
+        let b = fixed::<DIRENT_SIZE>(b, "directory entry")?;
+        Ok(Dirent {
+            nid: le64(b, offset_of!(R, nid)),
+            nameoff: le16(b, offset_of!(R, nameoff)),
+            file_type: b[offset_of!(R, file_type)],
+        })
     }
 }
 
@@ -444,8 +873,16 @@ impl XattrIbodyHeader {
     /// On-disk form (name filter left 0: the filter feature is not set).
     pub fn encode(&self) -> [u8; XATTR_IBODY_HEADER_SIZE] {
         let mut b = [0u8; XATTR_IBODY_HEADER_SIZE];
-        b[4] = self.shared_count;
+        b[offset_of!(raw::XattrIbodyHeader, h_shared_count)] = self.shared_count;
         b
+    }
+
+    /// Decodes the 12-byte header.
+    pub fn decode(b: &[u8]) -> Result<XattrIbodyHeader, DecodeError> {
+        let b = fixed::<XATTR_IBODY_HEADER_SIZE>(b, "xattr body header")?;
+        Ok(XattrIbodyHeader {
+            shared_count: b[offset_of!(raw::XattrIbodyHeader, h_shared_count)],
+        })
     }
 }
 
@@ -461,24 +898,39 @@ pub struct XattrEntry {
 }
 
 impl XattrEntry {
+    /// The 4-byte header's on-disk form.
+    pub fn encode(&self) -> [u8; XATTR_ENTRY_SIZE] {
+        use raw::XattrEntry as R;
+        let mut b = [0u8; XATTR_ENTRY_SIZE];
+        b[offset_of!(R, e_name_len)] = self.name_len;
+        b[offset_of!(R, e_name_index)] = self.name_index;
+        put(&mut b, offset_of!(R, e_value_size), &self.value_size.to_le_bytes());
+        b
+    }
+
     /// Appends header, name and value, padded to 4 bytes.
     pub fn encode_into(index: u8, suffix: &[u8], value: &[u8], out: &mut Vec<u8>) {
         let start = out.len();
-        out.push(suffix.len() as u8);
-        out.push(index);
-        out.extend_from_slice(&(value.len() as u16).to_le_bytes());
+        let header = XattrEntry {
+            name_len: suffix.len() as u8,
+            name_index: index,
+            value_size: value.len() as u16,
+        };
+        out.extend_from_slice(&header.encode());
         out.extend_from_slice(suffix);
         out.extend_from_slice(value);
         out.resize(start + xattr_entry_size(suffix.len(), value.len()), 0);
     }
 
     /// Decodes the 4-byte header.
-    pub fn decode(b: &[u8]) -> XattrEntry {
-        XattrEntry {
-            name_len: b[0],
-            name_index: b[1],
-            value_size: le16(b, 2),
-        }
+    pub fn decode(b: &[u8]) -> Result<XattrEntry, DecodeError> {
+        use raw::XattrEntry as R;
+        let b = fixed::<XATTR_ENTRY_SIZE>(b, "xattr entry")?;
+        Ok(XattrEntry {
+            name_len: b[offset_of!(R, e_name_len)],
+            name_index: b[offset_of!(R, e_name_index)],
+            value_size: le16(b, offset_of!(R, e_value_size)),
+        })
     }
 }
 
@@ -496,20 +948,27 @@ pub struct DeviceSlot {
 impl DeviceSlot {
     /// On-disk form (128 bytes).
     pub fn encode(&self) -> [u8; DEVICE_SLOT_SIZE] {
+        use raw::DeviceSlot as R;
         let mut b = [0u8; DEVICE_SLOT_SIZE];
-        b[0..64].copy_from_slice(&self.tag);
-        b[64..68].copy_from_slice(&self.blocks.to_le_bytes());
-        b[68..72].copy_from_slice(&self.mapped_blkaddr.to_le_bytes());
+        put(&mut b, offset_of!(R, tag), &self.tag);
+        put(&mut b, offset_of!(R, blocks), &self.blocks.to_le_bytes());
+        put(
+            &mut b,
+            offset_of!(R, mapped_blkaddr),
+            &self.mapped_blkaddr.to_le_bytes(),
+        );
         b
     }
 
     /// Decodes a slot.
-    pub fn decode(b: &[u8]) -> DeviceSlot {
-        DeviceSlot {
-            tag: b[0..64].try_into().unwrap(),
-            blocks: le32(b, 64),
-            mapped_blkaddr: le32(b, 68),
-        }
+    pub fn decode(b: &[u8]) -> Result<DeviceSlot, DecodeError> {
+        use raw::DeviceSlot as R;
+        let b = fixed::<DEVICE_SLOT_SIZE>(b, "device slot")?;
+        Ok(DeviceSlot {
+            tag: get(b, offset_of!(R, tag)),
+            blocks: le32(b, offset_of!(R, blocks)),
+            mapped_blkaddr: le32(b, offset_of!(R, mapped_blkaddr)),
+        })
     }
 }
 
@@ -531,7 +990,7 @@ mod tests {
             uuid: [7; 16],
             ..Default::default()
         };
-        assert_eq!(SuperBlock::decode(&sb.encode()), Some(sb));
+        assert_eq!(SuperBlock::decode(&sb.encode()), Ok(sb));
     }
 
     #[test]
@@ -539,7 +998,7 @@ mod tests {
         for extended in [false, true] {
             let ino = Inode {
                 extended,
-                layout: LAYOUT_FLAT_INLINE,
+                layout: DataLayout::FlatInline,
                 xattr_icount: 3,
                 mode: mode::S_IFREG | 0o4755,
                 nlink: 2,
@@ -554,9 +1013,146 @@ mod tests {
             let mut out = Vec::new();
             ino.encode_into(&mut out);
             assert_eq!(out.len(), ino.size_on_disk());
-            out.resize(64, 0);
-            assert_eq!(Inode::decode(&out, 1, 2), Some(ino));
+            assert_eq!(Inode::is_extended(&out), Some(extended));
+            assert_eq!(Inode::decode(&out, 1, 2), Ok(ino));
         }
+    }
+
+    #[test]
+    fn data_layouts_round_trip_and_reserved_ones_are_refused() {
+        for v in 0..8u16 {
+            match DataLayout::from_raw(v) {
+                Some(l) => {
+                    assert_eq!(l.raw(), v);
+                    assert_eq!(l.is_compressed(), v == 1 || v == 3);
+                    let ino = Inode {
+                        layout: l,
+                        ..Default::default()
+                    };
+                    let mut out = Vec::new();
+                    ino.encode_into(&mut out);
+                    assert_eq!(Inode::decode(&out, 0, 0).unwrap().layout, l);
+                }
+                None => {
+                    assert!(v >= 5);
+                    let mut b = [0u8; COMPACT_INODE_SIZE];
+                    b[0..2].copy_from_slice(&(v << INODE_DATALAYOUT_BIT).to_le_bytes());
+                    assert_eq!(Inode::decode(&b, 0, 0), Err(DecodeError::UnknownLayout(v)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_structs_round_trip() {
+        let d = Dirent {
+            nid: 0x0123_4567_89ab_cdef,
+            nameoff: 36,
+            file_type: ft::SYMLINK,
+        };
+        assert_eq!(Dirent::decode(&d.encode()), Ok(d));
+        let x = XattrEntry {
+            name_len: 10,
+            name_index: xattr_index::SECURITY,
+            value_size: 0x1234,
+        };
+        assert_eq!(XattrEntry::decode(&x.encode()), Ok(x));
+        let h = XattrIbodyHeader { shared_count: 7 };
+        assert_eq!(XattrIbodyHeader::decode(&h.encode()), Ok(h));
+        let c = ChunkIndex {
+            device_id: 3,
+            blkaddr: 0xdead_beef,
+        };
+        assert_eq!(ChunkIndex::decode(&c.encode()), Ok(c));
+        assert_eq!(
+            ChunkIndex::decode_block_map(&NULL_ADDR.to_le_bytes()),
+            Ok(ChunkIndex {
+                device_id: 0,
+                blkaddr: NULL_ADDR
+            })
+        );
+        let mut tag = [0u8; 64];
+        tag[..6].copy_from_slice(b"sha256");
+        let s = DeviceSlot {
+            tag,
+            blocks: 99,
+            mapped_blkaddr: 1 << 20,
+        };
+        assert_eq!(DeviceSlot::decode(&s.encode()), Ok(s));
+    }
+
+    /// Every decoder on every strict prefix of a valid encoding: an error, never a panic.
+    #[test]
+    fn truncated_input_is_an_error() {
+        fn each_prefix<T: std::fmt::Debug>(full: &[u8], decode: impl Fn(&[u8]) -> Result<T, DecodeError>) {
+            assert!(decode(full).is_ok());
+            for n in 0..full.len() {
+                match decode(&full[..n]) {
+                    Err(DecodeError::Truncated { got, .. }) => assert_eq!(got, n),
+                    other => panic!("{n} of {} bytes decoded as {other:?}", full.len()),
+                }
+            }
+        }
+        let sb = SuperBlock {
+            blkszbits: 12,
+            ..Default::default()
+        };
+        each_prefix(&sb.encode(), SuperBlock::decode);
+        for extended in [false, true] {
+            let mut out = Vec::new();
+            Inode {
+                extended,
+                ..Default::default()
+            }
+            .encode_into(&mut out);
+            each_prefix(&out, |b| Inode::decode(b, 0, 0));
+        }
+        let d = Dirent {
+            nid: 1,
+            nameoff: 12,
+            file_type: ft::DIR,
+        };
+        each_prefix(&d.encode(), Dirent::decode);
+        each_prefix(&XattrIbodyHeader { shared_count: 1 }.encode(), XattrIbodyHeader::decode);
+        let x = XattrEntry {
+            name_len: 1,
+            name_index: 1,
+            value_size: 1,
+        };
+        each_prefix(&x.encode(), XattrEntry::decode);
+        let c = ChunkIndex {
+            device_id: 1,
+            blkaddr: 2,
+        };
+        each_prefix(&c.encode(), ChunkIndex::decode);
+        each_prefix(&[1, 2, 3, 4], ChunkIndex::decode_block_map);
+        let s = DeviceSlot {
+            tag: [1; 64],
+            blocks: 1,
+            mapped_blkaddr: 0,
+        };
+        each_prefix(&s.encode(), DeviceSlot::decode);
+    }
+
+    #[test]
+    fn superblock_magic_is_checked() {
+        let mut b = SuperBlock::default().encode();
+        b[0] ^= 1;
+        assert_eq!(SuperBlock::decode(&b), Err(DecodeError::BadMagic(SUPER_MAGIC ^ 1)));
+    }
+
+    #[test]
+    fn unsupported_incompat_bits_are_reported() {
+        let mut sb = SuperBlock {
+            feature_incompat: FEATURE_INCOMPAT_CHUNKED_FILE | FEATURE_INCOMPAT_DEVICE_TABLE,
+            ..Default::default()
+        };
+        assert_eq!(sb.unsupported_incompat(), 0);
+        sb.feature_incompat |= FEATURE_INCOMPAT_48BIT | FEATURE_INCOMPAT_ZERO_PADDING;
+        assert_eq!(
+            sb.unsupported_incompat(),
+            FEATURE_INCOMPAT_48BIT | FEATURE_INCOMPAT_ZERO_PADDING
+        );
     }
 
     #[test]

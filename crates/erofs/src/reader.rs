@@ -8,7 +8,9 @@
 //! Supported: uncompressed images (flat plain, flat inline and chunk-based layouts), data on
 //! extra devices of the device table (chunk indexes with a device id, and block addresses in
 //! the devices' `mapped_blkaddr` ranges, both resolved as the kernel does), shared and
-//! inline xattrs with the standard name prefixes.
+//! inline xattrs with the standard name prefixes. An image setting any incompatible feature
+//! outside [`format::FEATURE_INCOMPAT_SUPPORTED`] is refused at open
+//! ([`Error::UnsupportedFeatures`]).
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -17,11 +19,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::format::{
-    self, file_type_of, ft, join_xattr_name, mode, xattr_entry_size, xattr_ibody_size, DeviceSlot, Dirent, Inode,
-    SuperBlock, XattrEntry, CHUNK_FORMAT_BLKBITS_MASK, CHUNK_FORMAT_INDEXES, COMPACT_INODE_SIZE, DEVICE_SLOT_SIZE,
-    DIRENT_SIZE, EXTENDED_INODE_SIZE, FEATURE_COMPAT_SB_CHKSUM, FEATURE_INCOMPAT_DEVICE_TABLE, ISLOT_BITS,
-    LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, NAME_LEN, SUPER_OFFSET, SUPER_SIZE, XATTR_ENTRY_SIZE,
-    XATTR_IBODY_HEADER_SIZE,
+    self, file_type_of, ft, join_xattr_name, mode, xattr_entry_size, xattr_ibody_size, ChunkIndex, DataLayout,
+    DecodeError, DeviceSlot, Dirent, Inode, SuperBlock, XattrEntry, XattrIbodyHeader, BLOCK_MAP_ENTRY_SIZE,
+    CHUNK_FORMAT_ALL, CHUNK_FORMAT_BLKBITS_MASK, CHUNK_FORMAT_INDEXES, CHUNK_INDEX_SIZE, COMPACT_INODE_SIZE,
+    DEVICE_SLOT_SIZE, DIRENT_SIZE, EXTENDED_INODE_SIZE, FEATURE_COMPAT_SB_CHKSUM, FEATURE_INCOMPAT_DEVICE_TABLE,
+    ISLOT_BITS, NAME_LEN, NULL_ADDR, SUPER_OFFSET, SUPER_SIZE, XATTR_ENTRY_SIZE, XATTR_IBODY_HEADER_SIZE,
 };
 
 /// Errors from reading an image.
@@ -42,6 +44,19 @@ pub enum Error {
     /// The extra devices given do not match the image's device table.
     #[error("extra devices don't match the EROFS image: {0}")]
     DeviceMismatch(String),
+    /// The image sets incompatible feature bits this reader does not implement: reading it
+    /// anyway would misinterpret its metadata, as the kernel would without the feature.
+    #[error(
+        "EROFS image needs unsupported incompatible features {unsupported:#x} (it sets {incompat:#x}; this reader \
+         supports {:#x})",
+        format::FEATURE_INCOMPAT_SUPPORTED
+    )]
+    UnsupportedFeatures {
+        /// The bits not understood.
+        unsupported: u32,
+        /// The image's whole `feature_incompat`.
+        incompat: u32,
+    },
 }
 
 /// Result type of this module.
@@ -106,9 +121,6 @@ pub struct DirEntry {
 
 /// Longest symlink target accepted (Linux `PATH_MAX - 1`).
 const MAX_LINK_LEN: u64 = 4095;
-
-/// Chunk and block map entries with this address are holes (`EROFS_NULL_ADDR`).
-const NULL_ADDR: u32 = u32::MAX;
 
 /// Where a run of file bytes lives.
 enum Extent {
@@ -200,13 +212,16 @@ impl Image {
         }
         let mut raw = [0u8; SUPER_SIZE];
         file.read_exact_at(&mut raw, SUPER_OFFSET)?;
-        let sb = SuperBlock::decode(&raw).ok_or_else(|| {
-            let magic = u32::from_le_bytes(raw[0..4].try_into().unwrap());
-            corrupt(format!(
-                "bad superblock magic {magic:#010x} at byte {SUPER_OFFSET} (expected {:#010x})",
-                format::SUPER_MAGIC
-            ))
-        })?;
+        let sb = SuperBlock::decode(&raw).map_err(|e| corrupt(format!("superblock at byte {SUPER_OFFSET}: {e}")))?;
+        // Before anything else is trusted: an unknown feature may change what every other
+        // field means.
+        let unsupported = sb.unsupported_incompat();
+        if unsupported != 0 {
+            return Err(Error::UnsupportedFeatures {
+                unsupported,
+                incompat: sb.feature_incompat,
+            });
+        }
         // The kernel accepts 512 bytes up to the page size; 64 KiB covers every page size.
         if !(9..=16).contains(&sb.blkszbits) {
             return Err(corrupt(format!("unsupported block size bits {}", sb.blkszbits)));
@@ -244,7 +259,11 @@ impl Image {
         // before anything is read.
         let mut raw = vec![0u8; count * DEVICE_SLOT_SIZE];
         self.read_exact(off, &mut raw, || format!("device table of {count} slots"))?;
-        self.slots = raw.chunks_exact(DEVICE_SLOT_SIZE).map(DeviceSlot::decode).collect();
+        self.slots = raw
+            .chunks_exact(DEVICE_SLOT_SIZE)
+            .map(DeviceSlot::decode)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| corrupt(format!("device table: {e}")))?;
         self.device_id_mask = ((count as u32 + 1).next_power_of_two() - 1) as u16;
         Ok(())
     }
@@ -279,7 +298,7 @@ impl Image {
         let off = self.inode_offset(nid)?;
         let mut buf = [0u8; EXTENDED_INODE_SIZE];
         self.read_exact(off, &mut buf[..COMPACT_INODE_SIZE], || format!("inode nid {nid}"))?;
-        let extended = u16::from_le_bytes([buf[0], buf[1]]) & format::INODE_LAYOUT_EXTENDED != 0;
+        let extended = Inode::is_extended(&buf) == Some(true);
         if extended {
             self.read_exact(off, &mut buf, || format!("extended inode nid {nid}"))?;
         }
@@ -288,22 +307,16 @@ impl Image {
         } else {
             COMPACT_INODE_SIZE
         };
+        // Layouts 1 and 3 are the compressed ones: valid EROFS, but only their data is
+        // unreadable here, so metadata listing keeps working and read_at reports them.
         let inode = Inode::decode(&buf[..len], self.sb.build_time, self.sb.build_time_nsec)
-            .ok_or_else(|| corrupt(format!("inode nid {nid} is truncated")))?;
+            .map_err(|e| corrupt(format!("inode nid {nid}: {e}")))?;
         let kind = FileKind::from_mode(inode.mode).ok_or_else(|| {
             corrupt(format!(
                 "inode nid {nid} has invalid file type in mode {:#o}",
                 inode.mode
             ))
         })?;
-        // Layouts 1 and 3 are the compressed ones: valid EROFS, but only their data is
-        // unreadable here, so metadata listing keeps working and read_at reports them.
-        if inode.layout > LAYOUT_CHUNK_BASED {
-            return Err(corrupt(format!(
-                "inode nid {nid} has unknown data layout {}",
-                inode.layout
-            )));
-        }
         Ok(Entry { nid, inode, kind })
     }
 
@@ -373,7 +386,9 @@ impl Image {
         let body_off = self.inode_offset(nid)? + e.inode.size_on_disk() as u64;
         let mut body = vec![0u8; body_len];
         self.read_exact(body_off, &mut body, || format!("xattr body of nid {nid}"))?;
-        let shared = body[4] as usize;
+        let shared = XattrIbodyHeader::decode(&body)
+            .map_err(|e| corrupt(format!("nid {nid}: {e}")))?
+            .shared_count as usize;
         let inline_start = XATTR_IBODY_HEADER_SIZE + shared * 4;
         if inline_start > body_len {
             return Err(corrupt(format!(
@@ -387,7 +402,7 @@ impl Image {
             let off = self.sb.xattr_blkaddr as u64 * self.block_size + id as u64 * 4;
             let mut hdr = [0u8; XATTR_ENTRY_SIZE];
             self.read_exact(off, &mut hdr, || format!("shared xattr {id} of nid {nid}"))?;
-            let h = XattrEntry::decode(&hdr);
+            let h = XattrEntry::decode(&hdr).map_err(|e| corrupt(format!("nid {nid}: {e}")))?;
             let mut rest = vec![0u8; h.name_len as usize + h.value_size as usize];
             self.read_exact(off + XATTR_ENTRY_SIZE as u64, &mut rest, || {
                 format!("shared xattr {id} of nid {nid}")
@@ -401,7 +416,7 @@ impl Image {
                     "nid {nid}: inline xattr header at body offset {pos} overruns the body"
                 )));
             }
-            let h = XattrEntry::decode(&body[pos..pos + XATTR_ENTRY_SIZE]);
+            let h = XattrEntry::decode(&body[pos..]).map_err(|e| corrupt(format!("nid {nid}: {e}")))?;
             let len = xattr_entry_size(h.name_len as usize, h.value_size as usize);
             if pos + len > body_len {
                 return Err(corrupt(format!(
@@ -574,8 +589,8 @@ impl Image {
         let raw = ino.i_u as u64 * bs;
         match ino.layout {
             // Saturating: a hostile size must fail the bounds check, not overflow.
-            LAYOUT_FLAT_PLAIN => Ok((primary(raw.saturating_add(pos)), size - pos)),
-            LAYOUT_FLAT_INLINE => {
+            DataLayout::FlatPlain => Ok((primary(raw.saturating_add(pos)), size - pos)),
+            DataLayout::FlatInline => {
                 // As in the kernel: the last (possibly full) block is the inline tail.
                 let nblocks = size.div_ceil(bs);
                 let tail_start = (nblocks - 1) * bs;
@@ -593,12 +608,10 @@ impl Image {
                 }
                 Ok((Extent::Meta(tail_off + (pos - tail_start)), size - pos))
             }
-            LAYOUT_CHUNK_BASED => self.map_chunk(e, pos),
-            1 | 3 => Err(corrupt(format!(
-                "nid {nid} is compressed (layout {}), which this reader does not support",
-                ino.layout
+            DataLayout::ChunkBased => self.map_chunk(e, pos),
+            l @ (DataLayout::CompressedFull | DataLayout::CompressedCompact) => Err(corrupt(format!(
+                "nid {nid} is compressed (layout {l:?}), which this reader does not support"
             ))),
-            l => Err(corrupt(format!("nid {nid} has unknown data layout {l}"))),
         }
     }
 
@@ -606,7 +619,7 @@ impl Image {
         let ino = &e.inode;
         let nid = e.nid;
         let fmt = ino.i_u;
-        if fmt & !((CHUNK_FORMAT_INDEXES | CHUNK_FORMAT_BLKBITS_MASK) as u32) != 0 {
+        if fmt & !u32::from(CHUNK_FORMAT_ALL) != 0 {
             return Err(corrupt(format!("nid {nid} has unsupported chunk format {fmt:#x}")));
         }
         let chunkbits = self.sb.blkszbits as u32 + (fmt & CHUNK_FORMAT_BLKBITS_MASK as u32);
@@ -614,25 +627,22 @@ impl Image {
         let chunk_start = chunk << chunkbits;
         let avail = (chunk_start + (1u64 << chunkbits)).min(ino.size) - pos;
         let wide = fmt & CHUNK_FORMAT_INDEXES as u32 != 0;
-        let unit: u64 = if wide { 8 } else { 4 };
+        let unit = if wide { CHUNK_INDEX_SIZE } else { BLOCK_MAP_ENTRY_SIZE } as u64;
         let index_start =
             (self.inode_offset(nid)? + ino.size_on_disk() as u64 + xattr_ibody_size(ino.xattr_icount) as u64)
                 .next_multiple_of(unit);
         let at = index_start.saturating_add(chunk.saturating_mul(unit));
-        let mut idx = [0u8; 8];
+        let mut idx = [0u8; CHUNK_INDEX_SIZE];
         self.read_exact(at, &mut idx[..unit as usize], || {
             format!("chunk index {chunk} of nid {nid}")
         })?;
-        // Bytes 0..2 of a chunk index are the high bits of the start block only with the
-        // 48-bit feature, which this reader (like the kernel before 6.15) does not know.
-        let (raw_dev, blkaddr) = if wide {
-            (
-                u16::from_le_bytes([idx[2], idx[3]]),
-                u32::from_le_bytes(idx[4..8].try_into().unwrap()),
-            )
+        let index = if wide {
+            ChunkIndex::decode(&idx)
         } else {
-            (0, u32::from_le_bytes(idx[0..4].try_into().unwrap()))
-        };
+            ChunkIndex::decode_block_map(&idx)
+        }
+        .map_err(|e: DecodeError| corrupt(format!("nid {nid}: {e}")))?;
+        let (raw_dev, blkaddr) = (index.device_id, index.blkaddr);
         if blkaddr == NULL_ADDR {
             return Ok((Extent::Hole, avail));
         }
@@ -749,17 +759,18 @@ fn parse_dir_block(blk: &[u8], nid: u64, blkno: u64, out: &mut Vec<DirEntry>) ->
     if blk.len() < DIRENT_SIZE {
         return Err(bad(format!("only {} bytes, too short for a record", blk.len())));
     }
-    let first = Dirent::decode(&blk[..DIRENT_SIZE]).nameoff as usize;
+    let dirent = |at: usize| Dirent::decode(blk.get(at..).unwrap_or_default()).map_err(|e| bad(e.to_string()));
+    let first = dirent(0)?.nameoff as usize;
     // The first name starts right after the last record, which gives the record count.
     let count = first / DIRENT_SIZE;
     if count == 0 || count * DIRENT_SIZE != first || first >= blk.len() {
         return Err(bad(format!("invalid first name offset {first}")));
     }
     for i in 0..count {
-        let d = Dirent::decode(&blk[i * DIRENT_SIZE..(i + 1) * DIRENT_SIZE]);
+        let d = dirent(i * DIRENT_SIZE)?;
         let start = d.nameoff as usize;
         let end = if i + 1 < count {
-            Dirent::decode(&blk[(i + 1) * DIRENT_SIZE..]).nameoff as usize
+            dirent((i + 1) * DIRENT_SIZE)?.nameoff as usize
         } else {
             blk.len()
         };
@@ -956,12 +967,12 @@ mod tests {
 
     /// Everything the reader says about `img` must match the source tree `src`.
     /// Returns the layouts seen on regular files, per layout a count.
-    fn check_image(img_path: &Path, src: &Path) -> BTreeMap<u16, usize> {
+    fn check_image(img_path: &Path, src: &Path) -> BTreeMap<DataLayout, usize> {
         check_image_with(img_path, &[], src)
     }
 
     /// [`check_image`] for an image opened with extra devices.
-    fn check_image_with(img_path: &Path, devices: &[PathBuf], src: &Path) -> BTreeMap<u16, usize> {
+    fn check_image_with(img_path: &Path, devices: &[PathBuf], src: &Path) -> BTreeMap<DataLayout, usize> {
         let img = Image::open_with_devices(img_path, devices).unwrap();
         let sb = img.superblock().clone();
         assert_eq!(img.block_size(), 4096);
@@ -1101,7 +1112,7 @@ mod tests {
         let fx = fixture();
         let img = mkfs(fx.dir.path(), "default.img", &[], &fx.src);
         let layouts = check_image(&img, &fx.src);
-        assert!(layouts.contains_key(&LAYOUT_FLAT_INLINE), "{layouts:?}");
+        assert!(layouts.contains_key(&DataLayout::FlatInline), "{layouts:?}");
     }
 
     #[test]
@@ -1109,7 +1120,7 @@ mod tests {
         let fx = fixture();
         let img = mkfs(fx.dir.path(), "noinline.img", &["-E", "noinline_data"], &fx.src);
         let layouts = check_image(&img, &fx.src);
-        assert_eq!(layouts.keys().collect::<Vec<_>>(), [&LAYOUT_FLAT_PLAIN]);
+        assert_eq!(layouts.keys().collect::<Vec<_>>(), [&DataLayout::FlatPlain]);
     }
 
     #[test]
@@ -1147,7 +1158,7 @@ mod tests {
             let name = format!("chunk{chunk}.img");
             let img = mkfs(fx.dir.path(), &name, &[&format!("--chunksize={chunk}")], &fx.src);
             let layouts = check_image(&img, &fx.src);
-            assert!(layouts.contains_key(&LAYOUT_CHUNK_BASED), "{layouts:?}");
+            assert!(layouts.contains_key(&DataLayout::ChunkBased), "{layouts:?}");
         }
     }
 
@@ -1247,7 +1258,7 @@ mod tests {
             assert_eq!(slots[0].mapped_blkaddr, 0);
             // What mkfs.erofs 1.5 makes of a blob device: chunk indexes naming device 1.
             let e = image.lookup(b"/size1048579").unwrap();
-            assert_eq!(e.inode.layout, LAYOUT_CHUNK_BASED);
+            assert_eq!(e.inode.layout, DataLayout::ChunkBased);
             assert_eq!(e.inode.i_u, CHUNK_FORMAT_INDEXES as u32 | blkbits);
             assert!(matches!(image.map(&e, 5000).unwrap().0, Extent::Mapped { dev: 1, .. }));
             assert_eq!(check_contents(&image, &src), BLOB_TREE_FILES, "chunk size {chunk}");
@@ -1256,7 +1267,7 @@ mod tests {
         let fx = fixture();
         let (img, blob) = mkfs_blob(fx.dir.path(), "fixture.img", 4096, &fx.src);
         let layouts = check_image_with(&img, &[blob], &fx.src);
-        assert!(layouts.contains_key(&LAYOUT_CHUNK_BASED), "{layouts:?}");
+        assert!(layouts.contains_key(&DataLayout::ChunkBased), "{layouts:?}");
     }
 
     #[test]
@@ -1399,7 +1410,7 @@ mod tests {
             image
                 .walk(&mut |path, e| {
                     let n = chunk_count(&image, e);
-                    if e.kind != FileKind::File || e.inode.layout != LAYOUT_CHUNK_BASED || n == 0 {
+                    if e.kind != FileKind::File || e.inode.layout != DataLayout::ChunkBased || n == 0 {
                         return Ok(());
                     }
                     let entries: Vec<u32> = (0..n)
@@ -1571,6 +1582,67 @@ mod tests {
         // A truncated image: data and metadata past the cut are reported, not panicked on.
         let cut = open("cut", &raw[..raw.len() / 2]).unwrap();
         assert!(everything(&cut).is_err());
+    }
+
+    #[test]
+    fn refuses_unknown_incompatible_features() {
+        let fx = fixture();
+        let raw = fs::read(mkfs(fx.dir.path(), "f.img", &[], &fx.src)).unwrap();
+        let incompat = 1024 + std::mem::offset_of!(format::raw::SuperBlock, feature_incompat);
+        let base = u32::from_le_bytes(raw[incompat..incompat + 4].try_into().unwrap());
+        assert_eq!(
+            base & !format::FEATURE_INCOMPAT_SUPPORTED,
+            0,
+            "mkfs.erofs set {base:#x}"
+        );
+        for bit in [
+            format::FEATURE_INCOMPAT_ZERO_PADDING,
+            format::FEATURE_INCOMPAT_ZTAILPACKING,
+            format::FEATURE_INCOMPAT_XATTR_PREFIXES,
+            format::FEATURE_INCOMPAT_48BIT,
+            format::FEATURE_INCOMPAT_METABOX,
+            1 << 31,
+        ] {
+            let mut bad = raw.clone();
+            bad[incompat..incompat + 4].copy_from_slice(&(base | bit).to_le_bytes());
+            // A valid checksum, so only the feature bit can be the reason.
+            fix_checksum(&mut bad);
+            match Image::open(&write_image(fx.dir.path(), "feat.img", &bad)) {
+                Err(Error::UnsupportedFeatures { unsupported, incompat }) => {
+                    assert_eq!((unsupported, incompat), (bit, base | bit));
+                }
+                other => panic!("incompat bit {bit:#x}: expected UnsupportedFeatures, got {other:?}"),
+            }
+        }
+        // The supported bits alone open (with whatever else they imply checked later).
+        let mut ok = raw.clone();
+        ok[incompat..incompat + 4].copy_from_slice(&format::FEATURE_INCOMPAT_CHUNKED_FILE.to_le_bytes());
+        fix_checksum(&mut ok);
+        Image::open(&write_image(fx.dir.path(), "chunked.img", &ok)).unwrap();
+
+        // What mkfs.erofs writes for a compressed image is refused as a whole.
+        let lz4 = mkfs(fx.dir.path(), "lz4.img", &["-zlz4"], &fx.src);
+        assert!(
+            matches!(Image::open(&lz4), Err(Error::UnsupportedFeatures { .. })),
+            "{:?}",
+            Image::open(&lz4)
+        );
+    }
+
+    /// Every image shorter than its superblock's end is refused, never panicked on.
+    #[test]
+    fn refuses_truncated_superblocks() {
+        let fx = fixture();
+        let raw = fs::read(mkfs(fx.dir.path(), "t.img", &[], &fx.src)).unwrap();
+        for n in (0..SUPER_OFFSET as usize)
+            .step_by(97)
+            .chain(SUPER_OFFSET as usize..SUPER_OFFSET as usize + SUPER_SIZE)
+        {
+            match Image::open(&write_image(fx.dir.path(), "t", &raw[..n])) {
+                Err(Error::Corrupt(_)) => {}
+                other => panic!("{n} bytes: expected Corrupt, got {other:?}"),
+            }
+        }
     }
 
     /// Reads every inode's data, xattrs and links; the first error, if any.

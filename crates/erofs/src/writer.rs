@@ -34,7 +34,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, Seek, SeekFrom, Write};
 
-use crate::format::{self, mode, DeviceSlot, Dirent, Inode, SuperBlock, XattrEntry, XattrIbodyHeader};
+use crate::format::{
+    self, mode, ChunkIndex, DataLayout, DeviceSlot, Dirent, Inode, SuperBlock, XattrEntry, XattrIbodyHeader,
+};
 
 /// Errors from building an image.
 #[derive(Debug, thiserror::Error)]
@@ -86,12 +88,11 @@ impl Default for Options {
     }
 }
 
-/// The block size this writer produces (4 KiB, the page size the kernel wants).
-pub const BLOCK_SIZE: u64 = 4096;
-const BLKSZBITS: u8 = 12;
+/// The block size this writer produces; re-exported because callers lay out blocks
+/// for it (dedup blobs, data offsets).
+pub use crate::format::BLOCK_SIZE;
+use crate::format::{BLKSZBITS, NULL_ADDR};
 const BS: usize = BLOCK_SIZE as usize;
-/// Marks "no block" in `raw_blkaddr`, as erofs-utils does.
-const NULL_ADDR: u32 = u32::MAX;
 
 /// Index of a node in a [`Tree`].
 pub type NodeId = u32;
@@ -1027,27 +1028,27 @@ impl Plan {
         let m = &node.meta;
         let (layout, i_u) = match &node.body {
             Body::File(FileData { chunks: Some(_), .. }) => (
-                format::LAYOUT_CHUNK_BASED,
+                DataLayout::ChunkBased,
                 u32::from(format::CHUNK_FORMAT_INDEXES) | u32::from(self.chunk_bits - BLKSZBITS),
             ),
             Body::File(f) => {
                 let addr = self.shift(0, f.blkaddr);
                 if f.tail.is_some() {
-                    (format::LAYOUT_FLAT_INLINE, addr)
+                    (DataLayout::FlatInline, addr)
                 } else {
-                    (format::LAYOUT_FLAT_PLAIN, addr)
+                    (DataLayout::FlatPlain, addr)
                 }
             }
             Body::Dir(_) | Body::Symlink(_) => {
                 let layout = if slot.inline_len > 0 {
-                    format::LAYOUT_FLAT_INLINE
+                    DataLayout::FlatInline
                 } else {
-                    format::LAYOUT_FLAT_PLAIN
+                    DataLayout::FlatPlain
                 };
                 (layout, slot.late_blkaddr)
             }
-            Body::CharDev(ma, mi) | Body::BlockDev(ma, mi) => (format::LAYOUT_FLAT_PLAIN, format::encode_dev(*ma, *mi)),
-            Body::Fifo | Body::Socket => (format::LAYOUT_FLAT_PLAIN, 0),
+            Body::CharDev(ma, mi) | Body::BlockDev(ma, mi) => (DataLayout::FlatPlain, format::encode_dev(*ma, *mi)),
+            Body::Fifo | Body::Socket => (DataLayout::FlatPlain, 0),
         };
         let inode = Inode {
             extended: slot.extended,
@@ -1082,10 +1083,12 @@ impl Plan {
         if let Body::File(FileData { chunks: Some(c), .. }) = &node.body {
             out.resize(out.len().next_multiple_of(format::CHUNK_INDEX_SIZE), 0);
             for a in c.iter() {
-                // startblk_hi (0: no 48-bit addressing), device id, startblk_lo.
-                out.extend_from_slice(&0u16.to_le_bytes());
-                out.extend_from_slice(&(if a.blkaddr == NULL_ADDR { 0 } else { a.device }).to_le_bytes());
-                out.extend_from_slice(&self.shift(a.device, a.blkaddr).to_le_bytes());
+                let index = ChunkIndex {
+                    // Holes name no device, as mkfs.erofs writes them.
+                    device_id: if a.blkaddr == NULL_ADDR { 0 } else { a.device },
+                    blkaddr: self.shift(a.device, a.blkaddr),
+                };
+                out.extend_from_slice(&index.encode());
             }
         }
         if slot.inline_len > 0 {

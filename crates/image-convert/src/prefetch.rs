@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use erofs::format::{LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN};
+use erofs::format::DataLayout;
 use erofs::reader::{FileKind, Image};
 
 const BLOCK: u64 = 4096;
@@ -30,8 +30,8 @@ pub fn prefetch_chunks(
         }
         let size = e.inode.size;
         let blocks = match e.inode.layout {
-            LAYOUT_FLAT_PLAIN => size.div_ceil(BLOCK),
-            LAYOUT_FLAT_INLINE => size / BLOCK,
+            DataLayout::FlatPlain => size.div_ceil(BLOCK),
+            DataLayout::FlatInline => size / BLOCK,
             _ => 0,
         };
         found.push(p.clone());
