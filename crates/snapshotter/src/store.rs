@@ -628,16 +628,7 @@ impl Snapshotter {
         if self.get(key)?.is_some() {
             return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
         }
-        if !parent.is_empty() {
-            let p = self
-                .get(parent)?
-                .ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?}")))?;
-            if p.kind != Kind::Committed {
-                return Err(Error::InvalidArgument(format!(
-                    "parent {parent:?} is not a committed snapshot"
-                )));
-            }
-        }
+        self.check_parent(parent)?;
         let parents = self.parent_ids(parent)?;
 
         let txn = self.db.begin_write().map_err(internal)?;
@@ -889,18 +880,25 @@ impl Snapshotter {
         txn.commit().map_err(internal)
     }
 
+    /// NotFound or InvalidArgument unless `parent` is "" or a committed snapshot.
+    fn check_parent(&self, parent: &str) -> Result<()> {
+        if parent.is_empty() {
+            return Ok(());
+        }
+        let p = self
+            .get(parent)?
+            .ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?}")))?;
+        if p.kind != Kind::Committed {
+            return Err(Error::InvalidArgument(format!(
+                "parent {parent:?} is not a committed snapshot"
+            )));
+        }
+        Ok(())
+    }
+
     /// The ids of `parent`'s chain, checking that it is committed.
     fn committed_parents(&self, parent: &str) -> Result<Vec<u64>> {
-        if !parent.is_empty() {
-            let p = self
-                .get(parent)?
-                .ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?}")))?;
-            if p.kind != Kind::Committed {
-                return Err(Error::InvalidArgument(format!(
-                    "parent {parent:?} is not a committed snapshot"
-                )));
-            }
-        }
+        self.check_parent(parent)?;
         self.refresh_lazy(parent)?;
         self.parent_ids(parent)
     }
