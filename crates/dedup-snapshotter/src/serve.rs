@@ -150,8 +150,7 @@ pub fn serve(cfg: Config) -> Result<()> {
         .containerd_address
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTAINERD));
-    let differ =
-        (!order.is_empty()).then(|| Arc::new(differ::Differ::new(order, &root, &containerd).with_store(store.clone())));
+    let differ = (!order.is_empty()).then(|| Arc::new(differ::Differ::new(order, store.clone(), &containerd)));
 
     let metrics = match &cfg.metrics_address {
         None => None,

@@ -1,8 +1,9 @@
 //! containerd's Diff service, as an ordered list of differs.
 //!
-//! - **erofs**: Apply of a layer onto one of *our* active snapshots converts the blob
-//!   straight into the snapshot's `layer.erofs` in one streaming pass (so Commit has
-//!   nothing left to convert); Compare of our snapshot reads only its upper dir.
+//! - **erofs**: Apply of a layer onto one of *our* active snapshots hands the blob to
+//!   the store ([`snapshotter::Snapshotter::apply_layer`]), which converts it in one
+//!   streaming pass (so Commit has nothing left to convert); Compare of our snapshot
+//!   reads only its upper dir. The store tells which mounts are its snapshots.
 //! - **walking**: Apply onto any mounts (mounted in a temporary directory, or the
 //!   upper dir of a single overlay mount), Compare of any two mount sets by walking
 //!   both trees.
@@ -11,7 +12,7 @@
 //! next one is tried; when none can, the caller sees gRPC Unimplemented and
 //! containerd falls through to its own differs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 pub mod content;
@@ -70,45 +71,32 @@ impl std::str::FromStr for Kind {
 /// The Diff service's logic.
 pub struct Differ {
     order: Vec<Kind>,
-    /// The snapshot store's root: mounts under it with a `.erofslayer` marker are ours.
-    root: PathBuf,
+    /// The snapshot store whose snapshots the erofs differ applies to and compares.
+    store: Arc<snapshotter::Snapshotter>,
     content: Arc<ContentStore>,
     max_size: u64,
-    /// The snapshot store, when it deduplicates: Apply then writes chunk-based
-    /// layers whose chunks the store indexes.
-    store: Option<Arc<snapshotter::Snapshotter>>,
 }
 
 impl Differ {
-    /// Differs tried in `order`, our snapshots under `root`, blobs from the content
+    /// Differs tried in `order`, our snapshots in `store`, blobs from the content
     /// store of the containerd at `containerd`.
-    pub fn new(order: Vec<Kind>, root: &Path, containerd: &Path) -> Differ {
+    pub fn new(order: Vec<Kind>, store: Arc<snapshotter::Snapshotter>, containerd: &Path) -> Differ {
         Differ {
             order,
-            root: root.to_path_buf(),
+            store,
             content: Arc::new(ContentStore::new(containerd)),
             max_size: layer_convert::DEFAULT_MAX_SIZE,
-            store: None,
         }
-    }
-
-    /// Applies through `store`'s chunk index when the store deduplicates (the same
-    /// store whose root this differ serves).
-    pub fn with_store(mut self, store: Arc<snapshotter::Snapshotter>) -> Differ {
-        self.store = Some(store);
-        self
     }
 
     /// The containerd namespace of the active snapshot `mounts` name, read from its
     /// key: containerd's metadata store names a proxy snapshotter's snapshots
     /// `<namespace>/<id>/<key>`. For containerd 1.7, whose calls to a proxy differ
     /// carry no `containerd-namespace` metadata. `None` when the mounts are not one of
-    /// our active snapshots (or this differ has no store to ask).
+    /// our active snapshots.
     pub fn namespace_of(&self, mounts: &[snapshotter::Mount]) -> Option<String> {
-        let (snap, _) = mounts::our_snapshot(&self.root, mounts)?;
-        let id: u64 = snap.file_name()?.to_str()?.parse().ok()?;
-        let key = self.store.as_ref()?.key_of_id(id).ok()??;
-        namespace_from_key(&key)
+        let snap = self.store.active_for_mounts(mounts).ok()??;
+        namespace_from_key(&snap.key)
     }
 
     /// Applies a layer onto mounts; returns the applied (uncompressed) descriptor.
@@ -211,8 +199,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         let store = Arc::new(snapshotter::Snapshotter::open(&root).expect("open the store"));
-        let differ =
-            Differ::new(vec![Kind::Erofs], &root, &dir.path().join("no-containerd.sock")).with_store(store.clone());
+        let differ = Differ::new(vec![Kind::Erofs], store.clone(), &dir.path().join("no-containerd.sock"));
         let m = store
             .prepare("ns-one/7/extract-1 sha256:00", "", BTreeMap::new())
             .unwrap();
@@ -228,10 +215,9 @@ mod tests {
             options: vec!["rbind".into()],
         };
         assert_eq!(differ.namespace_of(&[other]), None);
-        // a differ without a store cannot tell
-        let m = store.mounts("ns-one/7/extract-1 sha256:00").unwrap();
-        let bare = Differ::new(vec![Kind::Erofs], &root, &dir.path().join("no-containerd.sock"));
-        assert_eq!(bare.namespace_of(&m), None);
+        // a view is not a snapshot a layer is applied to
+        let v = store.view("ns-one/8/view", "", BTreeMap::new()).unwrap();
+        assert_eq!(differ.namespace_of(&v), None);
         store.shutdown();
     }
 }

@@ -1,4 +1,4 @@
-//! Reading containerd mount specs: which of them are our snapshots, and mounting
+//! Reading containerd mount specs: the layers a view shows, and mounting
 //! the others in a temporary directory for the walking differ.
 
 use std::ffi::CString;
@@ -7,9 +7,6 @@ use std::path::{Path, PathBuf};
 use snapshotter::Mount;
 
 use crate::{DiffError, Result};
-
-/// The marker the store leaves in every active snapshot's directory.
-const MARKER: &str = ".erofslayer";
 
 fn option<'a>(m: &'a Mount, key: &str) -> Option<&'a str> {
     m.options
@@ -22,27 +19,6 @@ pub fn overlay_lowers(m: &Mount) -> Vec<PathBuf> {
     option(m, "lowerdir")
         .map(|l| l.split(':').map(PathBuf::from).collect())
         .unwrap_or_default()
-}
-
-/// Whether `dir` (a snapshot's `fs/`) is one of ours: under our root's
-/// `snapshots/`, with the marker beside it.
-fn ours(root: &Path, fs_dir: &Path) -> Option<PathBuf> {
-    let snap = fs_dir.parent()?;
-    let snapshots = root.join("snapshots");
-    (fs_dir.file_name()? == "fs" && snap.parent()? == snapshots && snap.join(MARKER).is_file())
-        .then(|| snap.to_path_buf())
-}
-
-/// One of our active snapshots, as the mounts name it: a bind of its `fs/` (no
-/// parent) or an overlay whose `upperdir` is its `fs/`. Returns the snapshot's
-/// directory and the lower layers.
-pub fn our_snapshot(root: &Path, mounts: &[Mount]) -> Option<(PathBuf, Vec<PathBuf>)> {
-    let [m] = mounts else { return None };
-    match m.kind.as_str() {
-        "bind" | "rbind" => ours(root, Path::new(&m.source)).map(|s| (s, Vec::new())),
-        "overlay" => ours(root, Path::new(option(m, "upperdir")?)).map(|s| (s, overlay_lowers(m))),
-        _ => None,
-    }
 }
 
 /// The layers a read-only mount set shows, nearest first: a bind's source or an

@@ -1,9 +1,7 @@
 //! The differs' Apply and Compare.
 
 use std::collections::HashMap;
-use std::fs;
-use std::io::{self, Read, Write};
-use std::path::Path;
+use std::io::{self, Write};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -145,168 +143,59 @@ fn check_blob(desc: &Descriptor, digest: &str, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// Apply onto one of our active snapshots: the blob becomes `layer.erofs` in one
-/// pass, verified before it is renamed into place.
+/// Apply onto one of our active snapshots: the store converts (or, for a native
+/// EROFS layer, copies) the blob into the snapshot's layer and verifies it.
 pub(crate) async fn apply_erofs(d: &Differ, ctx: &CallContext, req: &ApplyRequest) -> Result<Applied> {
-    let Some((snap, _lowers)) = mounts::our_snapshot(&d.root, &req.mounts) else {
+    let store = d.store.clone();
+    let mounts = req.mounts.clone();
+    let active = tokio::task::spawn_blocking(move || store.active_for_mounts(&mounts))
+        .await
+        .map_err(join_err)?
+        .map_err(store_err)?;
+    let Some(active) = active else {
         return Err(DiffError::NotImplemented(
             "the mounts are not a dedup-snapshotter active snapshot".into(),
         ));
     };
     check_payloads(req)?;
-    let media = classify(&req.diff.media_type)?;
-    let blob = d.content.reader(ctx, &req.diff.digest).await?;
-    let desc = req.diff.clone();
-    let max_size = d.max_size;
+    let (format, media_type) = match classify(&req.diff.media_type)? {
+        Media::Tar(_) => (snapshotter::LayerFormat::Tar, LAYER_TAR.to_string()),
+        Media::Erofs { base, zstd } => (snapshotter::LayerFormat::Erofs { zstd }, base),
+    };
+    let reader = d.content.reader(ctx, &req.diff.digest).await?;
+    let blob = snapshotter::LayerBlob {
+        reader: Box::new(reader),
+        format,
+        media_type: req.diff.media_type.clone(),
+        digest: req.diff.digest.clone(),
+        size: (req.diff.size > 0).then_some(req.diff.size as u64),
+        diff_id: None,
+        max_size: d.max_size,
+    };
     let store = d.store.clone();
-    tokio::task::spawn_blocking(move || {
-        let staged = snap.join("layer.erofs.apply");
-        let store_err = |e: snapshotter::Error| DiffError::Internal(e.to_string());
-        let session = match &store {
-            Some(s) => s.dedup_session().map_err(store_err)?,
-            None => None,
-        };
-        let result = match media {
-            Media::Tar(_) => {
-                let opts = layer_convert::Options {
-                    media_type: Some(desc.media_type.clone()),
-                    max_size,
-                    // Block-aligned file data: inline tails would fill the inode area
-                    // that the kernel reads one block at a time (cold reads ~1.6x slower).
-                    inline_data: false,
-                    build_time: 0,
-                    fsync: true,
-                    chunk_bits: session.as_ref().map_or(16, |s| s.chunk_bits()),
-                    meta_first: false,
-                };
-                let converted = match &session {
-                    None => layer_convert::convert(blob, &staged, &opts, None).map(|r| (r, None)),
-                    Some(sess) => sess
-                        .run(|sink| layer_convert::convert_with(blob, &staged, &opts, None, Some(sink)))
-                        .map(|(r, rep)| (r, Some(rep))),
-                };
-                converted.map_err(conv_err).and_then(|(r, report)| {
-                    check_blob(&desc, &r.input_digest, r.input_size)?;
-                    if let (Some(store), Some(report)) = (&store, &report) {
-                        let id = snap
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .and_then(|n| n.parse::<u64>().ok())
-                            .ok_or_else(|| DiffError::Internal(format!("{}: not a snapshot dir", snap.display())))?;
-                        // Recorded before the rename: a crash in between leaves extra
-                        // references on a snapshot that has no layer yet, freed with it.
-                        if let Err(e) = store.record_applied(id, report, report.logical_bytes) {
-                            if let Some(own) = &report.own {
-                                let _ = fs::remove_file(&own.path);
-                            }
-                            return Err(store_err(e));
-                        }
-                    } else if let Some(own) = report.as_ref().and_then(|r| r.own.as_ref()) {
-                        let _ = fs::remove_file(&own.path);
-                    }
-                    Ok(Descriptor {
-                        media_type: LAYER_TAR.into(),
-                        digest: r.diff_id,
-                        size: r.uncompressed_size as i64,
-                        annotations: HashMap::new(),
-                    })
-                })
-            }
-            Media::Erofs { base, zstd } => copy_native(blob, &staged, &desc, &base, zstd, max_size),
-        };
-        let result = match result {
-            Ok(applied) => {
-                fs::rename(&staged, snap.join("layer.erofs")).map_err(|e| DiffError::Internal(e.to_string()))?;
-                Ok(applied)
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&staged);
-                Err(e)
-            }
-        };
-        drop(session);
-        result
-    })
-    .await
-    .map_err(join_err)?
-}
-
-/// Copies a native EROFS blob (decompressing `+zstd`), checking both digests and
-/// that it is an EROFS image at all.
-fn copy_native(blob: impl Read, staged: &Path, desc: &Descriptor, base: &str, zstd: bool, max: u64) -> Result<Applied> {
-    struct Hashing<R> {
-        inner: R,
-        h: Sha256,
-        n: u64,
-    }
-    impl<R: Read> Read for Hashing<R> {
-        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-            let n = self.inner.read(b)?;
-            self.h.update(&b[..n]);
-            self.n += n as u64;
-            Ok(n)
-        }
-    }
-    let io_err = |e: io::Error| DiffError::Internal(format!("{}: {e}", staged.display()));
-    let mut input = Hashing {
-        inner: blob,
-        h: Sha256::new(),
-        n: 0,
-    };
-    // Read back below (the superblock check), so not write-only.
-    let mut out = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(staged)
-        .map_err(io_err)?;
-    let (uncompressed, size) = {
-        let mut src: Box<dyn Read + '_> = if zstd {
-            Box::new(
-                layer_convert::stream::zstd_decoder(io::BufReader::new(&mut input))
-                    .map_err(|e| DiffError::InvalidArgument(format!("zstd: {e}")))?,
-            )
-        } else {
-            Box::new(&mut input)
-        };
-        let mut h = Sha256::new();
-        let mut n = 0u64;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let k = src
-                .read(&mut buf)
-                .map_err(|e| DiffError::InvalidArgument(format!("reading the blob: {e}")))?;
-            if k == 0 {
-                break;
-            }
-            n += k as u64;
-            if n > max {
-                return Err(DiffError::InvalidArgument(format!("layer larger than {max} bytes")));
-            }
-            h.update(&buf[..k]);
-            out.write_all(&buf[..k]).map_err(io_err)?;
-        }
-        (format!("sha256:{}", hex::encode(h.finalize())), n)
-    };
-    io::copy(&mut input, &mut io::sink()).map_err(io_err)?;
-    check_blob(desc, &format!("sha256:{}", hex::encode(input.h.finalize())), input.n)?;
-    let mut sb = [0u8; 4];
-    use std::os::unix::fs::FileExt;
-    out.read_exact_at(&mut sb, 1024)
-        .map_err(|_| DiffError::InvalidArgument("not an EROFS image (too short)".into()))?;
-    if u32::from_le_bytes(sb) != 0xE0F5_E1E2 {
-        return Err(DiffError::InvalidArgument(
-            "not an EROFS image (bad superblock magic)".into(),
-        ));
-    }
-    out.sync_all().map_err(io_err)?;
+    let applied = tokio::task::spawn_blocking(move || store.apply_layer(&active.key, blob))
+        .await
+        .map_err(join_err)?
+        .map_err(store_err)?;
     Ok(Descriptor {
-        media_type: base.to_string(),
-        digest: uncompressed,
-        size: size as i64,
+        media_type,
+        digest: applied.digest,
+        size: applied.size as i64,
         annotations: HashMap::new(),
     })
+}
+
+/// The differ's error for a store error, by kind.
+fn store_err(e: snapshotter::Error) -> DiffError {
+    match e {
+        snapshotter::Error::NotFound(m) => DiffError::NotFound(m),
+        snapshotter::Error::AlreadyExists(m) => DiffError::AlreadyExists(m),
+        snapshotter::Error::FailedPrecondition(m) => DiffError::FailedPrecondition(m),
+        snapshotter::Error::InvalidArgument(m) => DiffError::InvalidArgument(m),
+        e @ (snapshotter::Error::Unavailable(_) | snapshotter::Error::Internal(_)) => {
+            DiffError::Internal(e.to_string())
+        }
+    }
 }
 
 /// Apply onto any mounts: the upper dir of a single overlay mount directly (overlay
@@ -324,7 +213,7 @@ pub(crate) async fn apply_walking(d: &Differ, ctx: &CallContext, req: &ApplyRequ
     let blob = d.content.reader(ctx, &req.diff.digest).await?;
     let desc = req.diff.clone();
     let mounts = req.mounts.clone();
-    let scratch = d.root.join("staging");
+    let scratch = d.store.scratch_dir();
     let max_size = d.max_size;
     tokio::task::spawn_blocking(move || {
         let (target, whiteouts, _guard) = match mounts::overlay_upper(&mounts) {
@@ -376,20 +265,26 @@ fn output_compression(mt: &str) -> Result<(layer_diff::Compression, String)> {
 
 /// Compare for our snapshots: the changes are exactly the upper dir.
 pub(crate) async fn compare_erofs(d: &Differ, ctx: &CallContext, req: &CompareRequest) -> Result<Descriptor> {
-    let Some((snap, lowers)) = mounts::our_snapshot(&d.root, &req.right) else {
+    let store = d.store.clone();
+    let right = req.right.clone();
+    let active = tokio::task::spawn_blocking(move || store.active_for_mounts(&right))
+        .await
+        .map_err(join_err)?
+        .map_err(store_err)?;
+    let Some(active) = active else {
         return Err(DiffError::NotImplemented(
             "the upper mounts are not a dedup-snapshotter active snapshot".into(),
         ));
     };
     match mounts::view_layers(&req.left) {
-        Some(left) if left == lowers => {}
+        Some(left) if left == active.lowers => {}
         _ => {
             return Err(DiffError::NotImplemented(
                 "the lower mounts are not the snapshot's parent layers; a walk is needed".into(),
             ))
         }
     }
-    let upper = snap.join("fs");
+    let upper = active.upper;
     write_layer(d, ctx, req, move |out, opts| {
         layer_diff::write_upper_diff(&upper, out, opts)
     })
@@ -398,7 +293,7 @@ pub(crate) async fn compare_erofs(d: &Differ, ctx: &CallContext, req: &CompareRe
 
 /// Compare any two mount sets by walking both trees.
 pub(crate) async fn compare_walking(d: &Differ, ctx: &CallContext, req: &CompareRequest) -> Result<Descriptor> {
-    let scratch = d.root.join("staging");
+    let scratch = d.store.scratch_dir();
     let (left, right) = (req.left.clone(), req.right.clone());
     let mounted = tokio::task::spawn_blocking(move || -> Result<(mounts::TempMount, mounts::TempMount)> {
         Ok((

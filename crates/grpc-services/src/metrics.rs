@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use snapshotter::{Kind, Mount, Snapshotter};
+use snapshotter::{Kind, Snapshotter};
 use tonic::Code;
 
 /// Bucket bounds (seconds) of the duration histograms: a Stat takes microseconds, the
@@ -30,8 +30,6 @@ const BUCKETS: [f64; 14] = [
 
 /// The file that marks a snapshot directory as ours (the store writes it, the erofs
 /// differ looks for it).
-const MARKER: &str = ".erofslayer";
-
 /// The `service` label of the Snapshots service.
 pub const SNAPSHOTS: &str = "snapshots";
 /// The `service` label of the Diff service.
@@ -182,22 +180,6 @@ impl ServiceMetrics {
     }
 }
 
-/// Whether Commit of the active snapshot with these mounts will convert its upper
-/// dir: the mounts name our snapshot directory (its `fs/`, beside the `.erofslayer`
-/// marker), and no differ has written `layer.erofs` there.
-pub fn commit_will_convert(mounts: &[Mount]) -> bool {
-    let [m] = mounts else { return false };
-    let fs_dir = match m.kind.as_str() {
-        "bind" | "rbind" => Some(m.source.as_str()),
-        "overlay" => m.options.iter().find_map(|o| o.strip_prefix("upperdir=")),
-        _ => None,
-    };
-    let Some(dir) = fs_dir.and_then(|f| std::path::Path::new(f).parent()) else {
-        return false;
-    };
-    dir.join(MARKER).is_file() && !dir.join("layer.erofs").exists()
-}
-
 /// gRPC code names as Go's `codes.Code.String()` prints them (what containerd logs).
 pub fn code_name(code: Code) -> &'static str {
     match code {
@@ -300,38 +282,6 @@ impl Collector for StoreGauges {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pending_conversion_is_read_from_our_snapshot_dir() {
-        let dir = tempfile::tempdir().unwrap();
-        let snap = dir.path().join("snapshots/7");
-        std::fs::create_dir_all(snap.join("fs")).unwrap();
-        let bind = vec![Mount {
-            kind: "bind".into(),
-            source: snap.join("fs").to_str().unwrap().into(),
-            target: String::new(),
-            options: vec!["rw".into(), "rbind".into()],
-        }];
-        // Not ours without the marker.
-        assert!(!commit_will_convert(&bind));
-        std::fs::write(snap.join(MARKER), b"").unwrap();
-        assert!(commit_will_convert(&bind));
-        let overlay = vec![Mount {
-            kind: "overlay".into(),
-            source: "overlay".into(),
-            target: String::new(),
-            options: vec![
-                "lowerdir=/a".into(),
-                format!("upperdir={}", snap.join("fs").display()),
-                "workdir=/w".into(),
-            ],
-        }];
-        assert!(commit_will_convert(&overlay));
-        // A differ wrote the layer: Commit has nothing to convert.
-        std::fs::write(snap.join("layer.erofs"), b"").unwrap();
-        assert!(!commit_will_convert(&bind));
-        assert!(!commit_will_convert(&overlay));
-    }
 
     #[test]
     fn records_requests_errors_and_durations() {

@@ -18,7 +18,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::filters::Filter;
 pub use crate::generated::snapshots_server::{Snapshots, SnapshotsServer};
-use crate::metrics::{commit_will_convert, Failure, ServiceMetrics, SNAPSHOTS};
+use crate::metrics::{Failure, ServiceMetrics, SNAPSHOTS};
 
 /// How many snapshot infos one `List` response message carries. containerd's own
 /// service batches the same way, which keeps each message far below gRPC's 4 MiB
@@ -261,9 +261,8 @@ impl Snapshots for SnapshotsService {
         let converted = self
             .call_timed("Commit", &what, start, move |s| {
                 // Whether Commit converts can only be seen before it runs (afterwards
-                // `layer.erofs` is there either way); the mounts lead to the snapshot's
-                // directory as they lead a differ to it. The store's API stays as it is.
-                let converts = measure && s.mounts(&r.key).is_ok_and(|m| commit_will_convert(&m));
+                // the layer is there either way).
+                let converts = measure && s.commit_converts(&r.key);
                 s.commit(&r.name, &r.key, labels).map(|()| converts)
             })
             .await?;

@@ -109,7 +109,7 @@ pub(crate) struct Pins(Mutex<HashMap<BlobId, u32>>);
 
 impl Pins {
     pub(crate) fn pin(&self, ids: impl IntoIterator<Item = BlobId>) -> Vec<BlobId> {
-        let mut m = self.0.lock().unwrap();
+        let mut m = crate::store::lock(&self.0);
         let ids: Vec<BlobId> = ids.into_iter().collect();
         for id in &ids {
             *m.entry(*id).or_default() += 1;
@@ -118,7 +118,7 @@ impl Pins {
     }
 
     pub(crate) fn unpin(&self, ids: &[BlobId]) {
-        let mut m = self.0.lock().unwrap();
+        let mut m = crate::store::lock(&self.0);
         for id in ids {
             if let Some(n) = m.get_mut(id) {
                 *n -= 1;
@@ -130,7 +130,7 @@ impl Pins {
     }
 
     pub(crate) fn is_pinned(&self, id: BlobId) -> bool {
-        self.0.lock().unwrap().contains_key(&id)
+        crate::store::lock(&self.0).contains_key(&id)
     }
 }
 

@@ -85,10 +85,14 @@ pub enum Error {
 /// Result of store operations.
 pub type Result<T> = std::result::Result<T, Error>;
 
+mod apply;
 pub mod blobs;
+mod meta;
 pub mod mounts;
 mod store;
+pub use apply::{AppliedLayer, LayerBlob, LayerFormat};
+pub use meta::{RemoteLayer, TARGET_SNAPSHOT_LABEL};
 pub use store::{
-    Attached, ChainStats, DedupSession, RemoteLayer, RemoteLayers, Snapshotter, StoreOptions, StoreStats,
-    StreamedLayer, TARGET_SNAPSHOT_LABEL,
+    ActiveSnapshot, Attached, ChainStats, DedupSession, RemoteLayers, Snapshotter, StoreOptions, StoreStats,
+    StreamedLayer,
 };

@@ -11,7 +11,8 @@
 //! snapshots/<id>/layer.erofs   the committed layer
 //! m/<id>                 where a committed layer is mounted (short: 128 of them
 //!                        must fit one overlay option string)
-//! staging/               new snapshot dirs before they are renamed into place
+//! staging/               new snapshot dirs before they are renamed into place, and
+//!                        layers being applied before they are verified and recorded
 //! blobs/<16 hex>         with dedup: shared chunk blobs, extra devices of layers
 //!                        (see `blobs.rs`)
 //! ```
@@ -23,63 +24,44 @@
 //! that owns them and deleted after it; a directory, mount or blob without a record is
 //! removed at start-up and by Cleanup; a committed record without its mount is
 //! mounted again at start-up.
+//!
+//! Concurrency, as containerd's overlay snapshotter does it over bolt: every RPC
+//! reads and writes its records in one redb transaction ([`crate::meta`]), and redb
+//! serialises the write transactions, so a check and the write it guards cannot be
+//! split by another RPC. Work that must not hold the database (conversions, mounts
+//! of new layers) runs outside and is re-checked in the transaction that records it.
+//! The few in-memory locks never poison (a panicking RPC fails alone):
+//! - `busy`: keys a Commit or an Apply works on, which Remove and a second Commit refuse;
+//! - `mount_locks`: one per layer id (striped), held to mount, re-mount or unmount
+//!   `m/<id>`, with the record re-read under it, so a re-mount never races the
+//!   Remove that deletes the layer;
+//! - `gc`: blob collection against the pinning of a conversion's chunk view;
+//! - `pending`: ids whose directory exists before their record (Cleanup leaves them).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use redb::{Database, ReadableDatabase, ReadableTable};
+use serde::Serialize;
 
 use dedup::{BlobId, BlobSink, SinkReport};
 use erofs::writer::ChunkSink;
 
+use crate::apply::{self, AppliedLayer, LayerBlob, LayerFormat, Written};
 use crate::blobs::{self, Pins};
+use crate::meta::{self, internal, now_pair, Record, RemoteLayer, TARGET_SNAPSHOT_LABEL};
 use crate::{mounts, Error, Info, Kind, Mount, Result, Usage};
 
-const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
-const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
-
-/// The persisted record of one snapshot.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    id: u64,
-    kind: Kind,
-    parent: String,
-    labels: BTreeMap<String, String>,
-    created: (u64, u32),
-    updated: (u64, u32),
-    size: i64,
-    inodes: i64,
-    /// Blobs the layer's device table names, in device order (dedup only).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    blobs: Vec<BlobId>,
-    /// File bytes of the layer (dedup only; what it would take without sharing).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    logical: u64,
-    /// A lazily fetched layer: the blob the mount reads through the fetch daemon.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    remote: Option<RemoteLayer>,
-}
-
-/// The label containerd puts on a Prepare to say which committed snapshot the
-/// layer would become: a snapshotter that can make it without the layer's data
-/// does so and answers AlreadyExists, and containerd downloads nothing.
-pub const TARGET_SNAPSHOT_LABEL: &str = "containerd.io/snapshot.ref";
-
-/// A layer mounted from a blob that is fetched on demand.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RemoteLayer {
-    /// The blob's digest.
-    pub digest: String,
-    /// The blob's size in bytes.
-    pub size: u64,
-    /// What the [`RemoteLayers`] implementation needs to attach the blob again (after
-    /// a restart of either daemon); opaque to the store.
-    pub spec: serde_json::Value,
+/// Locks a mutex whether or not an earlier holder panicked: the data these locks
+/// guard (sets of ids, a timestamp) stays valid across a panic, and one failed RPC
+/// must not fail every later one.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A blob made available as a local file.
@@ -126,10 +108,6 @@ pub struct StreamedLayer {
     pub reader: Box<dyn std::io::Read + Send>,
 }
 
-fn is_zero(v: &u64) -> bool {
-    *v == 0
-}
-
 /// How the store converts layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreOptions {
@@ -164,19 +142,27 @@ impl Default for StoreOptions {
 struct Trash {
     dir: PathBuf,
     idle: Duration,
-    last_activity: Mutex<std::time::Instant>,
+    epoch: std::time::Instant,
+    /// Milliseconds from `epoch` to the last Prepare, View or Commit.
+    last_activity: AtomicU64,
 }
 
 impl Trash {
     fn touch(&self) {
-        *self.last_activity.lock().unwrap() = std::time::Instant::now();
+        self.last_activity
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_activity.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
     }
 
     /// Runs until the store is dropped (its `Arc` is the only other owner).
     fn run(self: Arc<Trash>) {
         while Arc::strong_count(&self) > 1 {
             std::thread::sleep(Duration::from_millis(250).min(self.idle.max(Duration::from_millis(10))));
-            if self.last_activity.lock().unwrap().elapsed() < self.idle {
+            if self.idle_for() < self.idle {
                 continue;
             }
             let next = fs::read_dir(&self.dir)
@@ -240,7 +226,6 @@ impl Drop for DedupSession<'_> {
     fn drop(&mut self) {
         self.store.pins.unpin(&self.pinned);
         // Blobs that lost their last reference while pinned go now.
-        let _g = self.store.lock.lock().unwrap();
         if let Err(e) = self.store.collect_blobs() {
             tracing::warn!(error = %e, "deleting unreferenced blobs");
         }
@@ -280,30 +265,18 @@ pub struct ChainStats {
     pub shared_blob_bytes: u64,
 }
 
-impl Record {
-    fn info(&self, name: &str) -> Info {
-        Info {
-            name: name.to_string(),
-            parent: self.parent.clone(),
-            kind: self.kind,
-            labels: self.labels.clone(),
-            created: from_pair(self.created),
-            updated: from_pair(self.updated),
-        }
-    }
-}
+/// Stripes of the per-layer mount locks: ids map onto them, so the table never grows.
+const MOUNT_STRIPES: usize = 64;
 
-fn now_pair() -> (u64, u32) {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    (d.as_secs(), d.subsec_nanos())
-}
-
-fn from_pair((s, n): (u64, u32)) -> SystemTime {
-    UNIX_EPOCH + Duration::new(s, n)
-}
-
-fn internal<E: std::fmt::Display>(e: E) -> Error {
-    Error::Internal(e.to_string())
+/// The active snapshot a set of mounts names (what a differ is handed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveSnapshot {
+    /// The snapshot's key.
+    pub key: String,
+    /// Its upper dir: everything the snapshot changed.
+    pub upper: PathBuf,
+    /// The committed layers below it, nearest first, as the mounts name them.
+    pub lowers: Vec<PathBuf>,
 }
 
 /// A snapshot store rooted in one directory. All methods block (file system work,
@@ -311,16 +284,40 @@ fn internal<E: std::fmt::Display>(e: E) -> Error {
 pub struct Snapshotter {
     root: PathBuf,
     db: Database,
-    /// Serialises read-check-write sequences; conversions run outside it.
-    lock: Mutex<()>,
-    /// Keys whose Commit is converting right now.
-    committing: Mutex<HashSet<String>>,
     opts: StoreOptions,
     pins: Pins,
     trash: Arc<Trash>,
     remote: Option<Arc<dyn RemoteLayers>>,
+    /// Keys a Commit or an Apply is working on.
+    busy: Mutex<HashSet<String>>,
+    /// Ids whose directory (and maybe mount) exists before their record does.
+    pending: Mutex<HashSet<u64>>,
+    /// Held to mount or unmount `m/<id>` (striped by id).
+    mount_locks: Vec<Mutex<()>>,
+    /// Blob collection against the pinning of a conversion's view of the chunks.
+    gc: Mutex<()>,
     /// Lazy layers mounted by this process: id -> fetch daemon instance.
-    attached: Mutex<std::collections::HashMap<u64, u64>>,
+    attached: Mutex<HashMap<u64, u64>>,
+    /// Names staged files uniquely within this process.
+    seq: AtomicU64,
+}
+
+/// Removes a key from `busy` (or an id from `pending`) when the work ends, however it ends.
+struct Claim<'a, T: std::hash::Hash + Eq + Clone> {
+    set: &'a Mutex<HashSet<T>>,
+    item: T,
+}
+
+impl<'a, T: std::hash::Hash + Eq + Clone> Claim<'a, T> {
+    fn take(set: &'a Mutex<HashSet<T>>, item: T) -> Option<Claim<'a, T>> {
+        lock(set).insert(item.clone()).then_some(Claim { set, item })
+    }
+}
+
+impl<T: std::hash::Hash + Eq + Clone> Drop for Claim<'_, T> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.item);
+    }
 }
 
 impl Snapshotter {
@@ -352,29 +349,31 @@ impl Snapshotter {
         }
         fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(internal)?;
         let db = Database::create(root.join("metadata.redb")).map_err(internal)?;
-        {
-            let txn = db.begin_write().map_err(internal)?;
-            txn.open_table(SNAPSHOTS).map_err(internal)?;
-            txn.open_table(COUNTERS).map_err(internal)?;
+        meta::migrate(&db)?;
+        meta::write(&db, |txn| {
             txn.open_table(blobs::BLOBS).map_err(internal)?;
             txn.open_table(blobs::CHUNKS).map_err(internal)?;
             txn.open_table(blobs::BLOB_CHUNKS).map_err(internal)?;
-            txn.commit().map_err(internal)?;
-        }
+            Ok(())
+        })?;
         let s = Snapshotter {
             root: root.to_path_buf(),
             db,
-            lock: Mutex::new(()),
-            committing: Mutex::new(HashSet::new()),
             opts,
             pins: Pins::default(),
             trash: Arc::new(Trash {
                 dir: root.join("trash"),
                 idle: opts.trash_idle,
-                last_activity: Mutex::new(std::time::Instant::now()),
+                epoch: std::time::Instant::now(),
+                last_activity: AtomicU64::new(0),
             }),
             remote,
-            attached: Mutex::new(Default::default()),
+            busy: Mutex::default(),
+            pending: Mutex::default(),
+            mount_locks: (0..MOUNT_STRIPES).map(|_| Mutex::new(())).collect(),
+            gc: Mutex::new(()),
+            attached: Mutex::default(),
+            seq: AtomicU64::new(0),
         };
         s.repair()?;
         let trash = s.trash.clone();
@@ -397,12 +396,27 @@ impl Snapshotter {
         self.root.join("blobs")
     }
 
+    /// A new file name under `staging/` for work on snapshot `id`.
+    fn staging_file(&self, what: &str, id: u64) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.root.join("staging").join(format!("{what}-{id}-{n}.erofs"))
+    }
+
+    /// A directory for a differ's temporary mounts; emptied at start-up.
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.root.join("staging")
+    }
+
     /// The options the store was opened with.
     pub fn options(&self) -> StoreOptions {
         self.opts
     }
 
-    /// Mounts a committed layer with its blobs as devices.
+    fn mount_lock(&self, id: u64) -> MutexGuard<'_, ()> {
+        lock(&self.mount_locks[(id % MOUNT_STRIPES as u64) as usize])
+    }
+
+    /// Mounts a committed layer with its blobs as devices. Call with its mount lock.
     fn mount_layer(&self, rec: &Record) -> std::io::Result<()> {
         if let Some(layer) = &rec.remote {
             let remote = self.remote.as_ref().ok_or_else(|| {
@@ -413,7 +427,7 @@ impl Snapshotter {
             })?;
             let a = remote.attach(layer)?;
             mounts::mount_erofs_with_devices(&a.path, &[], &self.mountpoint(rec.id))?;
-            self.attached.lock().unwrap().insert(rec.id, a.instance);
+            lock(&self.attached).insert(rec.id, a.instance);
             return Ok(());
         }
         let image = self.dir(rec.id).join("layer.erofs");
@@ -428,11 +442,9 @@ impl Snapshotter {
         if !self.opts.dedup {
             return Ok(None);
         }
-        let txn = self.db.begin_write().map_err(internal)?;
-        let id = next_counter(&txn, "next_blob")?;
-        txn.commit().map_err(internal)?;
-        // Under the lock, so no deletion decides between the view and the pins.
-        let _g = self.lock.lock().unwrap();
+        let id = meta::write(&self.db, |txn| meta::next_counter(txn, "next_blob"))?;
+        // No collection decides between the view and the pins.
+        let _g = lock(&self.gc);
         let lookup = blobs::Lookup::new(self.db.begin_read().map_err(internal)?)?;
         let pinned = self.pins.pin(lookup.blobs().chain([id]));
         Ok(Some(DedupSession {
@@ -443,45 +455,10 @@ impl Snapshotter {
         }))
     }
 
-    /// Records what a differ's deduplicating Apply wrote for the active snapshot with
-    /// directory `snapshots/<id>` (its `layer.erofs` is renamed into place after
-    /// this): the new blob, its chunks and the references. References an earlier
-    /// Apply recorded are dropped.
-    pub fn record_applied(&self, id: u64, report: &SinkReport, logical: u64) -> Result<()> {
-        fsync_dir(&self.blob_dir()).map_err(internal)?;
-        let _g = self.lock.lock().unwrap();
-        let (key, mut rec) = self
-            .all()?
-            .into_iter()
-            .find(|(_, r)| r.id == id)
-            .ok_or_else(|| Error::NotFound(format!("snapshot with id {id}")))?;
-        let key = key.as_str();
-        if rec.kind != Kind::Active {
-            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is not active")));
-        }
-        let txn = self.db.begin_write().map_err(internal)?;
-        blobs::record(&txn, report)?;
-        blobs::release(&txn, &rec.blobs)?;
-        rec.blobs = report.devices.clone();
-        rec.logical = logical;
-        {
-            let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            t.insert(key, serde_json::to_vec(&rec).map_err(internal)?.as_slice())
-                .map_err(internal)?;
-        }
-        txn.commit().map_err(internal)?;
-        self.collect_blobs()
-    }
-
-    /// Deletes unreferenced, unpinned blobs: records first, files after. Call with
-    /// the lock held.
+    /// Deletes unreferenced, unpinned blobs: records first, files after.
     fn collect_blobs(&self) -> Result<()> {
-        let txn = self.db.begin_write().map_err(internal)?;
-        let dead = blobs::collect(&txn, &self.pins)?;
-        if dead.is_empty() {
-            return Ok(());
-        }
-        txn.commit().map_err(internal)?;
+        let _g = lock(&self.gc);
+        let dead = meta::write(&self.db, |txn| blobs::collect(txn, &self.pins))?;
         for id in dead {
             let p = blobs::path(&self.blob_dir(), id);
             if let Err(e) = fs::remove_file(&p) {
@@ -496,116 +473,74 @@ impl Snapshotter {
     /// What the store holds: layers, logical and stored bytes, chunks, sharing per
     /// image chain.
     pub fn stats(&self) -> Result<StoreStats> {
-        let records = self.all()?;
-        let txn = self.db.begin_read().map_err(internal)?;
-        let chunks = blobs::stats(&txn)?;
-        let sizes: BTreeMap<BlobId, u64> = {
-            let t = txn.open_table(blobs::BLOBS).map_err(internal)?;
-            let mut m = BTreeMap::new();
-            for item in t.iter().map_err(internal)? {
-                let (k, v) = item.map_err(internal)?;
-                let r: blobs::BlobRecord = serde_json::from_slice(v.value()).map_err(internal)?;
-                m.insert(k.value(), u64::from(r.blocks) * dedup::BLOCK_SIZE);
-            }
-            m
-        };
-        let mut st = StoreStats {
-            chunks,
-            ..Default::default()
-        };
-        let by_name: BTreeMap<&str, &Record> = records.iter().map(|(k, r)| (k.as_str(), r)).collect();
-        let has_child: HashSet<&str> = records.iter().map(|(_, r)| r.parent.as_str()).collect();
-        for (_, r) in &records {
-            if r.kind == Kind::Committed {
-                st.layers += 1;
-                st.logical_bytes += r.logical;
-                st.image_bytes += r.size.max(0) as u64;
-            }
-        }
-        // Chains: from each committed snapshot nothing committed builds on.
-        let mut chain_blobs: Vec<(String, u64, u64, HashSet<BlobId>)> = Vec::new();
-        for (name, r) in &records {
-            if r.kind != Kind::Committed || has_child.contains(name.as_str()) {
-                continue;
-            }
-            let (mut layers, mut logical, mut set) = (0u64, 0u64, HashSet::new());
-            let mut cur = Some(r);
-            while let Some(c) = cur {
-                layers += 1;
-                logical += c.logical;
-                set.extend(c.blobs.iter().copied());
-                cur = by_name.get(c.parent.as_str()).copied();
-            }
-            chain_blobs.push((name.clone(), layers, logical, set));
-        }
-        for (i, (top, layers, logical, set)) in chain_blobs.iter().enumerate() {
-            let blob_bytes = set.iter().map(|b| sizes.get(b).copied().unwrap_or(0)).sum();
-            let shared_blob_bytes = set
+        meta::read(&self.db, |r| {
+            let records = r.all()?;
+            let txn = r.txn();
+            let chunks = blobs::stats(txn)?;
+            let sizes: BTreeMap<BlobId, u64> = {
+                let t = txn.open_table(blobs::BLOBS).map_err(internal)?;
+                let mut m = BTreeMap::new();
+                for item in t.iter().map_err(internal)? {
+                    let (k, v) = item.map_err(internal)?;
+                    let r: blobs::BlobRecord = serde_json::from_slice(v.value()).map_err(internal)?;
+                    m.insert(k.value(), u64::from(r.blocks) * dedup::BLOCK_SIZE);
+                }
+                m
+            };
+            Ok(chain_stats(&records, chunks, &sizes))
+        })
+    }
+
+    /// The active snapshot `mounts` name, as a differ receives them: a bind of its
+    /// `fs/` (no parent) or an overlay whose `upperdir` is its `fs/`. `None` for
+    /// mounts that are not one of this store's active snapshots.
+    pub fn active_for_mounts(&self, mounts: &[Mount]) -> Result<Option<ActiveSnapshot>> {
+        let [m] = mounts else { return Ok(None) };
+        let option = |key: &str| {
+            m.options
                 .iter()
-                .filter(|b| chain_blobs.iter().enumerate().any(|(j, o)| j != i && o.3.contains(b)))
-                .map(|b| sizes.get(b).copied().unwrap_or(0))
-                .sum();
-            st.chains.push(ChainStats {
-                top: top.clone(),
-                layers: *layers,
-                logical_bytes: *logical,
-                blob_bytes,
-                shared_blob_bytes,
-            });
-        }
-        st.stored_bytes = st.image_bytes + st.chunks.blob_bytes;
-        Ok(st)
+                .find_map(|o| o.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        };
+        let (upper, lowers) = match m.kind.as_str() {
+            "bind" | "rbind" => (PathBuf::from(&m.source), Vec::new()),
+            "overlay" => match option("upperdir") {
+                Some(u) => (
+                    PathBuf::from(u),
+                    option("lowerdir")
+                        .map(|l| l.split(':').map(PathBuf::from).collect())
+                        .unwrap_or_default(),
+                ),
+                None => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        let snapshots = self.root.join("snapshots");
+        let id = match (upper.file_name(), upper.parent()) {
+            (Some(f), Some(dir)) if f == "fs" && dir.parent() == Some(snapshots.as_path()) => dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<u64>().ok()),
+            _ => None,
+        };
+        let Some(id) = id else { return Ok(None) };
+        meta::read(&self.db, |r| {
+            let Some(key) = r.key_of(id)? else { return Ok(None) };
+            let rec = r.get_existing(&key)?;
+            Ok((rec.kind == Kind::Active).then_some(ActiveSnapshot { key, upper, lowers }))
+        })
     }
 
-    fn get(&self, key: &str) -> Result<Option<Record>> {
-        let txn = self.db.begin_read().map_err(internal)?;
-        let t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-        let v = t.get(key).map_err(internal)?;
-        v.map(|v| serde_json::from_slice(v.value()).map_err(internal))
-            .transpose()
+    /// Whether Commit of the active snapshot `key` will convert its upper dir (no
+    /// layer was applied to it).
+    pub fn commit_converts(&self, key: &str) -> bool {
+        meta::read(&self.db, |r| r.get_existing(key))
+            .is_ok_and(|rec| rec.kind == Kind::Active && !self.dir(rec.id).join("layer.erofs").exists())
     }
 
-    fn get_existing(&self, key: &str) -> Result<Record> {
-        self.get(key)?
-            .ok_or_else(|| Error::NotFound(format!("snapshot {key:?}")))
-    }
-
-    fn all(&self) -> Result<Vec<(String, Record)>> {
-        let txn = self.db.begin_read().map_err(internal)?;
-        let t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(internal)? {
-            let (k, v) = item.map_err(internal)?;
-            out.push((
-                k.value().to_string(),
-                serde_json::from_slice(v.value()).map_err(internal)?,
-            ));
-        }
-        Ok(out)
-    }
-
-    /// The key of the snapshot whose directory is `snapshots/<id>` (a differ knows a
-    /// snapshot only by the mounts naming its directory); `None` when no record has
-    /// that id. A scan of the records: for the rare caller that needs it.
+    /// The key of the snapshot whose directory is `snapshots/<id>`; `None` when no
+    /// record has that id.
     pub fn key_of_id(&self, id: u64) -> Result<Option<String>> {
-        Ok(self.all()?.into_iter().find(|(_, r)| r.id == id).map(|(k, _)| k))
-    }
-
-    /// Ids of `parent` and its ancestors, nearest first.
-    fn parent_ids(&self, parent: &str) -> Result<Vec<u64>> {
-        let mut ids = Vec::new();
-        let mut cur = parent.to_string();
-        while !cur.is_empty() {
-            let r = self
-                .get(&cur)?
-                .ok_or_else(|| Error::Internal(format!("parent {cur:?} of a snapshot is missing")))?;
-            ids.push(r.id);
-            cur = r.parent;
-            if ids.len() > 10_000 {
-                return Err(Error::Internal("parent chain too long (cycle?)".into()));
-            }
-        }
-        Ok(ids)
+        meta::read(&self.db, |r| r.key_of(id))
     }
 
     fn create(&self, kind: Kind, key: &str, parent: &str, labels: BTreeMap<String, String>) -> Result<Vec<Mount>> {
@@ -624,43 +559,27 @@ impl Snapshotter {
             }
         }
         self.refresh_lazy(parent)?;
-        let _g = self.lock.lock().unwrap();
-        if self.get(key)?.is_some() {
-            return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
+        let mut made: Option<(u64, Claim<'_, u64>)> = None;
+        let res = meta::write(&self.db, |txn| {
+            if meta::get_w(txn, key)?.is_some() {
+                return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
+            }
+            let parents: Vec<u64> = meta::committed_chain(txn, parent)?.iter().map(|(_, r)| r.id).collect();
+            let id = meta::next_counter(txn, "next_id")?;
+            let claim = Claim::take(&self.pending, id).ok_or_else(|| Error::Internal(format!("id {id} in use")))?;
+            made = Some((id, claim));
+            // The directory goes into place before the record that owns it exists.
+            self.stage_dir(id, &parents).map_err(internal)?;
+            let rec = Record::new(id, kind, parent, labels);
+            meta::put(txn, key, None, &rec)?;
+            Ok(self.mounts_of(&rec, &parents))
+        });
+        if res.is_err() {
+            if let Some((id, _)) = &made {
+                let _ = fs::remove_dir_all(self.dir(*id));
+            }
         }
-        self.check_parent(parent)?;
-        let parents = self.parent_ids(parent)?;
-
-        let txn = self.db.begin_write().map_err(internal)?;
-        let id = next_counter(&txn, "next_id")?;
-        // The directory goes into place before the record that owns it exists.
-        let dir = self.dir(id);
-        self.stage_dir(id, &parents).map_err(internal)?;
-        let now = now_pair();
-        let rec = Record {
-            id,
-            kind,
-            parent: parent.to_string(),
-            labels,
-            created: now,
-            updated: now,
-            size: 0,
-            inodes: 0,
-            blobs: Vec::new(),
-            logical: 0,
-            remote: None,
-        };
-        let result = (|| {
-            let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            t.insert(key, serde_json::to_vec(&rec).map_err(internal)?.as_slice())
-                .map_err(internal)?;
-            Ok::<_, Error>(())
-        })();
-        if let Err(e) = result.and_then(|_| txn.commit().map_err(internal)) {
-            let _ = fs::remove_dir_all(&dir);
-            return Err(e);
-        }
-        Ok(self.mounts_of(&rec, &parents))
+        res
     }
 
     /// The lazy path of Prepare: when the labels name a layer the remote source can
@@ -672,7 +591,7 @@ impl Snapshotter {
     /// label (the `target`) and its parent.
     fn try_lazy(&self, key: &str, parent: &str, target: &str, labels: &BTreeMap<String, String>) -> Result<bool> {
         let Some(remote) = &self.remote else { return Ok(false) };
-        if self.find_target(target, parent)?.is_some() {
+        if meta::read(&self.db, |r| r.find_target(parent, target))?.is_some() {
             return Ok(true);
         }
         let layer = match remote.resolve(labels) {
@@ -690,44 +609,36 @@ impl Snapshotter {
             Err(e) => return Err(Error::Unavailable(e)),
         };
         let parents = self.committed_parents(parent)?;
-        let id = self.new_id()?;
+        let (id, _claim) = self.new_id()?;
         // As in Commit: directory, then mount, then record; start-up removes what a
         // crash leaves without a record.
         self.stage_dir(id, &parents).map_err(internal)?;
-        let now = now_pair();
-        let mut rec = Record {
-            id,
-            kind: Kind::Committed,
-            parent: parent.to_string(),
-            labels: labels.clone(),
-            created: now,
-            updated: now,
-            size: layer.size as i64,
-            inodes: 0,
-            blobs: Vec::new(),
-            logical: 0,
-            remote: Some(layer.clone()),
+        let mut rec = Record::new(id, Kind::Committed, parent, labels.clone());
+        rec.size = layer.size as i64;
+        rec.remote = Some(layer.clone());
+        let mounted = {
+            let _m = self.mount_lock(id);
+            self.mount_layer(&rec)
         };
-        if let Err(e) = self.mount_layer(&rec) {
+        if let Err(e) = mounted {
             self.remove_files(id);
             return Err(Error::Unavailable(format!("mounting lazy layer {}: {e}", layer.digest)));
         }
         // The inode count is in the superblock, which the mount has read already.
         rec.inodes = rustix::fs::statfs(self.mountpoint(id)).map_or(0, |st| st.f_files as i64);
-        let res = self.record_prepared(key, target, &rec, None);
-        match res {
+        match self.record_prepared(key, target, &rec, None) {
             Ok(()) => {
                 tracing::info!(key, target, digest = %layer.digest, id, "lazy layer committed");
                 Ok(true)
             }
             // Another Prepare made it meanwhile: theirs stands.
             Err(Error::AlreadyExists(_)) => {
-                self.attached.lock().unwrap().remove(&id);
+                lock(&self.attached).remove(&id);
                 self.remove_files(id);
                 Ok(true)
             }
             Err(e) => {
-                self.attached.lock().unwrap().remove(&id);
+                lock(&self.attached).remove(&id);
                 self.remove_files(id);
                 Err(e)
             }
@@ -751,82 +662,52 @@ impl Snapshotter {
     ) -> Result<bool> {
         let started = std::time::Instant::now();
         let parents = self.committed_parents(parent)?;
-        let id = self.new_id()?;
+        let (id, _claim) = self.new_id()?;
         self.stage_dir(id, &parents).map_err(internal)?;
-        let blob = self.dir(id).join("layer.erofs");
-        let opts = layer_convert::Options {
-            media_type: Some(layer.media_type.clone()),
-            // as the differ's Apply: block-aligned file data, a dense inode area
-            inline_data: false,
-            build_time: 0,
-            fsync: true,
-            chunk_bits: self.opts.chunk_bits,
-            meta_first: false,
-            ..Default::default()
-        };
         let digest = layer.digest.clone();
-        let fail = |e: Error, own: Option<&Path>| {
-            if let Some(p) = own {
-                let _ = fs::remove_file(p);
+        let blob = LayerBlob {
+            reader: layer.reader,
+            format: LayerFormat::Tar,
+            media_type: layer.media_type,
+            digest: layer.digest,
+            size: Some(layer.size),
+            diff_id: layer.diff_id,
+            max_size: layer_convert::DEFAULT_MAX_SIZE,
+        };
+        let image = self.dir(id).join("layer.erofs");
+        let session = self.dedup_session().inspect_err(|_| self.remove_files(id))?;
+        let written = match apply::write_tar(blob, &image, session.as_ref(), self.opts.chunk_bits) {
+            Ok(w) => w,
+            Err(e) => {
+                self.remove_files(id);
+                return Err(match e {
+                    Error::InvalidArgument(m) | Error::Internal(m) => {
+                        Error::Unavailable(format!("streaming layer {digest}: {m}"))
+                    }
+                    e => e,
+                });
             }
+        };
+        let fail = |e: Error| {
+            apply::discard(&image, written.sink.as_ref());
             self.remove_files(id);
             e
         };
-        let conv_err = |e: layer_convert::Error| Error::Unavailable(format!("streaming layer {digest}: {e}"));
-        let session = self.dedup_session().map_err(|e| fail(e, None))?;
-        let (report, sink) = match &session {
-            None => (
-                layer_convert::convert(layer.reader, &blob, &opts, None).map_err(|e| fail(conv_err(e), None))?,
-                None,
-            ),
-            Some(sess) => {
-                let (r, rep) = sess
-                    .run(|sink| layer_convert::convert_with(layer.reader, &blob, &opts, None, Some(sink)))
-                    .map_err(|e| fail(conv_err(e), None))?;
-                (r, Some(rep))
-            }
-        };
-        let own = sink.as_ref().and_then(|s| s.own.as_ref()).map(|o| o.path.clone());
-        let own = own.as_deref();
-        let mut bad = None;
-        if report.input_digest != layer.digest || report.input_size != layer.size {
-            bad = Some(format!(
-                "the blob read is {} ({} bytes), the manifest says {} ({} bytes)",
-                report.input_digest, report.input_size, layer.digest, layer.size
-            ));
-        } else if let Some(d) = layer.diff_id.as_ref().filter(|d| **d != report.diff_id) {
-            bad = Some(format!("diffID {} but the image config says {d}", report.diff_id));
+        if written.sink.is_some() {
+            fsync_dir(&self.blob_dir()).map_err(|e| fail(internal(e)))?;
         }
-        if let Some(why) = bad {
-            return Err(fail(
-                Error::InvalidArgument(format!("streamed layer {digest}: {why}")),
-                own,
-            ));
+        let inodes = image_inodes(&image).map_err(fail)?;
+        let mut rec = Record::new(id, Kind::Committed, parent, labels.clone());
+        rec.size = written.image_size as i64;
+        rec.inodes = inodes;
+        rec.blobs = written.sink.as_ref().map(|s| s.devices.clone()).unwrap_or_default();
+        rec.logical = written.sink.as_ref().map_or(0, |s| s.logical_bytes);
+        {
+            let _m = self.mount_lock(id);
+            self.mount_layer(&rec)
         }
-        if sink.is_some() {
-            fsync_dir(&self.blob_dir()).map_err(|e| fail(internal(e), own))?;
-        }
-        let image = erofs::reader::Image::open(&blob)
-            .map_err(|e| fail(Error::Internal(format!("{}: {e}", blob.display())), own))?;
-        let inodes = image.superblock().inos as i64;
-        drop(image);
-        let now = now_pair();
-        let rec = Record {
-            id,
-            kind: Kind::Committed,
-            parent: parent.to_string(),
-            labels: labels.clone(),
-            created: now,
-            updated: now,
-            size: report.output_size as i64,
-            inodes,
-            blobs: sink.as_ref().map(|s| s.devices.clone()).unwrap_or_default(),
-            logical: sink.as_ref().map_or(0, |s| s.logical_bytes),
-            remote: None,
-        };
-        self.mount_layer(&rec)
-            .map_err(|e| fail(Error::Internal(format!("mounting {}: {e}", blob.display())), own))?;
-        let res = self.record_prepared(key, target, &rec, sink.as_ref());
+        .map_err(|e| fail(Error::Internal(format!("mounting {}: {e}", image.display()))))?;
+        let res = self.record_prepared(key, target, &rec, written.sink.as_ref());
         drop(session);
         match res {
             Ok(()) => {
@@ -842,100 +723,88 @@ impl Snapshotter {
             }
             // Another Prepare made it meanwhile: theirs stands.
             Err(Error::AlreadyExists(_)) => {
-                let _ = fail(Error::Internal(String::new()), own);
+                let _ = fail(Error::Internal(String::new()));
                 Ok(true)
             }
-            Err(e) => Err(fail(e, own)),
+            Err(e) => Err(fail(e)),
         }
     }
 
-    /// A new snapshot id, for a layer whose record is written only once it is ready.
-    fn new_id(&self) -> Result<u64> {
-        let _g = self.lock.lock().unwrap();
-        let txn = self.db.begin_write().map_err(internal)?;
-        let id = next_counter(&txn, "next_id")?;
-        txn.commit().map_err(internal)?;
-        Ok(id)
+    /// A new snapshot id, for a layer whose record is written only once it is ready;
+    /// Cleanup leaves its files alone while the claim lives.
+    fn new_id(&self) -> Result<(u64, Claim<'_, u64>)> {
+        let id = meta::write(&self.db, |txn| meta::next_counter(txn, "next_id"))?;
+        let claim = Claim::take(&self.pending, id).ok_or_else(|| Error::Internal(format!("id {id} in use")))?;
+        Ok((id, claim))
     }
 
     /// Records a layer made at Prepare (lazy or streamed) as committed `key`, with the
     /// blobs it names; AlreadyExists when another Prepare made the same target meanwhile.
     fn record_prepared(&self, key: &str, target: &str, rec: &Record, blobs: Option<&SinkReport>) -> Result<()> {
-        let _g = self.lock.lock().unwrap();
-        if self.find_target(target, &rec.parent)?.is_some() {
-            return Err(Error::AlreadyExists(format!("snapshot {target:?}")));
-        }
-        if self.get(key)?.is_some() {
-            return Err(Error::Internal(format!("snapshot {key:?} exists")));
-        }
-        let txn = self.db.begin_write().map_err(internal)?;
-        if let Some(report) = blobs {
-            blobs::record(&txn, report)?;
-        }
-        {
-            let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            t.insert(key, serde_json::to_vec(rec).map_err(internal)?.as_slice())
-                .map_err(internal)?;
-        }
-        txn.commit().map_err(internal)
+        meta::write(&self.db, |txn| {
+            if meta::find_target_w(txn, &rec.parent, target)?.is_some() {
+                return Err(Error::AlreadyExists(format!("snapshot {target:?}")));
+            }
+            if meta::get_w(txn, key)?.is_some() {
+                return Err(Error::Internal(format!("snapshot {key:?} exists")));
+            }
+            meta::check_parent(meta::get_w(txn, &rec.parent)?.as_ref(), &rec.parent)?;
+            if let Some(report) = blobs {
+                blobs::record(txn, report)?;
+            }
+            meta::put(txn, key, None, rec)
+        })
     }
 
-    /// NotFound or InvalidArgument unless `parent` is "" or a committed snapshot.
-    fn check_parent(&self, parent: &str) -> Result<()> {
-        if parent.is_empty() {
+    /// The ids of `parent`'s chain, checking that it is committed, with its lazy
+    /// layers mounted from the running fetch daemon.
+    fn committed_parents(&self, parent: &str) -> Result<Vec<u64>> {
+        let chain = meta::read(&self.db, |r| {
+            meta::check_parent(r.get(parent)?.as_ref(), parent)?;
+            r.parents(parent)
+        })?;
+        self.refresh_chain(&chain)?;
+        Ok(chain.iter().map(|(_, r)| r.id).collect())
+    }
+
+    /// [`Self::refresh_chain`] for `parent`'s chain.
+    fn refresh_lazy(&self, parent: &str) -> Result<()> {
+        if self.remote.is_none() || parent.is_empty() {
             return Ok(());
         }
-        let p = self
-            .get(parent)?
-            .ok_or_else(|| Error::NotFound(format!("parent snapshot {parent:?}")))?;
-        if p.kind != Kind::Committed {
-            return Err(Error::InvalidArgument(format!(
-                "parent {parent:?} is not a committed snapshot"
-            )));
-        }
-        Ok(())
+        let chain = match meta::read(&self.db, |r| r.parents(parent)) {
+            Ok(c) => c,
+            // A missing parent is the caller's error to report.
+            Err(_) => return Ok(()),
+        };
+        self.refresh_chain(&chain)
     }
 
-    /// The ids of `parent`'s chain, checking that it is committed.
-    fn committed_parents(&self, parent: &str) -> Result<Vec<u64>> {
-        self.check_parent(parent)?;
-        self.refresh_lazy(parent)?;
-        self.parent_ids(parent)
-    }
-
-    /// The committed snapshot labelled as `target` over `parent`, if any.
-    fn find_target(&self, target: &str, parent: &str) -> Result<Option<String>> {
-        Ok(self.all()?.into_iter().find_map(|(k, r)| {
-            (r.kind == Kind::Committed
-                && r.parent == parent
-                && r.labels.get(TARGET_SNAPSHOT_LABEL).map(String::as_str) == Some(target))
-            .then_some(k)
-        }))
-    }
-
-    /// Re-mounts the lazy layers of `parent`'s chain whose mount was made from a
-    /// fetch daemon that has since restarted: such a mount cannot read anything not
-    /// already cached by the kernel. Running containers keep the old mount (their
-    /// overlay holds it); new snapshots get the fresh one at the same place.
-    fn refresh_lazy(&self, parent: &str) -> Result<()> {
+    /// Re-mounts the lazy layers of a chain whose mount was made from a fetch daemon
+    /// that has since restarted: such a mount cannot read anything not already
+    /// cached by the kernel. Running containers keep the old mount (their overlay
+    /// holds it); new snapshots get the fresh one at the same place.
+    fn refresh_chain(&self, chain: &[(String, Record)]) -> Result<()> {
         let Some(remote) = &self.remote else { return Ok(()) };
-        let mut chain = Vec::new();
-        let mut cur = parent.to_string();
-        while !cur.is_empty() {
-            let Some(r) = self.get(&cur)? else { break };
-            cur = r.parent.clone();
-            if r.remote.is_some() {
-                chain.push(r);
-            }
-        }
-        if chain.is_empty() {
+        let lazy: Vec<&(String, Record)> = chain.iter().filter(|(_, r)| r.remote.is_some()).collect();
+        if lazy.is_empty() {
             return Ok(());
         }
         let Some(now) = remote.instance() else {
             return Err(Error::Unavailable("the fetch daemon does not answer".into()));
         };
-        for rec in chain {
-            let mounted = self.attached.lock().unwrap().get(&rec.id).copied();
+        for (key, rec) in lazy {
+            if lock(&self.attached).get(&rec.id).copied() == Some(now) {
+                continue;
+            }
+            let _m = self.mount_lock(rec.id);
+            // Under the mount lock: a Remove that deleted the record meanwhile has
+            // unmounted it (or will, after us); either way it must not come back.
+            let current = meta::read(&self.db, |r| r.get(key))?;
+            if current.as_ref().map(|r| r.id) != Some(rec.id) {
+                continue;
+            }
+            let mounted = lock(&self.attached).get(&rec.id).copied();
             if mounted == Some(now) {
                 continue;
             }
@@ -947,7 +816,7 @@ impl Snapshotter {
             );
             let mp = self.mountpoint(rec.id);
             mounts::unmount(&mp).map_err(internal)?;
-            self.mount_layer(&rec)
+            self.mount_layer(rec)
                 .map_err(|e| Error::Unavailable(format!("mounting lazy layer {}: {e}", mp.display())))?;
         }
         Ok(())
@@ -963,7 +832,7 @@ impl Snapshotter {
         fs::set_permissions(staged.join("fs"), fs::Permissions::from_mode(0o755))?;
         fs::create_dir(staged.join("work"))?;
         fs::set_permissions(staged.join("work"), fs::Permissions::from_mode(0o711))?;
-        fs::write(staged.join(".erofslayer"), b"")?;
+        fs::write(staged.join(MARKER), b"")?;
         // As containerd's overlayfs does: the upper root takes the owner of the layer
         // below, so a chown'd image root stays chown'd in its containers.
         if let Some(&p) = parents.first() {
@@ -996,44 +865,105 @@ impl Snapshotter {
 
     /// The mounts of an active snapshot or view.
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        let rec = self.get_existing(key)?;
-        if rec.kind == Kind::Committed {
-            return Err(Error::FailedPrecondition(format!(
-                "snapshot {key:?} is committed, not active or a view"
-            )));
-        }
-        self.refresh_lazy(&rec.parent)?;
-        let parents = self.parent_ids(&rec.parent)?;
+        let (rec, chain) = meta::read(&self.db, |r| {
+            let rec = r.get_existing(key)?;
+            if rec.kind == Kind::Committed {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} is committed, not active or a view"
+                )));
+            }
+            let chain = r.parents(&rec.parent)?;
+            Ok((rec, chain))
+        })?;
+        self.refresh_chain(&chain)?;
+        let parents: Vec<u64> = chain.iter().map(|(_, r)| r.id).collect();
         Ok(self.mounts_of(&rec, &parents))
     }
 
-    /// Commits the active snapshot `key` as `name`. Unless a differ already wrote
-    /// `layer.erofs`, the upper dir is converted to EROFS first (outside the lock:
-    /// other snapshots go on meanwhile).
+    /// Claims the active snapshot `key` for a Commit or an Apply: FailedPrecondition
+    /// while another one works on it. Checked in a write transaction (aborted, it
+    /// writes nothing), so a Remove either comes first (NotFound here) or sees the claim.
+    fn claim_active(&self, key: &str, what: &str) -> Result<(Record, Claim<'_, String>)> {
+        let claim = Claim::take(&self.busy, key.to_string())
+            .ok_or_else(|| Error::FailedPrecondition(format!("snapshot {key:?} is being committed or applied to")))?;
+        let rec = meta::check(&self.db, |txn| meta::get_existing_w(txn, key))?;
+        if rec.kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot {what} snapshot {key:?}: it is not active"
+            )));
+        }
+        Ok((rec, claim))
+    }
+
+    /// Applies a layer blob to the active snapshot `key`: the store converts (tar)
+    /// or copies (EROFS) it into a staging file, verifies it against its digests,
+    /// records the chunks it names and renames it into the snapshot, where Commit
+    /// finds it instead of converting the upper dir. Nothing of a failed Apply stays.
+    pub fn apply_layer(&self, key: &str, blob: LayerBlob) -> Result<AppliedLayer> {
+        self.trash.touch();
+        let (rec, _claim) = self.claim_active(key, "apply a layer to")?;
+        let staged = self.staging_file("apply", rec.id);
+        let session = match blob.format {
+            LayerFormat::Tar => self.dedup_session()?,
+            LayerFormat::Erofs { .. } => None,
+        };
+        let written: Written = match blob.format {
+            LayerFormat::Tar => apply::write_tar(blob, &staged, session.as_ref(), self.opts.chunk_bits)?,
+            LayerFormat::Erofs { zstd } => apply::write_native(blob, &staged, zstd)?,
+        };
+        if written.sink.is_some() {
+            fsync_dir(&self.blob_dir()).map_err(internal)?;
+        }
+        // Recorded before the rename: a crash in between leaves extra references on
+        // a snapshot that has no layer yet, freed with it.
+        let res = meta::write(&self.db, |txn| {
+            let old = meta::get_existing_w(txn, key)?;
+            if old.id != rec.id || old.kind != Kind::Active {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} changed during apply"
+                )));
+            }
+            let mut new = old.clone();
+            if let Some(report) = &written.sink {
+                blobs::record(txn, report)?;
+                new.blobs = report.devices.clone();
+                new.logical = report.logical_bytes;
+            } else {
+                new.blobs.clear();
+                new.logical = 0;
+            }
+            // References an earlier Apply to this snapshot recorded go.
+            blobs::release(txn, &old.blobs)?;
+            meta::put(txn, key, Some(&old), &new)
+        })
+        .and_then(|()| {
+            fs::rename(&staged, self.dir(rec.id).join("layer.erofs")).map_err(internal)?;
+            fsync_dir(&self.dir(rec.id)).map_err(internal)
+        });
+        if let Err(e) = res {
+            apply::discard(&staged, written.sink.as_ref());
+            return Err(e);
+        }
+        drop(session);
+        if !rec.blobs.is_empty() {
+            self.collect_blobs()?;
+        }
+        Ok(written.applied)
+    }
+
+    /// Commits the active snapshot `key` as `name`. Unless a layer was applied to
+    /// it, the upper dir is converted to EROFS first (outside any transaction: other
+    /// snapshots go on meanwhile).
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
         if name.is_empty() {
             return Err(Error::InvalidArgument("snapshot name must not be empty".into()));
         }
         self.trash.touch();
-        let rec = {
-            let _g = self.lock.lock().unwrap();
-            let rec = self.get_existing(key)?;
-            if rec.kind != Kind::Active {
-                return Err(Error::FailedPrecondition(format!("snapshot {key:?} is not active")));
-            }
-            if self.get(name)?.is_some() {
-                return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
-            }
-            if !self.committing.lock().unwrap().insert(key.to_string()) {
-                return Err(Error::FailedPrecondition(format!(
-                    "snapshot {key:?} is being committed"
-                )));
-            }
-            rec
-        };
-        let result = self.commit_inner(name, key, labels, rec);
-        self.committing.lock().unwrap().remove(key);
-        result
+        let (rec, _claim) = self.claim_active(key, "commit")?;
+        if meta::read(&self.db, |r| r.get(name))?.is_some() {
+            return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
+        }
+        self.commit_inner(name, key, labels, rec)
     }
 
     fn commit_inner(&self, name: &str, key: &str, labels: BTreeMap<String, String>, rec: Record) -> Result<()> {
@@ -1041,7 +971,7 @@ impl Snapshotter {
         let blob = dir.join("layer.erofs");
         // Kept alive until the layer is recorded: its pins protect the blobs it names.
         let mut session = None;
-        let mut converted: Option<(SinkReport, u64)> = None;
+        let mut converted: Option<SinkReport> = None;
         if !blob.exists() {
             let mut uuid = [0u8; 16];
             uuid[..8].copy_from_slice(&rec.id.to_le_bytes());
@@ -1055,52 +985,57 @@ impl Snapshotter {
             };
             let conv_err =
                 |e: layer_convert::Error| Error::Internal(format!("converting snapshot {key:?} to EROFS: {e}"));
+            // Written in `staging/` and renamed into place: a crash mid-way leaves
+            // nothing in the snapshot's directory.
+            let staged = self.staging_file("commit", rec.id);
             session = self.dedup_session()?;
             match &session {
                 None => {
-                    layer_convert::convert_dir(&dir.join("fs"), &blob, &opts).map_err(conv_err)?;
+                    layer_convert::convert_dir(&dir.join("fs"), &staged, &opts).map_err(conv_err)?;
                 }
                 Some(sess) => {
                     let (_, report) = sess
-                        .run(|sink| layer_convert::convert_dir_with(&dir.join("fs"), &blob, &opts, Some(sink)))
+                        .run(|sink| layer_convert::convert_dir_with(&dir.join("fs"), &staged, &opts, Some(sink)))
                         .map_err(conv_err)?;
-                    fsync_dir(&self.blob_dir()).map_err(internal)?;
-                    let logical = report.logical_bytes;
-                    converted = Some((report, logical));
+                    if let Err(e) = fsync_dir(&self.blob_dir()) {
+                        apply::discard(&staged, Some(&report));
+                        return Err(internal(e));
+                    }
+                    converted = Some(report);
                 }
             }
+            if let Err(e) = fs::rename(&staged, &blob) {
+                apply::discard(&staged, converted.as_ref());
+                return Err(internal(e));
+            }
         }
-        let image =
-            erofs::reader::Image::open(&blob).map_err(|e| Error::Internal(format!("{}: {e}", blob.display())))?;
+        let undo = |converted: &Option<SinkReport>| {
+            if let Some(report) = converted {
+                apply::discard(&blob, Some(report));
+            }
+        };
+        let inodes = image_inodes(&blob).inspect_err(|_| undo(&converted))?;
         let size = fs::metadata(&blob).map_err(internal)?.len() as i64;
-        let inodes = image.superblock().inos as i64;
-        drop(image);
         // Mounted before the record says committed; a crash in between leaves an
         // active snapshot with a stray mount, which start-up removes.
         let mp = self.mountpoint(rec.id);
         let mut mounted = rec.clone();
-        if let Some((report, _)) = &converted {
+        if let Some(report) = &converted {
             mounted.blobs = report.devices.clone();
         }
+        let _m = self.mount_lock(rec.id);
         if let Err(e) = self.mount_layer(&mounted) {
-            if let Some((report, _)) = &converted {
-                if let Some(own) = &report.own {
-                    let _ = fs::remove_file(&own.path);
-                }
-                let _ = fs::remove_file(&blob);
-            }
+            undo(&converted);
             return Err(Error::Internal(format!("mounting {}: {e}", blob.display())));
         }
-
-        let guard = self.lock.lock().unwrap();
-        let res = (|| {
-            let cur = self.get_existing(key)?;
+        let res = meta::write(&self.db, |txn| {
+            let cur = meta::get_existing_w(txn, key)?;
             if cur.id != rec.id || cur.kind != Kind::Active {
                 return Err(Error::FailedPrecondition(format!(
                     "snapshot {key:?} changed during commit"
                 )));
             }
-            if self.get(name)?.is_some() {
+            if meta::get_w(txn, name)?.is_some() {
                 return Err(Error::AlreadyExists(format!("snapshot {name:?}")));
             }
             // As containerd's metastore does: the committed snapshot is a new record,
@@ -1113,37 +1048,26 @@ impl Snapshotter {
                 updated: now,
                 size,
                 inodes,
-                ..cur
+                ..cur.clone()
             };
-            let txn = self.db.begin_write().map_err(internal)?;
-            if let Some((report, logical)) = &converted {
-                // A differ's Apply recorded its blobs on the active record already;
-                // this conversion replaces the image, so those references go.
-                blobs::release(&txn, &committed.blobs)?;
-                blobs::record(&txn, report)?;
+            if let Some(report) = &converted {
+                // An Apply recorded its blobs on the active record already; this
+                // conversion replaces the image, so those references go.
+                blobs::release(txn, &committed.blobs)?;
+                blobs::record(txn, report)?;
                 committed.blobs = report.devices.clone();
-                committed.logical = *logical;
+                committed.logical = report.logical_bytes;
             }
-            {
-                let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-                t.remove(key).map_err(internal)?;
-                t.insert(name, serde_json::to_vec(&committed).map_err(internal)?.as_slice())
-                    .map_err(internal)?;
-            }
-            txn.commit().map_err(internal)
-        })();
+            meta::delete(txn, key, &cur)?;
+            meta::put(txn, name, None, &committed)
+        });
         if let Err(e) = res {
             let _ = mounts::unmount(&mp);
-            if let Some((report, _)) = &converted {
-                if let Some(own) = &report.own {
-                    let _ = fs::remove_file(&own.path);
-                }
-                let _ = fs::remove_file(&blob);
-            }
+            undo(&converted);
             return Err(e);
         }
-        // Unpinning may delete blobs, which takes the lock.
-        drop(guard);
+        drop(_m);
+        // Unpinning may delete blobs.
         drop(session);
         // The unpacked copy is not needed any more. Deleting thousands of files takes
         // a while, so the tree is moved aside and deleted in the background when the
@@ -1184,52 +1108,52 @@ impl Snapshotter {
 
     /// Removes a snapshot that has no children.
     pub fn remove(&self, key: &str) -> Result<()> {
-        let _g = self.lock.lock().unwrap();
-        let rec = self.get_existing(key)?;
-        if self.all()?.iter().any(|(_, r)| r.parent == key) {
-            return Err(Error::FailedPrecondition(format!(
-                "cannot remove snapshot {key:?}: it has children"
-            )));
-        }
-        if self.committing.lock().unwrap().contains(key) {
-            return Err(Error::FailedPrecondition(format!(
-                "snapshot {key:?} is being committed"
-            )));
-        }
-        let txn = self.db.begin_write().map_err(internal)?;
-        {
-            let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            t.remove(key).map_err(internal)?;
-        }
-        blobs::release(&txn, &rec.blobs)?;
-        txn.commit().map_err(internal)?;
+        let (rec, detach) = meta::write(&self.db, |txn| {
+            let rec = meta::get_existing_w(txn, key)?;
+            if meta::has_children(txn, key)? {
+                return Err(Error::FailedPrecondition(format!(
+                    "cannot remove snapshot {key:?}: it has children"
+                )));
+            }
+            if lock(&self.busy).contains(key) {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} is being committed or applied to"
+                )));
+            }
+            meta::delete(txn, key, &rec)?;
+            blobs::release(txn, &rec.blobs)?;
+            // Another chain may mount the same blob.
+            let detach = match &rec.remote {
+                Some(l) if !meta::remote_in_use(txn, &l.digest)? => Some(l.clone()),
+                _ => None,
+            };
+            Ok((rec, detach))
+        })?;
         // After the record is gone: a crash here leaves only orphans for start-up.
         // The layer is unmounted before its blobs go.
         self.remove_files(rec.id);
-        self.attached.lock().unwrap().remove(&rec.id);
+        lock(&self.attached).remove(&rec.id);
         if !rec.blobs.is_empty() {
             self.collect_blobs()?;
         }
-        if let (Some(layer), Some(remote)) = (&rec.remote, &self.remote) {
-            // Another chain may mount the same blob.
-            if !self
-                .all()?
-                .iter()
-                .any(|(_, r)| r.remote.as_ref().is_some_and(|l| l.digest == layer.digest))
-            {
-                remote.detach(layer);
-            }
+        if let (Some(layer), Some(remote)) = (detach, &self.remote) {
+            remote.detach(&layer);
         }
         Ok(())
     }
 
+    /// Unmounts and deletes what belongs to id `id` (its record is gone, or was never
+    /// written).
     fn remove_files(&self, id: u64) {
         let mp = self.mountpoint(id);
-        if mp.exists() {
-            if let Err(e) = mounts::unmount(&mp) {
-                tracing::warn!(path = %mp.display(), error = %e, "unmounting a removed layer");
+        {
+            let _m = self.mount_lock(id);
+            if mp.exists() {
+                if let Err(e) = mounts::unmount(&mp) {
+                    tracing::warn!(path = %mp.display(), error = %e, "unmounting a removed layer");
+                }
+                let _ = fs::remove_dir(&mp);
             }
-            let _ = fs::remove_dir(&mp);
         }
         let dir = self.dir(id);
         if let Err(e) = fs::remove_dir_all(&dir) {
@@ -1241,49 +1165,42 @@ impl Snapshotter {
 
     /// Metadata of a snapshot.
     pub fn stat(&self, key: &str) -> Result<Info> {
-        Ok(self.get_existing(key)?.info(key))
+        meta::read(&self.db, |r| Ok(r.get_existing(key)?.info(key)))
     }
 
     /// Updates labels (`labels` or `labels.<key>` field paths; none = all labels).
     pub fn update(&self, info: Info, fieldpaths: &[String]) -> Result<Info> {
-        let _g = self.lock.lock().unwrap();
-        let mut rec = self.get_existing(&info.name)?;
-        if fieldpaths.is_empty() {
-            rec.labels = info.labels;
-        } else {
-            for p in fieldpaths {
-                if p == "labels" {
-                    rec.labels = info.labels.clone();
-                } else if let Some(k) = p.strip_prefix("labels.") {
-                    match info.labels.get(k) {
-                        Some(v) => rec.labels.insert(k.to_string(), v.clone()),
-                        None => rec.labels.remove(k),
-                    };
-                } else {
-                    return Err(Error::InvalidArgument(format!(
-                        "cannot update {p:?} of snapshot {:?}: only labels can change",
-                        info.name
-                    )));
+        meta::write(&self.db, |txn| {
+            let old = meta::get_existing_w(txn, &info.name)?;
+            let mut rec = old.clone();
+            if fieldpaths.is_empty() {
+                rec.labels = info.labels.clone();
+            } else {
+                for p in fieldpaths {
+                    if p == "labels" {
+                        rec.labels = info.labels.clone();
+                    } else if let Some(k) = p.strip_prefix("labels.") {
+                        match info.labels.get(k) {
+                            Some(v) => rec.labels.insert(k.to_string(), v.clone()),
+                            None => rec.labels.remove(k),
+                        };
+                    } else {
+                        return Err(Error::InvalidArgument(format!(
+                            "cannot update {p:?} of snapshot {:?}: only labels can change",
+                            info.name
+                        )));
+                    }
                 }
             }
-        }
-        rec.updated = now_pair();
-        let txn = self.db.begin_write().map_err(internal)?;
-        {
-            let mut t = txn.open_table(SNAPSHOTS).map_err(internal)?;
-            t.insert(
-                info.name.as_str(),
-                serde_json::to_vec(&rec).map_err(internal)?.as_slice(),
-            )
-            .map_err(internal)?;
-        }
-        txn.commit().map_err(internal)?;
-        Ok(rec.info(&info.name))
+            rec.updated = now_pair();
+            meta::put(txn, &info.name, Some(&old), &rec)?;
+            Ok(rec.info(&info.name))
+        })
     }
 
     /// Disk usage: the blob of a committed snapshot, the upper dir of an active one.
     pub fn usage(&self, key: &str) -> Result<Usage> {
-        let rec = self.get_existing(key)?;
+        let rec = meta::read(&self.db, |r| r.get_existing(key))?;
         if rec.kind == Kind::Committed {
             return Ok(Usage {
                 size: rec.size,
@@ -1295,51 +1212,70 @@ impl Snapshotter {
 
     /// Every snapshot.
     pub fn list(&self) -> Result<Vec<Info>> {
-        Ok(self.all()?.into_iter().map(|(k, r)| r.info(&k)).collect())
+        meta::read(&self.db, |r| {
+            Ok(r.all()?.into_iter().map(|(k, r)| r.info(&k)).collect())
+        })
     }
 
     /// Removes directories, mounts and blobs no record owns, and deletes blobs no
     /// layer names any more (counting the references afresh).
     pub fn cleanup(&self) -> Result<()> {
-        let _g = self.lock.lock().unwrap();
         self.repair_blob_counts()?;
-        self.remove_orphans()
+        self.remove_orphans(false)
     }
 
     /// Sets every blob's reference count to what the records name, then deletes the
-    /// unreferenced ones (pinned blobs wait). Call with the lock held, or before the
-    /// store is shared.
+    /// unreferenced ones (pinned blobs wait).
     fn repair_blob_counts(&self) -> Result<()> {
-        let owners: Vec<Vec<BlobId>> = self.all()?.into_iter().map(|(_, r)| r.blobs).collect();
-        let txn = self.db.begin_write().map_err(internal)?;
-        let fixed = blobs::recount(&txn, &owners)?;
-        txn.commit().map_err(internal)?;
+        let fixed = meta::write(&self.db, |txn| {
+            let owners: Vec<Vec<BlobId>> = {
+                let t = txn.open_table(meta::SNAPSHOTS).map_err(internal)?;
+                let mut v = Vec::new();
+                for item in t.iter().map_err(internal)? {
+                    let (_, r) = item.map_err(internal)?;
+                    let r: Record = serde_json::from_slice(r.value()).map_err(internal)?;
+                    v.push(r.blobs);
+                }
+                v
+            };
+            blobs::recount(txn, &owners)
+        })?;
         if fixed > 0 {
             tracing::warn!(blobs = fixed, "repaired blob reference counts");
         }
         self.collect_blobs()
     }
 
-    fn remove_orphans(&self) -> Result<()> {
-        let records = self.all()?;
-        let known: HashSet<u64> = records.iter().map(|(_, r)| r.id).collect();
-        let committed: HashSet<u64> = records
+    /// Removes mounts, directories and blob files no record owns. At start-up
+    /// (`starting`) also what in-flight work leaves in `staging/`; while serving,
+    /// work in progress (pending ids, busy keys, pinned blobs) is left alone.
+    fn remove_orphans(&self, starting: bool) -> Result<()> {
+        let (records, recorded) = meta::read(&self.db, |r| {
+            Ok((
+                r.all()?,
+                blobs::known(r.txn())?.into_iter().collect::<HashSet<BlobId>>(),
+            ))
+        })?;
+        let pending = lock(&self.pending).clone();
+        let busy = lock(&self.busy).clone();
+        let known: HashSet<u64> = records
             .iter()
-            .filter(|(_, r)| r.kind == Kind::Committed)
             .map(|(_, r)| r.id)
+            .chain(pending.iter().copied())
             .collect();
-        let busy: HashSet<String> = self.committing.lock().unwrap().clone();
-        let busy_ids: HashSet<u64> = records
+        let mounted_ok: HashSet<u64> = records
             .iter()
-            .filter(|(k, _)| busy.contains(k))
+            .filter(|(k, r)| r.kind == Kind::Committed || busy.contains(k))
             .map(|(_, r)| r.id)
+            .chain(pending.iter().copied())
             .collect();
         for entry in fs::read_dir(self.root.join("m")).map_err(internal)? {
             let entry = entry.map_err(internal)?;
             let id = entry.file_name().to_string_lossy().parse::<u64>().ok();
-            if id.is_some_and(|id| committed.contains(&id) || busy_ids.contains(&id)) {
+            if id.is_some_and(|id| mounted_ok.contains(&id)) {
                 continue;
             }
+            let _m = id.map(|id| self.mount_lock(id));
             let _ = mounts::unmount(&entry.path());
             let _ = fs::remove_dir(entry.path());
         }
@@ -1353,15 +1289,15 @@ impl Snapshotter {
         }
         // Blob files without a record: written by a conversion that crashed or failed
         // before its layer was recorded (those in progress are pinned).
-        let txn = self.db.begin_read().map_err(internal)?;
-        let recorded: HashSet<BlobId> = blobs::known(&txn)?.into_iter().collect();
-        drop(txn);
         blobs::remove_files_except(&self.blob_dir(), |id| recorded.contains(&id) || self.pins.is_pinned(id));
-        // Staged dirs never recorded, and trees a commit moved aside (a background
-        // deletion may be on them too; whoever comes second finds nothing).
-        for d in ["staging", "trash"] {
+        // Staged files and dirs of work that never finished, and trees a commit moved
+        // aside (a background deletion may be on them too; whoever comes second finds
+        // nothing). While serving, staging/ belongs to the work in progress.
+        let dirs: &[&str] = if starting { &["staging", "trash"] } else { &["trash"] };
+        for d in dirs {
             for entry in fs::read_dir(self.root.join(d)).map_err(internal)? {
-                let _ = fs::remove_dir_all(entry.map_err(internal)?.path());
+                let p = entry.map_err(internal)?.path();
+                let _ = fs::remove_dir_all(&p).or_else(|_| fs::remove_file(&p));
             }
         }
         Ok(())
@@ -1371,9 +1307,9 @@ impl Snapshotter {
     /// interrupted commits cleared.
     fn repair(&self) -> Result<()> {
         self.repair_blob_counts()?;
-        self.remove_orphans()?;
+        self.remove_orphans(true)?;
         let mounted = mounts::mounted_under(&self.root.join("m")).map_err(internal)?;
-        for (key, rec) in self.all()? {
+        for (key, rec) in meta::read(&self.db, |r| r.all())? {
             let dir = self.dir(rec.id);
             match rec.kind {
                 Kind::Committed => {
@@ -1388,23 +1324,13 @@ impl Snapshotter {
                 }
                 Kind::Active | Kind::View => {
                     // A `layer.erofs` beside a non-empty `fs/` is a Commit's conversion
-                    // that crashed before it was recorded (a differ's blob leaves `fs/`
+                    // that crashed before it was recorded (an applied layer leaves `fs/`
                     // empty): the tree may have changed since, so convert again.
                     let nonempty = fs::read_dir(dir.join("fs"))
                         .map(|mut r| r.next().is_some())
                         .unwrap_or(false);
                     if nonempty {
                         let _ = fs::remove_file(dir.join("layer.erofs"));
-                    }
-                    if let Ok(rd) = fs::read_dir(&dir) {
-                        for e in rd.flatten() {
-                            // Temp files of a conversion (`.layer.erofs.tmp-*`), and a
-                            // differ's blob not yet verified (`layer.erofs.apply` and its temp).
-                            let name = e.file_name().to_string_lossy().into_owned();
-                            if name.starts_with(".layer.erofs") || name == "layer.erofs.apply" {
-                                let _ = fs::remove_file(e.path());
-                            }
-                        }
                     }
                 }
             }
@@ -1423,12 +1349,65 @@ impl Snapshotter {
     }
 }
 
-/// Takes the next value of a counter (ids of snapshots and blobs, never reused).
-fn next_counter(txn: &redb::WriteTransaction, name: &str) -> Result<u64> {
-    let mut c = txn.open_table(COUNTERS).map_err(internal)?;
-    let id = c.get(name).map_err(internal)?.map(|v| v.value()).unwrap_or(1);
-    c.insert(name, id + 1).map_err(internal)?;
-    Ok(id)
+/// The marker in every active snapshot's directory (containerd's EROFS snapshotter
+/// marks its layers the same way).
+const MARKER: &str = ".erofslayer";
+
+/// The inode count of an EROFS image, read from its superblock (which also checks
+/// that the file is one).
+fn image_inodes(image: &Path) -> Result<i64> {
+    let img = erofs::reader::Image::open(image).map_err(|e| Error::Internal(format!("{}: {e}", image.display())))?;
+    Ok(img.superblock().inos as i64)
+}
+
+/// The figures of `stats`, from every record and the blob sizes.
+fn chain_stats(records: &[(String, Record)], chunks: blobs::ChunkStats, sizes: &BTreeMap<BlobId, u64>) -> StoreStats {
+    let mut st = StoreStats {
+        chunks,
+        ..Default::default()
+    };
+    let by_name: BTreeMap<&str, &Record> = records.iter().map(|(k, r)| (k.as_str(), r)).collect();
+    let has_child: HashSet<&str> = records.iter().map(|(_, r)| r.parent.as_str()).collect();
+    for (_, r) in records {
+        if r.kind == Kind::Committed {
+            st.layers += 1;
+            st.logical_bytes += r.logical;
+            st.image_bytes += r.size.max(0) as u64;
+        }
+    }
+    // Chains: from each committed snapshot nothing committed builds on.
+    let mut chain_blobs: Vec<(String, u64, u64, HashSet<BlobId>)> = Vec::new();
+    for (name, r) in records {
+        if r.kind != Kind::Committed || has_child.contains(name.as_str()) {
+            continue;
+        }
+        let (mut layers, mut logical, mut set) = (0u64, 0u64, HashSet::new());
+        let mut cur = Some(r);
+        while let Some(c) = cur {
+            layers += 1;
+            logical += c.logical;
+            set.extend(c.blobs.iter().copied());
+            cur = by_name.get(c.parent.as_str()).copied();
+        }
+        chain_blobs.push((name.clone(), layers, logical, set));
+    }
+    for (i, (top, layers, logical, set)) in chain_blobs.iter().enumerate() {
+        let blob_bytes = set.iter().map(|b| sizes.get(b).copied().unwrap_or(0)).sum();
+        let shared_blob_bytes = set
+            .iter()
+            .filter(|b| chain_blobs.iter().enumerate().any(|(j, o)| j != i && o.3.contains(b)))
+            .map(|b| sizes.get(b).copied().unwrap_or(0))
+            .sum();
+        st.chains.push(ChainStats {
+            top: top.clone(),
+            layers: *layers,
+            logical_bytes: *logical,
+            blob_bytes,
+            shared_blob_bytes,
+        });
+    }
+    st.stored_bytes = st.image_bytes + st.chunks.blob_bytes;
+    st
 }
 
 /// Makes the directory entries in `dir` durable.
