@@ -500,12 +500,14 @@ fn overlay_dirs(m: &[containerd_client::types::Mount]) -> (PathBuf, Vec<PathBuf>
     (PathBuf::from(upper), lowers)
 }
 
-fn temp_files(dir: &Path) -> Vec<String> {
-    fs::read_dir(dir)
+/// The files in the store's `staging/`, where a Commit's conversion writes before
+/// its layer goes into the snapshot's directory.
+fn temp_files(d: &Daemon) -> Vec<String> {
+    fs::read_dir(d.root.join("staging"))
         .map(|rd| {
             rd.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(".layer.erofs.tmp"))
                 .collect()
         })
         .unwrap_or_default()
@@ -546,9 +548,11 @@ async fn kill_during_commit_conversion() {
     };
     let t = Instant::now();
     let tmp = loop {
-        let tmp = temp_files(&sdir);
+        let tmp = temp_files(&d);
         if let Some(name) = tmp.first() {
-            let len = fs::metadata(sdir.join(name)).map(|m| m.len()).unwrap_or(0);
+            let len = fs::metadata(d.root.join("staging").join(name))
+                .map(|m| m.len())
+                .unwrap_or(0);
             if len >= 8 << 20 {
                 break name.clone();
             }
@@ -566,7 +570,9 @@ async fn kill_during_commit_conversion() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     d.kill9();
-    let tmp_len = fs::metadata(sdir.join(&tmp)).map(|m| m.len()).unwrap_or(0);
+    let tmp_len = fs::metadata(d.root.join("staging").join(&tmp))
+        .map(|m| m.len())
+        .unwrap_or(0);
     eprintln!(
         "crash: killed {:.2}s into the commit with {tmp} at {tmp_len} bytes",
         t.elapsed().as_secs_f64()
@@ -603,10 +609,10 @@ async fn kill_during_commit_conversion() {
         sdir.display()
     );
     assert_eq!(
-        temp_files(&sdir),
+        temp_files(&d),
         Vec::<String>::new(),
         "temp files left in {}",
-        sdir.display()
+        d.root.join("staging").display()
     );
     assert!(
         d.erofs_mounts().is_empty(),
@@ -635,7 +641,7 @@ async fn kill_during_commit_conversion() {
     let info = stat(&mut c, "committed-1").await;
     assert_eq!(info.kind, pb::Kind::Committed as i32, "{info:?}");
     assert!(sdir.join("layer.erofs").is_file());
-    assert_eq!(temp_files(&sdir), Vec::<String>::new());
+    assert_eq!(temp_files(&d), Vec::<String>::new());
     fsck(&sdir.join("layer.erofs"));
     let vm = view(&mut c, "view-1", "committed-1").await;
     assert_eq!(vm.len(), 1, "{vm:?}");

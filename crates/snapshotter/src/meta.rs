@@ -243,6 +243,103 @@ impl Reader {
         Ok(out)
     }
 
+    /// Where the indexes disagree with the records (empty when they agree).
+    pub fn index_problems(&self) -> Result<Vec<String>> {
+        let records = self.all()?;
+        let by_key: BTreeMap<&str, &Record> = records.iter().map(|(k, r)| (k.as_str(), r)).collect();
+        let mut want_ids = BTreeMap::new();
+        let mut want_children = std::collections::BTreeSet::new();
+        let mut want_targets = BTreeMap::new();
+        let mut want_remotes = std::collections::BTreeSet::new();
+        let mut problems = Vec::new();
+        for (k, r) in &records {
+            if let Some(other) = want_ids.insert(r.id, k.clone()) {
+                problems.push(format!("snapshots {other:?} and {k:?} share id {}", r.id));
+            }
+            if !r.parent.is_empty() {
+                want_children.insert((r.parent.clone(), k.clone()));
+                if !by_key.contains_key(r.parent.as_str()) {
+                    problems.push(format!("snapshot {k:?} names a missing parent {:?}", r.parent));
+                }
+            }
+            if let Some(t) = r.target() {
+                want_targets.insert((r.parent.clone(), t.to_string()), k.clone());
+            }
+            if let Some(l) = &r.remote {
+                want_remotes.insert((l.digest.clone(), r.id));
+            }
+        }
+        let mut ids = BTreeMap::new();
+        for item in self.txn.open_table(IDS).map_err(internal)?.iter().map_err(internal)? {
+            let (k, v) = item.map_err(internal)?;
+            ids.insert(k.value(), v.value().to_string());
+        }
+        let mut children = std::collections::BTreeSet::new();
+        for item in self
+            .txn
+            .open_table(CHILDREN)
+            .map_err(internal)?
+            .iter()
+            .map_err(internal)?
+        {
+            let (k, _) = item.map_err(internal)?;
+            let (p, c) = k.value();
+            children.insert((p.to_string(), c.to_string()));
+        }
+        let mut targets = BTreeMap::new();
+        for item in self
+            .txn
+            .open_table(TARGETS)
+            .map_err(internal)?
+            .iter()
+            .map_err(internal)?
+        {
+            let (k, v) = item.map_err(internal)?;
+            let (p, t) = k.value();
+            targets.insert((p.to_string(), t.to_string()), v.value().to_string());
+        }
+        let mut remotes = std::collections::BTreeSet::new();
+        for item in self
+            .txn
+            .open_table(REMOTES)
+            .map_err(internal)?
+            .iter()
+            .map_err(internal)?
+        {
+            let (k, _) = item.map_err(internal)?;
+            let (d, id) = k.value();
+            remotes.insert((d.to_string(), id));
+        }
+        if ids != want_ids {
+            problems.push(format!("the id index is {ids:?}, the records say {want_ids:?}"));
+        }
+        if children != want_children {
+            problems.push(format!(
+                "the parent index is {children:?}, the records say {want_children:?}"
+            ));
+        }
+        // Two committed layers may carry the same target over one parent only when
+        // the labels were set by Update; the index names one of them.
+        for (pt, key) in &targets {
+            if want_targets.get(pt).is_none()
+                || by_key.get(key.as_str()).and_then(|r| r.target()) != Some(pt.1.as_str())
+            {
+                problems.push(format!("the target index maps {pt:?} to {key:?}, which no record says"));
+            }
+        }
+        for pt in want_targets.keys() {
+            if !targets.contains_key(pt) {
+                problems.push(format!("the target index lacks {pt:?}"));
+            }
+        }
+        if remotes != want_remotes {
+            problems.push(format!(
+                "the remote index is {remotes:?}, the records say {want_remotes:?}"
+            ));
+        }
+        Ok(problems)
+    }
+
     pub fn txn(&self) -> &redb::ReadTransaction {
         &self.txn
     }

@@ -1338,6 +1338,74 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Checks that the records, their indexes, the directories, the mounts and the
+    /// blob references agree, and returns every disagreement found (none: empty).
+    /// Work in progress (a Commit converting, a layer being written) is left out.
+    pub fn verify(&self) -> Result<Vec<String>> {
+        let (records, mut problems) = meta::read(&self.db, |r| Ok((r.all()?, r.index_problems()?)))?;
+        let pending = lock(&self.pending).clone();
+        let busy = lock(&self.busy).clone();
+        let mounted = mounts::mounted_under(&self.root.join("m")).map_err(internal)?;
+        let mut ids = HashSet::new();
+        for (key, rec) in &records {
+            ids.insert(rec.id);
+            let dir = self.dir(rec.id);
+            if !dir.is_dir() {
+                problems.push(format!("snapshot {key:?}: no directory {}", dir.display()));
+                continue;
+            }
+            match rec.kind {
+                Kind::Committed => {
+                    if rec.remote.is_none() && !dir.join("layer.erofs").is_file() {
+                        problems.push(format!("committed {key:?}: no layer.erofs"));
+                    }
+                    if !mounted.contains(&self.mountpoint(rec.id)) {
+                        problems.push(format!("committed {key:?}: m/{} is not mounted", rec.id));
+                    }
+                }
+                Kind::Active | Kind::View => {
+                    if !dir.join("fs").is_dir() || !dir.join(MARKER).is_file() {
+                        problems.push(format!("{key:?}: fs/ or the marker is missing"));
+                    }
+                    if mounted.contains(&self.mountpoint(rec.id)) && !busy.contains(key) {
+                        problems.push(format!("{key:?} is not committed but m/{} is mounted", rec.id));
+                    }
+                }
+            }
+        }
+        let owned = |name: &std::ffi::OsStr| {
+            name.to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|id| ids.contains(&id) || pending.contains(&id))
+        };
+        for e in fs::read_dir(self.root.join("snapshots")).map_err(internal)? {
+            let e = e.map_err(internal)?;
+            if !owned(&e.file_name()) {
+                problems.push(format!("snapshots/{} has no record", e.file_name().to_string_lossy()));
+            }
+        }
+        for mp in &mounted {
+            if !mp.file_name().is_some_and(owned) {
+                problems.push(format!("{} is mounted and has no record", mp.display()));
+            }
+        }
+        if pending.is_empty() && busy.is_empty() {
+            let staged: Vec<String> = fs::read_dir(self.root.join("staging"))
+                .map_err(internal)?
+                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect();
+            if !staged.is_empty() {
+                problems.push(format!("staging/ holds {staged:?} with no work in progress"));
+            }
+        }
+        let owners: Vec<Vec<BlobId>> = records.iter().map(|(_, r)| r.blobs.clone()).collect();
+        let wrong = meta::check(&self.db, |txn| blobs::recount(txn, &owners))?;
+        if wrong > 0 {
+            problems.push(format!("{wrong} blob reference counts disagree with the records"));
+        }
+        Ok(problems)
+    }
+
     /// Lazily unmounts every committed layer: for a clean stop. Running containers
     /// keep their overlay's references; the next start mounts the layers again.
     pub fn shutdown(&self) {
