@@ -321,7 +321,7 @@ impl Reader {
         // Two committed layers may carry the same target over one parent only when
         // the labels were set by Update; the index names one of them.
         for (pt, key) in &targets {
-            if want_targets.get(pt).is_none()
+            if !want_targets.contains_key(pt)
                 || by_key.get(key.as_str()).and_then(|r| r.target()) != Some(pt.1.as_str())
             {
                 problems.push(format!("the target index maps {pt:?} to {key:?}, which no record says"));
