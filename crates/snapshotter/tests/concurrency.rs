@@ -111,7 +111,7 @@ impl Shared {
                     let parent = self.random_committed(&mut rng);
                     let r = s.prepare(&key, &parent, BTreeMap::new()).map(|m| {
                         // Content shared between clients, so the chunk store dedups.
-                        let data = test_support::pseudo_random(8192 * (1 + rng.below(8)), (n % 5) as u64);
+                        let data = test_support::pseudo_random(8192 * (1 + rng.below(8)), n % 5);
                         std::fs::write(upper(&m).join(format!("f{n}")), data).expect("write into the upper dir");
                     });
                     if self.record("prepare", r) {
