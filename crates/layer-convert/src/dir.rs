@@ -16,7 +16,7 @@ use std::path::Path;
 use erofs::writer::{self, Body, ChunkSink, ImageWriter, Meta, Node, NodeId, Tree, Xattr};
 
 use crate::convert::{Output, TempOutput};
-use crate::error::{Error, ErrorKind};
+use oci_layer::{Error, ErrorKind};
 
 /// How to build an image from a directory.
 #[derive(Debug, Clone, Default)]
@@ -136,9 +136,7 @@ impl Walker<'_> {
             let shown = || path.display().to_string();
             let md = fs::symlink_metadata(&path).map_err(|e| Error::io(e).entry(&shown()))?;
             let name = std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str());
-            if name.len() > erofs::format::NAME_LEN {
-                return Err(Error::new(ErrorKind::Unsupported, "name longer than 255 bytes").entry(&shown()));
-            }
+            oci_layer::name::check_component(name).map_err(|e| e.entry(&shown()))?;
             self.entries += 1;
             let key = (md.dev(), md.ino());
             if !md.is_dir() && md.nlink() > 1 {
@@ -208,12 +206,12 @@ fn meta_of(path: &Path, md: &fs::Metadata) -> Result<Meta, Error> {
         perm: (md.mode() & 0o7777) as u16,
         uid: md.uid(),
         gid: md.gid(),
-        mtime: md.mtime().max(0) as u64,
-        mtime_nsec: if md.mtime() < 0 { 0 } else { md.mtime_nsec() as u32 },
+        mtime: crate::convert::erofs_seconds(md.mtime()),
+        mtime_nsec: md.mtime_nsec() as u32,
         xattrs: Vec::new(),
     };
-    for (name, value) in read_xattrs(path).map_err(|e| Error::io(e).entry(&shown()))? {
-        if name.starts_with(b"trusted.overlay.") && name != b"trusted.overlay.opaque" {
+    for (name, value) in oci_layer::xattr::read(path).map_err(|e| Error::io(e).entry(&shown()))? {
+        if oci_layer::xattr::is_overlay(&name) && name != oci_layer::xattr::OVERLAY_OPAQUE {
             continue;
         }
         let x =
@@ -221,39 +219,6 @@ fn meta_of(path: &Path, md: &fs::Metadata) -> Result<Meta, Error> {
         meta.set_xattr(x);
     }
     Ok(meta)
-}
-
-/// All xattrs of a path, not following symlinks.
-fn read_xattrs(path: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    use rustix::fs::{lgetxattr, llistxattr};
-    let mut names = vec![0u8; 1024];
-    let n = loop {
-        match llistxattr(path, &mut names[..]) {
-            Ok(n) => break n,
-            Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
-            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        }
-    };
-    let mut out = Vec::new();
-    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
-        let mut value = vec![0u8; 256];
-        let len = loop {
-            match lgetxattr(path, cname.as_c_str(), &mut value[..]) {
-                Ok(len) => break len,
-                Err(rustix::io::Errno::RANGE) => value.resize(value.len() * 4, 0),
-                // Removed between list and get: nothing to copy.
-                Err(rustix::io::Errno::NODATA) => break usize::MAX,
-                Err(e) => return Err(e.into()),
-            }
-        };
-        if len != usize::MAX {
-            value.truncate(len);
-            out.push((name.to_vec(), value));
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -47,9 +47,10 @@ pub struct Entry {
     pub uid: u64,
     /// Group.
     pub gid: u64,
-    /// Modification time, seconds (may be negative).
+    /// Modification time, seconds since the epoch (negative before 1970).
     pub mtime: i64,
-    /// Modification time, nanoseconds.
+    /// Modification time, nanoseconds after `mtime` (always forward: -1.5 s is
+    /// `mtime` -2 and `mtime_nsec` 500000000).
     pub mtime_nsec: u32,
     /// Bytes of body that follow the header.
     pub size: u64,
@@ -69,6 +70,11 @@ impl Entry {
     /// The entry's path for error messages.
     pub fn display_path(&self) -> String {
         String::from_utf8_lossy(&self.path).into_owned()
+    }
+
+    /// What the entry's name refers to (see [`crate::name`]).
+    pub fn target(&self) -> Result<crate::name::Target<'_>, Error> {
+        crate::name::target(&self.path)
     }
 }
 
@@ -262,7 +268,10 @@ impl<R: BufRead> TarReader<R> {
                 .entry(&e.display_path())
                 .at(offset));
             }
-            if e.kind == Some(Kind::File) && e.path.ends_with(b"/") {
+            // A trailing slash makes an old-style regular file ('\0') or a contiguous
+            // file ('7') a directory, as GNU tar and Go's archive/tar read them; GNU tar
+            // extracts a '0' entry named "x/" as the file "x".
+            if matches!(typeflag, 0 | b'7') && e.path.ends_with(b"/") {
                 e.kind = Some(Kind::Dir);
             }
             self.body_left = e.size;
@@ -327,7 +336,11 @@ impl<R: BufRead> TarReader<R> {
             mode: (mode & 0o7777) as u32,
             uid: nonneg(uid, "uid")?,
             gid: nonneg(gid, "gid")?,
-            mtime: mtime.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+            mtime: i64::try_from(mtime).map_err(|_| {
+                Error::new(ErrorKind::BadHeader, "mtime beyond the 64-bit range of any file system")
+                    .entry(&String::from_utf8_lossy(&path))
+                    .at(offset)
+            })?,
             mtime_nsec: 0,
             size,
             link: trim_nul(&h[157..257]).to_vec(),
@@ -510,20 +523,19 @@ fn parse_time(v: &[u8]) -> Option<(i64, u32)> {
     if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let secs: i64 = int.parse().ok()?;
+    // Parsed wider than i64 so that i64::MIN (whose magnitude i64 cannot hold) and
+    // the floor of a negative time stay exact; anything beyond i64 is refused.
+    let secs: i128 = i128::from(int.parse::<u64>().ok()?);
     let mut ns: u32 = 0;
     for (i, d) in frac.bytes().take(9).enumerate() {
         ns += u32::from(d - b'0') * 10u32.pow(8 - i as u32);
     }
-    if neg {
-        if ns > 0 {
-            Some((-secs - 1, 1_000_000_000 - ns))
-        } else {
-            Some((-secs, 0))
-        }
-    } else {
-        Some((secs, ns))
-    }
+    let (secs, ns) = match (neg, ns) {
+        (false, ns) => (secs, ns),
+        (true, 0) => (-secs, 0),
+        (true, ns) => (-secs - 1, 1_000_000_000 - ns),
+    };
+    Some((i64::try_from(secs).ok()?, ns))
 }
 
 /// Drains a stream to its end (to hash bytes after the end-of-archive marker).
@@ -559,6 +571,15 @@ mod tests {
         assert_eq!(parse_time(b"-1.25"), Some((-2, 750_000_000)));
         assert_eq!(parse_time(b"1.1234567891"), Some((1, 123_456_789)));
         assert_eq!(parse_time(b"x"), None);
+        assert_eq!(parse_time(b"-0.5"), Some((-1, 500_000_000)));
+        assert_eq!(parse_time(b"-9223372036854775808"), Some((i64::MIN, 0)));
+        assert_eq!(parse_time(b"-9223372036854775808.5"), None);
+        assert_eq!(
+            parse_time(b"9223372036854775807.999999999"),
+            Some((i64::MAX, 999_999_999))
+        );
+        assert_eq!(parse_time(b"9223372036854775808"), None);
+        assert_eq!(parse_time(b"4294967296.25"), Some((4_294_967_296, 250_000_000)));
     }
 
     #[test]
