@@ -643,6 +643,7 @@ impl Applier {
         match self.whiteouts {
             Whiteouts::Oci => self
                 .clear_opaque(d.as_fd())
+                .map(|_| ())
                 .map_err(|err| io_err(err, "clearing the opaque directory")),
             Whiteouts::Overlay => self
                 .make_opaque(d.as_fd())
@@ -665,15 +666,21 @@ impl Applier {
         }
         let existing = lstat_at(pfd, name).map_err(|err| io_err(err, "stat"))?;
         if let Some(st) = &existing {
-            if self.is_ours(pfd, name).map_err(|err| io_err(err, "stat"))? {
-                if file_type(st) == FileType::Directory {
-                    let d = open_subdir(pfd, name).map_err(|err| io_err(err, "opening the directory"))?;
-                    match self.whiteouts {
-                        Whiteouts::Oci => self.clear_opaque(d.as_fd()),
-                        Whiteouts::Overlay => self.make_opaque(d.as_fd()),
-                    }
-                    .map_err(|err| io_err(err, format!("hiding the lower {:?}", lossy(name))))?;
+            let ours = self.is_ours(pfd, name).map_err(|err| io_err(err, "stat"))?;
+            if file_type(st) == FileType::Directory {
+                // A directory that holds something of this layer stays, with that
+                // content only (the lower content is hidden).
+                let d = open_subdir(pfd, name).map_err(|err| io_err(err, "opening the directory"))?;
+                let keep = match self.whiteouts {
+                    Whiteouts::Oci => self.clear_opaque(d.as_fd()).map(|kept| kept || ours),
+                    Whiteouts::Overlay if ours => self.make_opaque(d.as_fd()).map(|()| true),
+                    Whiteouts::Overlay => Ok(false),
                 }
+                .map_err(|err| io_err(err, format!("hiding the lower {:?}", lossy(name))))?;
+                if keep {
+                    return Ok(());
+                }
+            } else if ours {
                 return Ok(());
             }
         }
@@ -729,30 +736,37 @@ impl Applier {
     }
 
     /// Deletes from `dir` everything this layer did not create, descending into the
-    /// directories it did create or merge (their older contents are hidden as well).
-    fn clear_opaque(&self, dir: BorrowedFd<'_>) -> Result<(), Errno> {
+    /// directories it did create or merge (their older contents are hidden as well),
+    /// and into older directories that hold something of this layer (an entry below a
+    /// directory the layer only implies): those stay, with this layer's content only,
+    /// as they do in the converted image. Returns whether anything was kept.
+    fn clear_opaque(&self, dir: BorrowedFd<'_>) -> Result<bool, Errno> {
         let st = fstat(dir)?;
-        let mut descend = Vec::new();
+        let mut kept = false;
         for (name, ft) in list_dir(dir)? {
             let key = (st.st_dev, st.st_ino, name);
-            if !self.ours.contains(&key) {
-                remove_all_at(dir, &key.2)?;
-                continue;
-            }
+            let ours = self.ours.contains(&key);
             let is_dir = match ft {
                 FileType::Directory => true,
                 FileType::Unknown => lstat_at(dir, &key.2)?.is_some_and(|s| file_type(&s) == FileType::Directory),
                 _ => false,
             };
             if is_dir {
-                descend.push(key.2);
+                let sub = open_subdir(dir, &key.2)?;
+                let holds_ours = self.clear_opaque(sub.as_fd())?;
+                drop(sub);
+                if ours || holds_ours {
+                    kept = true;
+                } else {
+                    remove_all_at(dir, &key.2)?;
+                }
+            } else if ours {
+                kept = true;
+            } else {
+                remove_all_at(dir, &key.2)?;
             }
         }
-        for name in descend {
-            let sub = open_subdir(dir, &name)?;
-            self.clear_opaque(sub.as_fd())?;
-        }
-        Ok(())
+        Ok(kept)
     }
 
     /// Sets directory times, deepest first.
