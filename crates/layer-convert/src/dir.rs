@@ -225,6 +225,47 @@ fn meta_of(path: &Path, md: &fs::Metadata) -> Result<Meta, Error> {
 mod tests {
     use super::*;
 
+    /// Commit conversion keeps every time the directory holds: before 1970, after
+    /// 2106, with nanoseconds (the kernel reads the 64-bit `i_mtime` as signed).
+    #[test]
+    fn times_before_1970_and_after_2106_are_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        fs::create_dir_all(src.join("dir")).unwrap();
+        let times = [
+            ("neg", -2i64, 500_000_000u32),
+            ("big", 1 << 33, 999_999_999),
+            ("dir", -(1 << 31) + 1, 1),
+        ];
+        for (name, s, ns) in times {
+            let p = src.join(name);
+            if !p.exists() {
+                fs::write(&p, b"x").unwrap();
+            }
+            let ts = rustix::fs::Timespec {
+                tv_sec: s,
+                tv_nsec: ns as _,
+            };
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                &p,
+                &rustix::fs::Timestamps {
+                    last_access: ts,
+                    last_modification: ts,
+                },
+                rustix::fs::AtFlags::empty(),
+            )
+            .unwrap();
+        }
+        let out = d.path().join("t.erofs");
+        convert_dir(&src, &out, &DirOptions::default()).unwrap();
+        let img = erofs::reader::Image::open(&out).unwrap();
+        for (name, s, ns) in times {
+            let e = img.lookup(name.as_bytes()).unwrap();
+            assert_eq!((e.inode.mtime as i64, e.inode.mtime_nsec), (s, ns), "{name}");
+        }
+    }
+
     #[test]
     fn builds_an_image_the_reader_lists() {
         let d = tempfile::tempdir().unwrap();

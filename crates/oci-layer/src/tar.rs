@@ -582,6 +582,72 @@ mod tests {
         assert_eq!(parse_time(b"4294967296.25"), Some((4_294_967_296, 250_000_000)));
     }
 
+    /// A ustar header block for `name` of type `typeflag`, with a valid checksum.
+    fn header(name: &[u8], typeflag: u8, mtime_field: &[u8; 12]) -> [u8; BLOCK] {
+        let mut h = [0u8; BLOCK];
+        h[..name.len()].copy_from_slice(name);
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124..136].copy_from_slice(b"00000000000\0");
+        h[136..148].copy_from_slice(mtime_field);
+        h[156] = typeflag;
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+
+    fn read_one(h: &[u8; BLOCK]) -> Result<Entry, ErrorKind> {
+        let mut tar = h.to_vec();
+        tar.extend_from_slice(&[0u8; 2 * BLOCK]);
+        let mut r = TarReader::new(&tar[..]);
+        r.next_entry().map(|e| e.unwrap()).map_err(|e| e.kind)
+    }
+
+    #[test]
+    fn a_trailing_slash_makes_a_directory_only_of_old_style_and_contiguous_files() {
+        let t = b"00000000000\0";
+        // As GNU tar 1.34 extracts them: '\0' and '7' named "x/" are directories, a
+        // '0' named "x/" is the file "x".
+        assert_eq!(read_one(&header(b"x/", 0, t)).unwrap().kind, Some(Kind::Dir));
+        assert_eq!(read_one(&header(b"x/", b'7', t)).unwrap().kind, Some(Kind::Dir));
+        assert_eq!(read_one(&header(b"x/", b'0', t)).unwrap().kind, Some(Kind::File));
+        assert_eq!(read_one(&header(b"x", 0, t)).unwrap().kind, Some(Kind::File));
+    }
+
+    #[test]
+    fn base256_times_are_signed_and_bounded() {
+        let mut neg = [0xffu8; 12];
+        assert_eq!(read_one(&header(b"f", b'0', &neg)).unwrap().mtime, -1);
+        neg[11] = 0xfe;
+        assert_eq!(read_one(&header(b"f", b'0', &neg)).unwrap().mtime, -2);
+        let mut big = [0u8; 12];
+        big[0] = 0x80;
+        big[7] = 1; // 2^32: 2106-02-07
+        assert_eq!(read_one(&header(b"f", b'0', &big)).unwrap().mtime, 1 << 32);
+        let mut min = [0u8; 12];
+        min[0] = 0xff;
+        min[1..4].fill(0xff);
+        min[4] = 0x80; // -2^63
+        assert_eq!(read_one(&header(b"f", b'0', &min)).unwrap().mtime, i64::MIN);
+        let mut too_big = [0u8; 12];
+        too_big[0] = 0x80;
+        too_big[3] = 1; // 2^64
+        assert_eq!(
+            read_one(&header(b"f", b'0', &too_big)).unwrap_err(),
+            ErrorKind::BadHeader
+        );
+        let mut too_small = [0xffu8; 12];
+        too_small[3] = 0xfe; // below -2^63
+        assert_eq!(
+            read_one(&header(b"f", b'0', &too_small)).unwrap_err(),
+            ErrorKind::BadHeader
+        );
+    }
+
     #[test]
     fn pax_records() {
         let mut p = Pax::default();
