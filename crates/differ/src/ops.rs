@@ -176,8 +176,9 @@ pub(crate) async fn apply_erofs(d: &Differ, ctx: &CallContext, req: &ApplyReques
                     inline_data: false,
                     build_time: 0,
                     fsync: true,
-                    chunk_bits: session.as_ref().map_or(16, |s| s.chunk_bits()),
+                    chunk_size: session.as_ref().map_or(Default::default(), |s| s.chunk_size()),
                     meta_first: false,
+                    uuid: None,
                 };
                 let converted = match &session {
                     None => layer_convert::convert(blob, &staged, &opts, None).map(|r| (r, None)),

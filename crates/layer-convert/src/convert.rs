@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use oci_layer::name::Target;
 use oci_layer::stream::{self, Compression};
 use oci_layer::tar::{self, Kind, TarReader};
-use oci_layer::{Error, ErrorKind};
+use oci_layer::{ChunkSize, Error, ErrorKind};
 
 /// Default bound on the uncompressed size of a layer: large enough for real images
 /// (model weights, toolchains), small enough to stop a decompression bomb well
@@ -25,36 +25,41 @@ pub const DEFAULT_MAX_SIZE: u64 = 64 << 30;
 
 const OPAQUE_NAME: &[u8] = b"overlay.opaque";
 
-/// How to convert.
-#[derive(Clone)]
+/// How to build an image, from a layer tar ([`convert`]) or from a directory
+/// ([`crate::convert_dir`]): one set of options for both.
+#[derive(Debug, Clone)]
 pub struct Options {
-    /// The layer's media type; `None` detects the compression from the stream.
+    /// The layer's media type; `None` detects the compression from the stream (tar
+    /// only).
     pub media_type: Option<String>,
-    /// Largest uncompressed size accepted.
+    /// Largest uncompressed size accepted (tar only).
     pub max_size: u64,
     /// Pack small files and tails after their inodes.
     pub inline_data: bool,
     /// Timestamp for compact inodes and implied directories (SOURCE_DATE_EPOCH or 0).
     pub build_time: u64,
-    /// fsync the image before renaming it into place.
+    /// fsync the image (and its directory) before and after renaming it into place.
     pub fsync: bool,
-    /// log2 of the chunk size of chunk-based files (with a chunk sink).
-    pub chunk_bits: u8,
+    /// The chunk size of chunk-based files (with a chunk sink).
+    pub chunk_size: ChunkSize,
     /// Metadata first, file data after (for images read over the network before
-    /// they are whole); costs one copy of the file data.
+    /// they are whole); costs one copy of the file data (tar only).
     pub meta_first: bool,
+    /// Filesystem UUID; `None`: derived from the input digest (tar), zero (directory).
+    pub uuid: Option<[u8; 16]>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
-            chunk_bits: 16,
+            chunk_size: ChunkSize::DEFAULT,
             media_type: None,
             max_size: DEFAULT_MAX_SIZE,
             inline_data: true,
             build_time: 0,
             fsync: false,
             meta_first: false,
+            uuid: None,
         }
     }
 }
@@ -129,7 +134,7 @@ pub fn convert_with<R: Read + Send>(
     let wopts = writer::Options {
         inline_data: opts.inline_data,
         build_time: opts.build_time,
-        chunk_bits: opts.chunk_bits,
+        chunk_bits: opts.chunk_size.bits(),
         ..Default::default()
     };
     let out = || {
@@ -208,7 +213,7 @@ fn build_stream<R: Read + Send, W: std::io::Write + std::io::Seek>(
             .ok_or_else(|| Error::new(ErrorKind::Io, "input ended without its digest"))?;
         // The UUID is known only now: derived from the input digest so the same
         // input gives the same image.
-        image.set_uuid(uuid_from(&stats.digest));
+        image.set_uuid(opts.uuid.unwrap_or_else(|| uuid_from(&stats.digest)));
         if let Some(sink) = &sink {
             image.set_devices(sink.device_slots());
         }

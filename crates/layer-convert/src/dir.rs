@@ -15,23 +15,8 @@ use std::path::Path;
 
 use erofs::writer::{self, Body, ChunkSink, ImageWriter, Meta, Node, NodeId, Tree, Xattr};
 
-use crate::convert::{Output, TempOutput};
+use crate::convert::{Options, Output, TempOutput};
 use oci_layer::{Error, ErrorKind};
-
-/// How to build an image from a directory.
-#[derive(Debug, Clone, Default)]
-pub struct DirOptions {
-    /// Pack small files and tails after their inodes.
-    pub inline_data: bool,
-    /// Timestamp for compact inodes.
-    pub build_time: u64,
-    /// Filesystem UUID.
-    pub uuid: [u8; 16],
-    /// fsync the image (and its directory) before and after renaming it into place.
-    pub fsync: bool,
-    /// log2 of the chunk size of chunk-based files (with a chunk sink).
-    pub chunk_bits: u8,
-}
 
 /// What a directory build did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -48,7 +33,8 @@ pub struct DirReport {
 const MAX_DEPTH: usize = 4096;
 
 /// Builds an EROFS image of `src` at `output` (temporary file, renamed on success).
-pub fn convert_dir(src: &Path, output: &Path, opts: &DirOptions) -> Result<DirReport, Error> {
+/// The options for tar input only (`media_type`, `max_size`, `meta_first`) are ignored.
+pub fn convert_dir(src: &Path, output: &Path, opts: &Options) -> Result<DirReport, Error> {
     convert_dir_with(src, output, opts, None)
 }
 
@@ -57,7 +43,7 @@ pub fn convert_dir(src: &Path, output: &Path, opts: &DirOptions) -> Result<DirRe
 pub fn convert_dir_with(
     src: &Path,
     output: &Path,
-    opts: &DirOptions,
+    opts: &Options,
     sink: Option<&mut dyn ChunkSink>,
 ) -> Result<DirReport, Error> {
     let tmp = TempOutput::create(output)?;
@@ -68,8 +54,8 @@ pub fn convert_dir_with(
     let wopts = writer::Options {
         inline_data: opts.inline_data,
         build_time: opts.build_time,
-        uuid: opts.uuid,
-        chunk_bits: if opts.chunk_bits == 0 { 16 } else { opts.chunk_bits },
+        uuid: opts.uuid.unwrap_or_default(),
+        chunk_bits: opts.chunk_size.bits(),
         ..Default::default()
     };
     let mut image = ImageWriter::new(out, wopts).map_err(crate::convert::werr)?;
@@ -258,7 +244,7 @@ mod tests {
             .unwrap();
         }
         let out = d.path().join("t.erofs");
-        convert_dir(&src, &out, &DirOptions::default()).unwrap();
+        convert_dir(&src, &out, &Options::default()).unwrap();
         let img = erofs::reader::Image::open(&out).unwrap();
         for (name, s, ns) in times {
             let e = img.lookup(name.as_bytes()).unwrap();
@@ -278,7 +264,7 @@ mod tests {
         let r = convert_dir(
             &src,
             &out,
-            &DirOptions {
+            &Options {
                 inline_data: true,
                 ..Default::default()
             },

@@ -21,5 +21,5 @@ pub use oci_layer::stream;
 pub use oci_layer::tar;
 
 pub use convert::{convert, convert_with, Options, Report, DEFAULT_MAX_SIZE};
-pub use dir::{convert_dir, convert_dir_with, DirOptions, DirReport};
-pub use oci_layer::{Compression, Error, ErrorKind};
+pub use dir::{convert_dir, convert_dir_with, DirReport};
+pub use oci_layer::{ChunkSize, Compression, Error, ErrorKind};

@@ -9,8 +9,10 @@
 //!   compression of written layers;
 //! * [`xattr`]: extended attributes of files on disk and the overlayfs names that a
 //!   layer may not carry;
-//! * [`Error`]: one error type with a kind to match on.
+//! * [`Error`]: one error type with a kind to match on;
+//! * [`ChunkSize`]: the validated chunk size of deduplicated layers.
 
+mod chunk;
 mod error;
 pub mod name;
 pub mod stream;
@@ -18,5 +20,6 @@ pub mod tar;
 pub mod write;
 pub mod xattr;
 
+pub use chunk::{ChunkSize, InvalidChunkSize};
 pub use error::{Error, ErrorKind};
 pub use stream::Compression;
