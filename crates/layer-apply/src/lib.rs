@@ -818,7 +818,7 @@ fn always_stored(secs: i64) -> bool {
 /// Refuses a time the target file system silently clamped: the layer cannot be
 /// represented there, and a quiet change of its content is worse than an error.
 fn check_stored(st: &Stat, secs: i64) -> Result<(), Error> {
-    if st.st_mtime as i64 == secs {
+    if st.st_mtime == secs {
         Ok(())
     } else {
         Err(Error::new(

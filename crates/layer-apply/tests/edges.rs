@@ -694,3 +694,35 @@ add(tf, ".wh.o/x", data=b"a file under a directory named like a whiteout")
         }
     }
 }
+
+/// An opaque marker at the root cannot be represented: overlayfs ignores opaqueness of
+/// a layer's root (checked below with an upper dir), so the converter and both Apply
+/// modes refuse it alike rather than let the layer mean different things.
+#[test]
+fn an_opaque_marker_at_the_root_is_refused_alike() {
+    let c = Case::new();
+    let lower = c.path("lower");
+    std::fs::create_dir_all(&lower).unwrap();
+    std::fs::write(lower.join("f"), b"lower").unwrap();
+    let upper = c.path("upper");
+    std::fs::create_dir_all(&upper).unwrap();
+    rustix::fs::setxattr(&upper, "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
+    let m = Mnt::overlay(&[&upper, &lower], &c.path("m"));
+    assert!(m.0.join("f").exists(), "overlayfs now honours an opaque layer root: represent the marker");
+    drop(m);
+
+    for (i, name) in ["./.wh..wh..opq", ".wh..wh..opq", "/.wh..wh..opq"].iter().enumerate() {
+        let tar = c.tar(
+            &format!("root-opq{i}.tar"),
+            false,
+            &format!("add(tf, \"keep\", data=b\"x\")\nadd(tf, \"{name}\")"),
+        );
+        let img = c.path(&format!("root-opq{i}.erofs"));
+        assert_eq!(convert(&tar, &img).unwrap_err().kind, ErrorKind::Unsupported, "{name}");
+        assert!(!img.exists());
+        for w in [Whiteouts::Oci, Whiteouts::Overlay] {
+            let err = apply(&tar, &c.path(&format!("root-opq{i}-{w:?}")), w).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::Unsupported, "{name} {w:?}");
+        }
+    }
+}

@@ -22,6 +22,11 @@
 //!   as containerd does), and `.wh.NAME` hides `NAME` of the lower layers. `NAME` must be
 //!   a file name: `.wh.` (nothing), `.wh..` (the directory itself) and `.wh...` (its
 //!   parent) are [`ErrorKind::InvalidName`].
+//! * An opaque marker at the root (`.wh..wh..opq`, `./.wh..wh..opq`) is refused as
+//!   [`ErrorKind::Unsupported`]: overlayfs never treats a layer's root directory as
+//!   opaque, so neither an EROFS layer nor an upper dir can say "hide every lower
+//!   layer", and a layer must not mean one thing through one path and another through
+//!   the next.
 
 use crate::error::{Error, ErrorKind};
 
@@ -55,7 +60,7 @@ pub enum Target<'a> {
     },
     /// `.wh..wh..opq`: the directory `dir` hides all lower content.
     Opaque {
-        /// Components of the opaque directory (empty for the root).
+        /// Components of the opaque directory (never empty: see the module docs).
         dir: Vec<&'a [u8]>,
     },
     /// Another `.wh..wh.` name: aufs bookkeeping, nothing to apply.
@@ -125,6 +130,12 @@ pub fn target(path: &[u8]) -> Result<Target<'_>, Error> {
         return Ok(Target::Root);
     };
     if name == OPAQUE_MARKER {
+        if parts.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "an opaque marker at the layer root (overlayfs ignores opaqueness of a layer's root)",
+            ));
+        }
         return Ok(Target::Opaque { dir: parts });
     }
     if name.starts_with(WHITEOUT_META_PREFIX) {
@@ -218,7 +229,9 @@ mod tests {
             target(b"a/.wh..wh..opq").unwrap(),
             Target::Opaque { dir: vec![&b"a"[..]] }
         );
-        assert_eq!(target(b".wh..wh..opq").unwrap(), Target::Opaque { dir: vec![] });
+        for root in [&b".wh..wh..opq"[..], b"./.wh..wh..opq", b"/.wh..wh..opq/"] {
+            assert_eq!(target(root).unwrap_err().kind, ErrorKind::Unsupported);
+        }
         assert_eq!(target(b"a/.wh..wh.plnk").unwrap(), Target::AufsMeta);
         // A name that only looks like a whiteout further up is a plain path.
         assert_eq!(
