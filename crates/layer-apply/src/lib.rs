@@ -1,12 +1,27 @@
 //! Applies an OCI layer tar onto a directory: the walking differ's Apply.
 //!
 //! Semantics follow containerd's `archive.Apply` (pkg/archive/tar.go, containerd 1.6):
-//! paths are cleaned, implied parents are created with mode 0755, whatever already
-//! exists at a path is replaced (a directory is kept and merged when the entry is a
-//! directory too), ownership, modes, xattrs and sub-second times are restored exactly,
-//! directory times are set last, and whiteouts are either carried out (OCI mode: the
-//! target is a plain directory) or turned into overlayfs whiteouts (Overlay mode: the
-//! target is an overlayfs upper directory).
+//! implied parents are created with mode 0755, whatever already exists at a path is
+//! replaced (a directory is kept and merged when the entry is a directory too),
+//! ownership, modes, xattrs and sub-second times are restored exactly, directory times
+//! are set last, and whiteouts are either carried out (OCI mode: the target is a plain
+//! directory) or turned into overlayfs whiteouts (Overlay mode: the target is an
+//! overlayfs upper directory).
+//!
+//! Where the converter (layer-convert) must agree, the rules are shared or mirrored, so a
+//! layer means the same through every path (tests/edges.rs checks them against each
+//! other, against GNU tar and under the kernel's overlayfs):
+//! * entry names are read by [`oci_layer::name`]: every spelling of the root is the
+//!   root, and a directory entry for it sets the root's metadata (GNU tar does); `..`
+//!   components and whiteouts of nothing, `.` or `..` are refused;
+//! * a whiteout hides lower layers' content only (OCI image spec): an entry of this
+//!   layer with the same name stays, before or after the whiteout, and a directory of
+//!   this layer loses only what the lower layers held in it (made opaque in Overlay
+//!   mode); an opaque marker likewise keeps this layer's entries;
+//! * a hard link to a name it already is (itself, or the same link twice) changes
+//!   nothing, as with GNU tar;
+//! * a time the target file system cannot store (outside 1901..2446 on ext4) is refused
+//!   rather than clamped.
 //!
 //! Safety: every file system operation is relative to a descriptor of the root. Parent
 //! directories are resolved with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`, so a
