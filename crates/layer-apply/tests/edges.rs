@@ -708,7 +708,10 @@ fn an_opaque_marker_at_the_root_is_refused_alike() {
     std::fs::create_dir_all(&upper).unwrap();
     rustix::fs::setxattr(&upper, "trusted.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
     let m = Mnt::overlay(&[&upper, &lower], &c.path("m"));
-    assert!(m.0.join("f").exists(), "overlayfs now honours an opaque layer root: represent the marker");
+    assert!(
+        m.0.join("f").exists(),
+        "overlayfs now honours an opaque layer root: represent the marker"
+    );
     drop(m);
 
     for (i, name) in ["./.wh..wh..opq", ".wh..wh..opq", "/.wh..wh..opq"].iter().enumerate() {
