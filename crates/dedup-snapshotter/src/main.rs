@@ -60,8 +60,8 @@ enum Command {
         #[arg(long)]
         blob_dir: Option<PathBuf>,
         /// Chunk size with --blob-dir: a power of two from 4K to 16M.
-        #[arg(long, value_parser = parse_chunk_size, default_value = "64K")]
-        chunk_size: u64,
+        #[arg(long, default_value = "64K")]
+        chunk_size: layer_convert::ChunkSize,
         /// Metadata first, file data after: an image that can be listed and stat-ed
         /// from its first bytes alone (the layout of lazily fetched layers).
         #[arg(long)]
@@ -89,8 +89,8 @@ enum Command {
         #[arg(long)]
         dedup: bool,
         /// Chunk size for --dedup: a power of two from 4K to 16M (default 64K).
-        #[arg(long, value_parser = parse_chunk_size)]
-        chunk_size: Option<u64>,
+        #[arg(long)]
+        chunk_size: Option<layer_convert::ChunkSize>,
         /// The fetch daemon's (dedupd) control socket: lazy pulls of converted images.
         #[arg(long)]
         fetch_socket: Option<PathBuf>,
@@ -212,14 +212,6 @@ enum Command {
     },
 }
 
-fn parse_chunk_size(s: &str) -> Result<u64, String> {
-    let n = parse_size(s)?;
-    if !n.is_power_of_two() || !(4096..=16 << 20).contains(&n) {
-        return Err(format!("chunk size {s:?} is not a power of two from 4K to 16M"));
-    }
-    Ok(n)
-}
-
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
@@ -287,7 +279,7 @@ fn run(cli: Cli) -> Result<()> {
             opts.inline_data = !no_inline;
             opts.max_size = max_size;
             opts.fsync = fsync;
-            opts.chunk_bits = chunk_size.trailing_zeros() as u8;
+            opts.chunk_size = chunk_size;
             opts.meta_first = meta_first;
             convert(&input, &output, &opts, json, blob_dir.as_deref())
         }

@@ -36,8 +36,9 @@ pub struct Config {
     pub containerd_address: Option<PathBuf>,
     /// Store file data as chunks shared across layers (default false).
     pub dedup: Option<bool>,
-    /// Chunk size in bytes for dedup: a power of two from 4096 to 16 MiB (default 65536).
-    pub chunk_size: Option<u64>,
+    /// Chunk size in bytes for dedup: a power of two from 4096 to 16 MiB (default 65536),
+    /// checked when the file is read.
+    pub chunk_size: Option<layer_convert::ChunkSize>,
     /// Seconds without Prepare/View/Commit before committed layers' unpacked copies are
     /// deleted (default 10; deleting them during a pull burst slows ext4's inode allocation).
     pub trash_idle_secs: Option<u64>,
@@ -92,13 +93,10 @@ pub fn serve(cfg: Config) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let chunk_size = cfg.chunk_size.unwrap_or(65536);
-    if !chunk_size.is_power_of_two() || !(4096..=16 << 20).contains(&chunk_size) {
-        anyhow::bail!("chunk_size {chunk_size} is not a power of two from 4096 to 16 MiB");
-    }
+    let chunk_size = cfg.chunk_size.unwrap_or_default();
     let opts = snapshotter::StoreOptions {
         dedup: cfg.dedup.unwrap_or(false),
-        chunk_bits: chunk_size.trailing_zeros() as u8,
+        chunk_size,
         trash_idle: std::time::Duration::from_secs(cfg.trash_idle_secs.unwrap_or(10)),
     };
     let stream = cfg.stream_layers.unwrap_or(false);
@@ -135,7 +133,7 @@ pub fn serve(cfg: Config) -> Result<()> {
         snapshotter::Snapshotter::open_with_remote(&root, opts, remote)
             .with_context(|| format!("opening the store at {}", root.display()))?,
     );
-    tracing::info!(root = %root.display(), address = %address.display(), dedup = opts.dedup, chunk_size, "serving snapshots");
+    tracing::info!(root = %root.display(), address = %address.display(), dedup = opts.dedup, chunk_size = %chunk_size, "serving snapshots");
 
     let order = cfg
         .differs

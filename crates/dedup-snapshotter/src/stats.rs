@@ -183,7 +183,7 @@ pub fn chunk_sweep(layers: &[PathBuf], json: bool) -> Result<()> {
         let mut image_bytes = 0;
         for l in layers {
             let opts = layer_convert::Options {
-                chunk_bits: bits,
+                chunk_size: layer_convert::ChunkSize::from_bits(bits)?,
                 ..Default::default()
             };
             let r = layer_convert::convert_with(File::open(l)?, &out, &opts, None, Some(&mut census))

@@ -1,12 +1,27 @@
 //! Applies an OCI layer tar onto a directory: the walking differ's Apply.
 //!
 //! Semantics follow containerd's `archive.Apply` (pkg/archive/tar.go, containerd 1.6):
-//! paths are cleaned, implied parents are created with mode 0755, whatever already
-//! exists at a path is replaced (a directory is kept and merged when the entry is a
-//! directory too), ownership, modes, xattrs and sub-second times are restored exactly,
-//! directory times are set last, and whiteouts are either carried out (OCI mode: the
-//! target is a plain directory) or turned into overlayfs whiteouts (Overlay mode: the
-//! target is an overlayfs upper directory).
+//! implied parents are created with mode 0755, whatever already exists at a path is
+//! replaced (a directory is kept and merged when the entry is a directory too),
+//! ownership, modes, xattrs and sub-second times are restored exactly, directory times
+//! are set last, and whiteouts are either carried out (OCI mode: the target is a plain
+//! directory) or turned into overlayfs whiteouts (Overlay mode: the target is an
+//! overlayfs upper directory).
+//!
+//! Where the converter (layer-convert) must agree, the rules are shared or mirrored, so a
+//! layer means the same through every path (tests/edges.rs checks them against each
+//! other, against GNU tar and under the kernel's overlayfs):
+//! * entry names are read by [`oci_layer::name`]: every spelling of the root is the
+//!   root, and a directory entry for it sets the root's metadata (GNU tar does); `..`
+//!   components and whiteouts of nothing, `.` or `..` are refused;
+//! * a whiteout hides lower layers' content only (OCI image spec): an entry of this
+//!   layer with the same name stays, before or after the whiteout, and a directory of
+//!   this layer loses only what the lower layers held in it (made opaque in Overlay
+//!   mode); an opaque marker likewise keeps this layer's entries;
+//! * a hard link to a name it already is (itself, or the same link twice) changes
+//!   nothing, as with GNU tar;
+//! * a time the target file system cannot store (outside 1901..2446 on ext4) is refused
+//!   rather than clamped.
 //!
 //! Safety: every file system operation is relative to a descriptor of the root. Parent
 //! directories are resolved with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`, so a
@@ -31,13 +46,15 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 
-use layer_convert::tar::{Entry, Kind, TarReader};
-use layer_convert::{Error, ErrorKind};
+use oci_layer::name::{self, Target};
+use oci_layer::tar::{Entry, Kind, TarReader};
+pub use oci_layer::{Error, ErrorKind};
 use rustix::fs::{
     chmodat, chownat, fchmod, fchown, fsetxattr, fstat, futimens, linkat, lsetxattr, makedev, mkdirat, mknodat, openat,
     openat2, readlinkat, statat, symlinkat, unlinkat, utimensat, AtFlags, Dir, FileType, Gid, Mode, OFlags,
     ResolveFlags, Stat, Timestamps, Uid, XattrFlags,
 };
+
 use rustix::io::Errno;
 
 /// How whiteout entries (`.wh.NAME`, `.wh..wh..opq`) are applied.
@@ -70,10 +87,6 @@ pub struct ApplyStats {
     pub bytes: u64,
 }
 
-const WH_PREFIX: &[u8] = b".wh.";
-const WH_META_PREFIX: &[u8] = b".wh..wh.";
-const WH_OPAQUE: &[u8] = b".wh..wh..opq";
-const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
 /// Body copy buffer; bodies are written in chunks of this size.
 const COPY_BUF: usize = 1 << 20;
 /// A slice of the reader's own buffer at least this big is written without copying.
@@ -97,6 +110,7 @@ pub fn apply_tar<R: BufRead>(src: R, root: &Path, opts: &ApplyOptions) -> Result
         root: root_fd,
         whiteouts: opts.whiteouts,
         ours: HashSet::new(),
+        opaque: HashSet::new(),
         dirs: Vec::new(),
         buf: Vec::new(),
         stats: ApplyStats::default(),
@@ -121,6 +135,9 @@ struct Applier {
     /// Keyed by the parent directory's inode rather than by path so that writes through
     /// symlinks are recognised whatever path reached them.
     ours: HashSet<Key>,
+    /// (device, inode) of the directories this layer made opaque (Overlay mode): the
+    /// whiteouts below them have nothing to hide.
+    opaque: HashSet<(u64, u64)>,
     /// Directories whose times are set at the end: (cleaned path, mtime, nsec).
     dirs: Vec<(Vec<u8>, i64, u32)>,
     buf: Vec<u8>,
@@ -135,22 +152,6 @@ fn io_err(e: Errno, what: impl std::fmt::Display) -> Error {
 
 fn lossy(b: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(b)
-}
-
-/// Cleans a tar path lexically: drops leading `/`, empty and `.` components, resolves
-/// `..`. `None` when it climbs above the root.
-fn clean(raw: &[u8]) -> Option<Vec<&[u8]>> {
-    let mut out: Vec<&[u8]> = Vec::new();
-    for c in raw.split(|&b| b == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => {
-                out.pop()?;
-            }
-            _ => out.push(c),
-        }
-    }
-    Some(out)
 }
 
 fn join(comps: &[&[u8]]) -> Vec<u8> {
@@ -291,6 +292,9 @@ impl Applier {
         match self.open_dir_in_root(&path) {
             Ok(fd) => return Ok(fd),
             Err(Errno::NOENT) => {}
+            // In an upper dir, a whiteout of this layer in the way becomes a directory
+            // (found by the walk below).
+            Err(Errno::NOTDIR) if self.whiteouts == Whiteouts::Overlay => {}
             Err(Errno::NOTDIR) => return Err(not_a_dir(&path)),
             Err(e) => return Err(io_err(e, format!("opening directory {:?}", lossy(&path)))),
         }
@@ -315,12 +319,20 @@ impl Applier {
                     prefix = next;
                     continue;
                 }
-                Err(Errno::NOENT) => {}
-                Err(Errno::NOTDIR) => return Err(not_a_dir(&next)),
+                Err(Errno::NOENT | Errno::NOTDIR) => {}
                 Err(e) => return Err(io_err(e, format!("opening directory {:?}", lossy(&next)))),
             }
             let st = lstat_at(cur.as_fd(), &c).map_err(|e| io_err(e, format!("stat {:?}", lossy(&next))))?;
-            match st {
+            let whiteout_in_the_way = self.whiteouts == Whiteouts::Overlay
+                && st.as_ref().is_some_and(is_whiteout_dev)
+                && self.is_ours(cur.as_fd(), &c).map_err(|e| io_err(e, "stat"))?;
+            if whiteout_in_the_way {
+                // This layer deleted the lower entry and now puts a directory there: an
+                // opaque one, as the converter makes it.
+                unlinkat(cur.as_fd(), c.as_slice(), AtFlags::empty())
+                    .map_err(|e| io_err(e, format!("replacing the whiteout {:?}", lossy(&next))))?;
+            }
+            match if whiteout_in_the_way { None } else { st } {
                 None => {
                     match mkdirat(cur.as_fd(), c.as_slice(), Mode::from_raw_mode(0o755)) {
                         Ok(()) | Err(Errno::EXIST) => {}
@@ -330,6 +342,12 @@ impl Applier {
                     chmodat(cur.as_fd(), c.as_slice(), Mode::from_raw_mode(0o755), AtFlags::empty())
                         .map_err(|e| io_err(e, format!("chmod {:?}", lossy(&next))))?;
                     self.mark(cur.as_fd(), &c).map_err(|e| io_err(e, "stat"))?;
+                    if whiteout_in_the_way {
+                        let d = open_subdir(cur.as_fd(), &c)
+                            .map_err(|e| io_err(e, format!("opening directory {:?}", lossy(&next))))?;
+                        self.make_opaque(d.as_fd())
+                            .map_err(|e| io_err(e, format!("making {:?} opaque", lossy(&next))))?;
+                    }
                     cur = openat(
                         cur.as_fd(),
                         c.as_slice(),
@@ -365,24 +383,41 @@ impl Applier {
     }
 
     fn entry<R: BufRead>(&mut self, reader: &mut TarReader<R>, e: &Entry) -> Result<(), Error> {
-        let comps = clean(&e.path).ok_or_else(|| Error::new(ErrorKind::PathEscape, "path leaves the root"))?;
-        let Some((&name, parent)) = comps.split_last() else {
-            // The root itself: containerd ignores it.
-            return Ok(());
-        };
         let kind = e
             .kind
             .ok_or_else(|| Error::new(ErrorKind::Unsupported, "entry without a type"))?;
-        let pfd = self.parent(parent)?;
+        let (parent, name) = match e.target()? {
+            Target::Root => return self.root_entry(e, kind),
+            Target::AufsMeta => return Ok(()),
+            Target::Opaque { dir } => return self.opaque_marker(&dir),
+            Target::Whiteout { parent, name } => {
+                let pfd = self.parent(&parent)?;
+                return self.whiteout(pfd.as_fd(), name, e);
+            }
+            Target::Path { parent, name } => (parent, name),
+        };
+        let mut comps = parent.clone();
+        comps.push(name);
+        let pfd = self.parent(&parent)?;
         let pfd = pfd.as_fd();
 
-        if name.starts_with(WH_PREFIX) {
-            return self.whiteout(pfd, name, e);
-        }
-
-        // Whatever is at the path is replaced, unless both are directories.
         let existing = lstat_at(pfd, name).map_err(|err| io_err(err, "stat"))?;
+        if kind == Kind::HardLink {
+            if let (Some(st), Some(t)) = (&existing, self.link_target_stat(e)) {
+                if (st.st_dev, st.st_ino) == (t.st_dev, t.st_ino) {
+                    // Already a name of the target (a link to itself, or the same link
+                    // twice): nothing changes, as with GNU tar.
+                    return self.mark(pfd, name).map_err(|err| io_err(err, "stat"));
+                }
+            }
+        }
+        // Whatever is at the path is replaced, unless both are directories.
         let keep_dir = kind == Kind::Dir && existing.as_ref().map(file_type) == Some(FileType::Directory);
+        // In an upper dir, a directory that replaces this layer's own whiteout is opaque:
+        // the lower directory is deleted, not merged.
+        let over_whiteout = self.whiteouts == Whiteouts::Overlay
+            && existing.as_ref().is_some_and(is_whiteout_dev)
+            && self.is_ours(pfd, name).map_err(|err| io_err(err, "stat"))?;
         if existing.is_some() && !keep_dir {
             remove_all_at(pfd, name).map_err(|err| io_err(err, "removing what was at the path"))?;
         }
@@ -407,6 +442,9 @@ impl Applier {
                 // After chown, which clears the setuid and setgid bits.
                 fchmod(&file, mode).map_err(|err| io_err(err, "chmod"))?;
                 futimens(&file, &times(e)).map_err(|err| io_err(err, "setting times"))?;
+                if !always_stored(e.mtime) {
+                    check_stored(&fstat(&file).map_err(|err| io_err(err, "stat"))?, e.mtime)?;
+                }
             }
             Kind::Dir => {
                 if !keep_dir {
@@ -416,6 +454,10 @@ impl Applier {
                 fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(|err| io_err(err, "chown"))?;
                 self.xattrs(XattrTarget::Fd(fd.as_fd()), e)?;
                 fchmod(&fd, mode).map_err(|err| io_err(err, "chmod"))?;
+                if over_whiteout {
+                    self.make_opaque(fd.as_fd())
+                        .map_err(|err| io_err(err, "making the directory opaque"))?;
+                }
                 // Times are set at the end: creating children changes them.
                 self.dirs.push((join(&comps), e.mtime, e.mtime_nsec));
             }
@@ -469,14 +511,18 @@ impl Applier {
             chmodat(pfd, name, mode, AtFlags::empty()).map_err(|err| io_err(err, "chmod"))?;
         }
         utimensat(pfd, name, &times(e), AtFlags::SYMLINK_NOFOLLOW).map_err(|err| io_err(err, "setting times"))?;
+        if !always_stored(e.mtime) {
+            let st = statat(pfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|err| io_err(err, "stat"))?;
+            check_stored(&st, e.mtime)?;
+        }
         Ok(())
     }
 
     fn hard_link(&mut self, pfd: BorrowedFd<'_>, name: &[u8], e: &Entry) -> Result<(), Error> {
-        let target = clean(&e.link).ok_or_else(|| {
+        let target = name::components(&e.link).map_err(|err| {
             Error::new(
                 ErrorKind::LinkTarget,
-                format!("hard link target {:?} leaves the root", lossy(&e.link)),
+                format!("hard link target {:?}: {}", lossy(&e.link), err.message),
             )
         })?;
         let Some((&tname, tparent)) = target.split_last() else {
@@ -492,6 +538,14 @@ impl Applier {
             Errno::NOENT | Errno::NOTDIR | Errno::LOOP => bad(format!("{}", std::io::Error::from(err))),
             _ => io_err(err, format!("resolving hard link target {:?}", lossy(&e.link))),
         })?;
+        if self.whiteouts == Whiteouts::Overlay {
+            // A whiteout stands for a deleted file: nothing to link to (the converter and
+            // the OCI mode, where the file is gone, agree).
+            let st = lstat_at(tfd.as_fd(), tname).map_err(|err| io_err(err, "stat of the hard link target"))?;
+            if st.as_ref().is_some_and(is_whiteout_dev) {
+                return Err(bad("it is deleted by a whiteout".into()));
+            }
+        }
         linkat(tfd.as_fd(), tname, pfd, name, AtFlags::empty()).map_err(|err| match err {
             Errno::NOENT | Errno::PERM | Errno::XDEV | Errno::ISDIR | Errno::MLINK => {
                 bad(format!("{}", std::io::Error::from(err)))
@@ -554,7 +608,7 @@ impl Applier {
 
     fn xattrs(&self, target: XattrTarget<'_>, e: &Entry) -> Result<(), Error> {
         for (k, v) in &e.xattrs {
-            if self.whiteouts == Whiteouts::Overlay && k.starts_with(OVERLAY_XATTR_PREFIX) {
+            if self.whiteouts == Whiteouts::Overlay && oci_layer::xattr::is_overlay(k) {
                 // Only whiteouts may produce overlay xattrs in an upper dir.
                 continue;
             }
@@ -573,84 +627,174 @@ impl Applier {
         Ok(())
     }
 
-    fn whiteout(&mut self, pfd: BorrowedFd<'_>, name: &[u8], e: &Entry) -> Result<(), Error> {
-        if name == WH_OPAQUE {
-            return match self.whiteouts {
-                Whiteouts::Oci => {
-                    let d = open_subdir(pfd, b".").map_err(|err| io_err(err, "opening the opaque directory"))?;
-                    self.clear_opaque(d.as_fd())
-                        .map_err(|err| io_err(err, "clearing the opaque directory"))
-                }
-                Whiteouts::Overlay => {
-                    let d = open_subdir(pfd, b".").map_err(|err| io_err(err, "opening the opaque directory"))?;
-                    fsetxattr(&d, "trusted.overlay.opaque", b"y", XattrFlags::empty())
-                        .map_err(|err| io_err(err, "setting trusted.overlay.opaque"))
-                }
-            };
-        }
-        if name.starts_with(WH_META_PREFIX) {
-            // Other AUFS meta files (.wh..wh.plnk, .wh..wh.aufs, ...): ignored.
-            return Ok(());
-        }
-        let orig = &name[WH_PREFIX.len()..];
-        if orig.is_empty() || orig == b"." || orig == b".." || orig.contains(&b'/') {
+    /// The layer root's own entry (`./`): a directory entry gives the root its owner,
+    /// mode, xattrs and times, as GNU tar does for the directory it extracts into.
+    fn root_entry(&mut self, e: &Entry, kind: Kind) -> Result<(), Error> {
+        if kind != Kind::Dir {
             return Err(Error::new(
-                ErrorKind::BadHeader,
-                format!("invalid whiteout name {:?}", lossy(name)),
+                ErrorKind::NotADirectory,
+                "the layer root must be a directory",
             ));
+        }
+        let fd = self
+            .open_in_root(b"", OFlags::RDONLY | OFlags::DIRECTORY)
+            .map_err(|err| io_err(err, "opening the target directory"))?;
+        fchown(
+            &fd,
+            Some(Uid::from_raw(id(e.uid, "uid")?)),
+            Some(Gid::from_raw(id(e.gid, "gid")?)),
+        )
+        .map_err(|err| io_err(err, "chown"))?;
+        self.xattrs(XattrTarget::Fd(fd.as_fd()), e)?;
+        fchmod(&fd, Mode::from_raw_mode(e.mode & 0o7777)).map_err(|err| io_err(err, "chmod"))?;
+        self.dirs.push((Vec::new(), e.mtime, e.mtime_nsec));
+        Ok(())
+    }
+
+    /// `DIR/.wh..wh..opq`: the directory hides what the lower layers hold in it.
+    fn opaque_marker(&mut self, dir: &[&[u8]]) -> Result<(), Error> {
+        let pfd = self.parent(dir)?;
+        let d = open_subdir(pfd.as_fd(), b".").map_err(|err| io_err(err, "opening the opaque directory"))?;
+        match self.whiteouts {
+            Whiteouts::Oci => self
+                .clear_opaque(d.as_fd())
+                .map(|_| ())
+                .map_err(|err| io_err(err, "clearing the opaque directory")),
+            Whiteouts::Overlay => self
+                .make_opaque(d.as_fd())
+                .map_err(|err| io_err(err, "making the directory opaque")),
+        }
+    }
+
+    /// `.wh.NAME` in `pfd`: NAME of the lower layers is deleted. What this layer itself
+    /// put at NAME stays (OCI image spec: a whiteout hides lower layers' content only),
+    /// whichever comes first in the tar; a directory of this layer loses what the lower
+    /// layers held in it (OCI mode) or becomes opaque (Overlay mode).
+    fn whiteout(&mut self, pfd: BorrowedFd<'_>, name: &[u8], e: &Entry) -> Result<(), Error> {
+        if self.whiteouts == Whiteouts::Overlay {
+            let st = fstat(pfd).map_err(|err| io_err(err, "stat"))?;
+            if self.opaque.contains(&(st.st_dev, st.st_ino)) {
+                // Nothing below an opaque dir needs hiding, and overlayfs would list the
+                // whiteout as a broken entry there.
+                return Ok(());
+            }
+        }
+        let existing = lstat_at(pfd, name).map_err(|err| io_err(err, "stat"))?;
+        if let Some(st) = &existing {
+            let ours = self.is_ours(pfd, name).map_err(|err| io_err(err, "stat"))?;
+            if file_type(st) == FileType::Directory {
+                // A directory that holds something of this layer stays, with that
+                // content only (the lower content is hidden).
+                let d = open_subdir(pfd, name).map_err(|err| io_err(err, "opening the directory"))?;
+                let keep = match self.whiteouts {
+                    Whiteouts::Oci => self.clear_opaque(d.as_fd()).map(|kept| kept || ours),
+                    Whiteouts::Overlay if ours => self.make_opaque(d.as_fd()).map(|()| true),
+                    Whiteouts::Overlay => Ok(false),
+                }
+                .map_err(|err| io_err(err, format!("hiding the lower {:?}", lossy(name))))?;
+                if keep {
+                    return Ok(());
+                }
+            } else if ours {
+                return Ok(());
+            }
         }
         match self.whiteouts {
             Whiteouts::Oci => {
-                remove_all_at(pfd, orig).map_err(|err| io_err(err, format!("deleting {:?}", lossy(orig))))
+                remove_all_at(pfd, name).map_err(|err| io_err(err, format!("deleting {:?}", lossy(name))))
             }
             Whiteouts::Overlay => {
-                remove_all_at(pfd, orig).map_err(|err| io_err(err, format!("replacing {:?}", lossy(orig))))?;
-                mknodat(pfd, orig, FileType::CharacterDevice, Mode::empty(), makedev(0, 0))
+                remove_all_at(pfd, name).map_err(|err| io_err(err, format!("replacing {:?}", lossy(name))))?;
+                mknodat(pfd, name, FileType::CharacterDevice, Mode::empty(), makedev(0, 0))
                     .map_err(|err| io_err(err, "creating the whiteout device"))?;
                 chownat(
                     pfd,
-                    orig,
+                    name,
                     Some(Uid::from_raw(id(e.uid, "uid")?)),
                     Some(Gid::from_raw(id(e.gid, "gid")?)),
                     AtFlags::SYMLINK_NOFOLLOW,
                 )
                 .map_err(|err| io_err(err, "chown of the whiteout device"))?;
-                self.mark(pfd, orig).map_err(|err| io_err(err, "stat"))
+                self.mark(pfd, name).map_err(|err| io_err(err, "stat"))
             }
         }
     }
 
-    /// Deletes from `dir` everything this layer did not create, descending into the
-    /// directories it did create or merge (their older contents are hidden as well).
-    fn clear_opaque(&self, dir: BorrowedFd<'_>) -> Result<(), Errno> {
+    /// Sets `trusted.overlay.opaque=y` on the directory `dir` and removes the whiteout
+    /// devices in it (an opaque dir is shown unmerged; see [`Applier::whiteout`]).
+    fn make_opaque(&mut self, dir: BorrowedFd<'_>) -> Result<(), Errno> {
+        fsetxattr(dir, oci_layer::xattr::OVERLAY_OPAQUE, b"y", XattrFlags::empty())?;
         let st = fstat(dir)?;
-        let mut descend = Vec::new();
+        self.opaque.insert((st.st_dev, st.st_ino));
+        for (child, ft) in list_dir(dir)? {
+            if matches!(ft, FileType::CharacterDevice | FileType::Unknown)
+                && lstat_at(dir, &child)?.as_ref().is_some_and(is_whiteout_dev)
+            {
+                unlinkat(dir, child.as_slice(), AtFlags::empty())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this layer created or replaced `name` in `dir`.
+    fn is_ours(&self, dir: BorrowedFd<'_>, name: &[u8]) -> Result<bool, Errno> {
+        let st = fstat(dir)?;
+        Ok(self.ours.contains(&(st.st_dev, st.st_ino, name.to_vec())))
+    }
+
+    /// The stat of what a hard link entry names, when it can be found.
+    fn link_target_stat(&self, e: &Entry) -> Option<Stat> {
+        let target = name::components(&e.link).ok()?;
+        let (&tname, tparent) = target.split_last()?;
+        let tfd = self.open_dir_in_root(&join(tparent)).ok()?;
+        lstat_at(tfd.as_fd(), tname).ok().flatten()
+    }
+
+    /// Deletes from `dir` everything this layer did not create, descending into the
+    /// directories it did create or merge (their older contents are hidden as well),
+    /// and into older directories that hold something of this layer (an entry below a
+    /// directory the layer only implies): those stay, with this layer's content only,
+    /// as they do in the converted image. Returns whether anything was kept.
+    fn clear_opaque(&self, dir: BorrowedFd<'_>) -> Result<bool, Errno> {
+        let st = fstat(dir)?;
+        let mut kept = false;
         for (name, ft) in list_dir(dir)? {
             let key = (st.st_dev, st.st_ino, name);
-            if !self.ours.contains(&key) {
-                remove_all_at(dir, &key.2)?;
-                continue;
-            }
+            let ours = self.ours.contains(&key);
             let is_dir = match ft {
                 FileType::Directory => true,
                 FileType::Unknown => lstat_at(dir, &key.2)?.is_some_and(|s| file_type(&s) == FileType::Directory),
                 _ => false,
             };
             if is_dir {
-                descend.push(key.2);
+                let sub = open_subdir(dir, &key.2)?;
+                let holds_ours = self.clear_opaque(sub.as_fd())?;
+                drop(sub);
+                if ours || holds_ours {
+                    kept = true;
+                } else {
+                    remove_all_at(dir, &key.2)?;
+                }
+            } else if ours {
+                kept = true;
+            } else {
+                remove_all_at(dir, &key.2)?;
             }
         }
-        for name in descend {
-            let sub = open_subdir(dir, &name)?;
-            self.clear_opaque(sub.as_fd())?;
-        }
-        Ok(())
+        Ok(kept)
     }
 
     /// Sets directory times, deepest first.
     fn finish_dirs(&mut self) -> Result<(), Error> {
         let mut dirs = std::mem::take(&mut self.dirs);
-        dirs.sort_by_key(|(p, _, _)| std::cmp::Reverse(p.iter().filter(|&&b| b == b'/').count()));
+        // Deepest first, the root (empty path) last.
+        dirs.sort_by_key(|(p, _, _)| {
+            std::cmp::Reverse(if p.is_empty() {
+                0
+            } else {
+                1 + p.iter().filter(|&&b| b == b'/').count()
+            })
+        });
         for (path, mtime, nsec) in dirs {
             let fd = match self.open_in_root(&path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW) {
                 Ok(fd) => fd,
@@ -670,9 +814,41 @@ impl Applier {
                 },
             )
             .map_err(|err| io_err(err, "setting directory times").entry(&lossy(&path)))?;
+            if !always_stored(mtime) {
+                let st = fstat(&fd).map_err(|err| io_err(err, "stat").entry(&lossy(&path)))?;
+                check_stored(&st, mtime).map_err(|err| err.entry(&lossy(&path)))?;
+            }
         }
         Ok(())
     }
+}
+
+/// Whether every Linux file system stores `secs` as it is (signed 32-bit seconds:
+/// 1901-12-13 to 2038-01-19); later and earlier times depend on the file system (ext4
+/// with large inodes: 1901 to 2446, XFS with bigtime: 1901 to 2486, tmpfs: all).
+fn always_stored(secs: i64) -> bool {
+    i32::try_from(secs).is_ok()
+}
+
+/// Refuses a time the target file system silently clamped: the layer cannot be
+/// represented there, and a quiet change of its content is worse than an error.
+fn check_stored(st: &Stat, secs: i64) -> Result<(), Error> {
+    if st.st_mtime == secs {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the target file system cannot store the mtime {secs} (it stored {})",
+                st.st_mtime
+            ),
+        ))
+    }
+}
+
+/// Whether `st` is an overlayfs whiteout: a character device 0/0.
+fn is_whiteout_dev(st: &Stat) -> bool {
+    file_type(st) == FileType::CharacterDevice && st.st_rdev == 0
 }
 
 fn not_a_dir(path: &[u8]) -> Error {
@@ -680,20 +856,4 @@ fn not_a_dir(path: &[u8]) -> Error {
         ErrorKind::NotADirectory,
         format!("{:?} is not a directory", lossy(path)),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cleaning() {
-        let c = |p: &str| clean(p.as_bytes()).map(|v| v.iter().map(|c| lossy(c).into_owned()).collect::<Vec<_>>());
-        assert_eq!(c("./a/b/"), Some(vec!["a".into(), "b".into()]));
-        assert_eq!(c("/a/../b"), Some(vec!["b".into()]));
-        assert_eq!(c("a/../../b"), None);
-        assert_eq!(c("../x"), None);
-        assert_eq!(c("./"), Some(vec![]));
-        assert_eq!(c("a//./b/.."), Some(vec!["a".into()]));
-    }
 }

@@ -170,9 +170,11 @@ fn overlay_upper_mounted_matches_oci_result() {
     assert_same(&view, &snapshot(&oci), "overlay merged view vs OCI apply");
 }
 
-/// A whiteout over something the upper dir already holds replaces it.
+/// A whiteout hides lower layers' content only (OCI image spec): what this layer put
+/// in the upper dir under the same name stays, and a directory of this layer becomes
+/// opaque (its lower namesake is deleted, not merged).
 #[test]
-fn overlay_whiteout_replaces_existing_upper_entry() {
+fn overlay_whiteout_keeps_this_layers_entry() {
     assert_root();
     let t = tempfile::tempdir().unwrap();
     let tar = t.path().join("w.tar");
@@ -190,10 +192,15 @@ with tarfile.open(sys.argv[1], "w", format=tarfile.PAX_FORMAT) as tf:
     );
     let up = t.path().join("up");
     apply(&tar, &up, Whiteouts::Overlay).unwrap();
-    for p in ["x/f", "x/sub"] {
-        let md = std::fs::symlink_metadata(up.join(p)).unwrap();
-        assert!(md.file_type().is_char_device() && md.rdev() == 0, "{p}");
-    }
+    assert_eq!(std::fs::read(up.join("x/f")).unwrap(), b"f");
+    assert_eq!(std::fs::read(up.join("x/sub/g")).unwrap(), b"g");
+    assert_eq!(
+        xattrs(&up.join("x/sub"))
+            .get(&b"trusted.overlay.opaque"[..])
+            .map(|v| v.as_slice()),
+        Some(&b"y"[..])
+    );
+    assert!(!xattrs(&up.join("x")).contains_key(&b"trusted.overlay.opaque"[..]));
     // The opaque marker creates its directory when the tar only implies it.
     let y = std::fs::symlink_metadata(up.join("y")).unwrap();
     assert!(y.is_dir());

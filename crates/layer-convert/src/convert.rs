@@ -13,9 +13,10 @@ use std::time::Instant;
 use erofs::writer::{self, Body, ChunkSink, ImageWriter, Meta, Node, NodeId, Summary, Tree, Xattr};
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, ErrorKind};
-use crate::stream::{self, Compression};
-use crate::tar::{self, Kind, TarReader};
+use oci_layer::name::Target;
+use oci_layer::stream::{self, Compression};
+use oci_layer::tar::{self, Kind, TarReader};
+use oci_layer::{ChunkSize, Error, ErrorKind};
 
 /// Default bound on the uncompressed size of a layer: large enough for real images
 /// (model weights, toolchains), small enough to stop a decompression bomb well
@@ -23,39 +24,42 @@ use crate::tar::{self, Kind, TarReader};
 pub const DEFAULT_MAX_SIZE: u64 = 64 << 30;
 
 const OPAQUE_NAME: &[u8] = b"overlay.opaque";
-const WHITEOUT_PREFIX: &[u8] = b".wh.";
-const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 
-/// How to convert.
-#[derive(Clone)]
+/// How to build an image, from a layer tar ([`convert`]) or from a directory
+/// ([`crate::convert_dir`]): one set of options for both.
+#[derive(Debug, Clone)]
 pub struct Options {
-    /// The layer's media type; `None` detects the compression from the stream.
+    /// The layer's media type; `None` detects the compression from the stream (tar
+    /// only).
     pub media_type: Option<String>,
-    /// Largest uncompressed size accepted.
+    /// Largest uncompressed size accepted (tar only).
     pub max_size: u64,
     /// Pack small files and tails after their inodes.
     pub inline_data: bool,
     /// Timestamp for compact inodes and implied directories (SOURCE_DATE_EPOCH or 0).
     pub build_time: u64,
-    /// fsync the image before renaming it into place.
+    /// fsync the image (and its directory) before and after renaming it into place.
     pub fsync: bool,
-    /// log2 of the chunk size of chunk-based files (with a chunk sink).
-    pub chunk_bits: u8,
+    /// The chunk size of chunk-based files (with a chunk sink).
+    pub chunk_size: ChunkSize,
     /// Metadata first, file data after (for images read over the network before
-    /// they are whole); costs one copy of the file data.
+    /// they are whole); costs one copy of the file data (tar only).
     pub meta_first: bool,
+    /// Filesystem UUID; `None`: derived from the input digest (tar), zero (directory).
+    pub uuid: Option<[u8; 16]>,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
-            chunk_bits: 16,
+            chunk_size: ChunkSize::DEFAULT,
             media_type: None,
             max_size: DEFAULT_MAX_SIZE,
             inline_data: true,
             build_time: 0,
             fsync: false,
             meta_first: false,
+            uuid: None,
         }
     }
 }
@@ -130,7 +134,7 @@ pub fn convert_with<R: Read + Send>(
     let wopts = writer::Options {
         inline_data: opts.inline_data,
         build_time: opts.build_time,
-        chunk_bits: opts.chunk_bits,
+        chunk_bits: opts.chunk_size.bits(),
         ..Default::default()
     };
     let out = || {
@@ -209,7 +213,7 @@ fn build_stream<R: Read + Send, W: std::io::Write + std::io::Seek>(
             .ok_or_else(|| Error::new(ErrorKind::Io, "input ended without its digest"))?;
         // The UUID is known only now: derived from the input digest so the same
         // input gives the same image.
-        image.set_uuid(uuid_from(&stats.digest));
+        image.set_uuid(opts.uuid.unwrap_or_else(|| uuid_from(&stats.digest)));
         if let Some(sink) = &sink {
             image.set_devices(sink.device_slots());
         }
@@ -308,36 +312,6 @@ struct Builder<'s> {
     sink: Option<&'s mut dyn ChunkSink>,
 }
 
-/// Splits a tar path into clean components: `.` and empty parts dropped, `..` resolved
-/// lexically. Escaping the root is an error, not a clamp: a layer that tries it is
-/// hostile or broken, and either way should not be unpacked.
-fn clean_path(p: &[u8]) -> Result<Vec<&[u8]>, Error> {
-    let mut parts: Vec<&[u8]> = Vec::new();
-    for c in p.split(|&b| b == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => {
-                if parts.pop().is_none() {
-                    return Err(Error::new(
-                        ErrorKind::PathEscape,
-                        "the path leads outside the layer root",
-                    ));
-                }
-            }
-            _ => {
-                if c.len() > erofs::format::NAME_LEN {
-                    return Err(Error::new(
-                        ErrorKind::Unsupported,
-                        "a path component is longer than 255 bytes",
-                    ));
-                }
-                parts.push(c);
-            }
-        }
-    }
-    Ok(parts)
-}
-
 fn is_whiteout_node(n: &Node) -> bool {
     matches!(n.body, Body::CharDev(0, 0))
 }
@@ -350,28 +324,33 @@ fn opaque() -> Xattr {
     }
 }
 
+fn is_opaque(n: &Node) -> bool {
+    n.meta.xattrs.contains(&opaque())
+}
+
+/// Seconds as the EROFS extended inode stores them: `i_mtime` is a 64-bit field that
+/// the kernel reads as signed (`time64_t`), so a time before 1970 keeps its exact value
+/// in two's complement, and every time a tar can carry (64-bit seconds) fits.
+pub(crate) fn erofs_seconds(secs: i64) -> u64 {
+    secs as u64
+}
+
 impl Builder<'_> {
     fn meta_of(&self, e: &tar::Entry) -> Result<Meta, Error> {
         let uid = u32::try_from(e.uid).map_err(|_| Error::new(ErrorKind::Unsupported, "uid above 2^32"))?;
         let gid = u32::try_from(e.gid).map_err(|_| Error::new(ErrorKind::Unsupported, "gid above 2^32"))?;
-        // EROFS stores unsigned times; pre-1970 times are clamped to the epoch.
-        let (mtime, mtime_nsec) = if e.mtime < 0 {
-            (0, 0)
-        } else {
-            (e.mtime as u64, e.mtime_nsec)
-        };
         let mut meta = Meta {
             perm: (e.mode & 0o7777) as u16,
             uid,
             gid,
-            mtime,
-            mtime_nsec,
+            mtime: erofs_seconds(e.mtime),
+            mtime_nsec: e.mtime_nsec,
             xattrs: Vec::new(),
         };
         for (name, value) in &e.xattrs {
             // overlayfs reads trusted.overlay.* from its layers (opaque, redirect,
             // metacopy): a layer must not be able to set them, only whiteouts can.
-            if name.starts_with(b"trusted.overlay.") {
+            if oci_layer::xattr::is_overlay(name) {
                 continue;
             }
             let x = Xattr::new(name, value).map_err(|e| Error::new(ErrorKind::Unsupported, e.to_string()))?;
@@ -423,53 +402,45 @@ impl Builder<'_> {
         Some(cur)
     }
 
-    fn apply<R: BufRead, W: std::io::Write + std::io::Seek>(
-        &mut self,
-        e: &tar::Entry,
-        tar: &mut TarReader<R>,
-        image: &mut ImageWriter<W>,
-    ) -> Result<(), Error> {
-        let kind = e.kind.expect("reader returns typed entries");
-        let parts = clean_path(&e.path)?;
-        let Some((&name, parents)) = parts.split_last() else {
-            // The root itself ("./"): a directory entry sets the root's metadata.
-            if kind == Kind::Dir {
-                let meta = self.meta_of(e)?;
-                self.tree.node_mut(self.tree.root()).meta = meta;
-                return Ok(());
-            }
-            return Err(Error::new(
-                ErrorKind::NotADirectory,
-                "the layer root must be a directory",
-            ));
-        };
+    /// `.wh..wh..opq` in `dir`: the directory hides the lower layers' content.
+    fn opaque_marker(&mut self, dir: &[&[u8]]) -> Result<(), Error> {
+        let dir = self.ensure_dir(dir)?;
+        self.make_opaque(dir);
+        Ok(())
+    }
 
-        if let Some(rest) = name.strip_prefix(WHITEOUT_PREFIX) {
-            let dir = self.ensure_dir(parents)?;
-            let is_opaque = self.tree.node(dir).meta.xattrs.contains(&opaque());
-            if name == OPAQUE_MARKER {
-                self.tree.node_mut(dir).meta.set_xattr(opaque());
-                // An opaque dir is shown as it is, unmerged: whiteouts in it would be
-                // listed as broken entries, and the marker hides the lower dir anyway.
-                let whiteouts: Vec<Box<[u8]>> = match &self.tree.node(dir).body {
-                    Body::Dir(children) => children
-                        .iter()
-                        .filter(|(_, &c)| is_whiteout_node(self.tree.node(c)))
-                        .map(|(n, _)| n.clone())
-                        .collect(),
-                    _ => Vec::new(),
-                };
-                for n in whiteouts {
-                    self.tree.unlink(dir, &n);
-                }
-            } else if is_opaque {
-                // See above: nothing below an opaque dir needs hiding.
-            } else if rest.starts_with(WHITEOUT_PREFIX) {
-                // Other `.wh..wh.` names are aufs bookkeeping with no meaning here.
-            } else if rest.is_empty() {
-                return Err(Error::new(ErrorKind::Unsupported, "whiteout without a name"));
-            } else if self.tree.child(dir, rest).is_none() {
-                // A whiteout hides lower layers only; an entry of this same layer wins.
+    /// Marks the directory `dir` opaque and drops the whiteouts in it: an opaque dir is
+    /// shown as it is, unmerged, so whiteouts in it would be listed as broken entries,
+    /// and it hides the lower dir anyway.
+    fn make_opaque(&mut self, dir: NodeId) {
+        self.tree.node_mut(dir).meta.set_xattr(opaque());
+        let whiteouts: Vec<Box<[u8]>> = match &self.tree.node(dir).body {
+            Body::Dir(children) => children
+                .iter()
+                .filter(|(_, &c)| is_whiteout_node(self.tree.node(c)))
+                .map(|(n, _)| n.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        for n in whiteouts {
+            self.tree.unlink(dir, &n);
+        }
+    }
+
+    /// `.wh.NAME` in `parent`: NAME of the lower layers is hidden. What this layer
+    /// itself puts at NAME, before or after the whiteout, stays (OCI image spec): a
+    /// directory of this layer becomes opaque (its lower namesake is gone, not merged),
+    /// anything else already replaces the lower entry.
+    fn whiteout(&mut self, e: &tar::Entry, parent: &[&[u8]], name: &[u8]) -> Result<(), Error> {
+        let dir = self.ensure_dir(parent)?;
+        if is_opaque(self.tree.node(dir)) {
+            // Nothing below an opaque dir needs hiding (see `opaque_marker`).
+            return Ok(());
+        }
+        match self.tree.child(dir, name) {
+            Some(id) if self.tree.node(id).is_dir() => self.make_opaque(id),
+            Some(_) => {}
+            None => {
                 let mut meta = self.meta_of(e)?;
                 meta.perm = 0;
                 meta.xattrs.clear();
@@ -477,20 +448,53 @@ impl Builder<'_> {
                     meta,
                     body: Body::CharDev(0, 0),
                 });
-                self.tree.link(dir, rest, id);
+                self.tree.link(dir, name, id);
             }
-            return Ok(());
         }
+        Ok(())
+    }
 
-        let dir = self.ensure_dir(parents)?;
+    fn apply<R: BufRead, W: std::io::Write + std::io::Seek>(
+        &mut self,
+        e: &tar::Entry,
+        tar: &mut TarReader<R>,
+        image: &mut ImageWriter<W>,
+    ) -> Result<(), Error> {
+        let kind = e.kind.expect("reader returns typed entries");
+        let (parents, name) = match e.target()? {
+            Target::Root => {
+                // The root itself ("./"): a directory entry sets the root's metadata, as
+                // GNU tar sets the metadata of the directory it extracts into.
+                if kind == Kind::Dir {
+                    let mut meta = self.meta_of(e)?;
+                    let root = self.tree.root();
+                    if is_opaque(self.tree.node(root)) {
+                        meta.set_xattr(opaque());
+                    }
+                    self.tree.node_mut(root).meta = meta;
+                    return Ok(());
+                }
+                return Err(Error::new(
+                    ErrorKind::NotADirectory,
+                    "the layer root must be a directory",
+                ));
+            }
+            Target::AufsMeta => return Ok(()),
+            Target::Opaque { dir } => return self.opaque_marker(&dir),
+            Target::Whiteout { parent, name } => return self.whiteout(e, &parent, name),
+            Target::Path { parent, name } => (parent, name),
+        };
+
+        let dir = self.ensure_dir(&parents)?;
         let existing = self.tree.child(dir, name);
         let mut meta = self.meta_of(e)?;
         let body = match kind {
             Kind::Dir => {
                 if let Some(id) = existing {
                     let node = self.tree.node(id);
-                    let keep_opaque = is_whiteout_node(node) || node.meta.xattrs.contains(&opaque());
-                    if keep_opaque {
+                    // A whiteout of this layer (before or after) hides the lower
+                    // directory: this layer's directory is opaque.
+                    if is_whiteout_node(node) || is_opaque(node) {
                         meta.set_xattr(opaque());
                     }
                     if node.is_dir() {
@@ -513,18 +517,19 @@ impl Builder<'_> {
                 Body::File(data)
             }
             Kind::HardLink => {
-                let target_parts = clean_path(&e.link)?;
-                let target = self.lookup(&target_parts).ok_or_else(|| {
+                let bad = |why: &str| {
                     Error::new(
                         ErrorKind::LinkTarget,
-                        format!(
-                            "hard link target {:?} is not in the layer",
-                            String::from_utf8_lossy(&e.link)
-                        ),
+                        format!("hard link target {:?} {why}", String::from_utf8_lossy(&e.link)),
                     )
-                })?;
+                };
+                let target_parts = oci_layer::name::components(&e.link).map_err(|err| bad(&err.message))?;
+                let target = self
+                    .lookup(&target_parts)
+                    .filter(|&t| !is_whiteout_node(self.tree.node(t)))
+                    .ok_or_else(|| bad("is not in the layer"))?;
                 if self.tree.node(target).is_dir() {
-                    return Err(Error::new(ErrorKind::LinkTarget, "hard link to a directory"));
+                    return Err(bad("is a directory"));
                 }
                 self.tree.link(dir, name, target);
                 return Ok(());
@@ -673,16 +678,6 @@ impl Drop for TempOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn paths_are_cleaned() {
-        assert_eq!(clean_path(b"./a//b/./c/").unwrap(), vec![&b"a"[..], b"b", b"c"]);
-        assert_eq!(clean_path(b"/etc/passwd").unwrap(), vec![&b"etc"[..], b"passwd"]);
-        assert_eq!(clean_path(b"a/x/../b").unwrap(), vec![&b"a"[..], b"b"]);
-        assert_eq!(clean_path(b"./").unwrap(), Vec::<&[u8]>::new());
-        assert_eq!(clean_path(b"../evil").unwrap_err().kind, ErrorKind::PathEscape);
-        assert_eq!(clean_path(b"a/../../evil").unwrap_err().kind, ErrorKind::PathEscape);
-    }
 
     #[test]
     fn media_types_map_to_compressions() {

@@ -15,23 +15,8 @@ use std::path::Path;
 
 use erofs::writer::{self, Body, ChunkSink, ImageWriter, Meta, Node, NodeId, Tree, Xattr};
 
-use crate::convert::{Output, TempOutput};
-use crate::error::{Error, ErrorKind};
-
-/// How to build an image from a directory.
-#[derive(Debug, Clone, Default)]
-pub struct DirOptions {
-    /// Pack small files and tails after their inodes.
-    pub inline_data: bool,
-    /// Timestamp for compact inodes.
-    pub build_time: u64,
-    /// Filesystem UUID.
-    pub uuid: [u8; 16],
-    /// fsync the image (and its directory) before and after renaming it into place.
-    pub fsync: bool,
-    /// log2 of the chunk size of chunk-based files (with a chunk sink).
-    pub chunk_bits: u8,
-}
+use crate::convert::{Options, Output, TempOutput};
+use oci_layer::{Error, ErrorKind};
 
 /// What a directory build did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -48,7 +33,8 @@ pub struct DirReport {
 const MAX_DEPTH: usize = 4096;
 
 /// Builds an EROFS image of `src` at `output` (temporary file, renamed on success).
-pub fn convert_dir(src: &Path, output: &Path, opts: &DirOptions) -> Result<DirReport, Error> {
+/// The options for tar input only (`media_type`, `max_size`, `meta_first`) are ignored.
+pub fn convert_dir(src: &Path, output: &Path, opts: &Options) -> Result<DirReport, Error> {
     convert_dir_with(src, output, opts, None)
 }
 
@@ -57,7 +43,7 @@ pub fn convert_dir(src: &Path, output: &Path, opts: &DirOptions) -> Result<DirRe
 pub fn convert_dir_with(
     src: &Path,
     output: &Path,
-    opts: &DirOptions,
+    opts: &Options,
     sink: Option<&mut dyn ChunkSink>,
 ) -> Result<DirReport, Error> {
     let tmp = TempOutput::create(output)?;
@@ -68,8 +54,8 @@ pub fn convert_dir_with(
     let wopts = writer::Options {
         inline_data: opts.inline_data,
         build_time: opts.build_time,
-        uuid: opts.uuid,
-        chunk_bits: if opts.chunk_bits == 0 { 16 } else { opts.chunk_bits },
+        uuid: opts.uuid.unwrap_or_default(),
+        chunk_bits: opts.chunk_size.bits(),
         ..Default::default()
     };
     let mut image = ImageWriter::new(out, wopts).map_err(crate::convert::werr)?;
@@ -136,9 +122,7 @@ impl Walker<'_> {
             let shown = || path.display().to_string();
             let md = fs::symlink_metadata(&path).map_err(|e| Error::io(e).entry(&shown()))?;
             let name = std::os::unix::ffi::OsStrExt::as_bytes(name.as_os_str());
-            if name.len() > erofs::format::NAME_LEN {
-                return Err(Error::new(ErrorKind::Unsupported, "name longer than 255 bytes").entry(&shown()));
-            }
+            oci_layer::name::check_component(name).map_err(|e| e.entry(&shown()))?;
             self.entries += 1;
             let key = (md.dev(), md.ino());
             if !md.is_dir() && md.nlink() > 1 {
@@ -208,12 +192,12 @@ fn meta_of(path: &Path, md: &fs::Metadata) -> Result<Meta, Error> {
         perm: (md.mode() & 0o7777) as u16,
         uid: md.uid(),
         gid: md.gid(),
-        mtime: md.mtime().max(0) as u64,
-        mtime_nsec: if md.mtime() < 0 { 0 } else { md.mtime_nsec() as u32 },
+        mtime: crate::convert::erofs_seconds(md.mtime()),
+        mtime_nsec: md.mtime_nsec() as u32,
         xattrs: Vec::new(),
     };
-    for (name, value) in read_xattrs(path).map_err(|e| Error::io(e).entry(&shown()))? {
-        if name.starts_with(b"trusted.overlay.") && name != b"trusted.overlay.opaque" {
+    for (name, value) in oci_layer::xattr::read(path).map_err(|e| Error::io(e).entry(&shown()))? {
+        if oci_layer::xattr::is_overlay(&name) && name != oci_layer::xattr::OVERLAY_OPAQUE {
             continue;
         }
         let x =
@@ -223,42 +207,50 @@ fn meta_of(path: &Path, md: &fs::Metadata) -> Result<Meta, Error> {
     Ok(meta)
 }
 
-/// All xattrs of a path, not following symlinks.
-fn read_xattrs(path: &Path) -> std::io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    use rustix::fs::{lgetxattr, llistxattr};
-    let mut names = vec![0u8; 1024];
-    let n = loop {
-        match llistxattr(path, &mut names[..]) {
-            Ok(n) => break n,
-            Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
-            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        }
-    };
-    let mut out = Vec::new();
-    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let cname = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
-        let mut value = vec![0u8; 256];
-        let len = loop {
-            match lgetxattr(path, cname.as_c_str(), &mut value[..]) {
-                Ok(len) => break len,
-                Err(rustix::io::Errno::RANGE) => value.resize(value.len() * 4, 0),
-                // Removed between list and get: nothing to copy.
-                Err(rustix::io::Errno::NODATA) => break usize::MAX,
-                Err(e) => return Err(e.into()),
-            }
-        };
-        if len != usize::MAX {
-            value.truncate(len);
-            out.push((name.to_vec(), value));
-        }
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Commit conversion keeps every time the directory holds: before 1970, after
+    /// 2106, with nanoseconds (the kernel reads the 64-bit `i_mtime` as signed).
+    #[test]
+    fn times_before_1970_and_after_2106_are_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        fs::create_dir_all(src.join("dir")).unwrap();
+        let times = [
+            ("neg", -2i64, 500_000_000u32),
+            ("big", 1 << 33, 999_999_999),
+            ("dir", -(1 << 31) + 1, 1),
+        ];
+        for (name, s, ns) in times {
+            let p = src.join(name);
+            if !p.exists() {
+                fs::write(&p, b"x").unwrap();
+            }
+            let ts = rustix::fs::Timespec {
+                tv_sec: s,
+                tv_nsec: ns as _,
+            };
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                &p,
+                &rustix::fs::Timestamps {
+                    last_access: ts,
+                    last_modification: ts,
+                },
+                rustix::fs::AtFlags::empty(),
+            )
+            .unwrap();
+        }
+        let out = d.path().join("t.erofs");
+        convert_dir(&src, &out, &Options::default()).unwrap();
+        let img = erofs::reader::Image::open(&out).unwrap();
+        for (name, s, ns) in times {
+            let e = img.lookup(name.as_bytes()).unwrap();
+            assert_eq!((e.inode.mtime as i64, e.inode.mtime_nsec), (s, ns), "{name}");
+        }
+    }
 
     #[test]
     fn builds_an_image_the_reader_lists() {
@@ -272,7 +264,7 @@ mod tests {
         let r = convert_dir(
             &src,
             &out,
-            &DirOptions {
+            &Options {
                 inline_data: true,
                 ..Default::default()
             },

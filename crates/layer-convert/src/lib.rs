@@ -14,11 +14,12 @@
 
 mod convert;
 mod dir;
-mod error;
-pub mod stream;
-pub mod tar;
+
+/// The layer stream: compression detection and decompression (from [`oci_layer`]).
+pub use oci_layer::stream;
+/// The tar reader (from [`oci_layer`]).
+pub use oci_layer::tar;
 
 pub use convert::{convert, convert_with, Options, Report, DEFAULT_MAX_SIZE};
-pub use dir::{convert_dir, convert_dir_with, DirOptions, DirReport};
-pub use error::{Error, ErrorKind};
-pub use stream::Compression;
+pub use dir::{convert_dir, convert_dir_with, DirReport};
+pub use oci_layer::{ChunkSize, Compression, Error, ErrorKind};

@@ -32,26 +32,27 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-/// Compression of the stream written to `out`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Compression {
-    /// Plain tar (`application/vnd.oci.image.layer.v1.tar`).
-    None,
-    /// gzip, level 6 (`…tar+gzip`), containerd's default.
-    #[default]
-    Gzip,
-    /// zstd, level 3 (`…tar+zstd`).
-    Zstd,
-}
+/// Compression of the stream written to `out` (gzip is containerd's default).
+pub use oci_layer::Compression;
 
 /// How to write a diff.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DiffOptions {
-    /// Compression of the output stream.
+    /// Compression of the output stream: gzip (level 6) unless told otherwise, as
+    /// containerd does; zstd is level 3.
     pub compression: Compression,
     /// When set, every mtime later than this (whiteouts included) is written as this time
     /// (containerd's `WithSourceDateEpoch`, for reproducible layers).
     pub source_date_epoch: Option<SystemTime>,
+}
+
+impl Default for DiffOptions {
+    fn default() -> Self {
+        DiffOptions {
+            compression: Compression::Gzip,
+            source_date_epoch: None,
+        }
+    }
 }
 
 /// What a diff wrote.

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, UNIX_EPOCH};
 
-use layer_convert::tar::{Entry, Kind, TarReader};
 use layer_diff::{write_upper_diff, write_walk_diff, Compression, DiffOptions, DiffStats};
+use oci_layer::tar::{Entry, Kind, TarReader};
 use rustix::fs::{FileType, Mode, Timespec, Timestamps};
 use sha2::{Digest, Sha256};
 

@@ -72,7 +72,11 @@ fn conv_err(e: layer_convert::Error) -> Error {
 }
 
 /// The conversion settings every layer the store writes shares.
-pub(crate) fn tar_options(media_type: &str, max_size: u64, chunk_bits: u8) -> layer_convert::Options {
+pub(crate) fn tar_options(
+    media_type: &str,
+    max_size: u64,
+    chunk_size: layer_convert::ChunkSize,
+) -> layer_convert::Options {
     layer_convert::Options {
         media_type: Some(media_type.to_string()),
         max_size,
@@ -81,8 +85,9 @@ pub(crate) fn tar_options(media_type: &str, max_size: u64, chunk_bits: u8) -> la
         inline_data: false,
         build_time: 0,
         fsync: true,
-        chunk_bits,
+        chunk_size,
         meta_first: false,
+        uuid: None,
     }
 }
 
@@ -92,9 +97,9 @@ pub(crate) fn write_tar(
     blob: LayerBlob,
     staged: &Path,
     session: Option<&crate::DedupSession<'_>>,
-    chunk_bits: u8,
+    chunk_size: layer_convert::ChunkSize,
 ) -> Result<Written> {
-    let opts = tar_options(&blob.media_type, blob.max_size, chunk_bits);
+    let opts = tar_options(&blob.media_type, blob.max_size, chunk_size);
     let (report, sink) = match session {
         None => (
             layer_convert::convert(blob.reader, staged, &opts, None).map_err(conv_err)?,

@@ -113,8 +113,8 @@ pub struct StreamedLayer {
 pub struct StoreOptions {
     /// Store file data as chunks shared across layers.
     pub dedup: bool,
-    /// log2 of the chunk size (12..=20 sensible; 16 = 64 KiB).
-    pub chunk_bits: u8,
+    /// The chunk size of deduplicated layers.
+    pub chunk_size: layer_convert::ChunkSize,
     /// How long the store must be idle (no Prepare, View or Commit) before the
     /// unpacked trees that commits moved to `trash/` are deleted.
     pub trash_idle: Duration,
@@ -124,7 +124,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             dedup: false,
-            chunk_bits: 16,
+            chunk_size: layer_convert::ChunkSize::DEFAULT,
             trash_idle: Duration::from_secs(10),
         }
     }
@@ -217,8 +217,8 @@ impl DedupSession<'_> {
     }
 
     /// The chunk size to convert with.
-    pub fn chunk_bits(&self) -> u8 {
-        self.store.opts.chunk_bits
+    pub fn chunk_size(&self) -> layer_convert::ChunkSize {
+        self.store.opts.chunk_size
     }
 }
 
@@ -338,12 +338,6 @@ impl Snapshotter {
         opts: StoreOptions,
         remote: Option<Arc<dyn RemoteLayers>>,
     ) -> Result<Snapshotter> {
-        if !(12..=24).contains(&opts.chunk_bits) {
-            return Err(Error::InvalidArgument(format!(
-                "chunk size 2^{} out of range (4 KiB .. 16 MiB)",
-                opts.chunk_bits
-            )));
-        }
         for d in ["snapshots", "m", "staging", "trash", "blobs"] {
             fs::create_dir_all(root.join(d)).map_err(internal)?;
         }
@@ -676,7 +670,7 @@ impl Snapshotter {
         };
         let image = self.dir(id).join("layer.erofs");
         let session = self.dedup_session().inspect_err(|_| self.remove_files(id))?;
-        let written = match apply::write_tar(blob, &image, session.as_ref(), self.opts.chunk_bits) {
+        let written = match apply::write_tar(blob, &image, session.as_ref(), self.opts.chunk_size) {
             Ok(w) => w,
             Err(e) => {
                 self.remove_files(id);
@@ -908,7 +902,7 @@ impl Snapshotter {
             LayerFormat::Erofs { .. } => None,
         };
         let written: Written = match blob.format {
-            LayerFormat::Tar => apply::write_tar(blob, &staged, session.as_ref(), self.opts.chunk_bits)?,
+            LayerFormat::Tar => apply::write_tar(blob, &staged, session.as_ref(), self.opts.chunk_size)?,
             LayerFormat::Erofs { zstd } => apply::write_native(blob, &staged, zstd)?,
         };
         if written.sink.is_some() {
@@ -975,13 +969,14 @@ impl Snapshotter {
         if !blob.exists() {
             let mut uuid = [0u8; 16];
             uuid[..8].copy_from_slice(&rec.id.to_le_bytes());
-            let opts = layer_convert::DirOptions {
+            let opts = layer_convert::Options {
                 // as the differ's Apply: block-aligned file data, a dense inode area
                 inline_data: false,
                 build_time: 0,
-                uuid,
+                uuid: Some(uuid),
                 fsync: true,
-                chunk_bits: self.opts.chunk_bits,
+                chunk_size: self.opts.chunk_size,
+                ..Default::default()
             };
             let conv_err =
                 |e: layer_convert::Error| Error::Internal(format!("converting snapshot {key:?} to EROFS: {e}"));

@@ -26,7 +26,7 @@ const WORKER_ENV: &str = "DEDUP_STORE_CONCURRENCY_WORKER";
 fn options() -> StoreOptions {
     StoreOptions {
         dedup: true,
-        chunk_bits: 14,
+        chunk_size: layer_convert::ChunkSize::from_bits(14).unwrap(),
         trash_idle: Duration::from_millis(200),
     }
 }

@@ -15,7 +15,7 @@ use snapshotter::{Snapshotter, StoreOptions};
 
 const DEDUP: StoreOptions = StoreOptions {
     dedup: true,
-    chunk_bits: 16,
+    chunk_size: layer_convert::ChunkSize::DEFAULT,
     trash_idle: std::time::Duration::from_secs(10),
 };
 

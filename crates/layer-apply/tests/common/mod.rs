@@ -77,7 +77,7 @@ pub fn gnu_extract(tar: &Path, dir: &Path) {
     ));
 }
 
-pub fn apply(tar: &Path, root: &Path, whiteouts: Whiteouts) -> Result<ApplyStats, layer_convert::Error> {
+pub fn apply(tar: &Path, root: &Path, whiteouts: Whiteouts) -> Result<ApplyStats, layer_apply::Error> {
     std::fs::create_dir_all(root).unwrap();
     let f = std::io::BufReader::with_capacity(256 << 10, std::fs::File::open(tar).unwrap());
     apply_tar(f, root, &ApplyOptions { whiteouts })

@@ -1,4 +1,4 @@
-//! Conversion errors: a kind to match on, the entry and offset to point at.
+//! Layer errors: a kind to match on, the entry and offset to point at.
 
 use std::fmt;
 use std::io;
@@ -18,8 +18,12 @@ pub enum ErrorKind {
     PathEscape,
     /// A hard link names something that is not in the layer (or is a directory).
     LinkTarget,
-    /// A path goes through something that is not a directory.
+    /// A path goes through something that is not a directory, or a non-directory
+    /// entry names the layer root.
     NotADirectory,
+    /// An entry name that cannot name a file: a whiteout of nothing, of `.` or of `..`
+    /// (`.wh.`, `.wh..`, `.wh...`), a NUL byte, or a component longer than 255 bytes.
+    InvalidName,
     /// The input uses a feature this converter refuses (sparse files, unknown types,
     /// unknown media types or compressions, unrepresentable names).
     Unsupported,
@@ -37,13 +41,14 @@ impl ErrorKind {
             ErrorKind::PathEscape => "path escapes the layer root",
             ErrorKind::LinkTarget => "bad hard link",
             ErrorKind::NotADirectory => "not a directory",
+            ErrorKind::InvalidName => "invalid entry name",
             ErrorKind::Unsupported => "unsupported input",
             ErrorKind::Io => "I/O error",
         }
     }
 }
 
-/// A conversion error.
+/// An error reading, applying or converting a layer.
 #[derive(Debug)]
 pub struct Error {
     /// The kind.

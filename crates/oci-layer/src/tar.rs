@@ -47,9 +47,10 @@ pub struct Entry {
     pub uid: u64,
     /// Group.
     pub gid: u64,
-    /// Modification time, seconds (may be negative).
+    /// Modification time, seconds since the epoch (negative before 1970).
     pub mtime: i64,
-    /// Modification time, nanoseconds.
+    /// Modification time, nanoseconds after `mtime` (always forward: -1.5 s is
+    /// `mtime` -2 and `mtime_nsec` 500000000).
     pub mtime_nsec: u32,
     /// Bytes of body that follow the header.
     pub size: u64,
@@ -69,6 +70,11 @@ impl Entry {
     /// The entry's path for error messages.
     pub fn display_path(&self) -> String {
         String::from_utf8_lossy(&self.path).into_owned()
+    }
+
+    /// What the entry's name refers to (see [`crate::name`]).
+    pub fn target(&self) -> Result<crate::name::Target<'_>, Error> {
+        crate::name::target(&self.path)
     }
 }
 
@@ -262,7 +268,10 @@ impl<R: BufRead> TarReader<R> {
                 .entry(&e.display_path())
                 .at(offset));
             }
-            if e.kind == Some(Kind::File) && e.path.ends_with(b"/") {
+            // A trailing slash makes an old-style regular file ('\0') or a contiguous
+            // file ('7') a directory, as GNU tar and Go's archive/tar read them; GNU tar
+            // extracts a '0' entry named "x/" as the file "x".
+            if matches!(typeflag, 0 | b'7') && e.path.ends_with(b"/") {
                 e.kind = Some(Kind::Dir);
             }
             self.body_left = e.size;
@@ -327,7 +336,11 @@ impl<R: BufRead> TarReader<R> {
             mode: (mode & 0o7777) as u32,
             uid: nonneg(uid, "uid")?,
             gid: nonneg(gid, "gid")?,
-            mtime: mtime.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+            mtime: i64::try_from(mtime).map_err(|_| {
+                Error::new(ErrorKind::BadHeader, "mtime beyond the 64-bit range of any file system")
+                    .entry(&String::from_utf8_lossy(&path))
+                    .at(offset)
+            })?,
             mtime_nsec: 0,
             size,
             link: trim_nul(&h[157..257]).to_vec(),
@@ -510,20 +523,19 @@ fn parse_time(v: &[u8]) -> Option<(i64, u32)> {
     if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let secs: i64 = int.parse().ok()?;
+    // Parsed wider than i64 so that i64::MIN (whose magnitude i64 cannot hold) and
+    // the floor of a negative time stay exact; anything beyond i64 is refused.
+    let secs: i128 = i128::from(int.parse::<u64>().ok()?);
     let mut ns: u32 = 0;
     for (i, d) in frac.bytes().take(9).enumerate() {
         ns += u32::from(d - b'0') * 10u32.pow(8 - i as u32);
     }
-    if neg {
-        if ns > 0 {
-            Some((-secs - 1, 1_000_000_000 - ns))
-        } else {
-            Some((-secs, 0))
-        }
-    } else {
-        Some((secs, ns))
-    }
+    let (secs, ns) = match (neg, ns) {
+        (false, ns) => (secs, ns),
+        (true, 0) => (-secs, 0),
+        (true, ns) => (-secs - 1, 1_000_000_000 - ns),
+    };
+    Some((i64::try_from(secs).ok()?, ns))
 }
 
 /// Drains a stream to its end (to hash bytes after the end-of-archive marker).
@@ -559,6 +571,81 @@ mod tests {
         assert_eq!(parse_time(b"-1.25"), Some((-2, 750_000_000)));
         assert_eq!(parse_time(b"1.1234567891"), Some((1, 123_456_789)));
         assert_eq!(parse_time(b"x"), None);
+        assert_eq!(parse_time(b"-0.5"), Some((-1, 500_000_000)));
+        assert_eq!(parse_time(b"-9223372036854775808"), Some((i64::MIN, 0)));
+        assert_eq!(parse_time(b"-9223372036854775808.5"), None);
+        assert_eq!(
+            parse_time(b"9223372036854775807.999999999"),
+            Some((i64::MAX, 999_999_999))
+        );
+        assert_eq!(parse_time(b"9223372036854775808"), None);
+        assert_eq!(parse_time(b"4294967296.25"), Some((4_294_967_296, 250_000_000)));
+    }
+
+    /// A ustar header block for `name` of type `typeflag`, with a valid checksum.
+    fn header(name: &[u8], typeflag: u8, mtime_field: &[u8; 12]) -> [u8; BLOCK] {
+        let mut h = [0u8; BLOCK];
+        h[..name.len()].copy_from_slice(name);
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        h[124..136].copy_from_slice(b"00000000000\0");
+        h[136..148].copy_from_slice(mtime_field);
+        h[156] = typeflag;
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+
+    fn read_one(h: &[u8; BLOCK]) -> Result<Entry, ErrorKind> {
+        let mut tar = h.to_vec();
+        tar.extend_from_slice(&[0u8; 2 * BLOCK]);
+        let mut r = TarReader::new(&tar[..]);
+        r.next_entry().map(|e| e.unwrap()).map_err(|e| e.kind)
+    }
+
+    #[test]
+    fn a_trailing_slash_makes_a_directory_only_of_old_style_and_contiguous_files() {
+        let t = b"00000000000\0";
+        // As GNU tar 1.34 extracts them: '\0' and '7' named "x/" are directories, a
+        // '0' named "x/" is the file "x".
+        assert_eq!(read_one(&header(b"x/", 0, t)).unwrap().kind, Some(Kind::Dir));
+        assert_eq!(read_one(&header(b"x/", b'7', t)).unwrap().kind, Some(Kind::Dir));
+        assert_eq!(read_one(&header(b"x/", b'0', t)).unwrap().kind, Some(Kind::File));
+        assert_eq!(read_one(&header(b"x", 0, t)).unwrap().kind, Some(Kind::File));
+    }
+
+    #[test]
+    fn base256_times_are_signed_and_bounded() {
+        let mut neg = [0xffu8; 12];
+        assert_eq!(read_one(&header(b"f", b'0', &neg)).unwrap().mtime, -1);
+        neg[11] = 0xfe;
+        assert_eq!(read_one(&header(b"f", b'0', &neg)).unwrap().mtime, -2);
+        let mut big = [0u8; 12];
+        big[0] = 0x80;
+        big[7] = 1; // 2^32: 2106-02-07
+        assert_eq!(read_one(&header(b"f", b'0', &big)).unwrap().mtime, 1 << 32);
+        let mut min = [0u8; 12];
+        min[0] = 0xff;
+        min[1..4].fill(0xff);
+        min[4] = 0x80; // -2^63
+        assert_eq!(read_one(&header(b"f", b'0', &min)).unwrap().mtime, i64::MIN);
+        let mut too_big = [0u8; 12];
+        too_big[0] = 0x80;
+        too_big[3] = 1; // 2^64
+        assert_eq!(
+            read_one(&header(b"f", b'0', &too_big)).unwrap_err(),
+            ErrorKind::BadHeader
+        );
+        let mut too_small = [0xffu8; 12];
+        too_small[3] = 0xfe; // below -2^63
+        assert_eq!(
+            read_one(&header(b"f", b'0', &too_small)).unwrap_err(),
+            ErrorKind::BadHeader
+        );
     }
 
     #[test]
