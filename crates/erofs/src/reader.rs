@@ -141,9 +141,9 @@ enum Extent {
 
 /// An extra device given at open time.
 #[derive(Debug)]
-struct Device {
-    file: File,
-    size: u64,
+pub(crate) struct Device {
+    pub(crate) file: File,
+    pub(crate) size: u64,
     path: PathBuf,
 }
 
@@ -151,16 +151,16 @@ struct Device {
 #[derive(Debug)]
 pub struct Image {
     file: File,
-    sb: SuperBlock,
-    file_size: u64,
-    block_size: u64,
+    pub(crate) sb: SuperBlock,
+    pub(crate) file_size: u64,
+    pub(crate) block_size: u64,
     /// The device table; empty without the device table feature, as the kernel ignores
     /// `extra_devices` then.
-    slots: Vec<DeviceSlot>,
+    pub(crate) slots: Vec<DeviceSlot>,
     /// Device id `i + 1` is `devices[i]`; empty when the image was opened without them.
-    devices: Vec<Device>,
+    pub(crate) devices: Vec<Device>,
     /// The kernel's `device_id_mask`, applied to the device ids of chunk indexes.
-    device_id_mask: u16,
+    pub(crate) device_id_mask: u16,
 }
 
 impl Image {
@@ -572,7 +572,7 @@ impl Image {
     }
 
     /// Byte offset of an inode.
-    fn inode_offset(&self, nid: u64) -> Result<u64> {
+    pub(crate) fn inode_offset(&self, nid: u64) -> Result<u64> {
         (self.sb.meta_blkaddr as u64 * self.block_size)
             .checked_add(nid.saturating_mul(1 << ISLOT_BITS))
             .filter(|&o| o < self.file_size)
@@ -670,7 +670,7 @@ impl Image {
     /// address `pa` of device `dev`, and at which offset. Device 0 addresses inside a
     /// device's `[mapped_blkaddr, + blocks)` range are on that device, which is how block
     /// maps and flat layouts reach data on extra devices.
-    fn map_dev(&self, dev: u16, pa: u64, nid: u64, pos: u64) -> Result<(Option<&Device>, u64)> {
+    pub(crate) fn map_dev(&self, dev: u16, pa: u64, nid: u64, pos: u64) -> Result<(Option<&Device>, u64)> {
         if dev != 0 {
             let d = self.devices.get(dev as usize - 1).ok_or_else(|| {
                 corrupt(format!(
@@ -698,7 +698,7 @@ impl Image {
 
     /// `read_exact_at` on the primary image that first checks the range lies inside it,
     /// naming `what` in the error.
-    fn read_exact(&self, off: u64, buf: &mut [u8], what: impl FnOnce() -> String) -> Result<()> {
+    pub(crate) fn read_exact(&self, off: u64, buf: &mut [u8], what: impl FnOnce() -> String) -> Result<()> {
         read_bounded(&self.file, self.file_size, "the image", off, buf, what)
     }
 
@@ -797,7 +797,7 @@ fn parse_dir_block(blk: &[u8], nid: u64, blkno: u64, out: &mut Vec<DirEntry>) ->
 }
 
 /// Decodes an xattr's name and value from the bytes following its header.
-fn split_xattr(h: &XattrEntry, rest: &[u8], what: impl FnOnce() -> String) -> Result<(Vec<u8>, Vec<u8>)> {
+pub(crate) fn split_xattr(h: &XattrEntry, rest: &[u8], what: impl FnOnce() -> String) -> Result<(Vec<u8>, Vec<u8>)> {
     let nl = h.name_len as usize;
     let vl = h.value_size as usize;
     if rest.len() < nl + vl {
@@ -812,7 +812,7 @@ fn corrupt(msg: String) -> Error {
     Error::Corrupt(msg)
 }
 
-fn display_path(p: &[u8]) -> String {
+pub(crate) fn display_path(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
 }
 
