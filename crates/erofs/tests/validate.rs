@@ -185,7 +185,7 @@ fn extra_devices_are_needed_and_checked() {
     let dir = tempfile::tempdir().unwrap();
     let img = write_tmp(dir.path(), "img", &bytes);
     let devp = write_tmp(dir.path(), "dev", &dev);
-    let s = Image::open_with_devices(&img, &[devp.clone()])
+    let s = Image::open_with_devices(&img, std::slice::from_ref(&devp))
         .unwrap()
         .validate()
         .unwrap();
@@ -419,7 +419,9 @@ fn chunk_indexes_and_devices() {
     let dev = write_tmp(dir.path(), "dev", &image(true).1.unwrap());
     let run = |b: &[u8]| {
         let img = write_tmp(dir.path(), "img", b);
-        Image::open_with_devices(&img, &[dev.clone()]).unwrap().validate()
+        Image::open_with_devices(&img, std::slice::from_ref(&dev))
+            .unwrap()
+            .validate()
     };
     run(&bytes).unwrap();
     // device_id is at byte 2 of an index: 1 is the one device.
