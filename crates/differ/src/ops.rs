@@ -232,7 +232,7 @@ pub(crate) async fn apply_erofs(d: &Differ, ctx: &CallContext, req: &ApplyReques
 }
 
 /// Copies a native EROFS blob (decompressing `+zstd`), checking both digests and
-/// that it is an EROFS image at all.
+/// validating the image in full ([`erofs::validate_file`]).
 fn copy_native(blob: impl Read, staged: &Path, desc: &Descriptor, base: &str, zstd: bool, max: u64) -> Result<Applied> {
     struct Hashing<R> {
         inner: R,
@@ -253,7 +253,7 @@ fn copy_native(blob: impl Read, staged: &Path, desc: &Descriptor, base: &str, zs
         h: Sha256::new(),
         n: 0,
     };
-    // Read back below (the superblock check), so not write-only.
+    // Read back below (the validation), so not write-only.
     let mut out = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -291,15 +291,10 @@ fn copy_native(blob: impl Read, staged: &Path, desc: &Descriptor, base: &str, zs
     };
     io::copy(&mut input, &mut io::sink()).map_err(io_err)?;
     check_blob(desc, &format!("sha256:{}", hex::encode(input.h.finalize())), input.n)?;
-    let mut sb = [0u8; 4];
-    use std::os::unix::fs::FileExt;
-    out.read_exact_at(&mut sb, 1024)
-        .map_err(|_| DiffError::InvalidArgument("not an EROFS image (too short)".into()))?;
-    if u32::from_le_bytes(sb) != 0xE0F5_E1E2 {
-        return Err(DiffError::InvalidArgument(
-            "not an EROFS image (bad superblock magic)".into(),
-        ));
-    }
+    // An image from a registry is untrusted input to the kernel's EROFS driver: the whole
+    // of it is checked here, before the store ever mounts it (the caller removes it on error).
+    let f = out.try_clone().map_err(io_err)?;
+    erofs::validate_file(f).map_err(|e| DiffError::InvalidArgument(format!("native EROFS layer refused: {e}")))?;
     out.sync_all().map_err(io_err)?;
     Ok(Descriptor {
         media_type: base.to_string(),

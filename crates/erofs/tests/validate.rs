@@ -481,3 +481,25 @@ fn validate_file_reads_an_open_file() {
     let p = write_tmp(dir.path(), "img", &bytes);
     assert_eq!(validate_file(std::fs::File::open(&p).unwrap()).unwrap().inodes, 7);
 }
+
+/// The writer never emits a record the validator would refuse for its name: a tree
+/// with a child named `.`, `..`, empty, or with `/` or NUL is unrepresentable (the
+/// converter once linked a whiteout named `..`; see fuzz/README.md).
+#[test]
+fn writer_refuses_names_no_directory_can_hold() {
+    for name in [&b"."[..], b"..", b"", b"a/b", b"a\0b"] {
+        let w = ImageWriter::new(Cursor::new(Vec::new()), Options::default()).unwrap();
+        let mut tree = Tree::new(meta(0o755));
+        let root = tree.root();
+        let id = tree.add(Node {
+            meta: meta(0o600),
+            body: Body::CharDev(0, 0),
+        });
+        tree.link(root, name, id);
+        match w.finish(&tree) {
+            Err(erofs::writer::Error::Unrepresentable(_)) => {}
+            Err(e) => panic!("{name:?}: {e}"),
+            Ok(_) => panic!("{name:?}: written"),
+        }
+    }
+}

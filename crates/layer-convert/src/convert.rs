@@ -468,6 +468,14 @@ impl Builder<'_> {
                 // Other `.wh..wh.` names are aufs bookkeeping with no meaning here.
             } else if rest.is_empty() {
                 return Err(Error::new(ErrorKind::Unsupported, "whiteout without a name"));
+            } else if rest == b"." || rest == b".." {
+                // `.wh..` / `.wh...` would hide the directory itself or its parent: as a
+                // child named `.` or `..` it became a second `.`/`..` record (found by
+                // fuzzing), which fsck.erofs rejects and the kernel mounts anyway.
+                return Err(Error::new(
+                    ErrorKind::BadHeader,
+                    "whiteout of the directory itself or its parent",
+                ));
             } else if self.tree.child(dir, rest).is_none() {
                 // A whiteout hides lower layers only; an entry of this same layer wins.
                 let mut meta = self.meta_of(e)?;
