@@ -25,8 +25,11 @@ fn header(name: &[u8], typeflag: u8, size: usize, link: &[u8]) -> [u8; 512] {
     h
 }
 
-/// A tar of (name, typeflag, body, link) entries with its end marker.
-fn tar(entries: &[(&[u8], u8, &[u8], &[u8])]) -> Vec<u8> {
+/// One entry: name, typeflag, body, link target.
+type TarEntry<'a> = (&'a [u8], u8, &'a [u8], &'a [u8]);
+
+/// A tar of entries with its end marker.
+fn tar(entries: &[TarEntry]) -> Vec<u8> {
     let mut t = Vec::new();
     for (name, ty, body, link) in entries {
         t.extend_from_slice(&header(name, *ty, body.len(), link));
@@ -57,13 +60,26 @@ fn whiteouts_of_dot_and_dotdot_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let t = tar(&[(b"x/", b'5', b"", b""), (name, b'0', b"", b"")]);
         let err = convert(&t[..], &dir.path().join("layer.erofs"), &opts(), None).unwrap_err();
-        assert_eq!(err.kind, ErrorKind::BadHeader, "{}: {err}", String::from_utf8_lossy(name));
-        assert!(is_empty(dir.path()), "left behind for {}", String::from_utf8_lossy(name));
+        assert_eq!(
+            err.kind,
+            ErrorKind::BadHeader,
+            "{}: {err}",
+            String::from_utf8_lossy(name)
+        );
+        assert!(
+            is_empty(dir.path()),
+            "left behind for {}",
+            String::from_utf8_lossy(name)
+        );
     }
     // Ordinary whiteouts next to them still convert into a valid image.
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("layer.erofs");
-    let t = tar(&[(b"x/", b'5', b"", b""), (b"x/.wh.y", b'0', b"", b""), (b"x/..z", b'0', b"z", b"")]);
+    let t = tar(&[
+        (b"x/", b'5', b"", b""),
+        (b"x/.wh.y", b'0', b"", b""),
+        (b"x/..z", b'0', b"z", b""),
+    ]);
     convert(&t[..], &out, &opts(), None).unwrap();
     erofs::validate_path(&out).unwrap();
 }
