@@ -595,7 +595,7 @@ impl Image {
                 let nblocks = size.div_ceil(bs);
                 let tail_start = (nblocks - 1) * bs;
                 if pos < tail_start {
-                    return Ok((primary(raw + pos), tail_start - pos));
+                    return Ok((primary(raw.saturating_add(pos)), tail_start - pos));
                 }
                 let tail_off =
                     self.inode_offset(nid)? + ino.size_on_disk() as u64 + xattr_ibody_size(ino.xattr_icount) as u64;
@@ -625,7 +625,8 @@ impl Image {
         let chunkbits = self.sb.blkszbits as u32 + (fmt & CHUNK_FORMAT_BLKBITS_MASK as u32);
         let chunk = pos >> chunkbits;
         let chunk_start = chunk << chunkbits;
-        let avail = (chunk_start + (1u64 << chunkbits)).min(ino.size) - pos;
+        // Saturating: an absurd size near 2^64 must not overflow the chunk's end.
+        let avail = chunk_start.saturating_add(1u64 << chunkbits).min(ino.size) - pos;
         let wide = fmt & CHUNK_FORMAT_INDEXES as u32 != 0;
         let unit = if wide { CHUNK_INDEX_SIZE } else { BLOCK_MAP_ENTRY_SIZE } as u64;
         let index_start =
