@@ -58,7 +58,11 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Ok(report) => {
-            assert_eq!(listing(dir), ["layer.erofs"], "an accepted layer leaves exactly its image");
+            assert_eq!(
+                listing(dir),
+                ["layer.erofs"],
+                "an accepted layer leaves exactly its image"
+            );
             let bytes = std::fs::read(&out).unwrap();
             std::fs::remove_file(&out).unwrap();
             assert_eq!(bytes.len() as u64, report.output_size);
@@ -76,7 +80,10 @@ fuzz_target!(|data: &[u8]| {
                     match got.get(p) {
                         None => eprintln!("missing in image: {:?}", String::from_utf8_lossy(p)),
                         Some(g) if g != n => {
-                            eprintln!("differs: {:?}\n  image: {g:?}\n  model: {n:?}", String::from_utf8_lossy(p))
+                            eprintln!(
+                                "differs: {:?}\n  image: {g:?}\n  model: {n:?}",
+                                String::from_utf8_lossy(p)
+                            )
                         }
                         _ => {}
                     }

@@ -124,7 +124,11 @@ impl Model {
     fn meta(&self, e: &layer_convert::tar::Entry, content: Content) -> Result<Node, Refused> {
         let uid = u32::try_from(e.uid).or_else(|_| refuse("uid"))?;
         let gid = u32::try_from(e.gid).or_else(|_| refuse("gid"))?;
-        let (mtime, mtime_nsec) = if e.mtime < 0 { (0, 0) } else { (e.mtime as u64, e.mtime_nsec) };
+        let (mtime, mtime_nsec) = if e.mtime < 0 {
+            (0, 0)
+        } else {
+            (e.mtime as u64, e.mtime_nsec)
+        };
         let mut xattrs = BTreeMap::new();
         for (k, v) in &e.xattrs {
             if k.starts_with(b"trusted.overlay.") {
