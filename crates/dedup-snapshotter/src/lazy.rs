@@ -8,7 +8,7 @@
 //!   it as it arrives, so downloading, inflating and converting overlap instead of
 //!   containerd downloading the whole blob before our Apply starts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,6 +44,9 @@ pub struct Lazy {
     manifests: Mutex<HashMap<String, Arc<Vec<Descriptor>>>>,
     /// The diffIDs of image configs read so far, by manifest digest.
     diff_ids: Mutex<HashMap<String, Arc<Vec<String>>>>,
+    /// Blobs whose image passed validation: the same digest is the same bytes, so a
+    /// remount (after a fetch daemon restart) need not read the metadata again.
+    validated: Mutex<HashSet<String>>,
 }
 
 impl Lazy {
@@ -56,6 +59,7 @@ impl Lazy {
             stream,
             manifests: Mutex::new(HashMap::new()),
             diff_ids: Mutex::new(HashMap::new()),
+            validated: Mutex::new(HashSet::new()),
         }
     }
 
@@ -169,9 +173,25 @@ impl RemoteLayers for Lazy {
     fn attach(&self, layer: &RemoteLayer) -> std::io::Result<Attached> {
         let spec: fetch_api::BlobSpec = serde_json::from_value(layer.spec.clone()).map_err(std::io::Error::other)?;
         let reg = self.fetch()?.register(&spec).map_err(std::io::Error::other)?;
+        let path = PathBuf::from(reg.path);
+        if !self.validated.lock().unwrap().contains(&spec.digest) {
+            // The image is untrusted input to the kernel: validated in full before it is
+            // mounted. Every byte read here comes through the fetch daemon, which checks
+            // each chunk against its digest from the manifest before serving it, so the
+            // metadata is verified first and then validated, and the kernel later reads
+            // the same verified bytes.
+            if let Err(e) = erofs::validate_path(&path) {
+                self.detach(layer);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("lazy EROFS layer {} refused: {e}", spec.digest),
+                ));
+            }
+            self.validated.lock().unwrap().insert(spec.digest.clone());
+        }
         let ping = self.fetch()?.ping().map_err(std::io::Error::other)?;
         Ok(Attached {
-            path: PathBuf::from(reg.path),
+            path,
             instance: ping.instance,
         })
     }

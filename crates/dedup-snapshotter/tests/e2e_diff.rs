@@ -661,6 +661,31 @@ fn native_erofs_layers() {
         let v = t.mount("dedup", key, true);
         assert_eq!(fs::read_link(v.path().join("bin/sh")).unwrap(), Path::new("busybox"));
     }
+    // A malformed image (the root's "." names a subdirectory: the kernel would mount it, our validator must
+    // not let it get that far) is refused as invalid, and nothing of it stays.
+    let bad = work.join("dot.erofs");
+    fs::write(&bad, corrupt_dot(&image)).unwrap();
+    let digest = t.ingest(&bad);
+    let out = t.dc_raw(
+        Some(&t.our_sock()),
+        "dedup",
+        &["apply", &digest, EROFS_LAYER, "", "native-malformed"],
+    );
+    assert!(
+        !out.status.success(),
+        "{}",
+        describe("diffclient apply (malformed)", &out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("code = InvalidArgument"),
+        "{}",
+        describe("diffclient apply (malformed)", &out)
+    );
+    assert!(
+        t.env.snapshots().iter().all(|s| !s.key.starts_with("native-malformed")),
+        "{:#?}",
+        t.env.snapshots()
+    );
     // gzip is not a compression for EROFS layers.
     let digest = t.ingest(&gz);
     let mt = format!("{EROFS_LAYER}+gzip");
@@ -683,6 +708,46 @@ fn native_erofs_layers() {
     );
     t.env.check_layout();
     t.env.stop();
+}
+
+/// The image with its root directory's "." record pointing at the root's first subdirectory: a structurally
+/// readable image (the kernel mounts it) that erofs::validate refuses (`Invalid::DotEntries`).
+fn corrupt_dot(image: &Path) -> Vec<u8> {
+    use erofs::format::{self, DataLayout};
+    use erofs::reader::{FileKind, Image};
+    let img = Image::open(image).unwrap();
+    let root = img.root().unwrap();
+    let records = img.read_dir(&root).unwrap();
+    let sub = records
+        .iter()
+        .find(|d| d.name != b"." && d.name != b".." && img.entry(d.nid).unwrap().kind == FileKind::Dir)
+        .expect("a subdirectory of the root");
+    let dot = records.iter().position(|d| d.name == b".").unwrap();
+    let bs = img.block_size();
+    let inode_off = img.superblock().meta_blkaddr as u64 * bs + root.nid * 32;
+    let data = match root.inode.layout {
+        DataLayout::FlatInline if root.inode.size < bs => {
+            inode_off + root.inode.size_on_disk() as u64 + format::xattr_ibody_size(root.inode.xattr_icount) as u64
+        }
+        DataLayout::FlatPlain | DataLayout::FlatInline => root.inode.i_u as u64 * bs,
+        l => panic!("root directory layout {l:?}"),
+    };
+    assert!(
+        dot < (bs / format::DIRENT_SIZE as u64) as usize,
+        "'.' in the first block"
+    );
+    let mut bytes = fs::read(image).unwrap();
+    let at = (data + (dot * format::DIRENT_SIZE) as u64) as usize;
+    bytes[at..at + 8].copy_from_slice(&sub.nid.to_le_bytes());
+    assert!(matches!(
+        erofs::validate::validate_file({
+            let f = tempfile::tempfile().unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, &bytes, 0).unwrap();
+            f
+        }),
+        Err(erofs::Invalid::DotEntries { .. })
+    ));
+    bytes
 }
 
 /// Whole-second and nanosecond mtimes, so the check covers both.

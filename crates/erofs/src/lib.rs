@@ -5,6 +5,8 @@
 //!   arrives (one pass, no unpacked copy); directories, inodes and xattrs are kept in
 //!   memory as a [`writer::Tree`] and laid out after the data when the image is finished.
 //! - [`reader`]: reads an image without mounting it (inspect, list, cat, and tests).
+//! - [`validate`]: the full check an untrusted image (a native EROFS layer) passes before
+//!   the kernel mounts it.
 //!
 //! The writer is the product's core and is written by hand on purpose: the converter
 //! streams tar bodies straight into data blocks, which no existing crate offers, and the
@@ -12,4 +14,7 @@
 
 pub mod format;
 pub mod reader;
+pub mod validate;
 pub mod writer;
+
+pub use validate::{validate_file, validate_path, Invalid, Summary};

@@ -141,9 +141,9 @@ enum Extent {
 
 /// An extra device given at open time.
 #[derive(Debug)]
-struct Device {
-    file: File,
-    size: u64,
+pub(crate) struct Device {
+    pub(crate) file: File,
+    pub(crate) size: u64,
     path: PathBuf,
 }
 
@@ -151,16 +151,16 @@ struct Device {
 #[derive(Debug)]
 pub struct Image {
     file: File,
-    sb: SuperBlock,
-    file_size: u64,
-    block_size: u64,
+    pub(crate) sb: SuperBlock,
+    pub(crate) file_size: u64,
+    pub(crate) block_size: u64,
     /// The device table; empty without the device table feature, as the kernel ignores
     /// `extra_devices` then.
-    slots: Vec<DeviceSlot>,
+    pub(crate) slots: Vec<DeviceSlot>,
     /// Device id `i + 1` is `devices[i]`; empty when the image was opened without them.
-    devices: Vec<Device>,
+    pub(crate) devices: Vec<Device>,
     /// The kernel's `device_id_mask`, applied to the device ids of chunk indexes.
-    device_id_mask: u16,
+    pub(crate) device_id_mask: u16,
 }
 
 impl Image {
@@ -572,7 +572,7 @@ impl Image {
     }
 
     /// Byte offset of an inode.
-    fn inode_offset(&self, nid: u64) -> Result<u64> {
+    pub(crate) fn inode_offset(&self, nid: u64) -> Result<u64> {
         (self.sb.meta_blkaddr as u64 * self.block_size)
             .checked_add(nid.saturating_mul(1 << ISLOT_BITS))
             .filter(|&o| o < self.file_size)
@@ -595,7 +595,7 @@ impl Image {
                 let nblocks = size.div_ceil(bs);
                 let tail_start = (nblocks - 1) * bs;
                 if pos < tail_start {
-                    return Ok((primary(raw + pos), tail_start - pos));
+                    return Ok((primary(raw.saturating_add(pos)), tail_start - pos));
                 }
                 let tail_off =
                     self.inode_offset(nid)? + ino.size_on_disk() as u64 + xattr_ibody_size(ino.xattr_icount) as u64;
@@ -625,7 +625,8 @@ impl Image {
         let chunkbits = self.sb.blkszbits as u32 + (fmt & CHUNK_FORMAT_BLKBITS_MASK as u32);
         let chunk = pos >> chunkbits;
         let chunk_start = chunk << chunkbits;
-        let avail = (chunk_start + (1u64 << chunkbits)).min(ino.size) - pos;
+        // Saturating: an absurd size near 2^64 must not overflow the chunk's end.
+        let avail = chunk_start.saturating_add(1u64 << chunkbits).min(ino.size) - pos;
         let wide = fmt & CHUNK_FORMAT_INDEXES as u32 != 0;
         let unit = if wide { CHUNK_INDEX_SIZE } else { BLOCK_MAP_ENTRY_SIZE } as u64;
         let index_start =
@@ -670,7 +671,7 @@ impl Image {
     /// address `pa` of device `dev`, and at which offset. Device 0 addresses inside a
     /// device's `[mapped_blkaddr, + blocks)` range are on that device, which is how block
     /// maps and flat layouts reach data on extra devices.
-    fn map_dev(&self, dev: u16, pa: u64, nid: u64, pos: u64) -> Result<(Option<&Device>, u64)> {
+    pub(crate) fn map_dev(&self, dev: u16, pa: u64, nid: u64, pos: u64) -> Result<(Option<&Device>, u64)> {
         if dev != 0 {
             let d = self.devices.get(dev as usize - 1).ok_or_else(|| {
                 corrupt(format!(
@@ -698,7 +699,7 @@ impl Image {
 
     /// `read_exact_at` on the primary image that first checks the range lies inside it,
     /// naming `what` in the error.
-    fn read_exact(&self, off: u64, buf: &mut [u8], what: impl FnOnce() -> String) -> Result<()> {
+    pub(crate) fn read_exact(&self, off: u64, buf: &mut [u8], what: impl FnOnce() -> String) -> Result<()> {
         read_bounded(&self.file, self.file_size, "the image", off, buf, what)
     }
 
@@ -797,7 +798,7 @@ fn parse_dir_block(blk: &[u8], nid: u64, blkno: u64, out: &mut Vec<DirEntry>) ->
 }
 
 /// Decodes an xattr's name and value from the bytes following its header.
-fn split_xattr(h: &XattrEntry, rest: &[u8], what: impl FnOnce() -> String) -> Result<(Vec<u8>, Vec<u8>)> {
+pub(crate) fn split_xattr(h: &XattrEntry, rest: &[u8], what: impl FnOnce() -> String) -> Result<(Vec<u8>, Vec<u8>)> {
     let nl = h.name_len as usize;
     let vl = h.value_size as usize;
     if rest.len() < nl + vl {
@@ -812,7 +813,7 @@ fn corrupt(msg: String) -> Error {
     Error::Corrupt(msg)
 }
 
-fn display_path(p: &[u8]) -> String {
+pub(crate) fn display_path(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
 }
 

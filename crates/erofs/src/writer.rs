@@ -1195,7 +1195,21 @@ fn walk(tree: &Tree) -> Result<(Vec<NodeId>, Vec<u32>, Vec<u32>)> {
         if let Body::Dir(children) = &tree.node(id).body {
             let mut subdirs = 0u32;
             // Reverse so the stack pops children in name order.
-            for (_, &c) in children.iter().rev() {
+            for (name, &c) in children.iter().rev() {
+                // The writer adds `.` and `..` itself; a child by either name would be a
+                // second record the kernel's lookup may pick (and fsck.erofs rejects), and
+                // the others are names no directory can hold.
+                if name.is_empty()
+                    || &name[..] == b"."
+                    || &name[..] == b".."
+                    || name.len() > format::NAME_LEN
+                    || name.iter().any(|&b| b == b'/' || b == 0)
+                {
+                    return Err(Error::Unrepresentable(format!(
+                        "invalid directory entry name {:?}",
+                        String::from_utf8_lossy(name)
+                    )));
+                }
                 let child = tree.node(c);
                 if child.is_dir() {
                     subdirs += 1;

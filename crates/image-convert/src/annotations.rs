@@ -82,6 +82,13 @@ impl LazyLayer {
         if !is_erofs_native(&desc.media_type) {
             return Err(format!("media type {} is not EROFS-native", desc.media_type));
         }
+        // The fetch daemon serves, names and verifies a lazy blob by its sha256: any
+        // other digest (found by fuzzing: one with a non-hex character) would pass here
+        // and only be refused when the blob is registered, at mount time.
+        let hex = desc.digest.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(format!("digest {:?} is not sha256:<64 lowercase hex>", desc.digest));
+        }
         let a = desc.annotations.as_ref().ok_or("no annotations")?;
         let get = |k: &str| a.get(k).ok_or_else(|| format!("no annotation {k}"));
         let num = |k: &str| -> Result<u64, String> { get(k)?.parse().map_err(|e| format!("annotation {k}: {e}")) };
@@ -186,6 +193,20 @@ mod tests {
         let mut d = desc(&l);
         d.media_type = "application/vnd.oci.image.layer.v1.tar+gzip".into();
         assert!(LazyLayer::from_descriptor(&d).is_err());
+        // Found by fuzzing (fuzz/README.md): a digest dedupd cannot serve the blob by.
+        for digest in [
+            format!("sha256:{}ja{}", "ab".repeat(21), "ab".repeat(10)),
+            format!("sha256:{}", "AB".repeat(32)),
+            format!("sha512:{}", "ab".repeat(32)),
+            "sha256:abab".to_string(),
+        ] {
+            let mut d = desc(&l);
+            d.digest = digest.clone();
+            assert!(
+                LazyLayer::from_descriptor(&d).unwrap_err().contains("digest"),
+                "{digest}"
+            );
+        }
     }
 
     #[test]

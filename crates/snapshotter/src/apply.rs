@@ -8,7 +8,6 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use dedup::SinkReport;
@@ -158,7 +157,7 @@ fn check_blob(want: &str, want_size: Option<u64>, digest: &str, size: u64) -> Re
 }
 
 /// Copies a native EROFS blob into `staged` (decompressing `+zstd`), checking both
-/// digests and that it is an EROFS image the store's reader accepts.
+/// digests and validating the whole image ([`erofs::validate_file`]).
 pub(crate) fn write_native(blob: LayerBlob, staged: &Path, zstd: bool) -> Result<Written> {
     let r = copy_native(blob, staged, zstd);
     if r.is_err() {
@@ -188,7 +187,7 @@ fn copy_native(blob: LayerBlob, staged: &Path, zstd: bool) -> Result<Written> {
         h: Sha256::new(),
         n: 0,
     };
-    // Read back below (the image check), so not write-only.
+    // Read back below (the validation), so not write-only.
     let mut out = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -231,14 +230,10 @@ fn copy_native(blob: LayerBlob, staged: &Path, zstd: bool) -> Result<Written> {
         &format!("sha256:{}", hex::encode(input.h.finalize())),
         input.n,
     )?;
-    let mut sb = [0u8; 4];
-    out.read_exact_at(&mut sb, erofs::format::SUPER_OFFSET)
-        .map_err(|_| Error::InvalidArgument("not an EROFS image (too short)".into()))?;
-    if u32::from_le_bytes(sb) != erofs::format::SUPER_MAGIC {
-        return Err(Error::InvalidArgument(
-            "not an EROFS image (bad superblock magic)".into(),
-        ));
-    }
+    // An image from a registry is untrusted input to the kernel's EROFS driver: all
+    // of it is validated before the store ever mounts it (the caller removes it).
+    let f = out.try_clone().map_err(io_err)?;
+    erofs::validate_file(f).map_err(|e| Error::InvalidArgument(format!("native EROFS layer refused: {e}")))?;
     out.sync_all().map_err(io_err)?;
     Ok(Written {
         applied: AppliedLayer {

@@ -1,0 +1,505 @@
+//! The full validation pass: images our writer and erofs-utils' mkfs.erofs build pass
+//! it, and each kind of corruption (patched into a real image at the structure it
+//! targets) is refused with the error kind naming that check.
+
+use std::io::{self, Cursor};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+use erofs::format::{self, DeviceSlot};
+use erofs::reader::{Entry, Image};
+use erofs::writer::{Body, ChunkAddr, ChunkSink, ImageWriter, Meta, Node, Options, Tree, Xattr};
+use erofs::{validate_file, validate_path, Invalid, Summary};
+
+fn meta(perm: u16) -> Meta {
+    Meta {
+        perm,
+        mtime: 1_700_000_000,
+        ..Default::default()
+    }
+}
+
+/// Chunks on the image itself (device 0) at the blocks it hands out, which it writes
+/// into the image afterwards: no device table.
+struct Local {
+    next: u32,
+    data: Vec<Vec<u8>>,
+}
+
+impl ChunkSink for Local {
+    fn put(&mut self, data: &[u8]) -> io::Result<ChunkAddr> {
+        let blkaddr = self.next;
+        self.next += data.len().div_ceil(4096) as u32;
+        self.data.push(data.to_vec());
+        Ok(ChunkAddr { device: 1, blkaddr })
+    }
+    fn device_slots(&self) -> Vec<DeviceSlot> {
+        vec![DeviceSlot {
+            tag: [1; 64],
+            blocks: self.next,
+            mapped_blkaddr: 0,
+        }]
+    }
+}
+
+/// A small image with a subdirectory, plain, inline and chunked files, symlinks, a device
+/// node and xattrs; `chunked` puts one file's chunks on an extra device (returned).
+fn image(chunked: bool) -> (Vec<u8>, Option<Vec<u8>>) {
+    let opts = Options {
+        build_time: 1_700_000_000,
+        chunk_bits: 12,
+        ..Default::default()
+    };
+    let mut w = ImageWriter::new(Cursor::new(Vec::new()), opts).unwrap();
+    let mut tree = Tree::new(meta(0o755));
+    let root = tree.root();
+    let add = |tree: &mut Tree, dir, name: &[u8], body: Body, m: Meta| {
+        let id = tree.add(Node { meta: m, body });
+        tree.link(dir, name, id);
+    };
+    let mut m = meta(0o644);
+    m.set_xattr(Xattr::new(b"user.note", b"hello").unwrap());
+    m.set_xattr(Xattr::new(b"security.capability", b"shared").unwrap());
+    let small = w.write_file(&mut &b"small\n"[..], 6, &m, None).unwrap();
+    add(&mut tree, root, b"aa", Body::File(small), m.clone());
+    let big: Vec<u8> = (0..9000u32).map(|i| (i % 251) as u8).collect();
+    let f = w
+        .write_file_data(&mut &big[..], big.len() as u64, &meta(0o600))
+        .unwrap();
+    add(&mut tree, root, b"bb", Body::File(f), meta(0o600));
+    add(
+        &mut tree,
+        root,
+        b"cc",
+        Body::Symlink(b"aa".to_vec().into()),
+        meta(0o777),
+    );
+    add(&mut tree, root, b"dd", Body::CharDev(1, 3), meta(0o600));
+    let sub = tree.add(Node::dir(meta(0o700)));
+    tree.link(root, b"sub", sub);
+    // Only the security xattr is on two inodes (and shared); user.note stays inline.
+    let mut m2 = meta(0o644);
+    m2.set_xattr(Xattr::new(b"security.capability", b"shared").unwrap());
+    let f2 = w.write_file(&mut &b"inner"[..], 5, &m2, None).unwrap();
+    add(&mut tree, sub, b"inner", Body::File(f2), m2);
+    let mut dev = None;
+    if chunked {
+        let mut sink = Local {
+            next: 0,
+            data: Vec::new(),
+        };
+        let f = w
+            .write_file(&mut &big[..], big.len() as u64, &meta(0o644), Some(&mut sink))
+            .unwrap();
+        add(&mut tree, root, b"chunked", Body::File(f), meta(0o644));
+        w.set_devices(sink.device_slots());
+        let mut d = Vec::new();
+        for c in &sink.data {
+            d.extend_from_slice(c);
+            d.resize(d.len().next_multiple_of(4096), 0);
+        }
+        dev = Some(d);
+    }
+    let (out, _) = w.finish(&tree).unwrap();
+    (out.into_inner(), dev)
+}
+
+fn write_tmp(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// Validates image bytes (no extra devices).
+fn check(bytes: &[u8]) -> Result<Summary, Invalid> {
+    let dir = tempfile::tempdir().unwrap();
+    validate_path(&write_tmp(dir.path(), "img", bytes))
+}
+
+/// Where things are in an image: inode offsets and directory records.
+struct Layout {
+    img: Image,
+    _dir: tempfile::TempDir,
+}
+
+impl Layout {
+    fn new(bytes: &[u8]) -> Layout {
+        let dir = tempfile::tempdir().unwrap();
+        let img = Image::open(&write_tmp(dir.path(), "img", bytes)).unwrap();
+        Layout { img, _dir: dir }
+    }
+    fn entry(&self, path: &str) -> Entry {
+        self.img.lookup(path.as_bytes()).unwrap()
+    }
+    fn inode_off(&self, e: &Entry) -> usize {
+        (self.img.superblock().meta_blkaddr as u64 * self.img.block_size() + e.nid * 32) as usize
+    }
+    /// Byte offset of an inline directory's data (every test directory is inline).
+    fn dir_data(&self, dir: &Entry) -> usize {
+        assert_eq!(dir.inode.layout, format::DataLayout::FlatInline, "test dirs are inline");
+        assert!(dir.inode.size < 4096);
+        self.inode_off(dir) + dir.inode.size_on_disk() + format::xattr_ibody_size(dir.inode.xattr_icount)
+    }
+    /// Offset of the record named `name` in directory `dir` and of its name.
+    fn dirent(&self, dir: &str, name: &[u8]) -> (usize, usize) {
+        let d = self.entry(dir);
+        let records = self.img.read_dir(&d).unwrap();
+        let i = records.iter().position(|r| r.name == name).expect("record exists");
+        let base = self.dir_data(&d);
+        let rec = base + i * format::DIRENT_SIZE;
+        let img_bytes_nameoff = {
+            let mut b = [0u8; 2];
+            // nameoff at byte 8 of the record
+            self.read(rec + 8, &mut b);
+            u16::from_le_bytes(b) as usize
+        };
+        (rec, base + img_bytes_nameoff)
+    }
+    fn read(&self, at: usize, buf: &mut [u8]) {
+        let f = std::fs::File::open(self._dir.path().join("img")).unwrap();
+        f.read_exact_at(buf, at as u64).unwrap();
+    }
+}
+
+#[test]
+fn writer_images_validate() {
+    let (bytes, _) = image(false);
+    let s = check(&bytes).unwrap();
+    // root, sub, aa, bb, cc, dd, inner
+    assert_eq!(
+        s,
+        Summary {
+            inodes: 7,
+            directories: 2,
+            entries: 6
+        }
+    );
+}
+
+#[test]
+fn extra_devices_are_needed_and_checked() {
+    let (bytes, dev) = image(true);
+    let dev = dev.unwrap();
+    assert!(matches!(check(&bytes), Err(Invalid::MissingDevices(1))));
+    let dir = tempfile::tempdir().unwrap();
+    let img = write_tmp(dir.path(), "img", &bytes);
+    let devp = write_tmp(dir.path(), "dev", &dev);
+    let s = Image::open_with_devices(&img, std::slice::from_ref(&devp))
+        .unwrap()
+        .validate()
+        .unwrap();
+    assert_eq!(s.inodes, 8);
+    // A device shorter than the chunks it must hold.
+    std::fs::write(&devp, &dev[..4096]).unwrap();
+    let e = Image::open_with_devices(&img, &[devp]).unwrap().validate().unwrap_err();
+    assert!(matches!(e, Invalid::ChunkIndex { chunk: 1, .. }), "{e:?}");
+}
+
+/// An image erofs-utils builds from a real directory (chunked files, xattrs, a big
+/// directory over several blocks) passes too.
+#[test]
+fn mkfs_erofs_images_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("a/b")).unwrap();
+    std::fs::write(src.join("a/b/f"), vec![7u8; 100_000]).unwrap();
+    std::fs::write(src.join("small"), b"x").unwrap();
+    std::os::unix::fs::symlink("small", src.join("link")).unwrap();
+    std::fs::create_dir(src.join("big")).unwrap();
+    for i in 0..500 {
+        std::fs::write(src.join(format!("big/name-{i:04}")), b"").unwrap();
+    }
+    for (name, args) in [("plain", vec![]), ("chunked", vec!["--chunksize=8192"])] {
+        let img = dir.path().join(name);
+        let out = Command::new("mkfs.erofs")
+            .args(&args)
+            .arg(&img)
+            .arg(&src)
+            .output()
+            .expect("mkfs.erofs (erofs-utils) must be installed");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let s = validate_path(&img).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(s.directories, 4, "{name}");
+        assert_eq!(s.entries, 506, "{name}");
+    }
+}
+
+fn patch(bytes: &[u8], at: usize, with: &[u8]) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    b[at..at + with.len()].copy_from_slice(with);
+    b
+}
+
+#[test]
+fn superblock_and_features() {
+    let (bytes, _) = image(false);
+    assert!(matches!(check(&bytes[..1000]), Err(Invalid::Superblock(_))));
+    assert!(matches!(
+        check(&patch(&bytes, 1024, &[0; 4])),
+        Err(Invalid::Superblock(_))
+    ));
+    // blkszbits at byte 12 of the superblock
+    assert!(matches!(
+        check(&patch(&bytes, 1024 + 12, &[30])),
+        Err(Invalid::Superblock(_))
+    ));
+    // feature_incompat at byte 80: the 48-bit feature this reader does not know
+    let incompat = patch(&bytes, 1024 + 80, &format::FEATURE_INCOMPAT_48BIT.to_le_bytes());
+    assert!(matches!(
+        check(&incompat),
+        Err(Invalid::UnsupportedFeatures { unsupported, .. }) if unsupported == format::FEATURE_INCOMPAT_48BIT
+    ));
+    // meta_blkaddr (byte 40) beyond the image
+    assert!(matches!(
+        check(&patch(&bytes, 1024 + 40, &[0xff; 4])),
+        Err(Invalid::Superblock(_))
+    ));
+    // root nid (byte 14) pointing at a regular file
+    let l = Layout::new(&bytes);
+    let aa = l.entry("/aa").nid as u16;
+    assert!(matches!(
+        check(&patch(&bytes, 1024 + 14, &aa.to_le_bytes())),
+        Err(Invalid::Inode { .. })
+    ));
+}
+
+#[test]
+fn inodes() {
+    let (bytes, _) = image(false);
+    let l = Layout::new(&bytes);
+    let (rec, _) = l.dirent("/", b"aa");
+    // A record naming an inode past the end of the image.
+    let far = patch(&bytes, rec, &(1u64 << 40).to_le_bytes());
+    assert!(matches!(check(&far), Err(Invalid::Inode { nid, .. }) if nid == 1 << 40));
+    // An invalid file type in the mode (i_mode at byte 4 of both inode layouts).
+    let aa = l.entry("/aa");
+    let bad_mode = patch(&bytes, l.inode_off(&aa) + 4, &0o000644u16.to_le_bytes());
+    assert!(matches!(check(&bad_mode), Err(Invalid::Inode { .. })));
+    // A symlink longer than PATH_MAX (compact i_size at byte 8).
+    let cc = l.entry("/cc");
+    assert!(!cc.inode.extended);
+    let long = patch(&bytes, l.inode_off(&cc) + 8, &5000u32.to_le_bytes());
+    assert!(matches!(check(&long), Err(Invalid::Inode { .. })));
+    // A compressed layout (i_format bits 1..3).
+    let mut fmt = [0u8; 2];
+    l.read(l.inode_off(&aa), &mut fmt);
+    let f = (u16::from_le_bytes(fmt) & !0xe) | (format::DataLayout::CompressedFull.raw() << 1);
+    let compressed = patch(&bytes, l.inode_off(&aa), &f.to_le_bytes());
+    assert!(matches!(check(&compressed), Err(Invalid::Unsupported { .. })));
+}
+
+#[test]
+fn xattrs() {
+    let (bytes, _) = image(false);
+    let l = Layout::new(&bytes);
+    let aa = l.entry("/aa");
+    assert!(aa.inode.xattr_icount > 0);
+    let body = l.inode_off(&aa) + aa.inode.size_on_disk();
+    // Shared count larger than the body.
+    let bad = patch(&bytes, body + 4, &[200]);
+    assert!(matches!(check(&bad), Err(Invalid::Xattr { .. })), "{:?}", check(&bad));
+    // A shared xattr id far beyond the image.
+    let mut hdr = [0u8; 1];
+    l.read(body + 4, &mut hdr);
+    assert!(hdr[0] >= 1, "the security xattr is shared");
+    let bad = patch(&bytes, body + 12, &u32::MAX.to_le_bytes());
+    assert!(matches!(check(&bad), Err(Invalid::Xattr { .. })));
+    // An inline xattr with an unknown name prefix index (after the shared ids).
+    let inline = body + 12 + 4 * hdr[0] as usize;
+    let bad = patch(&bytes, inline + 1, &[99]);
+    assert!(matches!(check(&bad), Err(Invalid::Xattr { .. })));
+}
+
+#[test]
+fn directory_records() {
+    let (bytes, _) = image(false);
+    let l = Layout::new(&bytes);
+    let (rec, name) = l.dirent("/", b"bb");
+    // Name offset past the block.
+    let bad = patch(&bytes, rec + 8, &u16::MAX.to_le_bytes());
+    assert!(matches!(check(&bad), Err(Invalid::Dirent { .. })));
+    // A name with a slash.
+    let bad = patch(&bytes, name, b"b/");
+    assert!(matches!(check(&bad), Err(Invalid::Dirent { .. })));
+    // A file type that disagrees with the inode (byte 10 of the record).
+    let bad = patch(&bytes, rec + 10, &[format::ft::DIR]);
+    assert!(matches!(check(&bad), Err(Invalid::Dirent { .. })));
+}
+
+#[test]
+fn names_sorted_and_unique() {
+    let (bytes, _) = image(false);
+    let l = Layout::new(&bytes);
+    let (_, bb) = l.dirent("/", b"bb");
+    // "bb" renamed "aa": the same name twice (the kernel's binary search finds one).
+    assert!(matches!(
+        check(&patch(&bytes, bb, b"aa")),
+        Err(Invalid::Duplicate { name, .. }) if name == "aa"
+    ));
+    // "bb" renamed "ab"... still in order; "a0" is before "aa": out of order.
+    assert!(check(&patch(&bytes, bb, b"ab")).is_ok());
+    assert!(matches!(
+        check(&patch(&bytes, bb, b"a0")),
+        Err(Invalid::Unsorted { name, .. }) if name == "a0"
+    ));
+}
+
+#[test]
+fn dot_entries() {
+    let (bytes, _) = image(false);
+    let l = Layout::new(&bytes);
+    let sub = l.entry("/sub");
+    let root = l.entry("/");
+    let (dot, dot_name) = l.dirent("/sub", b".");
+    let (dotdot, _) = l.dirent("/sub", b"..");
+    // "." naming the parent.
+    assert!(matches!(
+        check(&patch(&bytes, dot, &root.nid.to_le_bytes())),
+        Err(Invalid::DotEntries { dir, .. }) if dir == sub.nid
+    ));
+    // ".." naming the directory itself.
+    assert!(matches!(
+        check(&patch(&bytes, dotdot, &sub.nid.to_le_bytes())),
+        Err(Invalid::DotEntries { .. })
+    ));
+    // No "." at all: renamed "," (which keeps the order) and made a hard link to a file.
+    let inner = l.entry("/sub/inner");
+    let mut no_dot = patch(&bytes, dot_name, b",");
+    no_dot[dot..dot + 8].copy_from_slice(&inner.nid.to_le_bytes());
+    no_dot[dot + 10] = format::ft::REG;
+    assert!(
+        matches!(check(&no_dot), Err(Invalid::DotEntries { .. })),
+        "{:?}",
+        check(&no_dot)
+    );
+}
+
+#[test]
+fn directory_reached_twice() {
+    let (bytes, _) = image(false);
+    let l = Layout::new(&bytes);
+    let sub = l.entry("/sub");
+    let root = l.entry("/");
+    // /sub/inner made a directory record naming the root: a cycle.
+    let (rec, _) = l.dirent("/sub", b"inner");
+    let mut cycle = patch(&bytes, rec, &root.nid.to_le_bytes());
+    cycle[rec + 10] = format::ft::DIR;
+    assert!(matches!(
+        check(&cycle),
+        Err(Invalid::DirectoryReachedTwice { nid, path }) if nid == root.nid && path == "/sub/inner"
+    ));
+    // /dd naming /sub: a hard-linked directory.
+    let (rec, _) = l.dirent("/", b"dd");
+    let mut twice = patch(&bytes, rec, &sub.nid.to_le_bytes());
+    twice[rec + 10] = format::ft::DIR;
+    assert!(matches!(check(&twice), Err(Invalid::DirectoryReachedTwice { nid, .. }) if nid == sub.nid));
+}
+
+#[test]
+fn data_in_bounds() {
+    let (bytes, _) = image(false);
+    let l = Layout::new(&bytes);
+    let bb = l.entry("/bb");
+    assert!(bb.inode.size > 4096);
+    // raw_blkaddr (i_u at byte 16) far past the end.
+    let bad = patch(&bytes, l.inode_off(&bb) + 16, &0x00ff_ffffu32.to_le_bytes());
+    assert!(matches!(check(&bad), Err(Invalid::Data { .. })));
+}
+
+#[test]
+fn chunk_indexes_and_devices() {
+    let (bytes, _) = image(true);
+    let l = Layout::new(&bytes);
+    let c = l.entry("/chunked");
+    assert_eq!(c.inode.layout, format::DataLayout::ChunkBased);
+    let index =
+        (l.inode_off(&c) + c.inode.size_on_disk() + format::xattr_ibody_size(c.inode.xattr_icount)).next_multiple_of(8);
+    let dir = tempfile::tempdir().unwrap();
+    let dev = write_tmp(dir.path(), "dev", &image(true).1.unwrap());
+    let run = |b: &[u8]| {
+        let img = write_tmp(dir.path(), "img", b);
+        Image::open_with_devices(&img, std::slice::from_ref(&dev))
+            .unwrap()
+            .validate()
+    };
+    run(&bytes).unwrap();
+    // device_id is at byte 2 of an index: 1 is the one device.
+    let bad = patch(&bytes, index + 2, &1u16.to_le_bytes());
+    run(&bad).unwrap();
+    // Start block past the device.
+    let bad = patch(&bytes, index + 4, &1000u32.to_le_bytes());
+    assert!(
+        matches!(run(&bad), Err(Invalid::ChunkIndex { chunk: 0, .. })),
+        "{:?}",
+        run(&bad)
+    );
+    // Device id 0 with an address past the primary image.
+    let mut bad = patch(&bytes, index + 2, &0u16.to_le_bytes());
+    bad[index + 4..index + 8].copy_from_slice(&100_000u32.to_le_bytes());
+    assert!(matches!(run(&bad), Err(Invalid::ChunkIndex { .. })));
+    // A chunk format with unknown bits.
+    let bad = patch(&bytes, l.inode_off(&c) + 16, &0x100u32.to_le_bytes());
+    assert!(matches!(run(&bad), Err(Invalid::Inode { .. })));
+    // An absurd size: more chunk indexes than the image has bytes (compact i_size).
+    assert!(!c.inode.extended);
+    let bad = patch(&bytes, l.inode_off(&c) + 8, &u32::MAX.to_le_bytes());
+    assert!(matches!(run(&bad), Err(Invalid::TooLarge { .. })));
+}
+
+#[test]
+fn device_ids_beyond_the_table() {
+    // Without a device table the mask is 0: every id selects the image itself, as in the
+    // kernel. With one device the mask is 1, so id 2 would mask to 0 too; the table
+    // needs two devices (mask 3) for id 3 to stay out of range.
+    let (bytes, dev) = image(true);
+    let dev = dev.unwrap();
+    let l = Layout::new(&bytes);
+    let c = l.entry("/chunked");
+    let index =
+        (l.inode_off(&c) + c.inode.size_on_disk() + format::xattr_ibody_size(c.inode.xattr_icount)).next_multiple_of(8);
+    // extra_devices (superblock byte 86) := 2, with a second slot after the first.
+    let slotoff = u16::from_le_bytes([bytes[1024 + 88], bytes[1024 + 89]]) as usize * 128;
+    let mut two = patch(&bytes, 1024 + 86, &2u16.to_le_bytes());
+    let first: Vec<u8> = two[slotoff..slotoff + 128].to_vec();
+    two[slotoff + 128..slotoff + 256].copy_from_slice(&first);
+    two[index + 2..index + 4].copy_from_slice(&3u16.to_le_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let devp = write_tmp(dir.path(), "dev", &dev);
+    let img = write_tmp(dir.path(), "img", &two);
+    let e = Image::open_with_devices(&img, &[devp.clone(), devp])
+        .unwrap()
+        .validate()
+        .unwrap_err();
+    assert!(matches!(e, Invalid::DeviceId { dev: 3, devices: 2, .. }), "{e:?}");
+}
+
+#[test]
+fn validate_file_reads_an_open_file() {
+    let (bytes, _) = image(false);
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_tmp(dir.path(), "img", &bytes);
+    assert_eq!(validate_file(std::fs::File::open(&p).unwrap()).unwrap().inodes, 7);
+}
+
+/// The writer never emits a record the validator would refuse for its name: a tree
+/// with a child named `.`, `..`, empty, or with `/` or NUL is unrepresentable (the
+/// converter once linked a whiteout named `..`; see fuzz/README.md).
+#[test]
+fn writer_refuses_names_no_directory_can_hold() {
+    for name in [&b"."[..], b"..", b"", b"a/b", b"a\0b"] {
+        let w = ImageWriter::new(Cursor::new(Vec::new()), Options::default()).unwrap();
+        let mut tree = Tree::new(meta(0o755));
+        let root = tree.root();
+        let id = tree.add(Node {
+            meta: meta(0o600),
+            body: Body::CharDev(0, 0),
+        });
+        tree.link(root, name, id);
+        match w.finish(&tree) {
+            Err(erofs::writer::Error::Unrepresentable(_)) => {}
+            Err(e) => panic!("{name:?}: {e}"),
+            Ok(_) => panic!("{name:?}: written"),
+        }
+    }
+}

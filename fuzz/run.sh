@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Fuzzes each target in turn for SECONDS (default 900) at the lowest priority, one fuzzer
+# process at a time, keeping the corpora in fuzz/corpus/<target> and logs in fuzz/logs.
+#   fuzz/run.sh [SECONDS] [TARGET...]
+set -euo pipefail
+cd "$(dirname "$0")"
+# Debug assertions on: overflow checks turn silent wrap-arounds into findings.
+export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-/tmp/tgt-fuzz-a}
+secs=${1:-900}
+shift || true
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(erofs_image tar_convert tar_reader lazy_layer filters)
+mkdir -p logs
+for t in "${targets[@]}"; do
+    case $t in
+        tar_reader|tar_convert) seeds=seeds/tar; len=65536 ;;
+        erofs_image) seeds=seeds/erofs_image; len=65536 ;;
+        *) seeds=seeds/$t; len=4096 ;;
+    esac
+    mkdir -p "corpus/$t"
+    echo "== $t: ${secs}s ($(date -u +%H:%M:%S))"
+    # `time` reports the CPU the fuzzer really got (the machine is shared; the limit is wall time).
+    TIMEFORMAT="$t: %R s wall, %U s user, %S s sys"
+    { time nice -n 19 cargo +nightly fuzz run -O -a "$t" "corpus/$t" "$seeds" -- \
+        -max_total_time="$secs" -max_len="$len" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+        >"logs/$t-$(date -u +%H%M%S).log" 2>&1 || { echo "$t: FAILED (see fuzz/logs)"; exit 1; } ; } 2>>logs/cpu.txt
+done
