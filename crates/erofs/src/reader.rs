@@ -1108,6 +1108,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn reads_default_image() {
         let fx = fixture();
         let img = mkfs(fx.dir.path(), "default.img", &[], &fx.src);
@@ -1116,6 +1120,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn reads_noinline_image() {
         let fx = fixture();
         let img = mkfs(fx.dir.path(), "noinline.img", &["-E", "noinline_data"], &fx.src);
@@ -1124,6 +1132,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn reads_shared_xattr_image() {
         let fx = fixture();
         let img = mkfs(fx.dir.path(), "shared.img", &["-x", "1"], &fx.src);
@@ -1139,6 +1151,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn reads_compact_inodes() {
         let fx = fixture();
         let img = mkfs(fx.dir.path(), "compact.img", &["--ignore-mtime"], &fx.src);
@@ -1152,6 +1168,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn reads_chunk_based_images() {
         let fx = fixture();
         for chunk in ["4096", "8192"] {
@@ -1245,6 +1265,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn reads_data_on_a_blob_device() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
@@ -1466,6 +1490,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn lookup_resolves_paths_without_following_symlinks() {
         let fx = fixture();
         let img = Image::open(&mkfs(fx.dir.path(), "l.img", &[], &fx.src)).unwrap();
@@ -1529,6 +1557,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn rejects_corrupt_images() {
         let fx = fixture();
         let img_path = mkfs(fx.dir.path(), "c.img", &[], &fx.src);
@@ -1585,6 +1617,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn refuses_unknown_incompatible_features() {
         let fx = fixture();
         let raw = fs::read(mkfs(fx.dir.path(), "f.img", &[], &fx.src)).unwrap();
@@ -1634,6 +1670,10 @@ mod tests {
 
     /// Every image shorter than its superblock's end is refused, never panicked on.
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn refuses_truncated_superblocks() {
         let fx = fixture();
         let raw = fs::read(mkfs(fx.dir.path(), "t.img", &[], &fx.src)).unwrap();
