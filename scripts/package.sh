@@ -100,11 +100,6 @@ Files: *
 Copyright: $year dedup-snapshotter developers
 License: Apache-2.0
 
-Files: third_party/h2/*
-Copyright: h2 developers
-License: MIT
-Comment: h2 with one patch (third_party/README.md), linked into the binaries.
-
 Comment: The binaries link statically the Rust crates listed in the source tree's Cargo.lock, each under its own
  license (MIT, Apache-2.0, BSD or similar permissive terms).
 

@@ -10,8 +10,11 @@
 # 4. warms the fixtures: the debian-minbase layer (debootstrap, a few minutes
 #    the first time; cached in ${DEDUP_CACHE:-/var/cache/dedup-snapshotter-tests})
 #    and the OCI images of the end-to-end tests (scripts/build-test-images.sh);
-# 5. cargo test --workspace --release --no-fail-fast (every test binary runs
-#    even when an earlier one fails), then one closing summary line
+# 5. cargo test --workspace --release --features root-tests --no-fail-fast:
+#    both tiers (the unit tier, and the root tier, whose test binaries are
+#    only built with the `root-tests` feature; README.md, "Tests in two
+#    tiers"); every test binary runs even when an earlier one fails; then one
+#    closing summary line
 #    "tests: N passed, N failed, N skipped" (skipped = #[ignore]d).
 #
 # Exits non-zero on any failure.  Extra arguments go to `cargo test` (after
@@ -90,11 +93,15 @@ done
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --workspace --all-targets -- -D warnings"
-cargo clippy --workspace --all-targets -- -D warnings
+# Every step builds with the root tier's feature: clippy then lints its test binaries too, and
+# the release binaries the tests spawn are the ones `cargo test` builds (one build, not two).
+TIERS=(--features root-tests)
 
-step "cargo build --workspace --release"
-cargo build --workspace --release
+step "cargo clippy --workspace --all-targets ${TIERS[*]} -- -D warnings"
+cargo clippy --workspace --all-targets "${TIERS[@]}" -- -D warnings
+
+step "cargo build --workspace --release ${TIERS[*]}"
+cargo build --workspace --release "${TIERS[@]}"
 
 # --- fixtures -------------------------------------------------------------------
 FIXTURE=crates/dedup-snapshotter/tests/fixtures/debian-minbase.sh
@@ -132,11 +139,11 @@ done
 leak_state=$ROOT/target/leak-check
 DEDUP_LEAK_MARK=$(bash scripts/lib/leak-check.sh snapshot "$leak_state")
 export DEDUP_LEAK_MARK
-step "cargo test --workspace --release --no-fail-fast $*"
+step "cargo test --workspace --release ${TIERS[*]} --no-fail-fast $*"
 log=$(mktemp /tmp/dedup-test.XXXXXX.log)
 trap 'rm -f "$log"' EXIT
 rc=0
-cargo test --workspace --release --no-fail-fast "$@" 2>&1 | tee "$log" || rc=$?
+cargo test --workspace --release "${TIERS[@]}" --no-fail-fast "$@" 2>&1 | tee "$log" || rc=$?
 
 # --- containerd's own snapshotter suite against our daemon -------------------------
 # scripts/harness/suite.sh builds containerd 1.6's snapshots/testsuite (Debian's Go and

@@ -43,7 +43,7 @@ enum Command {
         /// The layer's media type; by default the compression is detected from the stream.
         #[arg(long)]
         media_type: Option<String>,
-        /// Print the report as JSON.
+        /// Print the report as JSON; on failure, the error as JSON (`{"error": {"kind", ...}}`).
         #[arg(long)]
         json: bool,
         /// Do not pack small files and tails after their inodes (block-aligned data).
@@ -234,6 +234,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json_errors = matches!(cli.command, Command::Convert { json: true, .. });
     // The daemon sets its logging up itself, once its config file is read.
     if !matches!(cli.command, Command::Serve { .. }) {
         logging::init(cli.log_level.as_deref(), "info", false);
@@ -251,9 +252,38 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e:#}");
+            if json_errors {
+                println!("{}", error_json(&e));
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The machine-readable form of a failed `convert --json`, printed as one line on stdout (where
+/// the report would have been): `{"error": {"kind", "message", "entry", "offset", "io"}}`.
+///
+/// `kind` is the converter's [`layer_convert::ErrorKind`] variant (`Truncated`, `PathEscape`, ...),
+/// `Io` for an I/O error outside the converter (opening the input), `Usage` for options refused
+/// before converting; `io` is the I/O error's `std::io::ErrorKind` when there is one. Scripts and
+/// tests branch on these fields, not on the message's words, which may change.
+fn error_json(e: &anyhow::Error) -> serde_json::Value {
+    let conv = e.chain().find_map(|c| c.downcast_ref::<layer_convert::Error>());
+    let io = e.chain().find_map(|c| c.downcast_ref::<io::Error>());
+    let kind = match (conv, io) {
+        (Some(c), _) => format!("{:?}", c.kind),
+        (None, Some(_)) => "Io".to_string(),
+        (None, None) => "Usage".to_string(),
+    };
+    serde_json::json!({
+        "error": {
+            "kind": kind,
+            "message": format!("{e:#}"),
+            "entry": conv.and_then(|c| c.entry.clone()),
+            "offset": conv.and_then(|c| c.offset),
+            "io": io.map(|e| format!("{:?}", e.kind())),
+        }
+    })
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -1,6 +1,7 @@
 //! Inputs the converter must refuse: every case must exit non-zero, print an
-//! `error:` line naming the problem (and the tar entry where there is one),
-//! and leave nothing behind: no OUTPUT and no `.OUTPUT.tmp*` next to it.
+//! `error:` line, report the error's kind (and the tar entry where there is
+//! one) in `convert --json`'s machine-readable error, and leave nothing
+//! behind: no OUTPUT and no `.OUTPUT.tmp*` next to it.
 //! Also: stdin (`-`) input works and gives the same image as a file.
 
 mod common;
@@ -34,15 +35,22 @@ impl Case {
         self.outdir.join("layer.erofs")
     }
 
-    /// Converts `input` and asserts a clean failure whose stderr mentions,
-    /// case-insensitively, at least one string of each group in `mentions`.
-    fn expect_failure(&self, what: &str, input: &Path, extra: &[&str], mentions: &[&[&str]]) {
-        let out = convert(input, &self.output(), extra);
-        self.check_failure(what, &out, mentions);
+    /// Converts `input` with `--json` and asserts a clean refusal of one of `kinds` (any kind when
+    /// empty) naming tar entry `entry` when given.
+    fn expect_failure(&self, what: &str, input: &Path, extra: &[&str], kinds: &[&str], entry: Option<&str>) {
+        let mut args = vec!["--json"];
+        args.extend_from_slice(extra);
+        let out = convert(input, &self.output(), &args);
+        self.check_failure(what, &out, kinds, entry);
     }
 
-    fn check_failure(&self, what: &str, out: &Output, mentions: &[&[&str]]) {
+    /// A clean refusal: non-zero exit, a human `error:` line on stderr, the machine-readable error
+    /// on stdout (`convert --json`: `{"error": {"kind", "entry", ...}}`) of one of `kinds` (any when
+    /// empty) naming `entry` when given, and nothing left in OUTPUT's directory. The kind is
+    /// checked, not the message's words.
+    fn check_failure(&self, what: &str, out: &Output, kinds: &[&str], entry: Option<&str>) {
         let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
         let mut errs = Vec::new();
         if out.status.success() {
             errs.push("exited 0".to_string());
@@ -50,10 +58,24 @@ impl Case {
         if !stderr.lines().any(|l| l.starts_with("error:")) {
             errs.push("no stderr line starts with `error:`".to_string());
         }
-        let lower = stderr.to_lowercase();
-        for group in mentions {
-            if !group.iter().any(|m| lower.contains(&m.to_lowercase())) {
-                errs.push(format!("stderr mentions none of {group:?}"));
+        let err = stdout
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v["error"].clone())
+            .filter(|e| e.is_object());
+        match &err {
+            None => errs.push("no `{\"error\": ...}` line on stdout".to_string()),
+            Some(e) => {
+                let kind = e["kind"].as_str().unwrap_or("");
+                if !kinds.is_empty() && !kinds.contains(&kind) {
+                    errs.push(format!("error kind {kind:?}, want one of {kinds:?}"));
+                }
+                if let Some(want) = entry {
+                    if e["entry"].as_str() != Some(want) {
+                        errs.push(format!("error entry {}, want {want:?}", e["entry"]));
+                    }
+                }
             }
         }
         let left = dir_entries(&self.outdir);
@@ -62,7 +84,7 @@ impl Case {
         }
         assert!(
             errs.is_empty(),
-            "{what}: {}\nexit: {}\nstderr:\n{stderr}",
+            "{what}: {}\nexit: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
             errs.join("; "),
             out.status
         );
@@ -147,23 +169,12 @@ fn pipe(cmd: &[&str], data: &[u8]) -> Vec<u8> {
     out.stdout
 }
 
-// Words a message about a damaged stream plausibly uses.
-const DAMAGED: &[&str] = &[
-    "truncat",
-    "unexpected end",
-    "eof",
-    "corrupt",
-    "invalid",
-    "short",
-    "incomplete",
-];
-
 #[test]
 fn truncated_tar_mid_header() {
     let c = Case::new();
     let tar = base_tar(&c.path("base.tar"));
     let input = write(&c.path("cut.tar"), &tar[..2048 + 100]);
-    c.expect_failure("tar cut inside a header", &input, &[], &[DAMAGED]);
+    c.expect_failure("tar cut inside a header", &input, &[], &["Truncated"], None);
 }
 
 #[test]
@@ -171,7 +182,13 @@ fn truncated_tar_mid_data() {
     let c = Case::new();
     let tar = base_tar(&c.path("base.tar"));
     let input = write(&c.path("cut.tar"), &tar[..2560 + 500]);
-    c.expect_failure("tar cut inside d/file2's data", &input, &[], &[DAMAGED, &["d/file2"]]);
+    c.expect_failure(
+        "tar cut inside d/file2's data",
+        &input,
+        &[],
+        &["Truncated"],
+        Some("d/file2"),
+    );
 }
 
 /// A tar that simply stops after a complete entry (no end-of-archive
@@ -181,11 +198,11 @@ fn truncated_tar_between_entries_is_accepted_or_named() {
     let c = Case::new();
     let tar = base_tar(&c.path("base.tar"));
     let input = write(&c.path("cut.tar"), &tar[..2048]);
-    let out = convert(&input, &c.output(), &[]);
+    let out = convert(&input, &c.output(), &["--json"]);
     // Accepting is what GNU tar and Go's archive/tar do (a missing
     // end-of-archive marker is tolerated); failing must still be clean.
     if !out.status.success() {
-        c.check_failure("tar without end-of-archive", &out, &[]);
+        c.check_failure("tar without end-of-archive", &out, &["Truncated"], None);
     } else {
         fs::remove_file(c.output()).unwrap();
     }
@@ -197,7 +214,7 @@ fn bad_header_checksum() {
     let mut tar = base_tar(&c.path("base.tar"));
     tar[2048 + 148..2048 + 156].copy_from_slice(b"0001234\0");
     let input = write(&c.path("bad.tar"), &tar);
-    c.expect_failure("bad checksum on d/file2's header", &input, &[], &[&["checksum"]]);
+    c.expect_failure("bad checksum on d/file2's header", &input, &[], &["BadHeader"], None);
 }
 
 #[test]
@@ -212,7 +229,8 @@ fn size_larger_than_stream() {
         "d/file2 claims more data than the stream has",
         &input,
         &[],
-        &[DAMAGED, &["d/file2"]],
+        &["Truncated"],
+        Some("d/file2"),
     );
 }
 
@@ -221,7 +239,7 @@ fn truncated_gzip() {
     let c = Case::new();
     let gz = gzip_bytes(&base_tar(&c.path("base.tar")));
     let input = write(&c.path("cut.tar.gz"), &gz[..gz.len() / 2]);
-    c.expect_failure("gzip cut in half", &input, &[], &[DAMAGED]);
+    c.expect_failure("gzip cut in half", &input, &[], &["Truncated"], None);
 }
 
 #[test]
@@ -236,9 +254,7 @@ fn corrupt_gzip() {
         *b ^= 0x5a;
     }
     let input = write(&c.path("bad.tar.gz"), &bad);
-    let mut words = DAMAGED.to_vec();
-    words.extend(["crc", "checksum", "deflate", "gzip"]);
-    c.expect_failure("gzip with flipped bytes", &input, &[], &[&words]);
+    c.expect_failure("gzip with flipped bytes", &input, &[], &["Decompress"], None);
 }
 
 #[test]
@@ -248,9 +264,7 @@ fn gzip_with_bad_crc_trailer() {
     let n = gz.len();
     gz[n - 8] ^= 0xff; // CRC32 of the data: the only thing that can catch bit rot
     let input = write(&c.path("crc.tar.gz"), &gz);
-    let mut words = DAMAGED.to_vec();
-    words.extend(["crc", "checksum", "gzip"]);
-    c.expect_failure("gzip with a wrong CRC32", &input, &[], &[&words]);
+    c.expect_failure("gzip with a wrong CRC32", &input, &[], &["Decompress"], None);
 }
 
 #[test]
@@ -258,7 +272,7 @@ fn truncated_zstd() {
     let c = Case::new();
     let zst = zstd_bytes(&base_tar(&c.path("base.tar")));
     let input = write(&c.path("cut.tar.zst"), &zst[..zst.len() / 2]);
-    c.expect_failure("zstd cut in half", &input, &[], &[DAMAGED]);
+    c.expect_failure("zstd cut in half", &input, &[], &["Truncated"], None);
 }
 
 #[test]
@@ -276,9 +290,7 @@ fn corrupt_zstd() {
         *b ^= 0xa5;
     }
     let input = write(&c.path("bad.tar.zst"), &bad);
-    let mut words = DAMAGED.to_vec();
-    words.extend(["checksum", "zstd", "corrupt", "unknown", "error"]);
-    c.expect_failure("zstd with flipped bytes", &input, &[], &[&words]);
+    c.expect_failure("zstd with flipped bytes", &input, &[], &["Decompress"], None);
 }
 
 #[test]
@@ -287,7 +299,7 @@ fn path_escaping_root() {
         let c = Case::new();
         let input = c.path("escape.tar");
         crafted_tar(&input, &format!("add('ok', data=b'fine')\nadd({name:?}, data=b'x')"));
-        c.expect_failure(&format!("entry {name}"), &input, &[], &[&["evil"]]);
+        c.expect_failure(&format!("entry {name}"), &input, &[], &["PathEscape"], Some(name));
     }
 }
 
@@ -303,7 +315,8 @@ fn hard_link_to_missing_target() {
         "hard link to a path not in the layer",
         &input,
         &[],
-        &[&["hl_entry", "no_such_target"]],
+        &["LinkTarget"],
+        Some("hl_entry"),
     );
 }
 
@@ -312,7 +325,13 @@ fn entry_under_a_regular_file() {
     let c = Case::new();
     let input = c.path("under-file.tar");
     crafted_tar(&input, "add('f', data=b'file')\nadd('f/child', data=b'x')");
-    c.expect_failure("f/child where f is a file", &input, &[], &[&["f/child"]]);
+    c.expect_failure(
+        "f/child where f is a file",
+        &input,
+        &[],
+        &["NotADirectory"],
+        Some("f/child"),
+    );
 }
 
 /// Following the symlink would write outside the layer (or into another
@@ -330,7 +349,8 @@ fn entry_under_a_symlink() {
             &format!("s/child where s is a symlink ({what})"),
             &input,
             &[],
-            &[&["s/child"]],
+            &["NotADirectory"],
+            Some("s/child"),
         );
     }
 }
@@ -339,7 +359,7 @@ fn entry_under_a_symlink() {
 /// converter must stop at the limit instead of writing a 2 GiB image.
 #[test]
 fn decompression_bomb_hits_max_size() {
-    require_root_and_kernel();
+    require_tools();
     let c = Case::new();
     let bomb = c.path("bomb.tar.gz");
     // A valid header for a 2 GiB file, then the zeros, streamed through gzip.
@@ -367,7 +387,8 @@ sys.stdout.buffer.write(ti.tobuf(format=tarfile.USTAR_FORMAT))
         "2 GiB gzip bomb with --max-size 100M",
         &bomb,
         &["--max-size", "100M"],
-        &[&["max-size", "max size", "limit", "exceed", "too large"]],
+        &["SizeLimit"],
+        None,
     );
     // Stopping at the limit means reading ~100 MiB, not 2 GiB.
     assert!(
@@ -382,12 +403,7 @@ fn unknown_compression_xz() {
     let c = Case::new();
     let xz = pipe(&["xz", "-c"], &base_tar(&c.path("base.tar")));
     let input = write(&c.path("layer.tar.xz"), &xz);
-    c.expect_failure(
-        "xz-compressed input",
-        &input,
-        &[],
-        &[&["xz", "compress", "unknown", "unsupported", "not a tar", "format"]],
-    );
+    c.expect_failure("xz-compressed input", &input, &[], &["Unsupported"], None);
 }
 
 #[test]
@@ -398,7 +414,8 @@ fn unknown_media_type() {
         "unknown --media-type",
         &input,
         &["--media-type", "application/vnd.example.layer.v1.tar+lz4"],
-        &[&["application/vnd.example.layer.v1.tar+lz4", "media type", "media-type"]],
+        &["Unsupported"],
+        None,
     );
 }
 
@@ -406,13 +423,13 @@ fn unknown_media_type() {
 fn missing_input_file() {
     let c = Case::new();
     let input = c.path("does-not-exist.tar");
-    c.expect_failure("missing input", &input, &[], &[&["does-not-exist.tar"]]);
+    c.expect_failure("missing input", &input, &[], &["Io"], None);
 }
 
 /// `-` reads the layer from stdin: same image and report as from a file.
 #[test]
 fn stdin_input_matches_file_input() {
-    require_root_and_kernel();
+    require_tools();
     let c = Case::new();
     let tar = base_tar(&c.path("base.tar"));
     for (name, data) in [

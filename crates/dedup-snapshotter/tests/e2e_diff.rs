@@ -1267,3 +1267,232 @@ fn bad_and_hostile_input() {
     t.env.check_layout();
     t.env.stop();
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Every entry under the daemon's root, as "relative path type size", not crossing into mounts (the layers'
+/// EROFS mounts under `m/`) and leaving out the store's database, whose bytes change with every transaction.
+/// Staging and temp files of an Apply, wherever the store keeps them under its root, show up here.
+fn root_listing(root: &Path) -> BTreeSet<String> {
+    fn walk(base: &Path, dir: &Path, dev: u64, out: &mut BTreeSet<String>) {
+        let rd = match fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => panic!("read_dir {}: {e}", dir.display()),
+        };
+        for e in rd {
+            let p = e.expect("read_dir entry").path();
+            let Ok(md) = fs::symlink_metadata(&p) else {
+                continue; // removed meanwhile (the daemon is running)
+            };
+            let rel = p.strip_prefix(base).unwrap().display().to_string();
+            if rel == "metadata.redb" {
+                continue;
+            }
+            if md.is_dir() {
+                out.insert(format!("{rel} dir"));
+                if md.dev() == dev {
+                    walk(base, &p, dev, out);
+                }
+            } else if md.is_file() {
+                out.insert(format!("{rel} file {}", md.len()));
+            } else {
+                out.insert(format!("{rel} other"));
+            }
+        }
+    }
+    let dev = fs::metadata(root).expect("stat the daemon's root").dev();
+    let mut out = BTreeSet::new();
+    walk(root, root, dev, &mut out);
+    out
+}
+
+/// Bytes in regular files under `root` (same file system, database left out) that `before` does not list.
+fn new_bytes(root: &Path, before: &BTreeSet<String>) -> (u64, Vec<String>) {
+    let mut total = 0;
+    let mut files = Vec::new();
+    for l in root_listing(root).difference(before) {
+        let mut w = l.rsplitn(3, ' ');
+        let (size, kind, path) = (w.next().unwrap(), w.next().unwrap_or(""), w.next().unwrap_or(""));
+        if kind == "file" {
+            total += size.parse::<u64>().unwrap();
+            files.push(path.to_string());
+        }
+    }
+    (total, files)
+}
+
+/// The EROFS mounts under the daemon's root (mount points).
+fn erofs_mounts_under(root: &Path) -> Vec<String> {
+    e2e::mountinfo()
+        .into_iter()
+        .filter(|m| Path::new(&m.point).starts_with(root) && m.fstype == "erofs")
+        .map(|m| m.point)
+        .collect()
+}
+
+/// Kill -9 of the daemon in the middle of the Diff service's Apply of a ~300 MB layer onto one of its snapshots,
+/// then a restart on the same root. Afterwards: the snapshot is still active and untouched (empty `fs/`, no layer
+/// image), the daemon's root holds exactly the entries it held before the Apply (no staging or temp file, no
+/// half-written layer), nothing is mounted for it, its mounts are the same, and the same Apply then succeeds and
+/// commits to the layer's tree.
+#[test]
+fn kill_during_apply_then_recover() {
+    let _serial = e2e::serial();
+    let mut t = T::new();
+    let work = t.env.dir.join("crash-apply");
+    let src = work.join("src");
+    fs::create_dir_all(&src).unwrap();
+    // ~300 MB of incompressible files across directories: long enough to kill the daemon in mid-Apply.
+    let mut written = 0usize;
+    for i in 0..150 {
+        let d = src.join(format!("d{:02}", i % 12));
+        fs::create_dir_all(&d).unwrap();
+        let size = (2 << 20) + (i * 4099) % 65536;
+        fs::write(
+            d.join(format!("f{i:03}.bin")),
+            common::pseudo_random(size, i as u64 + 1),
+        )
+        .unwrap();
+        written += size;
+    }
+    fs::write(src.join("small.txt"), "small\n").unwrap();
+    std::os::unix::fs::symlink("d00/f000.bin", src.join("link")).unwrap();
+    let tar = work.join("big.tar");
+    host_sh(&format!(
+        "tar --sort=name --numeric-owner --owner=0 --group=0 -C {} -cf {} .",
+        src.display(),
+        tar.display()
+    ));
+    let layer = Layer {
+        digest: t.ingest(&tar),
+        media_type: TAR_LAYER.into(),
+        size: fs::metadata(&tar).unwrap().len(),
+    };
+    eprintln!(
+        "e2e: crash layer {} ({} bytes, {written} in files)",
+        layer.digest, layer.size
+    );
+
+    let key = "crash-apply-target";
+    t.sn("dedup", &["prepare", key]);
+    let dir = t.active_dir(key);
+    assert_untouched_active(&dir, "before the Apply");
+    let mounts = t.grpc_mounts("dedup", key);
+    let root = t.env.root.clone();
+    let before = root_listing(&root);
+    let mounted_before = erofs_mounts_under(&root);
+
+    // Apply in a thread of its own (its own runtime): the test watches the root meanwhile.
+    let apply = {
+        let (sock, ns, layer, mounts) = (t.our_sock(), t.env.ns.clone(), layer.clone(), mounts.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let ch = containerd_client::connect(&sock)
+                    .await
+                    .expect("connect the Diff service");
+                let mut c = pb::diff_client::DiffClient::new(ch);
+                let mut r = Request::new(pb::ApplyRequest {
+                    diff: Some(PbDescriptor {
+                        media_type: layer.media_type,
+                        digest: layer.digest,
+                        size: layer.size as i64,
+                        annotations: Default::default(),
+                    }),
+                    mounts,
+                    payloads: Default::default(),
+                    sync_fs: false,
+                });
+                r.metadata_mut().insert("containerd-namespace", ns.parse().unwrap());
+                c.apply(r).await.map(|r| r.into_inner())
+            })
+        })
+    };
+    // Kill once the Apply has staged 8 MiB somewhere under the root.
+    let started = Instant::now();
+    let staged = loop {
+        let (bytes, files) = new_bytes(&root, &before);
+        if bytes >= 8 << 20 {
+            break files;
+        }
+        assert!(
+            !apply.is_finished(),
+            "the Apply returned before the test could kill the daemon ({:.2}s, {bytes} bytes staged): \
+             make the layer larger",
+            started.elapsed().as_secs_f64()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the Apply staged {bytes} bytes in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    t.env.kill9_snapshotter();
+    eprintln!(
+        "e2e: killed the daemon {:.2}s into the Apply, staging {staged:?}",
+        started.elapsed().as_secs_f64()
+    );
+    let res = apply.join().expect("the Apply thread");
+    let st = res.expect_err("the Apply succeeded although the daemon was killed");
+    eprintln!("e2e: the interrupted Apply returned {:?}: {}", st.code(), st.message());
+
+    t.env.restart_snapshotter();
+    let info = t.env.snapshot_info(key);
+    assert_eq!(info["Kind"].as_str(), Some("Active"), "{info}");
+    assert_untouched_active(&dir, "after the kill and restart");
+    let after = root_listing(&root);
+    assert_eq!(
+        after.symmetric_difference(&before).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "the daemon's root after the restart differs from before the Apply (left: staging or temp files)"
+    );
+    assert_eq!(
+        erofs_mounts_under(&root),
+        mounted_before,
+        "EROFS mounts after the restart"
+    );
+    assert_eq!(
+        t.grpc_mounts("dedup", key),
+        mounts,
+        "the snapshot's mounts changed across the restart"
+    );
+
+    // The same Apply now succeeds, and the committed layer holds the layer's tree.
+    let applied = t
+        .grpc_apply(&t.our_sock(), &layer, mounts)
+        .expect("the same Apply after the restart");
+    assert_eq!(
+        applied.digest,
+        sha256_file(&tar),
+        "the diffID of an uncompressed layer is its digest"
+    );
+    assert_eq!(applied.media_type, TAR_LAYER);
+    t.sn("dedup", &["commit", "crash-applied", key]);
+    let dirs = t.chain_dirs("crash-applied");
+    assert_eq!(
+        dirs,
+        vec![dir.clone()],
+        "the committed layer is the Apply's target snapshot"
+    );
+    fsck(&dir.join("layer.erofs"));
+    {
+        // The reference: the same tar as GNU tar extracts it (whole-second mtimes in its format).
+        let (_gnu_dir, gnu) = common::gnu_extract_tree(&tar);
+        let v = t.mount("dedup", "crash-applied", true);
+        check_trees(
+            "the layer applied after the crash",
+            &gnu,
+            &snapshot_tree(v.path()),
+            &CompareOpts {
+                ignore_root: true,
+                ..Default::default()
+            },
+        );
+    }
+    t.env.check_layout();
+    t.env.stop();
+}

@@ -1073,3 +1073,340 @@ fn cri_pull_falls_back_when_the_registry_or_dedupd_is_unreachable() {
     drop(proxy);
     drop(dedupd);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The source python image's layers extracted in order into one directory: the reference for file contents.
+fn source_rootfs(dir: &Path) {
+    let layout = sh(&format!("{}/scripts/build-python-image.sh path", repo_root().display()));
+    let layout = layout.trim();
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(format!("{layout}/index.json")).unwrap()).unwrap();
+    let blob = |d: &str| format!("{layout}/blobs/sha256/{}", d.trim_start_matches("sha256:"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap()).unwrap();
+    fs::create_dir_all(dir).unwrap();
+    for l in manifest["layers"].as_array().unwrap() {
+        sh(&format!(
+            "tar -xzf {} -C {} --no-same-owner",
+            blob(l["digest"].as_str().unwrap()),
+            dir.display()
+        ));
+    }
+}
+
+/// The exit status of container `id`'s task once it stopped (None while it runs), from containerd's Tasks service.
+fn task_exit_status(env: &Env, id: &str) -> Option<u32> {
+    use containerd_client::services::v1 as pb;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ch = containerd_client::connect(&env.ctrd_sock)
+            .await
+            .expect("connect containerd");
+        let mut c = pb::tasks_client::TasksClient::new(ch);
+        let mut r = tonic::Request::new(pb::GetRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+        });
+        r.metadata_mut().insert("containerd-namespace", env.ns.parse().unwrap());
+        let p = c
+            .get(r)
+            .await
+            .expect("Tasks.Get")
+            .into_inner()
+            .process
+            .expect("the task's process");
+        (p.status == containerd_client::types::v1::Status::Stopped as i32).then_some(p.exit_status)
+    })
+}
+
+/// One read of a whole file through a running container's root file system.
+#[derive(Debug)]
+struct LazyRead {
+    path: String,
+    started: Instant,
+    ended: Instant,
+    /// The bytes' sha256, or the errno of the failed read.
+    result: Result<String, i32>,
+}
+
+fn read_one(rootfs: &Path, rel: &str) -> LazyRead {
+    let started = Instant::now();
+    let result = fs::read(rootfs.join(rel))
+        .map(|b| common::sha256_hex(&b))
+        .map_err(|e| e.raw_os_error().unwrap_or(-1));
+    LazyRead {
+        path: rel.to_string(),
+        started,
+        ended: Instant::now(),
+        result,
+    }
+}
+
+fn errno_name(e: i32) -> String {
+    match e {
+        libc::EIO => "EIO".into(),
+        libc::ENOTCONN => "ENOTCONN".into(),
+        libc::ECONNABORTED => "ECONNABORTED".into(),
+        libc::EINTR => "EINTR".into(),
+        libc::ENXIO => "ENXIO".into(),
+        _ => format!("errno {e}"),
+    }
+}
+
+/// Regular files of at least `min` bytes under `dirs` of `rootfs` (relative paths, sorted).
+fn files_under(rootfs: &Path, dirs: &[&str], min: u64) -> Vec<String> {
+    fn walk(base: &Path, d: &Path, min: u64, out: &mut Vec<String>) {
+        let Ok(rd) = fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(md) = fs::symlink_metadata(&p) else { continue };
+            if md.is_dir() {
+                walk(base, &p, min, out);
+            } else if md.is_file() && md.len() >= min {
+                out.push(p.strip_prefix(base).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for d in dirs {
+        walk(rootfs, &rootfs.join(d), min, &mut out);
+    }
+    out.sort();
+    out
+}
+
+/// Kill -9 of dedupd while four readers pull unfetched files through a running container's root file system
+/// (lazy layers, a 4 MB/s registry, no prefetch). What the running container sees, asserted:
+/// - every read that completed before the kill returned the file's exact bytes;
+/// - every read that did not complete before the kill failed with EIO (the FUSE connection is gone: the backing
+///   file's reads fail, and EROFS reports that as EIO), or returned exactly the right bytes; none returned wrong
+///   bytes, and reads of unfetched data fail at once, without waiting for the read deadline;
+/// - data the container had already read stays readable (the kernel's page cache of the EROFS mount);
+/// - the container's process, though idle, dies of SIGBUS (exit status 135) within seconds; its root file system
+///   stays broken for unfetched data after dedupd's restart (its mounts hold the dead FUSE connection's file),
+///   while new containers work: the snapshotter mounts the lazy layers again from the new dedupd, and they read
+///   the same files with the right bytes.
+#[test]
+fn kill_dedupd_during_a_burst_of_lazy_reads() {
+    let _serial = e2e::serial();
+    let mut l = Lazy::start("oci", 4_000_000, &["--no-prefetch", "--read-deadline-secs", "30"]);
+    let pulled = l.pull(&l.lazy);
+    assert_eq!(pulled["lazy"].as_u64(), Some(2), "{pulled}");
+    l.check_lazy_layers();
+    let reference = l.env.dir.join("source-rootfs");
+    source_rootfs(&reference);
+
+    // A running container: python3 sleeping, its start already read (the interpreter and its libraries).
+    let id = "burst";
+    l.env.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "dedup",
+        &l.lazy,
+        id,
+        "python3",
+        "-c",
+        "import time; time.sleep(3600)",
+    ]);
+    l.env.wait_until("the burst container to run", 60, || {
+        l.env.task_status(id).as_deref() == Some("RUNNING")
+    });
+    let suffix = format!("/{id}/rootfs");
+    let rootfs = PathBuf::from(
+        mountinfo()
+            .into_iter()
+            .find(|m| m.fstype == "overlay" && m.point.ends_with(&suffix))
+            .unwrap_or_else(|| panic!("no overlay mount of the container's rootfs (…{suffix})"))
+            .point,
+    );
+    let want = |rel: &str| common::sha256_file(&reference.join(rel));
+
+    // Warm files: read whole before the kill.
+    let warm = [
+        "usr/bin/dpkg",
+        "usr/lib/x86_64-linux-gnu/libapt-pkg.so.6.0.0",
+        "usr/bin/perl",
+    ];
+    for w in warm {
+        let r = read_one(&rootfs, w);
+        assert_eq!(r.result.as_ref().ok(), Some(&want(w)), "warm read of {w}: {r:?}");
+    }
+    // Cold files: never read yet (and larger than a block, so their data is not inline in the metadata).
+    let cold: Vec<String> = files_under(
+        &rootfs,
+        &["usr/share", "usr/lib/x86_64-linux-gnu", "usr/lib/python3.11"],
+        64 << 10,
+    )
+    .into_iter()
+    .filter(|p| !warm.contains(&p.as_str()) && reference.join(p).is_file())
+    .take(400)
+    .collect();
+    assert!(cold.len() >= 100, "only {} cold files", cold.len());
+
+    assert_eq!(
+        l.env.task_status(id).as_deref(),
+        Some("RUNNING"),
+        "the container before the kill"
+    );
+
+    // The burst: four readers; dedupd dies once ten reads have completed.
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let results = std::sync::Arc::new(std::sync::Mutex::new(Vec::<LazyRead>::new()));
+    let started = Instant::now();
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (next, results, cold, rootfs) = (next.clone(), results.clone(), cold.clone(), rootfs.clone());
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(rel) = cold.get(i) else { return };
+                let r = read_one(&rootfs, rel);
+                results.lock().unwrap().push(r);
+            })
+        })
+        .collect();
+    loop {
+        let done = results.lock().unwrap().len();
+        if done >= 10 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "only {done} lazy reads completed in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before_kill = Instant::now();
+    l.dedupd.kill9();
+    let killed = Instant::now();
+    for r in readers {
+        r.join().expect("reader thread");
+    }
+    let results = std::mem::take(&mut *results.lock().unwrap());
+    let after_burst = Instant::now();
+
+    let mut completed_before = 0;
+    let mut later_ok = 0;
+    let mut errnos = std::collections::BTreeMap::<String, usize>::new();
+    let mut slowest_failure = Duration::ZERO;
+    let mut failed = Vec::new();
+    for r in &results {
+        match &r.result {
+            Ok(sha) => {
+                assert_eq!(sha, &want(&r.path), "wrong bytes from a lazy read of {}", r.path);
+                if r.ended < before_kill {
+                    completed_before += 1;
+                } else {
+                    later_ok += 1;
+                }
+            }
+            Err(e) => {
+                assert!(
+                    r.ended >= before_kill,
+                    "{} failed ({}) before dedupd was killed",
+                    r.path,
+                    errno_name(*e)
+                );
+                *errnos.entry(errno_name(*e)).or_default() += 1;
+                if r.started >= killed {
+                    slowest_failure = slowest_failure.max(r.ended - r.started);
+                }
+                failed.push(r.path.clone());
+            }
+        }
+    }
+    eprintln!(
+        "e2e: burst of {} lazy reads, dedupd killed {:.2}s in: {completed_before} completed before the kill, \
+         {later_ok} read right after it (page cache), failures by errno {errnos:?}, slowest failure after the \
+         kill {:.3}s, the burst ended {:.2}s after the kill",
+        results.len(),
+        (before_kill - started).as_secs_f64(),
+        slowest_failure.as_secs_f64(),
+        (after_burst - killed).as_secs_f64()
+    );
+    assert!(
+        completed_before >= 10,
+        "{completed_before} reads completed before the kill"
+    );
+    assert!(!failed.is_empty(), "no read failed after dedupd was killed");
+    assert_eq!(
+        errnos.keys().cloned().collect::<Vec<_>>(),
+        vec!["EIO".to_string()],
+        "reads of unfetched data after the kill must fail with EIO, and only so"
+    );
+    assert!(
+        slowest_failure < Duration::from_secs(5),
+        "a failing read took {slowest_failure:?}: it waited instead of failing at once"
+    );
+
+    // What the container had read stays readable: the page cache of its EROFS mounts.
+    let done_before: Vec<&LazyRead> = results
+        .iter()
+        .filter(|r| r.result.is_ok() && r.ended < before_kill)
+        .collect();
+    for w in warm.iter().copied().chain(done_before.iter().map(|r| r.path.as_str())) {
+        let r = read_one(&rootfs, w);
+        assert_eq!(
+            r.result.as_ref().ok(),
+            Some(&want(w)),
+            "re-read of {w} after the kill: {r:?}"
+        );
+    }
+    // Its process, idle in a sleep, does not survive: it dies of SIGBUS (exit status 128 + 7) within seconds, as
+    // a process does whose mapped file (here the interpreter and its libraries) can no longer be read.
+    let t = Instant::now();
+    let exit = loop {
+        if let Some(code) = task_exit_status(&l.env, id) {
+            break code;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the container's process still runs 20 s after dedupd was killed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "e2e: the container's process exited with status {exit} {:.2}s after dedupd was killed",
+        (Instant::now() - killed).as_secs_f64()
+    );
+    assert_eq!(exit, 128 + libc::SIGBUS as u32, "the container's exit status");
+
+    // dedupd restarted: the old container's root file system stays broken for what was never fetched ...
+    l.dedupd.spawn();
+    let probe = &failed[0];
+    let r = read_one(&rootfs, probe);
+    eprintln!("e2e: the old container's rootfs re-reads {probe} after dedupd's restart: {r:?}");
+    assert_eq!(
+        r.result.map_err(errno_name),
+        Err("EIO".to_string()),
+        "the old container's mount of {probe} after dedupd's restart"
+    );
+    // ... and new containers work, reading the same files with the right bytes.
+    assert_eq!(
+        l.run(&l.lazy, "after-kill", &["python3", "-c", "print(42)"]).trim(),
+        "42"
+    );
+    let probes: Vec<String> = failed.iter().take(5).map(|p| format!("/{p}")).collect();
+    let mut args = vec!["sha256sum"];
+    args.extend(probes.iter().map(String::as_str));
+    let sums = l.run(&l.lazy, "after-kill-read", &args);
+    for p in failed.iter().take(5) {
+        let hex = want(p).trim_start_matches("sha256:").to_string();
+        assert!(
+            sums.lines()
+                .any(|x| x.starts_with(&hex) && x.ends_with(&format!("/{p}"))),
+            "a new container read {p} wrong or not at all:\n{sums}"
+        );
+    }
+    assert!(
+        l.env
+            .log()
+            .contains("fetch daemon restarted: mounting the lazy layer again"),
+        "the snapshotter did not remount after dedupd's restart"
+    );
+    l.env.remove_container(id);
+    l.stop();
+}

@@ -20,7 +20,6 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -410,61 +409,6 @@ async fn dedup_layers_leave_no_mount() {
     plain_or_dedup(&["--dedup", "--chunk-size", "65536"]).await;
 }
 
-/// docker-registry on 127.0.0.1, storing in `dir`; stopped on drop.
-struct Registry {
-    addr: String,
-    _child: ChildGuard,
-}
-
-impl Registry {
-    fn start(dir: &Path) -> Registry {
-        let bin = Path::new("/usr/bin/docker-registry");
-        assert!(
-            bin.exists(),
-            "docker-registry is missing: apt-get install -y docker-registry"
-        );
-        fs::create_dir_all(dir.join("storage")).unwrap();
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let addr = format!("127.0.0.1:{port}");
-            let config = dir.join("registry.yml");
-            fs::write(
-                &config,
-                format!(
-                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    \
-                     rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                    dir.join("storage").display()
-                ),
-            )
-            .unwrap();
-            let log = fs::File::create(dir.join("registry.log")).unwrap();
-            let child = Command::new(bin)
-                .arg("serve")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("spawn docker-registry");
-            let mut g = ChildGuard::new(child);
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(20) {
-                if let Ok(Some(_)) = g.child_mut().unwrap().try_wait() {
-                    break;
-                }
-                if std::net::TcpStream::connect(&addr).is_ok() {
-                    return Registry { addr, _child: g };
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        panic!(
-            "docker-registry did not start:\n{}",
-            fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
-        );
-    }
-}
-
 /// Pushes an OCI image with one uncompressed tar layer per entry of `layers` as `reference`.
 fn push_image(client: &registry::Client, reference: &str, layers: &[&Files], work: &Path) {
     let r = registry::Reference::parse(reference).unwrap();
@@ -568,7 +512,7 @@ struct Lazy {
     c: Option<SnapshotsClient<Channel>>,
     dedupd: ChildGuard,
     fetch: fetch_api::Client,
-    _reg: Registry,
+    _reg: test_support::registry::Registry,
     names: Vec<String>,
     base: Files,
     top: Files,
@@ -584,7 +528,7 @@ impl Lazy {
         fs::create_dir_all(&work).unwrap();
         let docker_config = dir.join("docker-config.json");
         fs::write(&docker_config, "{}").unwrap();
-        let reg = Registry::start(&dir.join("registry"));
+        let reg = test_support::registry::Registry::start();
 
         // An image, and its conversion to EROFS-native layers with a chunk table.
         let client = registry::Client::new(registry::ClientOptions {

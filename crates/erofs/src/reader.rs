@@ -1109,6 +1109,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn reads_default_image() {
         let fx = fixture();
         let img = mkfs(fx.dir.path(), "default.img", &[], &fx.src);
@@ -1117,6 +1121,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn reads_noinline_image() {
         let fx = fixture();
         let img = mkfs(fx.dir.path(), "noinline.img", &["-E", "noinline_data"], &fx.src);
@@ -1125,6 +1133,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn reads_shared_xattr_image() {
         let fx = fixture();
         let img = mkfs(fx.dir.path(), "shared.img", &["-x", "1"], &fx.src);
@@ -1140,6 +1152,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn reads_compact_inodes() {
         let fx = fixture();
         let img = mkfs(fx.dir.path(), "compact.img", &["--ignore-mtime"], &fx.src);
@@ -1153,6 +1169,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn reads_chunk_based_images() {
         let fx = fixture();
         for chunk in ["4096", "8192"] {
@@ -1246,6 +1266,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn reads_data_on_a_blob_device() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
@@ -1467,6 +1491,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn lookup_resolves_paths_without_following_symlinks() {
         let fx = fixture();
         let img = Image::open(&mkfs(fx.dir.path(), "l.img", &[], &fx.src)).unwrap();
@@ -1530,6 +1558,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn rejects_corrupt_images() {
         let fx = fixture();
         let img_path = mkfs(fx.dir.path(), "c.img", &[], &fx.src);
@@ -1586,6 +1618,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn refuses_unknown_incompatible_features() {
         let fx = fixture();
         let raw = fs::read(mkfs(fx.dir.path(), "f.img", &[], &fx.src)).unwrap();
@@ -1635,6 +1671,10 @@ mod tests {
 
     /// Every image shorter than its superblock's end is refused, never panicked on.
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: build_tree makes device nodes and trusted.* xattrs"
+    )]
     fn refuses_truncated_superblocks() {
         let fx = fixture();
         let raw = fs::read(mkfs(fx.dir.path(), "t.img", &[], &fx.src)).unwrap();

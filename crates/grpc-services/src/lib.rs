@@ -194,11 +194,14 @@ fn clear_stale_socket(socket: &Path) -> Result<(), BoxError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(with_path(e, "inspecting", socket).into()),
     };
+    // io::Errors with a kind, so that callers (and tests) can tell these apart from the words.
     if !meta.file_type().is_socket() {
-        return Err(format!("{} exists and is not a socket", socket.display()).into());
+        let msg = format!("{} exists and is not a socket", socket.display());
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, msg).into());
     }
     if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-        return Err(format!("another server is listening on {}", socket.display()).into());
+        let msg = format!("another server is listening on {}", socket.display());
+        return Err(io::Error::new(io::ErrorKind::AddrInUse, msg).into());
     }
     tracing::info!(socket = %socket.display(), "removing a stale socket");
     std::fs::remove_file(socket).map_err(|e| with_path(e, "removing the stale socket", socket))?;
@@ -285,7 +288,11 @@ mod tests {
         let err = serve_routes(Routes::default(), &socket, 0o600, None, std::future::pending())
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("another server is listening"), "{err}");
+        assert_eq!(
+            err.downcast_ref::<io::Error>().map(io::Error::kind),
+            Some(io::ErrorKind::AddrInUse),
+            "{err}"
+        );
         assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
         stop.send(()).unwrap();
         task.await.unwrap().unwrap();

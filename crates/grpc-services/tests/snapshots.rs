@@ -235,7 +235,11 @@ async fn serve_sets_the_socket_mode_and_stops_cleanly() {
     let err = grpc_services::serve(Arc::clone(&h.store), &h.socket, 0o600, None, std::future::pending())
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("another server"), "{err}");
+    assert_eq!(
+        err.downcast_ref::<std::io::Error>().map(std::io::Error::kind),
+        Some(std::io::ErrorKind::AddrInUse),
+        "{err}"
+    );
     assert_eq!(code(h.stat("nothing").await), Code::NotFound);
     h.finish().await;
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{data, FakeServer, Registry, Reply};
+use common::{data, FakeServer, Registry, RegistryExt, Reply};
 use registry::{sha256_digest, Client, ClientOptions, ErrorKind, Reference, Repository, OCI_CONFIG, OCI_MANIFEST};
 use serde_json::json;
 

@@ -13,13 +13,15 @@
 //! - [`Unmount`]: the same for one mount point the test made itself.
 //! - [`ChildGuard`]: a child process, stopped on drop (SIGTERM, then SIGKILL).
 //!
-//! [`prometheus`] parses the daemons' `/metrics` for the tests that scrape them.
+//! [`prometheus`] parses the daemons' `/metrics` for the tests that scrape them, and
+//! [`registry::Registry`] is a real docker-registry on loopback for the tests that pull or push.
 //!
 //! Put every mount a test makes (and every root a daemon under test mounts in)
 //! under a [`TestDir`], declared before the things that use it so that it is
 //! dropped after them.
 
 pub mod prometheus;
+pub mod registry;
 
 use std::fs;
 use std::io;

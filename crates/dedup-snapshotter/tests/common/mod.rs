@@ -48,20 +48,26 @@ pub fn require_root_and_kernel() {
                 "the kernel lacks `{want}` in /proc/filesystems; these tests need it (modprobe {want})"
             );
         }
-        for tool in ["tar", "fsck.erofs", "python3", "gzip", "zstd"] {
-            let ok = Command::new("sh")
-                .arg("-c")
-                .arg(format!("command -v {tool}"))
-                .stdout(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            assert!(
-                ok,
-                "`{tool}` is not installed; apt-get install -y tar erofs-utils python3 gzip zstd"
-            );
-        }
+        require_tools();
     });
+}
+
+/// Panics unless the tools the converter tests run next to the binary are installed (no root needed): the
+/// unit tier's converter tests need these and nothing else.
+pub fn require_tools() {
+    for tool in ["tar", "fsck.erofs", "python3", "gzip", "zstd"] {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "`{tool}` is not installed; apt-get install -y tar erofs-utils python3 gzip zstd"
+        );
+    }
 }
 
 /// A fresh temporary directory (under the system temp dir); on drop, whatever is

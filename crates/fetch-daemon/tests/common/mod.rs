@@ -1,4 +1,4 @@
-//! Test helpers: a real docker-registry on loopback, a scripted blob server that can corrupt or
+//! Test helpers: the shared docker-registry fixture (test-support), a scripted blob server that can corrupt or
 //! refuse, and the `dedupd` binary started on a temporary root, mountpoint and socket.
 //!
 //! Everything these tests need (root, /dev/fuse, fuse in the kernel, docker-registry) is checked
@@ -62,88 +62,17 @@ pub fn spec_for(blob: &[u8], chunk_size: u64, registry: &str, repository: &str) 
     }
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .chain(["/usr/bin", "/usr/sbin"])
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
+/// The shared docker-registry fixture (test-support).
+pub use test_support::registry::Registry;
 
-/// Whether something at `addr` answers `GET /v2/` with an HTTP status line.
-fn answers_http(addr: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(format!("GET /v2/ HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .is_err()
-    {
-        return false;
-    }
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("HTTP/1.1 ")
-}
-
-/// A docker-registry serving a fresh temporary directory on 127.0.0.1; killed on drop.
-pub struct Registry {
-    pub addr: String,
-    pub dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Registry {
-    pub fn start() -> Registry {
-        let bin = which("docker-registry").unwrap_or_else(|| {
-            panic!(
-                "docker-registry is not installed: apt-get install -y docker-registry (the fetch-daemon tests need it)"
-            )
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let storage = dir.path().join("storage");
-        std::fs::create_dir(&storage).unwrap();
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let addr = format!("127.0.0.1:{port}");
-            let config = dir.path().join("config.yml");
-            std::fs::write(
-                &config,
-                format!(
-                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    \
-                     rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                    storage.display()
-                ),
-            )
-            .unwrap();
-            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-            let mut child = Command::new(&bin)
-                .arg("serve")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if answers_http(&addr) {
-                    return Registry { addr, dir, child };
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let log = std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
-        panic!("docker-registry did not start; its log:\n{log}");
-    }
-
+/// Pushing blobs to a [`Registry`] with the workspace's registry client.
+pub trait PushBlob {
     /// Pushes `blob` to `repository`; returns its digest.
-    pub fn push(&self, repository: &str, blob: &[u8]) -> String {
+    fn push(&self, repository: &str, blob: &[u8]) -> String;
+}
+
+impl PushBlob for Registry {
+    fn push(&self, repository: &str, blob: &[u8]) -> String {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.json");
         std::fs::write(&config, "{}").unwrap();
@@ -157,13 +86,6 @@ impl Registry {
         let digest = digest_of(blob);
         client.push_blob(&repo, &digest, blob.len() as u64, blob).unwrap();
         digest
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

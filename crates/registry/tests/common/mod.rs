@@ -1,165 +1,44 @@
-//! Test helpers: a real docker-registry on loopback, and a tiny scripted HTTP server for what a real
+//! Test helpers: the shared docker-registry fixture (test-support), and a tiny scripted HTTP server for what a real
 //! registry will not do on demand (token auth, ignoring Range, failing).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use registry::{Client, ClientOptions};
 
-/// A docker-registry serving a fresh temporary directory on 127.0.0.1; killed on drop.
-pub struct Registry {
-    pub addr: String,
-    pub dir: tempfile::TempDir,
-    child: Child,
+/// The shared docker-registry fixture (test-support), with names in it as the client's own types.
+pub use test_support::registry::Registry;
+
+/// Repositories and references in a [`Registry`], as the registry client's types.
+pub trait RegistryExt {
+    /// `ADDR/name`.
+    fn repo(&self, name: &str) -> registry::Repository;
+    /// `ADDR/s` (`name:tag` or `name@digest`).
+    fn reference(&self, s: &str) -> registry::Reference;
 }
 
-impl Registry {
-    /// Without authentication.
-    pub fn start() -> Registry {
-        Registry::start_with(None)
-    }
-
-    /// With `auth: htpasswd` for one user.
-    pub fn start_htpasswd(user: &str, password: &str) -> Registry {
-        Registry::start_with(Some((user, password)))
-    }
-
-    /// Serving HTTPS with this certificate and key (PEM files).
-    pub fn start_tls(cert: &Path, key: &Path) -> Registry {
-        Registry::start_full(None, Some((cert, key)))
-    }
-
-    fn start_with(htpasswd: Option<(&str, &str)>) -> Registry {
-        Registry::start_full(htpasswd, None)
-    }
-
-    fn start_full(htpasswd: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Registry {
-        let bin = which("docker-registry").unwrap_or_else(|| {
-            panic!("docker-registry is not installed: apt-get install -y docker-registry (the registry tests need it)")
-        });
-        let dir = tempfile::tempdir().unwrap();
-        let storage = dir.path().join("storage");
-        std::fs::create_dir(&storage).unwrap();
-        let mut auth = String::new();
-        if let Some((user, password)) = htpasswd {
-            // Cost 4, the minimum: the registry checks the hash on every request.
-            let hash = bcrypt::hash_with_result(password, 4)
-                .unwrap()
-                .format_for_version(bcrypt::Version::TwoY);
-            let file = dir.path().join("htpasswd");
-            std::fs::write(&file, format!("{user}:{hash}\n")).unwrap();
-            auth = format!(
-                "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
-                file.display()
-            );
-        }
-        // The port is picked by binding :0 and released for the registry; a rare collision is retried.
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let addr = format!("127.0.0.1:{port}");
-            let tls_conf = match tls {
-                Some((cert, key)) => format!(
-                    "  tls:\n    certificate: {}\n    key: {}\n",
-                    cert.display(),
-                    key.display()
-                ),
-                None => String::new(),
-            };
-            let config = dir.path().join("config.yml");
-            std::fs::write(
-                &config,
-                format!(
-                    "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    \
-                     rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{tls_conf}{auth}",
-                    storage.display()
-                ),
-            )
-            .unwrap();
-            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-            let mut child = Command::new(&bin)
-                .arg("serve")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if answers_http(&addr) || (tls.is_some() && answers_tcp(&addr)) {
-                    return Registry { addr, dir, child };
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let log = std::fs::read_to_string(dir.path().join("registry.log")).unwrap_or_default();
-        panic!("docker-registry did not start; its log:\n{log}");
-    }
-
-    /// Where the registry keeps a blob's bytes (distribution's filesystem layout).
-    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap();
-        self.dir.path().join(format!(
-            "storage/docker/registry/v2/blobs/sha256/{}/{hex}/data",
-            &hex[..2]
-        ))
-    }
-
-    /// `ADDR/name`.
-    pub fn repo(&self, name: &str) -> registry::Repository {
+impl RegistryExt for Registry {
+    fn repo(&self, name: &str) -> registry::Repository {
         registry::Repository::parse(&format!("{}/{name}", self.addr)).unwrap()
     }
 
-    pub fn reference(&self, s: &str) -> registry::Reference {
+    fn reference(&self, s: &str) -> registry::Reference {
         registry::Reference::parse(&format!("{}/{s}", self.addr)).unwrap()
     }
 }
 
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// The `errors[].code`s the registry sent with an error status (`MANIFEST_UNKNOWN`, ...): what the
+/// tests check instead of the words of the message.
+pub fn registry_codes(e: &registry::Error) -> Vec<String> {
+    match e {
+        registry::Error::Status { errors, .. } => errors.iter().map(|x| x.code.clone()).collect(),
+        _ => Vec::new(),
     }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .chain(["/usr/bin", "/usr/sbin"])
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
-
-/// Whether something accepts connections at `addr` (a TLS server does not answer plain HTTP).
-fn answers_tcp(addr: &str) -> bool {
-    TcpStream::connect(addr).is_ok()
-}
-
-/// Whether something at `addr` answers `GET /v2/` with an HTTP status line (401 counts).
-fn answers_http(addr: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(format!("GET /v2/ HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .is_err()
-    {
-        return false;
-    }
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("HTTP/1.1 ")
 }
 
 /// A client that reads `docker_config`, or an empty one (never the machine's own ~/.docker).
