@@ -48,6 +48,10 @@ def tar_bytes(fmt, entries):
             if kind == "f":
                 ti.size = len(payload)
                 body = io.BytesIO(payload)
+            elif kind == "a":  # old-style regular file (type '\0')
+                ti.type = tarfile.AREGTYPE
+                ti.size = len(payload)
+                body = io.BytesIO(payload)
             elif kind == "d":
                 ti.type = tarfile.DIRTYPE
                 ti.mode = extra.get("mode", 0o755)
@@ -112,8 +116,32 @@ LAYERS = {
         ("y/z", "f", b"z", {}),
         ("y", "f", b"dir replaced by a file", {}),
         ("./", "d", None, {"mode": 0o711}),
-        ("./a/./b/../c", "f", b"cleaned", {}),
+        ("./a/./b//c", "f", b"cleaned", {}),
         ("link", "h", "x", {}),
+    ],
+    # A whiteout beside this layer's own entry of the same name: the entry stays (a
+    # directory becomes opaque, whiteouts in it go), before or after the whiteout.
+    "whiteout-own": [
+        ("d", "d", None, {}),
+        ("d/f", "f", b"kept", {}),
+        ("d/.wh.w", "f", b"", {}),
+        (".wh.d", "f", b"", {}),
+        ("g", "f", b"file", {}),
+        (".wh.g", "f", b"", {}),
+        (".wh.h", "f", b"", {}),
+        ("h", "d", None, {"mode": 0o700}),
+        ("h/i", "f", b"i", {}),
+        (".wh.j", "f", b"", {}),
+        ("j/k", "f", b"k", {}),
+    ],
+    # Spellings of the root set its metadata; a trailing slash makes a '\0' file a
+    # directory (but not a '0' file).
+    "root": [
+        (".", "d", None, {"mode": 0o700}),
+        ("x", "f", b"x", {}),
+        ("/", "d", None, {"mode": 0o750, "uid": 3}),
+        ("t/", "a", b"", {}),
+        ("t/u", "f", b"u", {}),
     ],
     "meta": [
         ("old", "f", b"before 1970", {"mtime": -86400}),
@@ -135,6 +163,11 @@ HOSTILE = {
     "escape3": [("../.wh.canary", "f", b"", {})],
     "wh-empty": [(".wh.", "f", b"", {})],
     "wh-dotdot": [("x/.wh..", "f", b"", {})],
+    "wh-dotdotdot": [("x/.wh...", "f", b"", {})],
+    "opq-root": [("./.wh..wh..opq", "f", b"", {})],
+    "dotdot-inside": [("a/b/../c", "f", b"x", {})],
+    "hl-dotdot": [("a", "f", b"x", {}), ("hl", "h", "d/../a", {})],
+    "hl-whiteout": [(".wh.a", "f", b"", {}), ("hl", "h", "a", {})],
     "hl-missing": [("present", "f", b"x", {}), ("hl", "h", "no_such_target", {})],
     "hl-dir": [("d", "d", None, {}), ("hl", "h", "d", {})],
     "under-file": [("f", "f", b"file", {}), ("f/child", "f", b"x", {})],

@@ -5,6 +5,8 @@
 //!   registry and the kernel) and that reads back, path by path, equal to the model
 //!   of the layer (`dedup_fuzz::model`: GNU tar extraction plus OCI whiteouts);
 //! - the converter accepts exactly what the model accepts;
+//! - where the model's rule decides the error kind (names, parents, links, truncated
+//!   bodies), the converter gives that kind;
 //! - a refused layer leaves nothing behind in the output directory.
 //!
 //! The image layout options (inline tails, metadata first) vary with the input so
@@ -45,6 +47,7 @@ fuzz_target!(|data: &[u8]| {
         inline_data: data.len() % 2 == 0,
         meta_first: data.len() % 3 == 0,
         build_time: 1_700_000_000,
+        uuid: (data.len() % 5 == 0).then_some([0x5a; 16]),
         ..Default::default()
     };
     let converted = layer_convert::convert(data, &out, &opts, None);
@@ -53,8 +56,13 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             let left = listing(dir);
             assert!(left.is_empty(), "refused layer ({e}) left {left:?} behind");
-            if let Ok(m) = expected {
-                panic!("converter refused a layer the model accepts ({} paths): {e}", m.len());
+            match expected {
+                Ok(m) => panic!("converter refused a layer the model accepts ({} paths): {e}", m.len()),
+                Err(why) => {
+                    if let Some(kind) = why.kind {
+                        assert_eq!(e.kind, kind, "converter: {e}; model: {}", why.why);
+                    }
+                }
             }
         }
         Ok(report) => {
@@ -73,7 +81,7 @@ fuzz_target!(|data: &[u8]| {
             let got = read_tree(&img).expect("a validated image reads back");
             let want = match expected {
                 Ok(m) => m,
-                Err(why) => panic!("converter accepted a layer the model refuses: {}", why.0),
+                Err(why) => panic!("converter accepted a layer the model refuses: {}", why.why),
             };
             if got != want {
                 for (p, n) in &want {
