@@ -172,6 +172,7 @@ impl DiffService {
         let ctx = CallContext { namespace, lease };
         let r = self.inner.apply(&ctx, apply).await;
         tracing::info!(rpc = "Apply", digest = %digest, ok = r.is_ok(), micros = started.elapsed().as_micros() as u64,
+            kind = r.as_ref().err().map(error_kind).unwrap_or("ok"),
             error = r.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
         let applied = r.map_err(failed)?;
         if let Some(m) = &self.metrics {

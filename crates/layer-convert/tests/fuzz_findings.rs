@@ -53,7 +53,7 @@ fn is_empty(dir: &Path) -> bool {
 
 /// Found by `tar_convert`: `x/.wh..` became a child named `..` of `x`, a second `..`
 /// record in the image (the kernel mounts it; fsck.erofs and the validator refuse it).
-/// `.wh..` (hiding `.`) and `.wh...` (hiding `..`) are refused as malformed.
+/// `.wh..` (hiding `.`) and `.wh...` (hiding `..`) are refused as invalid names.
 #[test]
 fn whiteouts_of_dot_and_dotdot_are_refused() {
     for name in [&b"x/.wh.."[..], b".wh..", b"x/.wh...", b".wh...", b"a/b/.wh.."] {
@@ -62,7 +62,7 @@ fn whiteouts_of_dot_and_dotdot_are_refused() {
         let err = convert(&t[..], &dir.path().join("layer.erofs"), &opts(), None).unwrap_err();
         assert_eq!(
             err.kind,
-            ErrorKind::BadHeader,
+            ErrorKind::InvalidName,
             "{}: {err}",
             String::from_utf8_lossy(name)
         );

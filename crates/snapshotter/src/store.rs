@@ -1285,10 +1285,12 @@ impl Snapshotter {
         // Blob files without a record: written by a conversion that crashed or failed
         // before its layer was recorded (those in progress are pinned).
         blobs::remove_files_except(&self.blob_dir(), |id| recorded.contains(&id) || self.pins.is_pinned(id));
-        // Staged files and dirs of work that never finished, and trees a commit moved
-        // aside (a background deletion may be on them too; whoever comes second finds
-        // nothing). While serving, staging/ belongs to the work in progress.
-        let dirs: &[&str] = if starting { &["staging", "trash"] } else { &["trash"] };
+        // At start-up: staged files and dirs of work that never finished, and trees a
+        // commit moved aside. While serving, `staging/` belongs to the work in progress
+        // and `trash/` to the background deletion: deleting a big unpacked tree here
+        // made Cleanup take seconds, and containerd's GC, which waits for it, then
+        // missed the removals that came meanwhile.
+        let dirs: &[&str] = if starting { &["staging", "trash"] } else { &[] };
         for d in dirs {
             for entry in fs::read_dir(self.root.join(d)).map_err(internal)? {
                 let p = entry.map_err(internal)?.path();
