@@ -64,19 +64,10 @@ fn start_env() -> Env {
         ),
     );
     diffclient_path();
-    for tool in ["zstd", "gzip", "python3", "mount", "umount"] {
-        let ok = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(
-            ok,
-            "`{tool}` is not installed (apt-get install -y zstd gzip python3 mount)"
-        );
-    }
+    common::require_commands(
+        &["zstd", "gzip", "python3", "mount", "umount"],
+        "apt-get install -y zstd gzip python3 mount",
+    );
     Env::start()
 }
 

@@ -156,7 +156,8 @@ impl Drop for Registry {
     }
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+/// `name` on PATH (or in /usr/bin, /usr/sbin, where Debian puts daemons).
+pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')

@@ -55,7 +55,15 @@ pub fn require_root_and_kernel() {
 /// Panics unless the tools the converter tests run next to the binary are installed (no root needed): the
 /// unit tier's converter tests need these and nothing else.
 pub fn require_tools() {
-    for tool in ["tar", "fsck.erofs", "python3", "gzip", "zstd"] {
+    require_commands(
+        &["tar", "fsck.erofs", "python3", "gzip", "zstd"],
+        "apt-get install -y tar erofs-utils python3 gzip zstd",
+    );
+}
+
+/// Panics unless every command in `tools` is on PATH; `install` says how to get them.
+pub fn require_commands(tools: &[&str], install: &str) {
+    for tool in tools {
         let ok = Command::new("sh")
             .arg("-c")
             .arg(format!("command -v {tool}"))
@@ -63,10 +71,7 @@ pub fn require_tools() {
             .status()
             .map(|s| s.success())
             .unwrap_or(false);
-        assert!(
-            ok,
-            "`{tool}` is not installed; apt-get install -y tar erofs-utils python3 gzip zstd"
-        );
+        assert!(ok, "`{tool}` is not installed; {install}");
     }
 }
 

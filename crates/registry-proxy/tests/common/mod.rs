@@ -4,7 +4,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -154,14 +153,7 @@ pub fn raw_request(addr: &str, method: &str, target: &str, headers: &[(&str, &st
     resp
 }
 
-pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .chain(["/usr/bin", "/usr/sbin"])
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
+pub use test_support::registry::which;
 
 /// A client with an empty docker config (never the machine's own ~/.docker).
 pub fn client(retries: u32) -> (Client, tempfile::TempDir) {
