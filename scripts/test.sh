@@ -15,7 +15,10 @@
 #    only built with the `root-tests` feature; README.md, "Tests in two
 #    tiers"); every test binary runs even when an earlier one fails; then one
 #    closing summary line
-#    "tests: N passed, N failed, N skipped" (skipped = #[ignore]d).
+#    "tests: N passed, N failed, N skipped" (skipped = #[ignore]d);
+# 6. containerd 1.6's and 2.1's snapshotter suites against the daemon, a short
+#    fuzzing run of every fuzz target (scripts/fuzz-smoke.sh) and a leak check,
+#    each counted in that line.
 #
 # Exits non-zero on any failure.  Extra arguments go to `cargo test` (after
 # the workspace selection), e.g. `scripts/test.sh -- --nocapture`.
@@ -171,6 +174,18 @@ run_suite() { # SCRIPT TITLE: appends go test -v's output to $suite_log
 }
 run_suite suite.sh "containerd 1.6 snapshotter conformance suite"
 run_suite suite2.sh "containerd 2.1 snapshotter conformance suite"
+
+# --- a short fuzzing run of every target (scripts/fuzz-smoke.sh; fuzz/README.md) ------
+# Stable toolchain, no sanitizer, FUZZ_SECONDS (default 20) per target from the committed
+# seeds; one pseudo-case line, "--- PASS/FAIL: fuzz-smoke". A crash, timeout or failed
+# build fails the run; the input is kept in fuzz/artifacts/<target>/.
+step "fuzz smoke run (scripts/fuzz-smoke.sh, ${FUZZ_SECONDS:-20} s per target)"
+if FUZZ_SECONDS=${FUZZ_SECONDS:-20} bash scripts/fuzz-smoke.sh >&2; then
+    echo "    --- PASS: fuzz-smoke" >>"$suite_log"
+else
+    echo "    --- FAIL: fuzz-smoke" >>"$suite_log"
+    rc=1
+fi
 
 # --- leftovers: no mount or process of the tests may outlive them ---------------------
 # Lists what the tests left mounted or running that was not there before them, cleans
