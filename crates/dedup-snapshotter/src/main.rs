@@ -66,6 +66,13 @@ enum Command {
         /// from its first bytes alone (the layout of lazily fetched layers).
         #[arg(long)]
         meta_first: bool,
+        /// Compress file data: lz4, lz4hc[,LEVEL], zstd[,LEVEL] or deflate[,LEVEL], named as
+        /// `mkfs.erofs -z` names them. Uncompressed by default (what merged metadata needs).
+        #[arg(long, value_name = "ALGO[,LEVEL]")]
+        compress: Option<erofs::compress::Codec>,
+        /// Physical cluster size with --compress (`mkfs.erofs -C`): a multiple of 4K up to 1M.
+        #[arg(long, value_parser = parse_size, default_value = "4K")]
+        pcluster_size: u64,
         /// The layer file, or `-` for standard input.
         input: PathBuf,
         /// The EROFS image to write.
@@ -105,8 +112,12 @@ enum Command {
         /// arrive (containerd then keeps no compressed copy; see README).
         #[arg(long)]
         stream_layers: bool,
+        /// Compress the layers this daemon writes: lz4, lz4hc[,LEVEL], zstd[,LEVEL], deflate[,LEVEL]
+        /// (config `compression`; default none).
+        #[arg(long, value_name = "ALGO[,LEVEL]")]
+        compression: Option<String>,
         /// A TOML file with the same settings (root, address, socket_mode, socket_gid, log_level, log_json,
-        /// differs, containerd_address, dedup, chunk_size, fetch_socket, stream_layers, plain_http,
+        /// differs, containerd_address, dedup, chunk_size, compression, pcluster_size, fetch_socket, stream_layers, plain_http,
         /// docker_config, hosts_dir, connect_timeout_secs).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -298,6 +309,8 @@ fn run(cli: Cli) -> Result<()> {
             blob_dir,
             chunk_size,
             meta_first,
+            compress,
+            pcluster_size,
             input,
             output,
         } => {
@@ -311,6 +324,10 @@ fn run(cli: Cli) -> Result<()> {
             opts.fsync = fsync;
             opts.chunk_size = chunk_size;
             opts.meta_first = meta_first;
+            opts.compress = compress
+                .map(|c| erofs::writer::Compression::new(c).with_pcluster_size(pcluster_size))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
             convert(&input, &output, &opts, json, blob_dir.as_deref())
         }
         Command::ConvertImage(args) => convert_image(args),
@@ -329,6 +346,7 @@ fn run(cli: Cli) -> Result<()> {
             fetch_socket,
             hosts_dir,
             stream_layers,
+            compression,
             metrics_address,
             config,
         } => {
@@ -346,6 +364,7 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.dedup = Some(true);
             }
             cfg.chunk_size = chunk_size.or(cfg.chunk_size);
+            cfg.compression = compression.or(cfg.compression);
             cfg.fetch_socket = fetch_socket.or(cfg.fetch_socket);
             cfg.hosts_dir = hosts_dir.or(cfg.hosts_dir);
             cfg.metrics_address = metrics_address.or(cfg.metrics_address);

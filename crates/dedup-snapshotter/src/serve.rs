@@ -39,6 +39,13 @@ pub struct Config {
     /// Chunk size in bytes for dedup: a power of two from 4096 to 16 MiB (default 65536),
     /// checked when the file is read.
     pub chunk_size: Option<layer_convert::ChunkSize>,
+    /// Compress the layers this daemon writes (Apply of tar layers, Commit conversions):
+    /// `lz4`, `lz4hc[,LEVEL]`, `zstd[,LEVEL]` or `deflate[,LEVEL]`, as `mkfs.erofs -z`
+    /// names them (default: none, uncompressed). Native EROFS layers keep theirs. With
+    /// `dedup`, files of a chunk or more stay shared and uncompressed.
+    pub compression: Option<String>,
+    /// Physical cluster size in bytes for `compression` (`mkfs.erofs -C`; default 4096).
+    pub pcluster_size: Option<u64>,
     /// Seconds without Prepare/View/Commit before committed layers' unpacked copies are
     /// deleted (default 10; deleting them during a pull burst slows ext4's inode allocation).
     pub trash_idle_secs: Option<u64>,
@@ -94,10 +101,23 @@ pub fn serve(cfg: Config) -> Result<()> {
     }
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let chunk_size = cfg.chunk_size.unwrap_or_default();
+    let compression = match &cfg.compression {
+        Some(spec) if !spec.is_empty() && spec != "none" => {
+            let codec: erofs::compress::Codec = spec.parse().context("config key compression")?;
+            Some(
+                erofs::writer::Compression::new(codec)
+                    .with_pcluster_size(cfg.pcluster_size.unwrap_or(erofs::format::BLOCK_SIZE))
+                    .map_err(anyhow::Error::msg)
+                    .context("config key pcluster_size")?,
+            )
+        }
+        _ => None,
+    };
     let opts = snapshotter::StoreOptions {
         dedup: cfg.dedup.unwrap_or(false),
         chunk_size,
         trash_idle: std::time::Duration::from_secs(cfg.trash_idle_secs.unwrap_or(10)),
+        compression,
     };
     let stream = cfg.stream_layers.unwrap_or(false);
     let remote: Option<Arc<dyn snapshotter::RemoteLayers>> = if cfg.fetch_socket.is_some() || stream {
@@ -133,7 +153,7 @@ pub fn serve(cfg: Config) -> Result<()> {
         snapshotter::Snapshotter::open_with_remote(&root, opts, remote)
             .with_context(|| format!("opening the store at {}", root.display()))?,
     );
-    tracing::info!(root = %root.display(), address = %address.display(), dedup = opts.dedup, chunk_size = %chunk_size, "serving snapshots");
+    tracing::info!(root = %root.display(), address = %address.display(), dedup = opts.dedup, chunk_size = %chunk_size, compression = %opts.compression.map_or("none".into(), |c| format!("{} pcluster {}K", c.codec, c.pcluster_blocks * 4)), "serving snapshots");
 
     let order = cfg
         .differs

@@ -35,6 +35,9 @@ pub const FEATURE_INCOMPAT_ZERO_PADDING: u32 = 0x1;
 /// Compression configurations follow the superblock (`EROFS_FEATURE_INCOMPAT_COMPR_CFGS`);
 /// the same bit as `BIG_PCLUSTER`.
 pub const FEATURE_INCOMPAT_COMPR_CFGS: u32 = 0x2;
+/// Physical clusters of more than one block (`EROFS_FEATURE_INCOMPAT_BIG_PCLUSTER`); the
+/// same bit as `COMPR_CFGS`, so an image with big pclusters always has configurations.
+pub const FEATURE_INCOMPAT_BIG_PCLUSTER: u32 = 0x2;
 /// Chunk-based files (`EROFS_FEATURE_INCOMPAT_CHUNKED_FILE`).
 pub const FEATURE_INCOMPAT_CHUNKED_FILE: u32 = 0x4;
 /// Extra devices and a device table (`EROFS_FEATURE_INCOMPAT_DEVICE_TABLE`); the same bit
@@ -308,6 +311,35 @@ pub mod raw {
         pub e_value_size: Le16,
     }
 
+    /// `struct z_erofs_map_header`: after a compressed inode and its xattrs, at the next
+    /// 8-byte boundary.
+    #[repr(C)]
+    pub struct MapHeader {
+        /// `h_reserved1` (the low half of `h_fragmentoff` with fragments).
+        pub h_reserved1: Le16,
+        /// `h_idata_size`: bytes of the compressed tail packed inline (`ZTAILPACKING`).
+        pub h_idata_size: Le16,
+        /// `h_advise`: `Z_EROFS_ADVISE_*`.
+        pub h_advise: Le16,
+        /// `h_algorithmtype`: bits 0..=3 the HEAD1 algorithm, 4..=7 the HEAD2 one.
+        pub h_algorithmtype: u8,
+        /// `h_clusterbits`: bits 0..=3 log2(lcluster size) - block size bits; bit 7 the
+        /// whole file is a fragment.
+        pub h_clusterbits: u8,
+    }
+
+    /// `struct z_erofs_lcluster_index`, one per logical cluster of a
+    /// `COMPRESSED_FULL` inode.
+    #[repr(C)]
+    pub struct LclusterIndex {
+        /// `di_advise`: the lcluster type in bits 0..=1, plus `Z_EROFS_LI_*` flags.
+        pub di_advise: Le16,
+        /// `di_clusterofs`: where the extent starting here begins inside the lcluster.
+        pub di_clusterofs: Le16,
+        /// `di_u`: the pcluster's block address (heads) or `delta[2]` (non-heads).
+        pub di_u: Le32,
+    }
+
     /// `struct erofs_deviceslot`
     #[repr(C)]
     pub struct DeviceSlot {
@@ -336,6 +368,10 @@ const _: () = assert!(size_of::<raw::Dirent>() == 12);
 const _: () = assert!(size_of::<raw::XattrIbodyHeader>() == 12);
 const _: () = assert!(size_of::<raw::XattrEntry>() == 4);
 const _: () = assert!(size_of::<raw::DeviceSlot>() == 128);
+const _: () = assert!(size_of::<raw::MapHeader>() == 8);
+const _: () = assert!(size_of::<raw::LclusterIndex>() == 8);
+// "keep in sync between 2 index structures for better extendibility" (erofs_fs.h)
+const _: () = assert!(size_of::<raw::LclusterIndex>() == size_of::<raw::ChunkIndex>());
 // Offsets the kernel and mkfs.erofs agree on, as a second check on the field lists.
 const _: () = assert!(offset_of!(raw::SuperBlock, root_nid) == 14);
 const _: () = assert!(offset_of!(raw::SuperBlock, feature_incompat) == 80);
@@ -364,6 +400,10 @@ pub const XATTR_ENTRY_SIZE: usize = size_of::<raw::XattrEntry>();
 pub const DEVICE_SLOT_SIZE: usize = size_of::<raw::DeviceSlot>();
 /// Size of a chunk index entry (chunk-based files with a device table).
 pub const CHUNK_INDEX_SIZE: usize = size_of::<raw::ChunkIndex>();
+/// Size of [`MapHeader`].
+pub const MAP_HEADER_SIZE: usize = size_of::<raw::MapHeader>();
+/// Size of [`LclusterIndex`].
+pub const LCLUSTER_INDEX_SIZE: usize = size_of::<raw::LclusterIndex>();
 
 /// Why bytes could not be decoded as a format structure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -586,6 +626,10 @@ pub struct SuperBlock {
     pub volume_name: [u8; 16],
     /// Incompatible feature bits.
     pub feature_incompat: u32,
+    /// `u1`: with [`FEATURE_INCOMPAT_COMPR_CFGS`], the bitmap of compression algorithms
+    /// whose configurations follow the superblock (`available_compr_algs`); without it,
+    /// LZ4's match distance (`lz4_max_distance`, 0 for the default 64 KiB).
+    pub compr_algs: u16,
     /// Number of devices besides the primary one.
     pub extra_devices: u16,
     /// Device table offset in 128-byte slots.
@@ -625,6 +669,7 @@ impl SuperBlock {
             offset_of!(R, feature_incompat),
             &self.feature_incompat.to_le_bytes(),
         );
+        put(&mut b, offset_of!(R, u1), &self.compr_algs.to_le_bytes());
         put(&mut b, offset_of!(R, extra_devices), &self.extra_devices.to_le_bytes());
         put(&mut b, offset_of!(R, devt_slotoff), &self.devt_slotoff.to_le_bytes());
         b[offset_of!(R, dirblkbits)] = self.dirblkbits;
@@ -653,6 +698,7 @@ impl SuperBlock {
             uuid: get(b, offset_of!(R, uuid)),
             volume_name: get(b, offset_of!(R, volume_name)),
             feature_incompat: le32(b, offset_of!(R, feature_incompat)),
+            compr_algs: le16(b, offset_of!(R, u1)),
             extra_devices: le16(b, offset_of!(R, extra_devices)),
             devt_slotoff: le16(b, offset_of!(R, devt_slotoff)),
             dirblkbits: b[offset_of!(R, dirblkbits)],
@@ -980,6 +1026,257 @@ impl DeviceSlot {
     }
 }
 
+// ---- Compressed files (erofs_fs.h: `z_erofs_*`) -------------------------------------
+
+/// Largest encoded (compressed) size of one physical cluster (`Z_EROFS_PCLUSTER_MAX_SIZE`).
+pub const PCLUSTER_MAX_SIZE: u64 = 1024 * 1024;
+/// Largest decoded size of one physical cluster the kernel accepts
+/// (`Z_EROFS_PCLUSTER_MAX_DSIZE`).
+pub const PCLUSTER_MAX_DSIZE: u64 = 12 * 1024 * 1024;
+
+/// `h_advise` bits of a [`MapHeader`] (`Z_EROFS_ADVISE_*`).
+pub mod z_advise {
+    /// Compact indexes use the 2-byte form too (`COMPACTED_2B`, compact layout only).
+    pub const COMPACTED_2B: u16 = 0x0001;
+    /// Encoded extents instead of lcluster indexes (`EXTENTS`, full layout, 48-bit only).
+    pub const EXTENTS: u16 = 0x0001;
+    /// HEAD1 pclusters may be bigger than one lcluster (`BIG_PCLUSTER_1`).
+    pub const BIG_PCLUSTER_1: u16 = 0x0002;
+    /// HEAD2 and plain pclusters may be bigger than one lcluster (`BIG_PCLUSTER_2`).
+    pub const BIG_PCLUSTER_2: u16 = 0x0004;
+    /// The last pcluster is packed inline after the indexes (`INLINE_PCLUSTER`).
+    pub const INLINE_PCLUSTER: u16 = 0x0008;
+    /// Plain pclusters are rotated by their cluster offset (`INTERLACED_PCLUSTER`).
+    pub const INTERLACED_PCLUSTER: u16 = 0x0010;
+    /// The tail is a fragment of the packed inode (`FRAGMENT_PCLUSTER`).
+    pub const FRAGMENT_PCLUSTER: u16 = 0x0020;
+}
+
+/// Compression algorithms (`Z_EROFS_COMPRESSION_*`), numbered as on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Algorithm {
+    /// LZ4 block format (lz4 and lz4hc write the same format).
+    Lz4 = 0,
+    /// MicroLZMA.
+    Lzma = 1,
+    /// Raw DEFLATE.
+    Deflate = 2,
+    /// Zstandard frames.
+    Zstd = 3,
+}
+
+impl Algorithm {
+    /// The algorithm with this on-disk number.
+    pub const fn from_raw(v: u8) -> Option<Algorithm> {
+        Some(match v {
+            0 => Algorithm::Lz4,
+            1 => Algorithm::Lzma,
+            2 => Algorithm::Deflate,
+            3 => Algorithm::Zstd,
+            _ => return None,
+        })
+    }
+
+    /// Its bit in `available_compr_algs`.
+    pub const fn bit(self) -> u16 {
+        1 << self as u8
+    }
+
+    /// The size of its configuration record after the superblock (without the 2-byte
+    /// length): `struct z_erofs_{lz4,lzma,deflate,zstd}_cfgs`.
+    pub const fn cfg_size(self) -> usize {
+        match self {
+            Algorithm::Lz4 | Algorithm::Lzma => 14,
+            Algorithm::Deflate | Algorithm::Zstd => 6,
+        }
+    }
+}
+
+/// Every algorithm bit the format defines (`Z_EROFS_ALL_COMPR_ALGS`).
+pub const ALL_COMPR_ALGS: u16 = 0xf;
+
+/// The configuration records of the algorithms in `algs` (a bitmap), as they follow the
+/// superblock when [`FEATURE_INCOMPAT_COMPR_CFGS`] is set: for each algorithm in bit
+/// order, a 4-byte aligned little-endian length and the record.
+///
+/// - LZ4: `max_distance` 0 (the default 64 KiB) and `max_pclusterblks`;
+/// - LZMA: `dict_size`, `format` 0;
+/// - DEFLATE: `windowbits` 15;
+/// - Zstandard: `format` 0, `windowlog` - 10.
+pub fn encode_compr_cfgs(algs: u16, max_pcluster_blocks: u16, lzma_dict: u32, zstd_windowlog: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    for a in [Algorithm::Lz4, Algorithm::Lzma, Algorithm::Deflate, Algorithm::Zstd] {
+        if algs & a.bit() == 0 {
+            continue;
+        }
+        out.resize(out.len().next_multiple_of(4), 0);
+        out.extend_from_slice(&(a.cfg_size() as u16).to_le_bytes());
+        let mut rec = vec![0u8; a.cfg_size()];
+        match a {
+            Algorithm::Lz4 => rec[2..4].copy_from_slice(&max_pcluster_blocks.to_le_bytes()),
+            Algorithm::Lzma => rec[0..4].copy_from_slice(&lzma_dict.to_le_bytes()),
+            Algorithm::Deflate => rec[0] = 15,
+            Algorithm::Zstd => rec[1] = zstd_windowlog.saturating_sub(10),
+        }
+        out.extend_from_slice(&rec);
+    }
+    out
+}
+
+/// Type of a logical cluster (`Z_EROFS_LCLUSTER_TYPE_*`, `di_advise` bits 0..=1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum LclusterType {
+    /// An extent of uncompressed data starts here (`PLAIN`).
+    Plain = 0,
+    /// An extent compressed with the HEAD1 algorithm starts here (`HEAD1`).
+    Head1 = 1,
+    /// No extent starts here (`NONHEAD`).
+    NonHead = 2,
+    /// An extent compressed with the HEAD2 algorithm starts here (`HEAD2`).
+    Head2 = 3,
+}
+
+/// `di_advise`: the extent starting here refers to part of its decoded data
+/// (`Z_EROFS_LI_PARTIAL_REF`).
+pub const LI_PARTIAL_REF: u16 = 1 << 15;
+/// `di_advise` of the first non-head lcluster after a head: `delta[0]` holds the
+/// pcluster's size in blocks (`Z_EROFS_LI_D0_CBLKCNT`).
+pub const LI_D0_CBLKCNT: u16 = 1 << 11;
+
+/// The header of a compressed inode's map.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MapHeader {
+    /// Bytes of the inline (tail-packed) pcluster, or the low 16 bits of the fragment
+    /// offset with [`z_advise::FRAGMENT_PCLUSTER`].
+    pub idata_size: u16,
+    /// `h_reserved1` (the fragment offset's high half).
+    pub reserved1: u16,
+    /// `Z_EROFS_ADVISE_*` bits.
+    pub advise: u16,
+    /// HEAD1's algorithm (bits 0..=3 of `h_algorithmtype`).
+    pub algorithm_head1: u8,
+    /// HEAD2's algorithm (bits 4..=7).
+    pub algorithm_head2: u8,
+    /// `h_clusterbits` as stored: log2(lcluster size) - block size bits in bits 0..=3,
+    /// bit 7 set when the whole file is a fragment.
+    pub clusterbits: u8,
+}
+
+impl MapHeader {
+    /// On-disk form.
+    pub fn encode(&self) -> [u8; MAP_HEADER_SIZE] {
+        use raw::MapHeader as R;
+        let mut b = [0u8; MAP_HEADER_SIZE];
+        put(&mut b, offset_of!(R, h_reserved1), &self.reserved1.to_le_bytes());
+        put(&mut b, offset_of!(R, h_idata_size), &self.idata_size.to_le_bytes());
+        put(&mut b, offset_of!(R, h_advise), &self.advise.to_le_bytes());
+        b[offset_of!(R, h_algorithmtype)] = self.algorithm_head2 << 4 | (self.algorithm_head1 & 0xf);
+        b[offset_of!(R, h_clusterbits)] = self.clusterbits;
+        b
+    }
+
+    /// Decodes the 8-byte header.
+    pub fn decode(b: &[u8]) -> Result<MapHeader, DecodeError> {
+        use raw::MapHeader as R;
+        let b = fixed::<MAP_HEADER_SIZE>(b, "compressed map header")?;
+        let alg = b[offset_of!(R, h_algorithmtype)];
+        Ok(MapHeader {
+            reserved1: le16(b, offset_of!(R, h_reserved1)),
+            idata_size: le16(b, offset_of!(R, h_idata_size)),
+            advise: le16(b, offset_of!(R, h_advise)),
+            algorithm_head1: alg & 0xf,
+            algorithm_head2: alg >> 4,
+            clusterbits: b[offset_of!(R, h_clusterbits)],
+        })
+    }
+}
+
+/// Where a `COMPRESSED_FULL` inode's map header is: the first 8-byte boundary after the
+/// inode and its xattrs (`Z_EROFS_MAP_HEADER_START`), `end` being that byte offset.
+pub const fn map_header_start(end: u64) -> u64 {
+    end.next_multiple_of(8)
+}
+
+/// Where its lcluster indexes start: after the header and 8 reserved bytes
+/// (`Z_EROFS_FULL_INDEX_START`).
+pub const fn full_index_start(end: u64) -> u64 {
+    map_header_start(end) + MAP_HEADER_SIZE as u64 + 8
+}
+
+/// One lcluster index of a `COMPRESSED_FULL` inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LclusterIndex {
+    /// `di_advise`: the type in bits 0..=1 plus [`LI_PARTIAL_REF`] / [`LI_D0_CBLKCNT`].
+    pub advise: u16,
+    /// `di_clusterofs`.
+    pub clusterofs: u16,
+    /// `di_u`: the block address for heads, `delta[0] | delta[1] << 16` for non-heads.
+    pub u: u32,
+}
+
+impl LclusterIndex {
+    /// A head or plain index.
+    pub fn head(kind: LclusterType, clusterofs: u16, blkaddr: u32) -> LclusterIndex {
+        LclusterIndex {
+            advise: kind as u16,
+            clusterofs,
+            u: blkaddr,
+        }
+    }
+
+    /// A non-head index with its two deltas.
+    pub fn nonhead(clusterofs: u16, delta0: u16, delta1: u16) -> LclusterIndex {
+        LclusterIndex {
+            advise: LclusterType::NonHead as u16,
+            clusterofs,
+            u: u32::from(delta0) | u32::from(delta1) << 16,
+        }
+    }
+
+    /// The lcluster type.
+    pub fn kind(&self) -> LclusterType {
+        match self.advise & 3 {
+            0 => LclusterType::Plain,
+            1 => LclusterType::Head1,
+            2 => LclusterType::NonHead,
+            _ => LclusterType::Head2,
+        }
+    }
+
+    /// `delta[0]` (non-heads).
+    pub fn delta0(&self) -> u16 {
+        self.u as u16
+    }
+
+    /// `delta[1]` (non-heads).
+    pub fn delta1(&self) -> u16 {
+        (self.u >> 16) as u16
+    }
+
+    /// On-disk form.
+    pub fn encode(&self) -> [u8; LCLUSTER_INDEX_SIZE] {
+        use raw::LclusterIndex as R;
+        let mut b = [0u8; LCLUSTER_INDEX_SIZE];
+        put(&mut b, offset_of!(R, di_advise), &self.advise.to_le_bytes());
+        put(&mut b, offset_of!(R, di_clusterofs), &self.clusterofs.to_le_bytes());
+        put(&mut b, offset_of!(R, di_u), &self.u.to_le_bytes());
+        b
+    }
+
+    /// Decodes one 8-byte index.
+    pub fn decode(b: &[u8]) -> Result<LclusterIndex, DecodeError> {
+        use raw::LclusterIndex as R;
+        let b = fixed::<LCLUSTER_INDEX_SIZE>(b, "lcluster index")?;
+        Ok(LclusterIndex {
+            advise: le16(b, offset_of!(R, di_advise)),
+            clusterofs: le16(b, offset_of!(R, di_clusterofs)),
+            u: le32(b, offset_of!(R, di_u)),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1179,5 +1476,44 @@ mod tests {
         assert_eq!(split_xattr_name(b"system.other"), None);
         assert_eq!(split_xattr_name(b"user."), None);
         assert_eq!(join_xattr_name(6, b"capability").unwrap(), b"security.capability");
+    }
+
+    #[test]
+    fn compressed_maps_round_trip() {
+        let h = MapHeader {
+            idata_size: 300,
+            reserved1: 0,
+            advise: z_advise::BIG_PCLUSTER_1 | z_advise::INLINE_PCLUSTER,
+            algorithm_head1: Algorithm::Zstd as u8,
+            algorithm_head2: Algorithm::Lz4 as u8,
+            clusterbits: 0,
+        };
+        let b = h.encode();
+        assert_eq!(b, [0, 0, 44, 1, 10, 0, 3, 0]);
+        assert_eq!(MapHeader::decode(&b).unwrap(), h);
+        let i = LclusterIndex::nonhead(5, 3 | LI_D0_CBLKCNT, 7);
+        assert_eq!(i.encode(), [2, 0, 5, 0, 3, 8, 7, 0]);
+        let d = LclusterIndex::decode(&i.encode()).unwrap();
+        assert_eq!(
+            (d.kind(), d.delta0(), d.delta1()),
+            (LclusterType::NonHead, 3 | LI_D0_CBLKCNT, 7)
+        );
+        let h = LclusterIndex::head(LclusterType::Head1, 4095, 0x0102_0304);
+        assert_eq!(h.encode(), [1, 0, 255, 15, 4, 3, 2, 1]);
+        assert!(MapHeader::decode(&b[..7]).is_err());
+        assert!(LclusterIndex::decode(&[0; 7]).is_err());
+        assert_eq!(full_index_start(64 + 12), 96);
+        assert_eq!(map_header_start(64), 64);
+    }
+
+    #[test]
+    fn compression_configs_follow_erofs_fs_h() {
+        // lz4 (16 bytes with its length) then zstd (8): erofs_fs.h's comments.
+        let c = encode_compr_cfgs(Algorithm::Lz4.bit() | Algorithm::Zstd.bit(), 16, 0, 17);
+        assert_eq!(c.len(), 16 + 8);
+        assert_eq!(&c[..6], &[14, 0, 0, 0, 16, 0]);
+        assert_eq!(&c[16..20], &[6, 0, 0, 7]);
+        let c = encode_compr_cfgs(Algorithm::Deflate.bit(), 1, 0, 0);
+        assert_eq!(c, [6, 0, 15, 0, 0, 0, 0, 0]);
     }
 }

@@ -12,9 +12,12 @@
 //! streams tar bodies straight into data blocks, which no existing crate offers, and the
 //! layout decisions (inline tails, shared xattrs, deterministic order) are ours to own.
 
+pub mod compress;
 pub mod format;
 pub mod reader;
 pub mod validate;
 pub mod writer;
+pub mod zmap;
+mod zwriter;
 
 pub use validate::{validate_file, validate_path, Invalid, Summary};

@@ -34,9 +34,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufRead, Seek, SeekFrom, Write};
 
+use crate::compress::Codec;
 use crate::format::{
-    self, mode, ChunkIndex, DataLayout, DeviceSlot, Dirent, Inode, SuperBlock, XattrEntry, XattrIbodyHeader,
+    self, mode, ChunkIndex, DataLayout, DeviceSlot, Dirent, Inode, MapHeader, SuperBlock, XattrEntry, XattrIbodyHeader,
 };
+use crate::zmap::{self, ZExtent};
+use crate::zwriter::{Done, Piece, Pipeline, SEGMENT};
 
 /// Errors from building an image.
 #[derive(Debug, thiserror::Error)]
@@ -73,12 +76,53 @@ pub struct Options {
     /// log2 of the chunk size for [`ImageWriter::write_file_chunked`] (12 = 4 KiB ..
     /// 12 + 31); chunk-based files need it, other files ignore it.
     pub chunk_bits: u8,
+    /// Compress regular files' data ([`ImageWriter::write_file`]); `None` (the default)
+    /// writes every file uncompressed, which merged metadata and chunk sharing need.
+    pub compression: Option<Compression>,
+}
+
+/// How file data is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compression {
+    /// Codec and level.
+    pub codec: Codec,
+    /// Physical cluster size in blocks (1 ..= 256): how much compressed data one read
+    /// decodes at most. Bigger compresses better and reads more per miss; more than one
+    /// block sets the big pcluster feature (Linux 5.13 and later).
+    pub pcluster_blocks: u32,
+    /// Compression threads beside the one that parses.
+    pub workers: usize,
+}
+
+impl Compression {
+    /// `codec` with one-block pclusters (as `mkfs.erofs` without `-C`), one worker per CPU.
+    pub fn new(codec: Codec) -> Compression {
+        Compression {
+            codec,
+            pcluster_blocks: 1,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    /// Sets the pcluster size in bytes (`mkfs.erofs -C`): a multiple of the block size
+    /// up to 1 MiB.
+    pub fn with_pcluster_size(mut self, bytes: u64) -> std::result::Result<Compression, String> {
+        if bytes == 0 || !bytes.is_multiple_of(BLOCK_SIZE) || bytes > format::PCLUSTER_MAX_SIZE {
+            return Err(format!(
+                "pcluster size {bytes}: must be a multiple of {BLOCK_SIZE} bytes, at most {} bytes",
+                format::PCLUSTER_MAX_SIZE
+            ));
+        }
+        self.pcluster_blocks = (bytes / BLOCK_SIZE) as u32;
+        Ok(self)
+    }
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             chunk_bits: 16,
+            compression: None,
             inline_data: true,
             build_time: 0,
             build_time_nsec: 0,
@@ -195,6 +239,12 @@ pub struct FileData {
     /// device 0, the device table's entries are 1..). The file is then written with
     /// the `CHUNK_BASED` layout and 8-byte chunk indexes.
     pub chunks: Option<Box<[ChunkAddr]>>,
+    /// For a compressed file: its extents, whose pclusters are in this image's data area
+    /// (`blocks` then counts the pcluster blocks). Written `COMPRESSED_FULL`.
+    pub compressed: Option<Box<[ZExtent]>>,
+    /// A body still being compressed: the writer's own index of it, resolved when the
+    /// image is finished. Callers only store the `FileData` they were given.
+    pub pending: Option<u32>,
 }
 
 /// Where one chunk of a chunk-based file lives: a block on a device.
@@ -380,6 +430,8 @@ pub struct Summary {
     pub shared_xattrs: usize,
     /// Chunk-based files written.
     pub chunked_files: u64,
+    /// Compressed files written.
+    pub compressed_files: u64,
     /// Extra devices in the device table.
     pub devices: u16,
 }
@@ -394,6 +446,26 @@ pub struct ImageWriter<W: Write + Seek> {
     devices: Vec<DeviceSlot>,
     /// Reused buffer for one chunk of a chunk-based file.
     chunk_buf: Vec<u8>,
+    /// Compression workers, with [`Options::compression`].
+    pipeline: Option<Pipeline>,
+    /// Bodies handed to the workers (by [`FileData::pending`]), and the file each
+    /// submitted segment belongs to, in submission order.
+    zfiles: Vec<ZFile>,
+    seg_owner: std::collections::VecDeque<u32>,
+    /// Whether any file was written compressed.
+    compressed_files: u64,
+}
+
+/// A body being compressed.
+struct ZFile {
+    size: u64,
+    /// Its tail may be packed after the inode, should it be stored uncompressed.
+    inline_ok: bool,
+    segments_left: u32,
+    extents: Vec<ZExtent>,
+    blocks: u32,
+    /// Where the body ended up, once its last segment is written.
+    done: Option<FileData>,
 }
 
 impl<W: Write + Seek> ImageWriter<W> {
@@ -407,6 +479,10 @@ impl<W: Write + Seek> ImageWriter<W> {
             next_block: 1,
             devices: Vec::new(),
             chunk_buf: Vec::new(),
+            pipeline: None,
+            zfiles: Vec::new(),
+            seg_owner: Default::default(),
+            compressed_files: 0,
         })
     }
 
@@ -436,8 +512,9 @@ impl<W: Write + Seek> ImageWriter<W> {
 
     /// Streams a regular file's body: with a sink, as a chunk-based file, except that
     /// a file small enough to be packed after its inode stays in the image (a chunk
-    /// would cost a whole block for it, and such files rarely repeat exactly); without
-    /// one, into the image's data area.
+    /// would cost a whole block for it, and such files rarely repeat exactly), and with
+    /// [`Options::compression`] a file smaller than a chunk is compressed instead;
+    /// without one, into the image's data area, compressed with [`Options::compression`].
     pub fn write_file<R: BufRead + ?Sized>(
         &mut self,
         src: &mut R,
@@ -445,12 +522,170 @@ impl<W: Write + Seek> ImageWriter<W> {
         meta: &Meta,
         sink: Option<&mut dyn ChunkSink>,
     ) -> Result<FileData> {
+        // With compression too, bodies of a chunk or more are shared (uncompressed) and
+        // smaller ones compressed into this image: most bytes are in big files, which
+        // repeat across versions of an image, and most files are small, which compress
+        // where one chunk each would cost a block or more.
+        let shared = self.opts.compression.is_none() || size >= 1u64 << self.opts.chunk_bits;
         match sink {
-            Some(sink) if size > 0 && !(size < BLOCK_SIZE && self.will_inline_tail(meta, size)) => {
+            Some(sink) if size > 0 && !(size < BLOCK_SIZE && self.will_inline_tail(meta, size)) && shared => {
                 self.write_file_chunked(src, size, sink)
             }
+            // A body of one block or less cannot save a block by compression.
+            _ if self.opts.compression.is_some() && size > BLOCK_SIZE => self.write_file_compressed(src, size, meta),
             _ => self.write_file_data(src, size, meta),
         }
+    }
+
+    /// Streams a regular file's body of exactly `size` bytes from `src` to the
+    /// compression workers ([`Options::compression`] must be set). The body is read now;
+    /// where it lands is decided when its segments come back, in order: compressed, or
+    /// plain when compression does not make it smaller.
+    pub fn write_file_compressed<R: BufRead + ?Sized>(
+        &mut self,
+        src: &mut R,
+        size: u64,
+        meta: &Meta,
+    ) -> Result<FileData> {
+        let Some(z) = self.opts.compression else {
+            return self.write_file_data(src, size, meta);
+        };
+        if self.pipeline.is_none() {
+            let pcluster = z.pcluster_blocks.clamp(1, 256) as usize * BS;
+            self.pipeline = Some(Pipeline::new(z.codec, z.workers, BS, pcluster)?);
+        }
+        let id = u32::try_from(self.zfiles.len()).map_err(|_| Error::Unrepresentable("too many files".into()))?;
+        let segments = size.div_ceil(SEGMENT as u64);
+        self.zfiles.push(ZFile {
+            size,
+            inline_ok: self.will_inline_tail(meta, size),
+            segments_left: u32::try_from(segments).map_err(|_| Error::Unrepresentable("file too large".into()))?,
+            extents: Vec::new(),
+            blocks: 0,
+            done: None,
+        });
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(SEGMENT as u64) as usize;
+            let mut buf = vec![0u8; n];
+            read_exact(src, &mut buf)?;
+            while self.pipeline.as_ref().is_some_and(|p| p.full()) {
+                self.take_compressed(true)?;
+            }
+            left -= n as u64;
+            self.pipeline.as_mut().expect("started above").submit(buf, left == 0)?;
+            self.seg_owner.push_back(id);
+        }
+        while self.take_compressed(false)? {}
+        Ok(FileData {
+            size,
+            blkaddr: NULL_ADDR,
+            pending: Some(id),
+            ..Default::default()
+        })
+    }
+
+    /// Writes out the next compressed segment in submission order, if it is done (or
+    /// waiting for it with `wait`). Returns whether one was written.
+    fn take_compressed(&mut self, wait: bool) -> Result<bool> {
+        let Some(p) = self.pipeline.as_mut() else {
+            return Ok(false);
+        };
+        let Some((_, done)) = p.next(wait)? else {
+            return Ok(false);
+        };
+        let id = self.seg_owner.pop_front().expect("one owner per segment") as usize;
+        let whole = self.zfiles[id].extents.is_empty() && self.zfiles[id].segments_left == 1;
+        if whole && !self.saves(&self.zfiles[id], &done) {
+            // Stored plain: the body is all here.
+            let f = &self.zfiles[id];
+            let (size, inline) = (f.size, f.inline_ok);
+            let data = self.write_plain(&mut &done.data[..], size, inline)?;
+            let f = &mut self.zfiles[id];
+            f.segments_left = 0;
+            f.done = Some(data);
+            return Ok(true);
+        }
+        let first = self.next_block;
+        let mut at = 0usize;
+        let mut extents = Vec::with_capacity(done.pieces.len());
+        for piece in &done.pieces {
+            let blkaddr = self.next_block;
+            let (len, blocks) = match piece {
+                Piece::Compressed { len, bytes } => {
+                    self.out.write_all(bytes)?;
+                    (*len, (bytes.len() / BS) as u32)
+                }
+                Piece::Raw { len } => {
+                    let n = *len as usize;
+                    self.out.write_all(&done.data[at..at + n])?;
+                    self.out.write_all(&ZEROS[..(BS - n % BS) % BS])?;
+                    (*len, 1)
+                }
+            };
+            at += len as usize;
+            self.next_block = self
+                .next_block
+                .checked_add(blocks)
+                .filter(|b| *b < NULL_ADDR)
+                .ok_or_else(|| Error::Unrepresentable("image larger than 16 TiB".into()))?;
+            extents.push(ZExtent {
+                len,
+                raw: matches!(piece, Piece::Raw { .. }),
+                blkaddr,
+                blocks,
+            });
+        }
+        let f = &mut self.zfiles[id];
+        f.extents.extend(extents);
+        f.blocks += self.next_block - first;
+        f.segments_left -= 1;
+        if f.segments_left == 0 {
+            let extents = std::mem::take(&mut f.extents);
+            let data = if extents.iter().all(|e| e.raw) {
+                // Nothing compressed: raw extents of whole blocks from offset 0 are
+                // exactly the plain layout, in consecutive blocks.
+                FileData {
+                    size: f.size,
+                    blkaddr: extents[0].blkaddr,
+                    blocks: f.blocks,
+                    ..Default::default()
+                }
+            } else {
+                self.compressed_files += 1;
+                FileData {
+                    size: f.size,
+                    blkaddr: NULL_ADDR,
+                    blocks: f.blocks,
+                    compressed: Some(extents.into_boxed_slice()),
+                    ..Default::default()
+                }
+            };
+            f.done = Some(data);
+        }
+        Ok(true)
+    }
+
+    /// Whether a whole body, compressed as `done`, takes less room than stored plain
+    /// (as mkfs.erofs decides: pclusters plus indexes against the file size).
+    fn saves(&self, f: &ZFile, done: &Done) -> bool {
+        let blocks: usize = done
+            .pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Compressed { bytes, .. } => bytes.len() / BS,
+                Piece::Raw { .. } => 1,
+            })
+            .sum();
+        let any = done.pieces.iter().any(|p| matches!(p, Piece::Compressed { .. }));
+        let map = 8 + 16 + f.size.div_ceil(BLOCK_SIZE) * format::LCLUSTER_INDEX_SIZE as u64;
+        any && (blocks * BS) as u64 + map < f.size
+    }
+
+    /// Takes back every segment handed to the workers.
+    fn drain_compressed(&mut self) -> Result<()> {
+        while self.take_compressed(true)? {}
+        Ok(())
     }
 
     /// Streams a regular file's body of exactly `size` bytes from `src` as a
@@ -490,22 +725,31 @@ impl<W: Write + Seek> ImageWriter<W> {
             blocks: 0,
             tail: None,
             chunks: Some(addrs.into_boxed_slice()),
+            ..Default::default()
         })
     }
 
     /// Streams a regular file's body of exactly `size` bytes from `src` into the data
     /// area. Ends with `UnexpectedEof` if `src` runs dry first.
     pub fn write_file_data<R: BufRead + ?Sized>(&mut self, src: &mut R, size: u64, meta: &Meta) -> Result<FileData> {
+        let inline = self.will_inline_tail(meta, size);
+        if size >= BLOCK_SIZE || (size > 0 && !inline) {
+            // Blocks are appended in submission order: bodies still with the workers first.
+            self.drain_compressed()?;
+        }
+        self.write_plain(src, size, inline)
+    }
+
+    fn write_plain<R: BufRead + ?Sized>(&mut self, src: &mut R, size: u64, inline: bool) -> Result<FileData> {
         if size == 0 {
             return Ok(FileData {
                 size,
                 blkaddr: NULL_ADDR,
                 blocks: 0,
                 tail: None,
-                chunks: None,
+                ..Default::default()
             });
         }
-        let inline = self.will_inline_tail(meta, size);
         let full = size / BLOCK_SIZE;
         let tail_len = (size % BLOCK_SIZE) as usize;
         let blocks = full + u64::from(tail_len != 0 && !inline);
@@ -532,13 +776,14 @@ impl<W: Write + Seek> ImageWriter<W> {
             blkaddr: if full > 0 || tail.is_none() { blkaddr } else { NULL_ADDR },
             blocks: blocks as u32,
             tail,
-            chunks: None,
+            ..Default::default()
         })
     }
 
     /// Lays out and writes everything but file bodies, then the superblock. Returns
     /// the output (positioned at its end) and a summary.
     pub fn finish(mut self, tree: &Tree) -> Result<(W, Summary)> {
+        let files = self.settle()?;
         let data_blocks = self.next_block - 1;
         // The device table comes right after the file data: its offset is stored in
         // 128-byte units in a 16-bit field, so it must start within the first 8 MiB,
@@ -546,7 +791,7 @@ impl<W: Write + Seek> ImageWriter<W> {
         let devt_offset = u64::from(self.next_block) * BLOCK_SIZE;
         let (table, devt_slotoff, extra_devices) = self.device_table(devt_offset)?;
         self.out.write_all(&table)?;
-        let plan = Plan::new(tree, &self.opts, self.next_block + (table.len() / BS) as u32)?;
+        let plan = Plan::new(tree, &self.opts, self.next_block + (table.len() / BS) as u32, files)?;
         check_devices(tree, &plan, extra_devices)?;
         let (late, meta) = plan.encode_meta(tree);
         self.out.write_all(&late)?;
@@ -557,6 +802,7 @@ impl<W: Write + Seek> ImageWriter<W> {
         let sb = self.superblock(&plan, blocks, extra_devices, devt_slotoff);
         self.out.seek(SeekFrom::Start(format::SUPER_OFFSET))?;
         self.out.write_all(&sb.encode())?;
+        self.out.write_all(&self.compr_cfgs())?;
         self.out.seek(SeekFrom::Start(u64::from(blocks) * BLOCK_SIZE))?;
         self.out.flush()?;
         let summary = self.summary(&plan, blocks, data_blocks, extra_devices);
@@ -585,9 +831,10 @@ impl<W: Write + Seek> ImageWriter<W> {
     where
         W: io::Read,
     {
+        let files = self.settle()?;
         let data_blocks = self.next_block - 1;
         let (table, devt_slotoff, extra_devices) = self.device_table(BLOCK_SIZE)?;
-        let mut plan = Plan::new(tree, &self.opts, 1 + (table.len() / BS) as u32)?;
+        let mut plan = Plan::new(tree, &self.opts, 1 + (table.len() / BS) as u32, files)?;
         check_devices(tree, &plan, extra_devices)?;
         let meta_end = u64::from(plan.meta_blkaddr) + plan.meta_bytes.div_ceil(BLOCK_SIZE);
         // Data was addressed from block 1 while it streamed; it now starts at meta_end.
@@ -604,6 +851,9 @@ impl<W: Write + Seek> ImageWriter<W> {
         let mut block0 = vec![0u8; BS];
         let sbb = sb.encode();
         block0[format::SUPER_OFFSET as usize..format::SUPER_OFFSET as usize + sbb.len()].copy_from_slice(&sbb);
+        let cfgs = self.compr_cfgs();
+        let at = format::SUPER_OFFSET as usize + sbb.len();
+        block0[at..at + cfgs.len()].copy_from_slice(&cfgs);
         out.write_all(&block0)?;
         out.write_all(&table)?;
         out.write_all(&late)?;
@@ -649,6 +899,66 @@ impl<W: Write + Seek> ImageWriter<W> {
         Ok((table, devt_slotoff, extra_devices))
     }
 
+    /// Takes back every compressed body and returns where each ended up, by
+    /// [`FileData::pending`]; stops the workers.
+    fn settle(&mut self) -> Result<Vec<FileData>> {
+        self.drain_compressed()?;
+        self.pipeline = None;
+        self.zfiles
+            .iter_mut()
+            .map(|f| {
+                f.done
+                    .take()
+                    .ok_or_else(|| Error::Io(io::Error::other("a compressed body was never written")))
+            })
+            .collect()
+    }
+
+    /// The compression settings the image's compressed files need, if it has any:
+    /// (algorithm, big pclusters).
+    fn compr_in_use(&self) -> Option<(format::Algorithm, bool)> {
+        let z = self.opts.compression.filter(|_| self.compressed_files > 0)?;
+        Some((z.codec.algorithm(), z.pcluster_blocks > 1))
+    }
+
+    /// Whether the algorithm configurations follow the superblock: for anything but LZ4
+    /// with one-block pclusters, which every kernel with EROFS reads without them.
+    fn has_cfgs(&self) -> bool {
+        self.compr_in_use()
+            .is_some_and(|(alg, big)| big || alg != format::Algorithm::Lz4)
+    }
+
+    fn compr_features(&self) -> u32 {
+        match self.compr_in_use() {
+            None => 0,
+            Some(_) if self.has_cfgs() => format::FEATURE_INCOMPAT_ZERO_PADDING | format::FEATURE_INCOMPAT_COMPR_CFGS,
+            Some(_) => format::FEATURE_INCOMPAT_ZERO_PADDING,
+        }
+    }
+
+    fn compr_algs_field(&self) -> u16 {
+        match self.compr_in_use() {
+            Some((alg, _)) if self.has_cfgs() => alg.bit(),
+            _ => 0,
+        }
+    }
+
+    /// The configuration records after the superblock (empty without them).
+    fn compr_cfgs(&self) -> Vec<u8> {
+        match (self.compr_in_use(), self.opts.compression) {
+            (Some((alg, _)), Some(z)) if self.has_cfgs() => {
+                let pcluster = z.pcluster_blocks.clamp(1, 256) as usize * BS;
+                format::encode_compr_cfgs(
+                    alg.bit(),
+                    z.pcluster_blocks.clamp(1, 256) as u16,
+                    0,
+                    crate::compress::zstd_window_log(pcluster),
+                )
+            }
+            _ => Vec::new(),
+        }
+    }
+
     fn superblock(&self, plan: &Plan, blocks: u32, extra_devices: u16, devt_slotoff: u16) -> SuperBlock {
         SuperBlock {
             blkszbits: BLKSZBITS,
@@ -669,7 +979,8 @@ impl<W: Write + Seek> ImageWriter<W> {
                 format::FEATURE_INCOMPAT_DEVICE_TABLE
             } else {
                 0
-            }),
+            }) | self.compr_features(),
+            compr_algs: self.compr_algs_field(),
             extra_devices,
             devt_slotoff,
             ..Default::default()
@@ -687,6 +998,7 @@ impl<W: Write + Seek> ImageWriter<W> {
             root_nid: plan.root_nid,
             shared_xattrs: plan.shared_ids.len(),
             chunked_files: plan.chunked_files,
+            compressed_files: self.compressed_files,
             devices: extra_devices,
         }
     }
@@ -782,10 +1094,22 @@ struct Plan {
     /// Added to the address of every block of file data in this image (device 0):
     /// non-zero in the metadata-first layout, where the data moves behind the meta.
     data_shift: u32,
+    /// Where compressed bodies ended up, by [`FileData::pending`].
+    files: Vec<FileData>,
+    /// The compressed files' algorithm and whether they may have big pclusters.
+    z: Option<(u8, bool)>,
+}
+
+/// The settled form of a body that was still being compressed when it was stored.
+fn resolve<'a>(files: &'a [FileData], f: &'a FileData) -> &'a FileData {
+    match f.pending {
+        Some(i) => files.get(i as usize).unwrap_or(f),
+        None => f,
+    }
 }
 
 impl Plan {
-    fn new(tree: &Tree, opts: &Options, late_start: u32) -> Result<Plan> {
+    fn new(tree: &Tree, opts: &Options, late_start: u32, files: Vec<FileData>) -> Result<Plan> {
         let (order, nlink, parents) = walk(tree)?;
 
         let mut index = vec![u32::MAX; tree.len()];
@@ -843,8 +1167,16 @@ impl Plan {
 
             let mut dir_blocks = Vec::new();
             let mut chunk_index_bytes = 0;
+            let mut zmap_bytes = 0;
             let (size, tail_len, late_blocks) = match &node.body {
                 Body::File(f) => {
+                    let f = resolve(&files, f);
+                    if f.compressed.is_some() {
+                        // Header, 8 reserved bytes, one index per lcluster.
+                        zmap_bytes = format::MAP_HEADER_SIZE
+                            + 8
+                            + f.size.div_ceil(BLOCK_SIZE) as usize * format::LCLUSTER_INDEX_SIZE;
+                    }
                     if let Some(c) = &f.chunks {
                         chunk_index_bytes = c.len() * format::CHUNK_INDEX_SIZE;
                         chunked_files += 1;
@@ -876,6 +1208,8 @@ impl Plan {
             // 32-byte aligned and xattr bodies a multiple of 4).
             let total = if chunk_index_bytes > 0 {
                 ((isize + xattr_size).next_multiple_of(format::CHUNK_INDEX_SIZE) + chunk_index_bytes) as u64
+            } else if zmap_bytes > 0 {
+                format::map_header_start((isize + xattr_size) as u64) + zmap_bytes as u64
             } else {
                 (isize + xattr_size + tail_len) as u64
             };
@@ -928,6 +1262,10 @@ impl Plan {
             chunked_files,
             chunk_bits: opts.chunk_bits,
             data_shift: 0,
+            files,
+            z: opts
+                .compression
+                .map(|z| (z.codec.algorithm() as u8, z.pcluster_blocks > 1)),
         })
     }
 
@@ -1031,7 +1369,11 @@ impl Plan {
                 DataLayout::ChunkBased,
                 u32::from(format::CHUNK_FORMAT_INDEXES) | u32::from(self.chunk_bits - BLKSZBITS),
             ),
+            Body::File(f) if resolve(&self.files, f).compressed.is_some() => {
+                (DataLayout::CompressedFull, resolve(&self.files, f).blocks)
+            }
             Body::File(f) => {
+                let f = resolve(&self.files, f);
                 let addr = self.shift(0, f.blkaddr);
                 if f.tail.is_some() {
                     (DataLayout::FlatInline, addr)
@@ -1091,9 +1433,29 @@ impl Plan {
                 out.extend_from_slice(&index.encode());
             }
         }
+        if let Body::File(f) = &node.body {
+            if let (Some(extents), Some((alg, big))) = (&resolve(&self.files, f).compressed, self.z) {
+                let start = out.len();
+                out.resize(start.next_multiple_of(8), 0);
+                let header = MapHeader {
+                    advise: if big { format::z_advise::BIG_PCLUSTER_1 } else { 0 },
+                    algorithm_head1: alg,
+                    ..Default::default()
+                };
+                out.extend_from_slice(&header.encode());
+                out.extend_from_slice(&[0; 8]);
+                let indexes = zmap::full_indexes(extents, BLKSZBITS, big, self.data_shift);
+                debug_assert_eq!(indexes.len() as u64, slot.size.div_ceil(BLOCK_SIZE));
+                for i in indexes {
+                    out.extend_from_slice(&i.encode());
+                }
+            }
+        }
         if slot.inline_len > 0 {
             match (&node.body, tail) {
-                (Body::File(f), _) => out.extend_from_slice(f.tail.as_deref().unwrap_or_default()),
+                (Body::File(f), _) => {
+                    out.extend_from_slice(resolve(&self.files, f).tail.as_deref().unwrap_or_default())
+                }
                 (_, Some(t)) => out.extend_from_slice(t),
                 (_, None) => {
                     let bytes = self.late_bytes(tree, slot);

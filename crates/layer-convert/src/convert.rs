@@ -47,6 +47,9 @@ pub struct Options {
     pub meta_first: bool,
     /// Filesystem UUID; `None`: derived from the input digest (tar), zero (directory).
     pub uuid: Option<[u8; 16]>,
+    /// Compress file data in the image (`None`, the default: uncompressed, which merged
+    /// metadata and VMDK need). Chunk-shared files (with a sink) stay uncompressed.
+    pub compress: Option<erofs::writer::Compression>,
 }
 
 impl Default for Options {
@@ -60,6 +63,7 @@ impl Default for Options {
             fsync: false,
             meta_first: false,
             uuid: None,
+            compress: None,
         }
     }
 }
@@ -135,6 +139,7 @@ pub fn convert_with<R: Read + Send>(
         inline_data: opts.inline_data,
         build_time: opts.build_time,
         chunk_bits: opts.chunk_size.bits(),
+        compression: opts.compress,
         ..Default::default()
     };
     let out = || {

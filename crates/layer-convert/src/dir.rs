@@ -56,6 +56,7 @@ pub fn convert_dir_with(
         build_time: opts.build_time,
         uuid: opts.uuid.unwrap_or_default(),
         chunk_bits: opts.chunk_size.bits(),
+        compression: opts.compress,
         ..Default::default()
     };
     let mut image = ImageWriter::new(out, wopts).map_err(crate::convert::werr)?;

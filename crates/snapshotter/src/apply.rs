@@ -71,11 +71,7 @@ fn conv_err(e: layer_convert::Error) -> Error {
 }
 
 /// The conversion settings every layer the store writes shares.
-pub(crate) fn tar_options(
-    media_type: &str,
-    max_size: u64,
-    chunk_size: layer_convert::ChunkSize,
-) -> layer_convert::Options {
+pub(crate) fn tar_options(media_type: &str, max_size: u64, store: &crate::StoreOptions) -> layer_convert::Options {
     layer_convert::Options {
         media_type: Some(media_type.to_string()),
         max_size,
@@ -84,9 +80,10 @@ pub(crate) fn tar_options(
         inline_data: false,
         build_time: 0,
         fsync: true,
-        chunk_size,
+        chunk_size: store.chunk_size,
         meta_first: false,
         uuid: None,
+        compress: store.compression,
     }
 }
 
@@ -96,9 +93,9 @@ pub(crate) fn write_tar(
     blob: LayerBlob,
     staged: &Path,
     session: Option<&crate::DedupSession<'_>>,
-    chunk_size: layer_convert::ChunkSize,
+    store: &crate::StoreOptions,
 ) -> Result<Written> {
-    let opts = tar_options(&blob.media_type, blob.max_size, chunk_size);
+    let opts = tar_options(&blob.media_type, blob.max_size, store);
     let (report, sink) = match session {
         None => (
             layer_convert::convert(blob.reader, staged, &opts, None).map_err(conv_err)?,

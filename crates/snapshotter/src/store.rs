@@ -118,6 +118,10 @@ pub struct StoreOptions {
     /// How long the store must be idle (no Prepare, View or Commit) before the
     /// unpacked trees that commits moved to `trash/` are deleted.
     pub trash_idle: Duration,
+    /// Compress the file data of the layers the store writes (Apply of tar layers,
+    /// Commit conversions); `None`, the default, keeps them uncompressed. Native EROFS
+    /// layers are kept as they come.
+    pub compression: Option<erofs::writer::Compression>,
 }
 
 impl Default for StoreOptions {
@@ -126,6 +130,7 @@ impl Default for StoreOptions {
             dedup: false,
             chunk_size: layer_convert::ChunkSize::DEFAULT,
             trash_idle: Duration::from_secs(10),
+            compression: None,
         }
     }
 }
@@ -670,7 +675,7 @@ impl Snapshotter {
         };
         let image = self.dir(id).join("layer.erofs");
         let session = self.dedup_session().inspect_err(|_| self.remove_files(id))?;
-        let written = match apply::write_tar(blob, &image, session.as_ref(), self.opts.chunk_size) {
+        let written = match apply::write_tar(blob, &image, session.as_ref(), &self.opts) {
             Ok(w) => w,
             Err(e) => {
                 self.remove_files(id);
@@ -902,7 +907,7 @@ impl Snapshotter {
             LayerFormat::Erofs { .. } => None,
         };
         let written: Written = match blob.format {
-            LayerFormat::Tar => apply::write_tar(blob, &staged, session.as_ref(), self.opts.chunk_size)?,
+            LayerFormat::Tar => apply::write_tar(blob, &staged, session.as_ref(), &self.opts)?,
             LayerFormat::Erofs { zstd } => apply::write_native(blob, &staged, zstd)?,
         };
         if written.sink.is_some() {
@@ -976,6 +981,7 @@ impl Snapshotter {
                 uuid: Some(uuid),
                 fsync: true,
                 chunk_size: self.opts.chunk_size,
+                compress: self.opts.compression,
                 ..Default::default()
             };
             let conv_err =
