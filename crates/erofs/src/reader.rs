@@ -161,6 +161,8 @@ pub struct Image {
     pub(crate) devices: Vec<Device>,
     /// The kernel's `device_id_mask`, applied to the device ids of chunk indexes.
     pub(crate) device_id_mask: u16,
+    /// The compressed extent decoded last.
+    pub(crate) zcache: crate::zread::ZCacheCell,
 }
 
 impl Image {
@@ -239,6 +241,7 @@ impl Image {
             slots: Vec::new(),
             devices: Vec::new(),
             device_id_mask: 0,
+            zcache: Default::default(),
         };
         if img.sb.feature_compat & FEATURE_COMPAT_SB_CHKSUM != 0 {
             img.verify_checksum()?;
@@ -436,6 +439,9 @@ impl Image {
     /// Reads file, symlink or directory data at `offset`; returns the bytes read, which is
     /// less than `buf.len()` only at the end of the data. Holes read as zeros.
     pub fn read_at(&self, e: &Entry, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if e.inode.layout.is_compressed() {
+            return self.read_compressed(e, offset, buf);
+        }
         let size = e.inode.size;
         let mut done = 0usize;
         while done < buf.len() {

@@ -567,7 +567,7 @@ pub fn assert_trees_eq(what: &str, expected: &Tree, actual: &Tree, opts: &Compar
     }
 }
 
-fn run(cmd: &mut Command, what: &str) -> Output {
+pub fn run(cmd: &mut Command, what: &str) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{what}: spawn: {e}"));
     assert!(
         out.status.success(),
@@ -613,10 +613,31 @@ pub fn set_mode(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-/// Runs `fsck.erofs` on the image and panics with its output on failure.
+/// The bin dir of erofs-utils 1.9.4 (`scripts/lib/erofs-utils.sh`, which `scripts/test.sh`
+/// builds from Debian's source package): the fsck.erofs that knows every feature the
+/// writer uses (zstd, DEFLATE, big pclusters). Panics when it is not built.
+pub fn erofs_utils_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/lib/erofs-utils.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("bindir")
+            .output()
+            .expect("run erofs-utils.sh");
+        assert!(
+            out.status.success(),
+            "erofs-utils 1.9.4 is not built: run `sudo bash scripts/lib/erofs-utils.sh install` (scripts/test.sh does)"
+        );
+        PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
+    })
+    .clone()
+}
+
+/// Runs erofs-utils 1.9.4's `fsck.erofs` on the image and panics with its output on failure.
 pub fn fsck(image: &Path) {
     run(
-        Command::new("fsck.erofs").arg(image),
+        Command::new(erofs_utils_bin().join("fsck.erofs")).arg(image),
         &format!("fsck.erofs {}", image.display()),
     );
 }
