@@ -16,8 +16,9 @@
 //!   match the inodes, and no directory reached twice (a cycle or a hard-linked dir);
 //! - chunk indexes: device ids within the device table, addresses inside the device.
 //!
-//! Compressed inodes are refused: their extent maps are not checked here, so an image
-//! using them cannot be vouched for.
+//! - compressed inodes: the map header, every lcluster index (full or compact) and every
+//!   pcluster inside the image; features the reader does not decode (tail-packed
+//!   pclusters, fragments, MicroLZMA) are refused as unsupported.
 //!
 //! Every failure is an [`Invalid`] naming the check that failed, never a panic. The work
 //! is bounded by the image size: honest images never share directory blocks or chunk
@@ -29,9 +30,9 @@ use std::fs::File;
 use std::path::Path;
 
 use crate::format::{
-    ft, xattr_entry_size, xattr_ibody_size, ChunkIndex, DataLayout, XattrEntry, XattrIbodyHeader, BLOCK_MAP_ENTRY_SIZE,
-    CHUNK_FORMAT_ALL, CHUNK_FORMAT_BLKBITS_MASK, CHUNK_FORMAT_INDEXES, CHUNK_INDEX_SIZE, NULL_ADDR, XATTR_ENTRY_SIZE,
-    XATTR_IBODY_HEADER_SIZE,
+    self, ft, xattr_entry_size, xattr_ibody_size, ChunkIndex, DataLayout, XattrEntry, XattrIbodyHeader,
+    BLOCK_MAP_ENTRY_SIZE, CHUNK_FORMAT_ALL, CHUNK_FORMAT_BLKBITS_MASK, CHUNK_FORMAT_INDEXES, CHUNK_INDEX_SIZE,
+    NULL_ADDR, XATTR_ENTRY_SIZE, XATTR_IBODY_HEADER_SIZE,
 };
 use crate::reader::{display_path, split_xattr, Entry, Error, FileKind, Image};
 
@@ -414,12 +415,6 @@ impl Walk<'_> {
             // Device numbers, FIFOs and sockets have no data: `i_u` is the rdev.
             _ => return Ok(()),
         }
-        if ino.layout.is_compressed() {
-            return Err(Invalid::Unsupported {
-                nid,
-                why: format!("compressed data (layout {:?}) cannot be validated", ino.layout),
-            });
-        }
         match e.kind {
             FileKind::Dir if ino.size == 0 => return Err(bad("empty directory (no . and ..)".into())),
             FileKind::Dir if ino.size > self.img.file_size => {
@@ -567,12 +562,58 @@ impl Walk<'_> {
                 Ok(())
             }
             DataLayout::ChunkBased => self.check_chunks(e, after_inode()?),
-            // Refused by check_inode before.
-            DataLayout::CompressedFull | DataLayout::CompressedCompact => Err(Invalid::Unsupported {
-                nid,
-                why: "compressed data cannot be validated".into(),
-            }),
+            DataLayout::CompressedFull | DataLayout::CompressedCompact => self.check_compressed(e),
         }
+    }
+
+    /// Every extent of a compressed inode: its map header (algorithm among the image's,
+    /// no feature the reader lacks), every lcluster index reachable and consistent, and
+    /// every pcluster inside the image. The data itself is not decoded: a stream that
+    /// does not decode is an I/O error for the reader, as for the kernel.
+    fn check_compressed(&mut self, e: &Entry) -> Result<(), Invalid> {
+        let img = self.img;
+        let nid = e.nid;
+        let bad = |err: Error| {
+            classify(err, |why| {
+                if why.ends_with(crate::zread::UNSUPPORTED) {
+                    Invalid::Unsupported { nid, why }
+                } else {
+                    Invalid::Data { nid, why }
+                }
+            })
+        };
+        let z = img.zinfo(e).map_err(bad)?;
+        let lclusters = e.inode.size.div_ceil(1 << z.bits);
+        self.spend(lclusters.saturating_mul(format::LCLUSTER_INDEX_SIZE as u64), || {
+            format!("{lclusters} lcluster indexes of nid {nid}")
+        })?;
+        let bs = img.block_size;
+        // Every lcluster is mapped, as a read starting there would map it, and the
+        // extents they name must tile the file: each one starting where the last ended.
+        let mut end = 0u64;
+        for lcn in 0..lclusters {
+            let m = img.zmap(nid, &z, lcn << z.bits).map_err(bad)?;
+            if m.la + m.llen <= end {
+                continue;
+            }
+            if m.la != end {
+                return Err(Invalid::Data {
+                    nid,
+                    why: format!(
+                        "lcluster {lcn} names an extent at {}, but the one before ends at {end}",
+                        m.la
+                    ),
+                });
+            }
+            let pa = u64::from(m.blkaddr) * bs;
+            self.in_bounds(0, pa, u64::from(m.blocks) * bs, nid)
+                .map_err(|why| Invalid::Data {
+                    nid,
+                    why: format!("pcluster of the extent at {}: {why}", m.la),
+                })?;
+            end = m.la + m.llen;
+        }
+        Ok(())
     }
 
     /// Every chunk index of a chunk-based inode whose index array starts at or after `after`.

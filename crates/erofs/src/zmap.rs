@@ -100,6 +100,8 @@ pub struct Mapped {
     pub llen: u64,
     /// Raw (`PLAIN`) rather than compressed.
     pub raw: bool,
+    /// Compressed with the second algorithm (`HEAD2`).
+    pub head2: bool,
     /// First block of its pcluster.
     pub blkaddr: u32,
     /// Blocks of its pcluster.
@@ -196,6 +198,7 @@ pub fn map<E>(
         la,
         llen: end - la,
         raw,
+        head2: head.kind() == LclusterType::Head2,
         blkaddr: head.u,
         blocks,
     })
@@ -229,6 +232,7 @@ mod tests {
                         la,
                         llen: u64::from(e.len),
                         raw: e.raw,
+                        head2: false,
                         blkaddr: e.blkaddr,
                         blocks: if e.raw {
                             1

@@ -41,6 +41,10 @@ pub(crate) struct ZCache {
 
 pub(crate) type ZCacheCell = Mutex<ZCache>;
 
+/// How errors about features this reader lacks end (the validator reports them as
+/// unsupported rather than corrupt).
+pub(crate) const UNSUPPORTED: &str = "which this reader does not support";
+
 fn corrupt(nid: u64, why: String) -> Error {
     Error::Corrupt(format!("compressed nid {nid}: {why}"))
 }
@@ -56,7 +60,7 @@ impl Image {
         self.read_exact(hpos, &mut raw, || format!("map header of nid {nid}"))?;
         let h = MapHeader::decode(&raw).map_err(|e| corrupt(nid, e.to_string()))?;
         let compact = ino.layout == DataLayout::CompressedCompact;
-        let unsupported = |what: &str| corrupt(nid, format!("{what}, which this reader does not support"));
+        let unsupported = |what: &str| corrupt(nid, format!("{what}, {UNSUPPORTED}"));
         if h.clusterbits & 0x80 != 0 || h.advise & z_advise::FRAGMENT_PCLUSTER != 0 {
             return Err(unsupported("data in a fragment of the packed inode"));
         }
@@ -71,6 +75,9 @@ impl Image {
         }
         let alg = Algorithm::from_raw(h.algorithm_head1)
             .ok_or_else(|| corrupt(nid, format!("unknown algorithm {}", h.algorithm_head1)))?;
+        if alg == Algorithm::Lzma {
+            return Err(unsupported("MicroLZMA data"));
+        }
         let available = if self.sb.feature_incompat & FEATURE_INCOMPAT_COMPR_CFGS != 0 {
             self.sb.compr_algs
         } else {
@@ -272,6 +279,12 @@ impl Image {
         )?;
         let bs = self.block_size;
         let lcluster = 1u64 << z.bits;
+        if m.head2 {
+            return Err(corrupt(
+                nid,
+                format!("a second algorithm (HEAD2) at {}, {UNSUPPORTED}", m.la),
+            ));
+        }
         let blocks = if m.raw { lcluster / bs } else { u64::from(m.blocks) };
         if m.raw && m.llen > blocks * bs {
             return Err(corrupt(

@@ -508,3 +508,114 @@ fn writer_refuses_names_no_directory_can_hold() {
         }
     }
 }
+
+/// A compressed image from the writer: regular files of text (compressed), random
+/// bytes (stored plain) and a mix.
+fn compressed_image(codec: &str, pcluster: u64) -> Vec<u8> {
+    let opts = Options {
+        build_time: 1_700_000_000,
+        compression: Some(
+            erofs::writer::Compression::new(codec.parse().unwrap())
+                .with_pcluster_size(pcluster)
+                .unwrap(),
+        ),
+        ..Default::default()
+    };
+    let mut w = ImageWriter::new(Cursor::new(Vec::new()), opts).unwrap();
+    let mut tree = Tree::new(meta(0o755));
+    let root = tree.root();
+    let text: Vec<u8> = b"compressible text, again and again. "
+        .iter()
+        .cycle()
+        .take(200_000)
+        .copied()
+        .collect();
+    let mut x = 1u32;
+    let random: Vec<u8> = (0..30_000)
+        .map(|_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 24) as u8
+        })
+        .collect();
+    for (name, data) in [("text", &text[..]), ("random", &random[..]), ("short", &text[..5000])] {
+        let f = w
+            .write_file(&mut &data[..], data.len() as u64, &meta(0o644), None)
+            .unwrap();
+        let id = tree.add(Node {
+            meta: meta(0o644),
+            body: Body::File(f),
+        });
+        tree.link(root, name.as_bytes(), id);
+    }
+    let (out, summary) = w.finish(&tree).unwrap();
+    assert_eq!(summary.compressed_files, 2, "text and short compress, random does not");
+    out.into_inner()
+}
+
+#[test]
+fn compressed_images_validate_and_bad_maps_are_refused() {
+    for (codec, pcluster) in [("lz4hc", 4096), ("zstd", 65536), ("deflate", 4096)] {
+        let bytes = compressed_image(codec, pcluster);
+        check(&bytes).unwrap_or_else(|e| panic!("{codec}: {e}"));
+        let l = Layout::new(&bytes);
+        let text = l.entry("/text");
+        assert_eq!(text.inode.layout, format::DataLayout::CompressedFull);
+        assert_eq!(l.img.read_all(&text).unwrap().len(), 200_000);
+        // Compact inode, no xattrs: the map header right after it, the indexes 16 bytes on.
+        let header = l.inode_off(&text) + 32;
+        let index0 = header + 16;
+        // An algorithm the image does not have.
+        let bad_alg = patch(&bytes, header + 6, &[2]);
+        let alg = if codec == "deflate" { 3 } else { 2 };
+        let bad_alg = patch(&bad_alg, header + 6, &[alg]);
+        assert!(matches!(check(&bad_alg), Err(Invalid::Data { .. })), "{codec}");
+        // A feature the reader does not decode: a tail-packed pcluster.
+        let inline = patch(&bytes, header + 4, &format::z_advise::INLINE_PCLUSTER.to_le_bytes());
+        assert!(matches!(check(&inline), Err(Invalid::Unsupported { .. })), "{codec}");
+        // The first pcluster beyond the end of the image.
+        let far = patch(&bytes, index0 + 4, &0x00ff_ffffu32.to_le_bytes());
+        assert!(matches!(check(&far), Err(Invalid::Data { .. })), "{codec}");
+        // A non-head index pointing before the file.
+        let back = patch(&bytes, index0 + 8, &format::LclusterIndex::nonhead(0, 9, 1).encode());
+        assert!(matches!(check(&back), Err(Invalid::Data { .. })), "{codec}");
+        // A first lcluster whose extent starts after byte 0.
+        let late = patch(&bytes, index0 + 2, &100u16.to_le_bytes());
+        assert!(matches!(check(&late), Err(Invalid::Data { .. })), "{codec}");
+    }
+}
+
+/// mkfs.erofs's compressed images (compact indexes; with 1.5, lz4 and lz4hc) validate;
+/// one with tail-packed pclusters is refused as unsupported, not as corrupt.
+#[test]
+#[cfg_attr(
+    not(feature = "root-tests"),
+    ignore = "needs mkfs.erofs: the root tier (scripts/test.sh)"
+)]
+fn mkfs_compressed_images_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    let text: Vec<u8> = b"mkfs text 0123456789 ".iter().cycle().take(300_000).copied().collect();
+    std::fs::write(src.join("d/text"), &text).unwrap();
+    std::fs::write(src.join("small"), &text[..6000]).unwrap();
+    for (name, args, ok) in [
+        ("lz4", vec!["-zlz4"], true),
+        ("lz4hc", vec!["-zlz4hc,12"], true),
+        ("big", vec!["-zlz4hc", "-C65536"], true),
+        ("ztail", vec!["-zlz4hc", "-Eztailpacking"], false),
+    ] {
+        let img = dir.path().join(name);
+        let out = Command::new("mkfs.erofs")
+            .args(&args)
+            .arg(&img)
+            .arg(&src)
+            .output()
+            .expect("mkfs.erofs (erofs-utils) must be installed");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        match validate_path(&img) {
+            Ok(_) => assert!(ok, "{name}: accepted"),
+            Err(Invalid::Unsupported { .. }) if !ok => {}
+            Err(e) => panic!("{name}: {e}"),
+        }
+    }
+}
