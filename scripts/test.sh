@@ -124,6 +124,11 @@ fi
 # The lazy-pull tests' image: minbase + python3 from Debian packages (cached).
 step "warming the python test image (scripts/build-python-image.sh)"
 bash scripts/build-python-image.sh build >/dev/null
+# erofs-utils 1.9.4 from Debian forky's source package (cached): the fsck.erofs every converted
+# image is checked with (the system's 1.5 lacks zstd, DEFLATE and newer layouts), and the
+# mkfs.erofs whose compressed images the reader must read.
+step "warming erofs-utils 1.9.4 (scripts/lib/erofs-utils.sh)"
+bash scripts/lib/erofs-utils.sh install >/dev/null || die "cannot build erofs-utils 1.9.4 (scripts/lib/erofs-utils.sh)"
 # The containerd matrix: 1.6 is the system's; 1.7.24 and 2.1.9 from Debian trixie/forky (cached).
 step "warming containerd 1.7 and 2.1 (scripts/lib/containerd-versions.sh)"
 for v in 1.7 2.1; do

@@ -28,6 +28,7 @@ fn options() -> StoreOptions {
         dedup: true,
         chunk_size: layer_convert::ChunkSize::from_bits(14).unwrap(),
         trash_idle: Duration::from_millis(200),
+        compression: None,
     }
 }
 

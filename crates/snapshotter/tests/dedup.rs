@@ -17,6 +17,7 @@ const DEDUP: StoreOptions = StoreOptions {
     dedup: true,
     chunk_size: layer_convert::ChunkSize::DEFAULT,
     trash_idle: std::time::Duration::from_secs(10),
+    compression: None,
 };
 
 use test_support::pseudo_random as data;
