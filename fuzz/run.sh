@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-/tmp/tgt-fuzz-a}
 secs=${1:-900}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(erofs_image tar_convert tar_reader lazy_layer filters)
+[ ${#targets[@]} -gt 0 ] || targets=(erofs_image tar_convert tar_reader lazy_layer filters compressed)
 mkdir -p logs
 for t in "${targets[@]}"; do
     case $t in

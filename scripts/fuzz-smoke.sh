@@ -16,7 +16,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 secs=${FUZZ_SECONDS:-30}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(erofs_image tar_convert tar_reader lazy_layer filters)
+[ ${#targets[@]} -gt 0 ] || targets=(erofs_image tar_convert tar_reader lazy_layer filters compressed)
 if ! command -v cargo-fuzz >/dev/null; then
     echo "fuzz-smoke: installing cargo-fuzz" >&2
     cargo install --locked cargo-fuzz

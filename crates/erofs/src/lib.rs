@@ -18,7 +18,7 @@ pub mod reader;
 pub mod validate;
 pub mod writer;
 pub mod zmap;
-mod zread;
+pub mod zread;
 mod zwriter;
 
 pub use validate::{validate_file, validate_path, Invalid, Summary};

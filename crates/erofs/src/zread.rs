@@ -43,7 +43,12 @@ pub(crate) type ZCacheCell = Mutex<ZCache>;
 
 /// How errors about features this reader lacks end (the validator reports them as
 /// unsupported rather than corrupt).
-pub(crate) const UNSUPPORTED: &str = "which this reader does not support";
+pub const UNSUPPORTED: &str = "which this reader does not support";
+
+/// What errors about compressed data that fails to decode say. The validator checks
+/// maps, not data: such an error can come from a validated image, as a read error does
+/// from the kernel.
+pub const DOES_NOT_DECODE: &str = "does not decode";
 
 fn corrupt(nid: u64, why: String) -> Error {
     Error::Corrupt(format!("compressed nid {nid}: {why}"))
@@ -333,12 +338,14 @@ impl Image {
             }
             return Ok(out);
         }
-        let start = pcl
-            .iter()
-            .position(|&b| b != 0)
-            .ok_or_else(|| corrupt(nid, format!("pcluster at block {} is all zeros", m.blkaddr)))?;
+        let start = pcl.iter().position(|&b| b != 0).ok_or_else(|| {
+            corrupt(
+                nid,
+                format!("pcluster at block {} {DOES_NOT_DECODE}: all zeros", m.blkaddr),
+            )
+        })?;
         crate::compress::decompress(z.alg, &pcl[start..], &mut out)
-            .map_err(|why| corrupt(nid, format!("extent at {}: {why}", m.la)))?;
+            .map_err(|why| corrupt(nid, format!("extent at {} {DOES_NOT_DECODE}: {why}", m.la)))?;
         Ok(out)
     }
 
