@@ -9,6 +9,8 @@
 # level; without one both tools use their defaults (lz4hc 9, zstd 3, deflate 1).  Our deflate is libdeflate, so it is
 # compared with mkfs.erofs's `-zlibdeflate` (same on-disk algorithm).  --pcluster-size BYTES (or PCLUSTER=BYTES) is
 # passed to both tools for the compressed rows (ours --pcluster-size, mkfs.erofs -C).
+# NO_INLINE=1 makes the compressed rows block-aligned too (ours --no-inline, mkfs.erofs -Enoinline_data), as the
+# snapshotter stores layers.
 # Rows: for each ALGO, ours and mkfs.erofs; plus the uncompressed rows: ours by default (the baseline), ours
 # --no-inline (block-aligned file data, how the snapshotter stores layers), mkfs.erofs by default and with
 # -Enoinline_data.  For each repetition (the order ours/mkfs.erofs alternates between repetitions) and row:
@@ -131,13 +133,15 @@ convert_cmd() { # TOOL SPEC OUT: sets CMD
         CMD=(nice -n 5 "$BIN" convert)
         [[ $spec == none-noinline ]] && CMD+=(--no-inline)
         if [[ $spec != none* ]]; then
+            # NO_INLINE=1: compressed images as the snapshotter stores layers (block-aligned plain files).
+            [[ -z ${NO_INLINE:-} ]] || CMD+=(--no-inline)
             CMD+=(--compress "$spec")
             [[ -z $PCLUSTER ]] || CMD+=(--pcluster-size "$PCLUSTER")
         fi
         CMD+=("$LAYER" "$out")
     else
         CMD=(nice -n 5 "$MKFS" --quiet --tar=f --ungzip)
-        [[ $spec == none-noinline ]] && CMD+=(-Enoinline_data)
+        [[ $spec == none-noinline || ( $spec != none && -n ${NO_INLINE:-} ) ]] && CMD+=(-Enoinline_data)
         if [[ $spec != none* ]]; then
             CMD+=("$(mkfs_z "$spec")")
             [[ -z $PCLUSTER ]] || CMD+=("-C$PCLUSTER")

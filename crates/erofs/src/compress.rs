@@ -123,6 +123,9 @@ pub struct Compressor {
     zstd: Option<zstd::bulk::Compressor<'static>>,
     deflate: Option<libdeflater::Compressor>,
     trial: Vec<u8>,
+    /// Input bytes per output byte of the last fitted pcluster, × 1024: neighbouring
+    /// pclusters compress alike, so the first trial usually fits.
+    ratio: u64,
 }
 
 /// zstd's window for pclusters of `pcluster` bytes: the kernel allows 2^10..=2^20
@@ -141,6 +144,7 @@ impl Compressor {
             zstd: None,
             deflate: None,
             trial: Vec::new(),
+            ratio: 4 << 10,
         };
         match codec.kind {
             CodecKind::Lz4 => {}
@@ -215,7 +219,10 @@ impl Compressor {
         let mut fits = 0usize; // longest prefix known to fit
         let mut fits_len = 0usize;
         let mut too_long = src.len() + 1; // shortest prefix known not to fit
-        let mut m = src.len().min(cap.saturating_mul(4));
+        // Aim a little short of the room at the last ratio, so the first trial fits.
+        let mut m = ((cap as u64 * 63 / 64) * self.ratio / 1024) as usize;
+        // Close enough: within 1/64 of the room (at most a sliver of one block).
+        let slack = cap / 64;
         loop {
             m = m.max(fits + 1).min(too_long - 1);
             match self.compress_once(&src[..m], &mut trial[..cap]) {
@@ -223,18 +230,19 @@ impl Compressor {
                     dst[..w].copy_from_slice(&trial[..w]);
                     fits = m;
                     fits_len = w;
-                    if too_long <= fits + 1 || w + 1 >= cap {
+                    self.ratio = (m as u64 * 1024 / w.max(1) as u64).clamp(1024, 1 << 20);
+                    if too_long <= fits + 1 || w + slack >= cap {
                         break;
                     }
-                    // Guess from the ratio so far, a little short so the guess fits.
-                    m = (cap as u128 * m as u128 / w as u128) as usize;
+                    m = (cap as u128 * 63 / 64 * m as u128 / w as u128) as usize;
                 }
                 None => {
                     too_long = m;
                     if too_long <= fits + 1 {
                         break;
                     }
-                    m = fits + (too_long - fits) / 2;
+                    // Bisect, but no lower than 15/16 of the miss: it just overflowed.
+                    m = (fits + (too_long - fits) / 2).max(too_long - too_long / 16);
                 }
             }
         }
