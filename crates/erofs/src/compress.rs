@@ -219,7 +219,7 @@ impl Compressor {
         let mut fits = 0usize; // longest prefix known to fit
         let mut fits_len = 0usize;
         let mut too_long = src.len() + 1; // shortest prefix known not to fit
-        // Aim a little short of the room at the last ratio, so the first trial fits.
+                                          // Aim a little short of the room at the last ratio, so the first trial fits.
         let mut m = ((cap as u64 * 63 / 64) * self.ratio / 1024) as usize;
         // Close enough: within 1/64 of the room (at most a sliver of one block).
         let slack = cap / 64;
