@@ -66,7 +66,7 @@ set -- "${args[@]+"${args[@]}"}"
 if (($#)); then ALGOS=("$@"); else read -r -a ALGOS <<<"${BENCH_ALGOS:-lz4 lz4hc zstd deflate}"; fi
 ((${#ALGOS[@]})) || die "no algorithms"
 for a in "${ALGOS[@]}"; do
-    [[ $a =~ ^(lz4|lz4hc|zstd|deflate)(,[0-9]+)?$ ]] || die "unknown algorithm $a (lz4, lz4hc[,N], zstd[,N], deflate[,N])"
+    [[ $a =~ ^(lz4|lz4hc|zstd|deflate|lzma)(,[0-9]+)?$ ]] || die "unknown algorithm $a (lz4, lz4hc[,N], zstd[,N], deflate[,N], lzma[,N])"
     [[ $a != lz4,* ]] || die "lz4 takes no level"
 done
 [[ -z $PCLUSTER || $PCLUSTER =~ ^[1-9][0-9]*$ ]] || die "--pcluster-size wants a number of bytes"

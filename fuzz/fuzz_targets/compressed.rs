@@ -12,7 +12,7 @@ use erofs::reader::Image;
 use erofs::writer::{Body, Compression, ImageWriter, Meta, Node, Options, Tree};
 use libfuzzer_sys::fuzz_target;
 
-const CODECS: [&str; 6] = ["lz4", "lz4hc,1", "lz4hc,12", "zstd,1", "zstd,9", "deflate,6"];
+const CODECS: [&str; 7] = ["lz4", "lz4hc,1", "lz4hc,12", "zstd,1", "zstd,9", "deflate,6", "lzma,0"];
 
 fuzz_target!(|data: &[u8]| {
     let Some((&head, rest)) = data.split_first() else {

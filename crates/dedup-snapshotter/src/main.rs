@@ -66,7 +66,7 @@ enum Command {
         /// from its first bytes alone (the layout of lazily fetched layers).
         #[arg(long)]
         meta_first: bool,
-        /// Compress file data: lz4, lz4hc[,LEVEL], zstd[,LEVEL] or deflate[,LEVEL], named as
+        /// Compress file data: lz4, lz4hc[,LEVEL], zstd[,LEVEL], deflate[,LEVEL] or lzma[,LEVEL], named as
         /// `mkfs.erofs -z` names them. Uncompressed by default (what merged metadata needs).
         #[arg(long, value_name = "ALGO[,LEVEL]")]
         compress: Option<erofs::compress::Codec>,
@@ -112,7 +112,7 @@ enum Command {
         /// arrive (containerd then keeps no compressed copy; see README).
         #[arg(long)]
         stream_layers: bool,
-        /// Compress the layers this daemon writes: lz4, lz4hc[,LEVEL], zstd[,LEVEL], deflate[,LEVEL]
+        /// Compress the layers this daemon writes: lz4, lz4hc[,LEVEL], zstd[,LEVEL], deflate[,LEVEL], lzma[,LEVEL]
         /// (config `compression`; default none).
         #[arg(long, value_name = "ALGO[,LEVEL]")]
         compression: Option<String>,

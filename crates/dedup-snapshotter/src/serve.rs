@@ -40,7 +40,7 @@ pub struct Config {
     /// checked when the file is read.
     pub chunk_size: Option<layer_convert::ChunkSize>,
     /// Compress the layers this daemon writes (Apply of tar layers, Commit conversions):
-    /// `lz4`, `lz4hc[,LEVEL]`, `zstd[,LEVEL]` or `deflate[,LEVEL]`, as `mkfs.erofs -z`
+    /// `lz4`, `lz4hc[,LEVEL]`, `zstd[,LEVEL]`, `deflate[,LEVEL]` or `lzma[,LEVEL]`, as `mkfs.erofs -z`
     /// names them (default: none, uncompressed). Native EROFS layers keep theirs. With
     /// `dedup`, files of a chunk or more stay shared and uncompressed.
     pub compression: Option<String>,

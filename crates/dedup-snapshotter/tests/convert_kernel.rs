@@ -851,7 +851,7 @@ fn meta_first_layout_keeps_all_metadata_in_front() {
 // ---------------------------------------------------------------------------
 
 /// The algorithms `--compress` takes, at their default levels.
-const ALGORITHMS: [&str; 4] = ["lz4", "lz4hc", "zstd", "deflate"];
+const ALGORITHMS: [&str; 5] = ["lz4", "lz4hc", "zstd", "deflate", "lzma"];
 
 #[test]
 fn rich_tree_compressed_with_every_algorithm() {
@@ -939,6 +939,8 @@ fn compressed_files_at_cluster_boundaries() {
         ("zstd", "4K"),
         ("zstd", "128K"),
         ("deflate", "4K"),
+        ("lzma", "4K"),
+        ("lzma,0", "64K"),
     ] {
         roundtrip(
             src.path(),
@@ -1033,6 +1035,8 @@ fn reader_reads_mkfs_compressed_images() {
         &["-zzstd,3"],
         &["-zzstd,9", "-C131072"],
         &["-zlibdeflate,6"],
+        &["-zlzma,6"],
+        &["-zlzma,9", "-C65536"],
         &["-zlz4hc", "-Enoinline_data"],
     ] {
         let image = work.path().join("mkfs.erofs");

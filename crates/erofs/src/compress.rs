@@ -33,12 +33,12 @@ extern "C" {
 }
 
 /// A codec and its level, named as `mkfs.erofs -z` names them: `lz4`, `lz4hc[,N]`,
-/// `zstd[,N]`, `deflate[,N]` (also `ALGO,level=N`).
+/// `zstd[,N]`, `deflate[,N]`, `lzma[,N]` (also `ALGO,level=N`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Codec {
     /// Which compressor.
     pub kind: CodecKind,
-    /// Its level (the default when not given: lz4hc 9, zstd 3, deflate 1).
+    /// Its level (the default when not given: lz4hc 9, zstd 3, deflate 1, lzma 6).
     pub level: i32,
 }
 
@@ -53,6 +53,8 @@ pub enum CodecKind {
     Zstd,
     /// DEFLATE (libdeflate).
     Deflate,
+    /// MicroLZMA (liblzma): the best ratio, the slowest to write and read.
+    Lzma,
 }
 
 /// A codec name or level that is not one of [`Codec`]'s.
@@ -67,6 +69,7 @@ impl Codec {
             CodecKind::Lz4 | CodecKind::Lz4hc => Algorithm::Lz4,
             CodecKind::Zstd => Algorithm::Zstd,
             CodecKind::Deflate => Algorithm::Deflate,
+            CodecKind::Lzma => Algorithm::Lzma,
         }
     }
 
@@ -77,6 +80,7 @@ impl Codec {
             CodecKind::Lz4hc => format!("lz4hc,{}", self.level),
             CodecKind::Zstd => format!("zstd,{}", self.level),
             CodecKind::Deflate => format!("deflate,{}", self.level),
+            CodecKind::Lzma => format!("lzma,{}", self.level),
         }
     }
 }
@@ -104,13 +108,21 @@ impl FromStr for Codec {
             "lz4hc" => (CodecKind::Lz4hc, 0..=12, 9),
             "zstd" => (CodecKind::Zstd, 0..=22, 3),
             "deflate" | "libdeflate" => (CodecKind::Deflate, 0..=12, 1),
-            _ => return Err(bad("unknown algorithm (lz4, lz4hc, zstd, deflate)")),
+            "lzma" => (CodecKind::Lzma, 0..=109, 6),
+            _ => return Err(bad("unknown algorithm (lz4, lz4hc, zstd, deflate, lzma)")),
         };
         let level = match level {
             None => default,
             Some(_) if kind == CodecKind::Lz4 => return Err(bad("lz4 has no levels")),
+            Some(l) if kind == CodecKind::Lzma && (10..100).contains(&l) => {
+                return Err(bad("lzma levels are 0-9, or 100-109 for the extreme presets"))
+            }
             Some(l) if range.contains(&l) => l,
-            Some(_) => return Err(bad("level out of range (lz4hc 0-12, zstd 0-22, deflate 0-12)")),
+            Some(_) => {
+                return Err(bad(
+                    "level out of range (lz4hc 0-12, zstd 0-22, deflate 0-12, lzma 0-9 and 100-109)",
+                ))
+            }
         };
         Ok(Codec { kind, level })
     }
@@ -123,6 +135,8 @@ pub struct Compressor {
     zstd: Option<zstd::bulk::Compressor<'static>>,
     deflate: Option<libdeflater::Compressor>,
     trial: Vec<u8>,
+    /// MicroLZMA's dictionary size (also recorded in the image's LZMA configuration).
+    lzma_dict: u32,
     /// Input bytes per output byte of the last fitted pcluster, × 1024: neighbouring
     /// pclusters compress alike, so the first trial usually fits.
     ratio: u64,
@@ -145,9 +159,10 @@ impl Compressor {
             deflate: None,
             trial: Vec::new(),
             ratio: 4 << 10,
+            lzma_dict: lzma_dict_size(pcluster),
         };
         match codec.kind {
-            CodecKind::Lz4 => {}
+            CodecKind::Lz4 | CodecKind::Lzma => {}
             // SAFETY: a pure function returning the state size.
             CodecKind::Lz4hc => c.lz4hc_state = vec![0u8; unsafe { LZ4_sizeofStateHC() } as usize + 8],
             CodecKind::Zstd => {
@@ -208,6 +223,7 @@ impl Compressor {
                 (w > 0 && n > 0).then_some((n as usize, w as usize))
             }
             CodecKind::Zstd | CodecKind::Deflate => self.fit(src, dst),
+            CodecKind::Lzma => lzma_encode(src, dst, self.codec.level, self.lzma_dict),
         }
     }
 
@@ -281,12 +297,77 @@ pub fn decompress(alg: Algorithm, src: &[u8], out: &mut [u8]) -> Result<(), Stri
         Algorithm::Deflate => libdeflater::Decompressor::new()
             .deflate_decompress(src, out)
             .map_err(|e| format!("corrupt DEFLATE data: {e}"))?,
-        Algorithm::Lzma => return Err("LZMA (MicroLZMA) pclusters are not supported by this reader".into()),
+        Algorithm::Lzma => lzma_decode(src, out)?,
     };
     if n != out.len() {
         return Err(format!("pcluster decodes to {n} bytes, the map says {}", out.len()));
     }
     Ok(())
+}
+
+/// MicroLZMA's dictionary for pclusters of `pcluster` bytes: decoded extents are a few
+/// times their pcluster, and the kernel allows 4 KiB to 8 MiB (`Z_EROFS_LZMA_MAX_DICT_SIZE`).
+pub fn lzma_dict_size(pcluster: usize) -> u32 {
+    (pcluster.saturating_mul(8).next_power_of_two() as u64).clamp(32 << 10, 8 << 20) as u32
+}
+
+/// MicroLZMA is destination-size compression by design: the encoder stops when the
+/// output is full and says how much input it took. Each pcluster is its own stream.
+fn lzma_encode(src: &[u8], dst: &mut [u8], level: i32, dict: u32) -> Option<(usize, usize)> {
+    use liblzma_sys as x;
+    let preset = if level >= 100 {
+        (level - 100) as u32 | x::LZMA_PRESET_EXTREME
+    } else {
+        level as u32
+    };
+    // SAFETY: the option and stream structs are plain C data, valid all-zero
+    // (LZMA_STREAM_INIT); liblzma reads src and writes dst only within the lengths given,
+    // and the stream is ended on every path after it was initialised.
+    unsafe {
+        let mut opts: x::lzma_options_lzma = std::mem::zeroed();
+        if x::lzma_lzma_preset(&mut opts, preset) != 0 {
+            return None;
+        }
+        opts.dict_size = dict;
+        let mut strm: x::lzma_stream = std::mem::zeroed();
+        if x::lzma_microlzma_encoder(&mut strm, &opts) != x::LZMA_OK {
+            x::lzma_end(&mut strm);
+            return None;
+        }
+        strm.next_in = src.as_ptr();
+        strm.avail_in = src.len();
+        strm.next_out = dst.as_mut_ptr();
+        strm.avail_out = dst.len();
+        let ret = x::lzma_code(&mut strm, x::LZMA_FINISH);
+        let (used, written) = (strm.total_in as usize, strm.total_out as usize);
+        x::lzma_end(&mut strm);
+        (ret == x::LZMA_STREAM_END && used > 0 && written > 0).then_some((used, written))
+    }
+}
+
+fn lzma_decode(src: &[u8], out: &mut [u8]) -> Result<usize, String> {
+    use liblzma_sys as x;
+    // A dictionary as large as the output is always enough to decode it.
+    let dict = (out.len() as u64).clamp(4096, u64::from(u32::MAX)) as u32;
+    // SAFETY: as in lzma_encode; the decoder reads src and writes out within their lengths.
+    unsafe {
+        let mut strm: x::lzma_stream = std::mem::zeroed();
+        if x::lzma_microlzma_decoder(&mut strm, src.len() as u64, out.len() as u64, 1, dict) != x::LZMA_OK {
+            x::lzma_end(&mut strm);
+            return Err("cannot start a MicroLZMA decoder".into());
+        }
+        strm.next_in = src.as_ptr();
+        strm.avail_in = src.len();
+        strm.next_out = out.as_mut_ptr();
+        strm.avail_out = out.len();
+        let ret = x::lzma_code(&mut strm, x::LZMA_FINISH);
+        let n = strm.total_out as usize;
+        x::lzma_end(&mut strm);
+        if ret != x::LZMA_STREAM_END && !(ret == x::LZMA_OK && n == out.len()) {
+            return Err(format!("corrupt MicroLZMA data (liblzma {ret})"));
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -323,10 +404,21 @@ mod tests {
             ("zstd", CodecKind::Zstd, 3),
             ("zstd,19", CodecKind::Zstd, 19),
             ("deflate,9", CodecKind::Deflate, 9),
+            ("lzma", CodecKind::Lzma, 6),
+            ("lzma,level=105", CodecKind::Lzma, 105),
         ] {
             assert_eq!(s.parse::<Codec>().unwrap(), Codec { kind, level }, "{s}");
         }
-        for s in ["lz5", "lz4,1", "lz4hc,13", "zstd,x", "", "deflate,-1"] {
+        for s in [
+            "lz5",
+            "lz4,1",
+            "lz4hc,13",
+            "zstd,x",
+            "",
+            "deflate,-1",
+            "lzma,50",
+            "lzma,110",
+        ] {
             assert!(s.parse::<Codec>().is_err(), "{s}");
         }
     }
@@ -334,7 +426,16 @@ mod tests {
     #[test]
     fn every_codec_fits_its_output_and_round_trips() {
         let src = sample(64 * 1024);
-        for name in ["lz4", "lz4hc", "zstd", "zstd,12", "deflate", "deflate,9"] {
+        for name in [
+            "lz4",
+            "lz4hc",
+            "zstd",
+            "zstd,12",
+            "deflate",
+            "deflate,9",
+            "lzma",
+            "lzma,109",
+        ] {
             let codec: Codec = name.parse().unwrap();
             for cap in [4096usize, 16384] {
                 let mut c = Compressor::new(codec, cap).unwrap();
@@ -364,6 +465,7 @@ mod tests {
         for alg in [Algorithm::Lz4, Algorithm::Zstd, Algorithm::Deflate, Algorithm::Lzma] {
             let mut out = vec![0u8; 4096];
             assert!(decompress(alg, &[0xff; 64], &mut out).is_err(), "{alg:?}");
+            assert!(decompress(alg, &[0x5d, 0, 0, 1, 2, 3], &mut out).is_err(), "{alg:?}");
         }
     }
 }

@@ -951,7 +951,7 @@ impl<W: Write + Seek> ImageWriter<W> {
                 format::encode_compr_cfgs(
                     alg.bit(),
                     z.pcluster_blocks.clamp(1, 256) as u16,
-                    0,
+                    crate::compress::lzma_dict_size(pcluster),
                     crate::compress::zstd_window_log(pcluster),
                 )
             }

@@ -7,7 +7,7 @@
 //! ([`zmap::map`]) serves both.
 //!
 //! Not read (refused with an error naming the feature): tail-packed pclusters
-//! (`ztailpacking`), fragments, encoded extents (48-bit images) and MicroLZMA data.
+//! (`ztailpacking`), fragments and encoded extents (48-bit images).
 
 use std::sync::Mutex;
 
@@ -80,9 +80,6 @@ impl Image {
         }
         let alg = Algorithm::from_raw(h.algorithm_head1)
             .ok_or_else(|| corrupt(nid, format!("unknown algorithm {}", h.algorithm_head1)))?;
-        if alg == Algorithm::Lzma {
-            return Err(unsupported("MicroLZMA data"));
-        }
         let available = if self.sb.feature_incompat & FEATURE_INCOMPAT_COMPR_CFGS != 0 {
             self.sb.compr_algs
         } else {

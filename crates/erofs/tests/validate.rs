@@ -554,7 +554,7 @@ fn compressed_image(codec: &str, pcluster: u64) -> Vec<u8> {
 
 #[test]
 fn compressed_images_validate_and_bad_maps_are_refused() {
-    for (codec, pcluster) in [("lz4hc", 4096), ("zstd", 65536), ("deflate", 4096)] {
+    for (codec, pcluster) in [("lz4hc", 4096), ("zstd", 65536), ("deflate", 4096), ("lzma", 16384)] {
         let bytes = compressed_image(codec, pcluster);
         check(&bytes).unwrap_or_else(|e| panic!("{codec}: {e}"));
         let l = Layout::new(&bytes);
@@ -567,6 +567,7 @@ fn compressed_images_validate_and_bad_maps_are_refused() {
         // An algorithm the image does not have.
         let bad_alg = patch(&bytes, header + 6, &[2]);
         let alg = if codec == "deflate" { 3 } else { 2 };
+        let alg = if codec == "lzma" { 0 } else { alg };
         let bad_alg = patch(&bad_alg, header + 6, &[alg]);
         assert!(matches!(check(&bad_alg), Err(Invalid::Data { .. })), "{codec}");
         // A feature the reader does not decode: a tail-packed pcluster.
