@@ -79,6 +79,11 @@ pub struct Options {
     /// Compress regular files' data ([`ImageWriter::write_file`]); `None` (the default)
     /// writes every file uncompressed, which merged metadata and chunk sharing need.
     pub compression: Option<Compression>,
+    /// Blocks kept free before the file data for the device table (32 devices each), for
+    /// images that have both file data of their own (over 8 MiB) and chunks on more than
+    /// 22 devices; the kernel reads the table only within the first 8 MiB. Not with the
+    /// metadata-first layout.
+    pub devt_reserve_blocks: u32,
 }
 
 /// How file data is compressed.
@@ -123,6 +128,7 @@ impl Default for Options {
         Options {
             chunk_bits: 16,
             compression: None,
+            devt_reserve_blocks: 0,
             inline_data: true,
             build_time: 0,
             build_time_nsec: 0,
@@ -454,6 +460,8 @@ pub struct ImageWriter<W: Write + Seek> {
     seg_owner: std::collections::VecDeque<u32>,
     /// Whether any file was written compressed.
     compressed_files: u64,
+    /// A device table that goes into block 0, written with the superblock.
+    pending_block0: Vec<u8>,
 }
 
 /// A body being compressed.
@@ -472,11 +480,13 @@ impl<W: Write + Seek> ImageWriter<W> {
     /// Starts an image in `out`, which must be empty: block 0 is left for the
     /// superblock, file data starts at block 1.
     pub fn new(mut out: W, opts: Options) -> Result<Self> {
-        out.seek(SeekFrom::Start(BLOCK_SIZE))?;
+        let reserve = opts.devt_reserve_blocks;
+        out.seek(SeekFrom::Start(BLOCK_SIZE * (1 + u64::from(reserve))))?;
         Ok(ImageWriter {
             out,
             opts,
-            next_block: 1,
+            next_block: 1 + reserve,
+            pending_block0: Vec::new(),
             devices: Vec::new(),
             chunk_buf: Vec::new(),
             pipeline: None,
@@ -784,12 +794,31 @@ impl<W: Write + Seek> ImageWriter<W> {
     /// the output (positioned at its end) and a summary.
     pub fn finish(mut self, tree: &Tree) -> Result<(W, Summary)> {
         let files = self.settle()?;
-        let data_blocks = self.next_block - 1;
-        // The device table comes right after the file data: its offset is stored in
-        // 128-byte units in a 16-bit field, so it must start within the first 8 MiB,
-        // which chunk-based images (no file data of their own) always satisfy.
-        let devt_offset = u64::from(self.next_block) * BLOCK_SIZE;
-        let (table, devt_slotoff, extra_devices) = self.device_table(devt_offset)?;
+        let data_blocks = self.next_block - 1 - self.opts.devt_reserve_blocks;
+        // The device table's offset is stored in 128-byte units in a 16-bit field, so it
+        // must start within the first 8 MiB. It goes, in order of preference: into block 0
+        // after the superblock (up to 22 devices); into the blocks reserved before the
+        // data (`Options::devt_reserve_blocks`); right after the file data, which suits
+        // chunk-based images (no file data of their own) of any size.
+        let block0 = self.block0_table_start();
+        let slots = self.devices.len() * format::DEVICE_SLOT_SIZE;
+        let reserved = u64::from(self.opts.devt_reserve_blocks) * BLOCK_SIZE;
+        let (table, devt_slotoff, extra_devices) = if !self.devices.is_empty() && block0 + slots <= BS {
+            let (mut t, _, n) = self.device_table(block0 as u64)?;
+            t.truncate(slots);
+            self.pending_block0 = t;
+            (Vec::new(), (block0 / format::DEVICE_SLOT_SIZE) as u16, n)
+        } else if !self.devices.is_empty() && slots as u64 <= reserved {
+            let (t, off, n) = self.device_table(BLOCK_SIZE)?;
+            let end = self.out.stream_position()?;
+            self.out.seek(SeekFrom::Start(BLOCK_SIZE))?;
+            self.out.write_all(&t[..slots])?;
+            self.out.seek(SeekFrom::Start(end))?;
+            (Vec::new(), off, n)
+        } else {
+            let devt_offset = u64::from(self.next_block) * BLOCK_SIZE;
+            self.device_table(devt_offset)?
+        };
         self.out.write_all(&table)?;
         let plan = Plan::new(tree, &self.opts, self.next_block + (table.len() / BS) as u32, files)?;
         check_devices(tree, &plan, extra_devices)?;
@@ -803,6 +832,11 @@ impl<W: Write + Seek> ImageWriter<W> {
         self.out.seek(SeekFrom::Start(format::SUPER_OFFSET))?;
         self.out.write_all(&sb.encode())?;
         self.out.write_all(&self.compr_cfgs())?;
+        if !self.pending_block0.is_empty() {
+            self.out.seek(SeekFrom::Start(self.block0_table_start() as u64))?;
+            let t = std::mem::take(&mut self.pending_block0);
+            self.out.write_all(&t)?;
+        }
         self.out.seek(SeekFrom::Start(u64::from(blocks) * BLOCK_SIZE))?;
         self.out.flush()?;
         let summary = self.summary(&plan, blocks, data_blocks, extra_devices);
@@ -831,6 +865,11 @@ impl<W: Write + Seek> ImageWriter<W> {
     where
         W: io::Read,
     {
+        if self.opts.devt_reserve_blocks > 0 {
+            return Err(Error::Unrepresentable(
+                "the metadata-first layout keeps its device table before the data: no reserved blocks".into(),
+            ));
+        }
         let files = self.settle()?;
         let data_blocks = self.next_block - 1;
         let (table, devt_slotoff, extra_devices) = self.device_table(BLOCK_SIZE)?;
@@ -916,6 +955,13 @@ impl<W: Write + Seek> ImageWriter<W> {
 
     /// The compression settings the image's compressed files need, if it has any:
     /// (algorithm, big pclusters).
+    /// Where a device table in block 0 would start: after the superblock and the
+    /// compression configurations, on a slot boundary.
+    fn block0_table_start(&self) -> usize {
+        (format::SUPER_OFFSET as usize + format::SUPER_SIZE + self.compr_cfgs().len())
+            .next_multiple_of(format::DEVICE_SLOT_SIZE)
+    }
+
     fn compr_in_use(&self) -> Option<(format::Algorithm, bool)> {
         let z = self.opts.compression.filter(|_| self.compressed_files > 0)?;
         Some((z.codec.algorithm(), z.pcluster_blocks > 1))
@@ -993,7 +1039,7 @@ impl<W: Write + Seek> ImageWriter<W> {
             blocks,
             bytes: u64::from(blocks) * BLOCK_SIZE,
             data_blocks,
-            data_blkaddr: 1,
+            data_blkaddr: 1 + self.opts.devt_reserve_blocks,
             meta_blkaddr: plan.meta_blkaddr,
             root_nid: plan.root_nid,
             shared_xattrs: plan.shared_ids.len(),

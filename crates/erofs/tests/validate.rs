@@ -620,3 +620,98 @@ fn mkfs_compressed_images_validate() {
         }
     }
 }
+
+/// Chunks on `n` devices, none stored anywhere: only the device table matters here.
+struct Devices(u16);
+
+impl ChunkSink for Devices {
+    fn put(&mut self, data: &[u8]) -> io::Result<ChunkAddr> {
+        let _ = data;
+        Ok(ChunkAddr {
+            device: self.0,
+            blkaddr: 0,
+        })
+    }
+    fn device_slots(&self) -> Vec<DeviceSlot> {
+        (0..self.0)
+            .map(|i| DeviceSlot {
+                tag: [b'a' + (i % 26) as u8; 64],
+                blocks: 16,
+                mapped_blkaddr: 0,
+            })
+            .collect()
+    }
+}
+
+/// An image with over 8 MiB of its own data (compressed or plain small files) and chunks on
+/// other devices still has a device table the kernel can find: in block 0 for a few
+/// devices, in reserved blocks for more, refused only beyond both.
+#[test]
+fn device_tables_with_much_file_data() {
+    let random = |seed: u32, n: usize| -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    };
+    for (devices, reserve, ok) in [
+        (2u16, 0u32, true),
+        (22, 0, true),
+        (40, 0, false),
+        (40, 2, true),
+        (300, 8, false),
+    ] {
+        let opts = Options {
+            chunk_bits: 16,
+            compression: Some(erofs::writer::Compression::new("lz4".parse().unwrap())),
+            devt_reserve_blocks: reserve,
+            ..Default::default()
+        };
+        let mut w = ImageWriter::new(Cursor::new(Vec::new()), opts).unwrap();
+        let mut tree = Tree::new(meta(0o755));
+        let root = tree.root();
+        let mut sink = Devices(devices);
+        // 8.6 MiB of small incompressible files (stored in the image), one chunked file.
+        for i in 0..150u32 {
+            let d = random(i, 60_000);
+            let f = w
+                .write_file(&mut &d[..], d.len() as u64, &meta(0o644), Some(&mut sink))
+                .unwrap();
+            let id = tree.add(Node {
+                meta: meta(0o644),
+                body: Body::File(f),
+            });
+            tree.link(root, format!("f{i}").as_bytes(), id);
+        }
+        let big = random(7, 200_000);
+        let f = w
+            .write_file(&mut &big[..], big.len() as u64, &meta(0o644), Some(&mut sink))
+            .unwrap();
+        assert!(f.chunks.is_some());
+        let id = tree.add(Node {
+            meta: meta(0o644),
+            body: Body::File(f),
+        });
+        tree.link(root, b"big", id);
+        w.set_devices(sink.device_slots());
+        match w.finish(&tree) {
+            Ok((out, s)) => {
+                assert!(ok, "{devices} devices, reserve {reserve}: accepted");
+                assert!(s.bytes > 8 << 20, "{}", s.bytes);
+                let dir = tempfile::tempdir().unwrap();
+                let img = Image::open(&write_tmp(dir.path(), "img", out.get_ref())).unwrap();
+                assert_eq!(img.devices().len(), devices as usize);
+                assert!(img.devices().iter().all(|d| d.blocks == 16));
+                assert!(matches!(img.validate(), Err(Invalid::MissingDevices(n)) if n == devices as usize));
+                let e = img.lookup(b"/f3").unwrap();
+                assert_eq!(img.read_all(&e).unwrap(), random(3, 60_000));
+            }
+            Err(e) => assert!(!ok, "{devices} devices, reserve {reserve}: {e}"),
+        }
+    }
+}

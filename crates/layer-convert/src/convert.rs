@@ -140,6 +140,13 @@ pub fn convert_with<R: Read + Send>(
         build_time: opts.build_time,
         chunk_bits: opts.chunk_size.bits(),
         compression: opts.compress,
+        // Chunks on other layers' blobs and compressed files of its own: the device
+        // table may not fit after the data (erofs::writer::Options::devt_reserve_blocks).
+        devt_reserve_blocks: if sink.is_some() && opts.compress.is_some() {
+            8
+        } else {
+            0
+        },
         ..Default::default()
     };
     let out = || {
