@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # The dedup benchmark (issue 6): bytes on disk, pull (conversion) time and read-all speed for a family of 10 image
 # versions, pulled through containerd's built-in overlayfs snapshotter, our daemon without dedup and our daemon with
-# --dedup, in one run, through the same containerd 1.6, the same loopback registry and the same images.
+# --dedup (and, on request, both again with --compression), in one run, through the same containerd 1.6, the same
+# loopback registry and the same images.
 #
-#   sudo scripts/bench-dedup.sh [-n REPS] [--modes overlayfs,erofs,dedup] [--families flat,layered]
+#   sudo scripts/bench-dedup.sh [-n REPS] [--modes overlayfs,erofs,dedup,zerofs,zdedup] [--families flat,layered]
 #
 # Images (scripts/build-family.sh, cached): Debian bookworm minbase (v1, 120 MB) growing by apt-get installs and one
 # upgrade to v10 (341 MB, 13,101 files), as `flat` (each version one layer holding its whole rootfs: 2.2 GB for the
 # ten) and `layered` (vK = vK-1's layers + a diff layer), pushed to the registry as family-{flat,layered}:v1..v10.
 # The environment is scripts/e2e-env.sh's (one containerd, one registry, our daemon), started once; our daemon runs
 # from a copy of the binary (DEDUP_BIN, default target/release/dedup-snapshotter) through a wrapper that adds
-# `--dedup` (and `--chunk-size $BENCH_CHUNK_SIZE` when set) in the dedup mode.
-# Modes (--modes or BENCH_MODES; default all three):
+# `--dedup` (and `--chunk-size $BENCH_CHUNK_SIZE` when set) in the dedup and zdedup modes and
+# `--compression $BENCH_COMPRESSION` in the zerofs and zdedup modes.
+# Modes (--modes or BENCH_MODES; default overlayfs,erofs,dedup):
 #   overlayfs  containerd's own snapshotter (`--snapshotter overlayfs`)
 #   erofs      our daemon, `serve` without --dedup (`--snapshotter dedup`)
 #   dedup      our daemon, `serve --dedup`
+#   zerofs     our daemon, `serve --compression $BENCH_COMPRESSION` (default lz4hc)
+#   zdedup     our daemon, `serve --dedup --compression $BENCH_COMPRESSION`: files of at least one chunk stay shared,
+#              uncompressed chunks, smaller files are compressed into the layer image
+# "Our modes" below are erofs, dedup, zerofs and zdedup.
 # For each repetition (the order of the modes rotates between repetitions), mode and family (--families or
 # BENCH_FAMILIES), from empty stores (for our modes the daemon is restarted on a fresh, empty root):
 #   pull       `ctr image pull --plain-http --snapshotter X` of v1, v2, ... v10 in turn, wall time of each and the total
@@ -34,13 +40,14 @@
 #              The daemon is started again on the same root and the images removed (`ctr image rm --sync`) until
 #              content store and snapshotters are empty.
 # Report: medians over REPS (default 3, or BENCH_REPS): bytes per mode and family with dedup/overlayfs and
-# erofs/overlayfs, total pull time with dedup/erofs, read-all with dedup/erofs.  Targets (the issue):
+# erofs/overlayfs, total pull time with dedup/erofs, read-all with dedup/erofs; with the compressed modes also
+# zerofs/erofs, zdedup/dedup and zdedup/erofs of bytes, pull total and read-all.  Targets (the issue):
 #   bytes      dedup/overlayfs ≤ 0.50 on the flat family
 #   pull       dedup/erofs time ≤ 1.2 (total of the 10 pulls)
 #   read-all   dedup ≥ 0.9× the speed of erofs (non-dedup layers), i.e. time ratio ≤ 1.11 (cold and warm)
 # Results: BENCH_DIR/dedup.json and dedup.md (BENCH_DIR defaults to target/bench), raw samples in
 # BENCH_DIR/dedup-raw.tsv.  Everything the script starts is stopped and its directory removed on exit.
-# BENCH_NO_BUILD=1 skips `cargo build --release` of the daemon.  One repetition of all three modes takes about
+# BENCH_NO_BUILD=1 skips `cargo build --release` of the daemon.  One repetition of the three default modes takes about
 # 6 minutes on 2 cores (-n 3 of overlayfs and erofs: 12 minutes); the family build, once, about 5 more.  The machine's
 # CPUs are shared: the pulls are CPU-bound (gunzip, unpack, conversion), so compare modes within one run only.
 set -euo pipefail
@@ -77,12 +84,15 @@ IFS=, read -r -a MODE_LIST <<<"$MODES"
 IFS=, read -r -a FAM_LIST <<<"$FAMS"
 ((${#MODE_LIST[@]})) || die "no modes"
 for m in "${MODE_LIST[@]}"; do
-    [[ $m == overlayfs || $m == erofs || $m == dedup ]] || die "unknown mode $m (overlayfs, erofs, dedup)"
+    [[ $m == overlayfs || $m == erofs || $m == dedup || $m == zerofs || $m == zdedup ]] ||
+        die "unknown mode $m (overlayfs, erofs, dedup, zerofs, zdedup)"
 done
 for f in "${FAM_LIST[@]}"; do
     [[ $f == flat || $f == layered ]] || die "unknown family $f (flat, layered)"
 done
 [[ -z "${BENCH_CHUNK_SIZE:-}" || $BENCH_CHUNK_SIZE =~ ^[1-9][0-9]*$ ]] || die "BENCH_CHUNK_SIZE wants a number"
+COMPRESSION=${BENCH_COMPRESSION:-lz4hc}
+[[ $COMPRESSION =~ ^[a-z0-9]+(,[0-9]+)?$ ]] || die "BENCH_COMPRESSION wants ALGO[,LEVEL], e.g. lz4hc or zstd,3"
 
 # shellcheck source=scripts/lib/bench-env.sh
 . "$ROOT/scripts/lib/bench-env.sh"
@@ -102,15 +112,20 @@ mkdir -p "$ENV_DIR/bin"
 cp "$SRC_BIN" "$ENV_DIR/bin/dedup-snapshotter"
 BIN=$ENV_DIR/bin/dedup-snapshotter
 serve_help=$("$BIN" serve --help 2>&1 || true)
-if [[ ",$MODES," == *,dedup,* && $serve_help != *--dedup* ]]; then
-    die "$SRC_BIN has no \`serve --dedup\` yet: leave the dedup mode out (--modes overlayfs,erofs)"
+if [[ (",$MODES," == *,dedup,* || ",$MODES," == *,zdedup,*) && $serve_help != *--dedup* ]]; then
+    die "$SRC_BIN has no \`serve --dedup\` yet: leave the dedup modes out (--modes overlayfs,erofs)"
+fi
+if [[ (",$MODES," == *,zerofs,* || ",$MODES," == *,zdedup,*) && $serve_help != *--compression* ]]; then
+    die "$SRC_BIN has no \`serve --compression\` yet: leave the zerofs and zdedup modes out"
 fi
 echo erofs >"$ENV_DIR/mode"
 cat >"$ENV_DIR/bin/serve" <<SH
 #!/bin/sh
-if [ "\$(cat '$ENV_DIR/mode')" = dedup ]; then
-    exec '$BIN' serve --dedup ${BENCH_CHUNK_SIZE:+--chunk-size $BENCH_CHUNK_SIZE} "\$@"
-fi
+case "\$(cat '$ENV_DIR/mode')" in
+dedup) exec '$BIN' serve --dedup ${BENCH_CHUNK_SIZE:+--chunk-size $BENCH_CHUNK_SIZE} "\$@" ;;
+zerofs) exec '$BIN' serve --compression '$COMPRESSION' "\$@" ;;
+zdedup) exec '$BIN' serve --dedup ${BENCH_CHUNK_SIZE:+--chunk-size $BENCH_CHUNK_SIZE} --compression '$COMPRESSION' "\$@" ;;
+esac
 exec '$BIN' serve "\$@"
 SH
 chmod 0755 "$ENV_DIR/bin/serve"
@@ -336,10 +351,10 @@ for ((rep = 1; rep <= REPS; rep++)); do
     done
 done
 
-python3 - "$BENCH_DIR" "$RAW" "$REPS" "$FAMILY_DIR/sizes.tsv" "$MODES" "${BENCH_CHUNK_SIZE:-}" <<'PY'
+python3 - "$BENCH_DIR" "$RAW" "$REPS" "$FAMILY_DIR/sizes.tsv" "$MODES" "${BENCH_CHUNK_SIZE:-}" "$COMPRESSION" <<'PY'
 import json, os, platform, statistics, subprocess, sys, time
 
-out_dir, raw, reps, sizes_tsv, modes_arg, chunk = sys.argv[1:7]
+out_dir, raw, reps, sizes_tsv, modes_arg, chunk, compression = sys.argv[1:8]
 reps = int(reps)
 samples, stats = {}, {}
 for line in open(raw):
@@ -350,8 +365,11 @@ for line in open(raw):
     key = (fam, mode, metric, version) if version else (fam, mode, metric)
     samples.setdefault(key, []).append(float(value))
 
-MODES = ["overlayfs", "erofs", "dedup"]
+MODES = ["overlayfs", "erofs", "dedup", "zerofs", "zdedup"]
 FAMS = [f for f in ("flat", "layered") if any(k[0] == f for k in samples)]
+# the modes measured (in any family), in MODES' order: the tables' columns
+PRESENT = [m for m in MODES if any(k[1] == m and k[2] == "du_bytes" for k in samples)]
+ZMODES = any(m in PRESENT for m in ("zerofs", "zdedup"))
 def med(*key):
     xs = samples.get(tuple(key))
     return statistics.median(xs) if xs else None
@@ -398,6 +416,12 @@ for fam in FAMS:
         "read_cold_erofs_over_overlayfs": ratio(r["read_cold_s"].get("erofs"), r["read_cold_s"].get("overlayfs")),
         "read_warm_erofs_over_overlayfs": ratio(r["read_warm_s"].get("erofs"), r["read_warm_s"].get("overlayfs")),
     }
+    # the compressed modes against their uncompressed counterparts (and zdedup against plain erofs)
+    for a, b in (("zerofs", "erofs"), ("zdedup", "dedup"), ("zdedup", "erofs")):
+        r["ratios"][f"bytes_{a}_over_{b}"] = ratio(B.get(a), B.get(b))
+        r["ratios"][f"pull_{a}_over_{b}"] = ratio(P.get(a), P.get(b))
+        for c in ("cold", "warm"):
+            r["ratios"][f"read_{c}_{a}_over_{b}"] = ratio(r[f"read_{c}_s"].get(a), r[f"read_{c}_s"].get(b))
     t = r["ratios"]
     r["targets"] = {
         "bytes_dedup_over_overlayfs_max": 0.5 if fam == "flat" else None,
@@ -423,6 +447,7 @@ meta = {
     "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reps": reps, "kernel": platform.release(),
     "cpus": os.cpu_count(), "containerd": ver(["containerd", "--version"]), "modes": modes_arg,
     "chunk_size": int(chunk) if chunk else None,
+    "compression": compression if ZMODES else None,
     "bytes": "du -sx --block-size=1 of the snapshotter root after pulling v1..v%d (content store not counted)" % nvers,
     "read_all": "find / -xdev -type f -exec cat {} + >/dev/null in v%d, timed inside the container" % nvers,
 }
@@ -436,47 +461,59 @@ S = lambda s: "—" if s is None else f"{s:.2f}"
 RT = lambda x: "—" if x is None else f"{x:.2f}"
 OK = lambda v: {True: "yes", False: "NO", None: ""}[v]
 last = family[-1]
-md = ["# Dedup: the image family through overlayfs, erofs and erofs + dedup", "",
+ZPAIRS = [(a, b) for a, b in (("zerofs", "erofs"), ("zdedup", "dedup"), ("zdedup", "erofs"))
+          if a in PRESENT and b in PRESENT]
+ZH = "".join(f" {a}/{b} |" for a, b in ZPAIRS)
+ZS = "---:|" * len(ZPAIRS)
+def zcols(t, metric):
+    return "".join(f" {RT(t[f'{metric}_{a}_over_{b}'])} |" for a, b in ZPAIRS)
+def mcols(d, f):
+    return "".join(f" {f(d.get(m))} |" for m in PRESENT)
+mh = lambda unit: "".join(f" {m} {unit} |" for m in PRESENT)
+ms = "---:|" * len(PRESENT)
+md = ["# Dedup: the image family through overlayfs, erofs and erofs + dedup"
+      + (" (and both compressed)" if ZMODES else ""), "",
       f"{meta['date']}, kernel {meta['kernel']}, {meta['cpus']} CPUs, {meta['containerd']}; median of {reps} run(s); "
-      f"modes {modes_arg}" + (f", chunk size {chunk}" if chunk else "") + ".", "",
+      f"modes {modes_arg}" + (f", chunk size {chunk}" if chunk else "")
+      + (f", compression {compression} (zerofs, zdedup)" if ZMODES else "") + ".", "",
       f"Family (scripts/build-family.sh): {nvers} versions, v1 {family[0]['rootfs_bytes'] / 1e6:.0f} MB → "
       f"v{nvers} {last['rootfs_bytes'] / 1e6:.0f} MB ({last['rootfs_files']} files); flat: "
       f"{sum(v['flat_layer_gz'] for v in family) / 1e6:.0f} MB of gzip layers for the {nvers} images, layered: "
       f"{last['layered_total_gz'] / 1e6:.0f} MB.", "",
       "## Bytes on disk after pulling all versions", "",
       "`du -sx --block-size=1` of the snapshotter's root, content store not counted.", "",
-      "| family | overlayfs MB | erofs MB | dedup MB | erofs/overlayfs | dedup/overlayfs | target | ok | dedup/erofs |",
-      "|---|---:|---:|---:|---:|---:|---:|:---:|---:|"]
+      "| family |" + mh("MB") + " erofs/overlayfs | dedup/overlayfs | target | ok | dedup/erofs |" + ZH,
+      "|---|" + ms + "---:|---:|---:|:---:|---:|" + ZS]
 for fam, r in result["families"].items():
     B, t = r["bytes"], r["ratios"]
     tgt = r["targets"]["bytes_dedup_over_overlayfs_max"]
-    md.append(f"| {fam} | {MB(B.get('overlayfs'))} | {MB(B.get('erofs'))} | {MB(B.get('dedup'))} | "
+    md.append(f"| {fam} |" + mcols(B, MB) + f" "
               f"{RT(t['bytes_erofs_over_overlayfs'])} | {RT(t['bytes_dedup_over_overlayfs'])} | "
               f"{'≤ %.2f' % tgt if tgt else ''} | {OK(r['meets_target']['bytes'])} | "
-              f"{RT(t['bytes_dedup_over_erofs'])} |")
+              f"{RT(t['bytes_dedup_over_erofs'])} |" + zcols(t, "bytes"))
 md += ["", "Content store (the same blobs in every mode): " +
        ", ".join(f"{fam} {MB(r['content_store_bytes'])} MB" for fam, r in result["families"].items()) + ".", "",
        "## Pull (download + unpack + conversion), total of the %d pulls" % nvers, "",
-       "| family | overlayfs s | erofs s | dedup s | erofs/overlayfs | dedup/erofs | target | ok |",
-       "|---|---:|---:|---:|---:|---:|---:|:---:|"]
+       "| family |" + mh("s") + " erofs/overlayfs | dedup/erofs | target | ok |" + ZH,
+       "|---|" + ms + "---:|---:|---:|:---:|" + ZS]
 for fam, r in result["families"].items():
     P, t = r["pull_total_s"], r["ratios"]
-    md.append(f"| {fam} | {S(P.get('overlayfs'))} | {S(P.get('erofs'))} | {S(P.get('dedup'))} | "
+    md.append(f"| {fam} |" + mcols(P, S) + f" "
               f"{RT(t['pull_erofs_over_overlayfs'])} | {RT(t['pull_dedup_over_erofs'])} | ≤ 1.2 | "
-              f"{OK(r['meets_target']['pull'])} |")
+              f"{OK(r['meets_target']['pull'])} |" + zcols(t, "pull"))
 trash = [(fam, m, s) for fam, r in result["families"].items() for m, s in r["trash_total_s"].items()]
 if trash:
     md += ["", "Deferred deletion of the unpacked copies once the daemon was idle (waited out after the 10 pulls, "
            "not counted above): " + ", ".join(f"{fam} {m} {s:.1f} s" for fam, m, s in trash) + "."]
 md += ["", "## Read every file of v%d" % nvers, "",
-       "| family | cache | overlayfs s | erofs s | dedup s | erofs/overlayfs | dedup/erofs | target | ok |",
-       "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+       "| family | cache |" + mh("s") + " erofs/overlayfs | dedup/erofs | target | ok |" + ZH,
+       "|---|---|" + ms + "---:|---:|---:|:---:|" + ZS]
 for fam, r in result["families"].items():
     for c in ("cold", "warm"):
         R, t = r[f"read_{c}_s"], r["ratios"]
-        md.append(f"| {fam} | {c} | {S(R.get('overlayfs'))} | {S(R.get('erofs'))} | {S(R.get('dedup'))} | "
+        md.append(f"| {fam} | {c} |" + mcols(R, S) + f" "
                   f"{RT(t[f'read_{c}_erofs_over_overlayfs'])} | {RT(t[f'read_{c}_dedup_over_erofs'])} | ≤ 1.11 | "
-                  f"{OK(r['meets_target'][f'read_{c}'])} |")
+                  f"{OK(r['meets_target'][f'read_{c}'])} |" + zcols(t, f"read_{c}"))
 st = [(fam, m, s) for fam, r in result["families"].items() for m, s in r["stats"].items()]
 if st:
     md += ["", "## `dedup-snapshotter stats --json` (daemon stopped, all versions pulled)", "",
