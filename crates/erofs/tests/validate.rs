@@ -217,17 +217,22 @@ fn mkfs_erofs_images_validate() {
     }
     for (name, args) in [("plain", vec![]), ("chunked", vec!["--chunksize=8192"])] {
         let img = dir.path().join(name);
-        let out = Command::new("mkfs.erofs")
-            .args(&args)
-            .arg(&img)
-            .arg(&src)
-            .output()
-            .expect("mkfs.erofs (erofs-utils) must be installed");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        mkfs(&args, &img, &src);
         let s = validate_path(&img).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(s.directories, 4, "{name}");
         assert_eq!(s.entries, 506, "{name}");
     }
+}
+
+/// Runs the system's mkfs.erofs (erofs-utils) on a directory.
+fn mkfs(args: &[&str], img: &Path, src: &Path) {
+    let out = Command::new("mkfs.erofs")
+        .args(args)
+        .arg(img)
+        .arg(src)
+        .output()
+        .expect("mkfs.erofs (erofs-utils) must be installed");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn patch(bytes: &[u8], at: usize, with: &[u8]) -> Vec<u8> {
@@ -606,13 +611,7 @@ fn mkfs_compressed_images_validate() {
         ("ztail", vec!["-zlz4hc", "-Eztailpacking"], false),
     ] {
         let img = dir.path().join(name);
-        let out = Command::new("mkfs.erofs")
-            .args(&args)
-            .arg(&img)
-            .arg(&src)
-            .output()
-            .expect("mkfs.erofs (erofs-utils) must be installed");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        mkfs(&args, &img, &src);
         match validate_path(&img) {
             Ok(_) => assert!(ok, "{name}: accepted"),
             Err(Invalid::Unsupported { .. }) if !ok => {}
@@ -648,17 +647,7 @@ impl ChunkSink for Devices {
 /// devices, in reserved blocks for more, refused only beyond both.
 #[test]
 fn device_tables_with_much_file_data() {
-    let random = |seed: u32, n: usize| -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
-    };
+    let random = |seed: u64, n: usize| test_support::pseudo_random(n, seed);
     for (devices, reserve, ok) in [
         (2u16, 0u32, true),
         (22, 0, true),
@@ -677,7 +666,7 @@ fn device_tables_with_much_file_data() {
         let root = tree.root();
         let mut sink = Devices(devices);
         // 8.6 MiB of small incompressible files (stored in the image), one chunked file.
-        for i in 0..150u32 {
+        for i in 0..150u64 {
             let d = random(i, 60_000);
             let f = w
                 .write_file(&mut &d[..], d.len() as u64, &meta(0o644), Some(&mut sink))
