@@ -42,7 +42,7 @@ pub struct Config {
     /// Compress the layers this daemon writes (Apply of tar layers, Commit conversions):
     /// `lz4`, `lz4hc[,LEVEL]`, `zstd[,LEVEL]`, `deflate[,LEVEL]` or `lzma[,LEVEL]`, as `mkfs.erofs -z`
     /// names them (default: none, uncompressed). Native EROFS layers keep theirs. With
-    /// `dedup`, files of a chunk or more stay shared and uncompressed.
+    /// `dedup`, sharing comes first: files are chunks, which EROFS cannot compress.
     pub compression: Option<String>,
     /// Physical cluster size in bytes for `compression` (`mkfs.erofs -C`; default 4096).
     pub pcluster_size: Option<u64>,
@@ -113,6 +113,9 @@ pub fn serve(cfg: Config) -> Result<()> {
         }
         _ => None,
     };
+    if compression.is_some() && cfg.dedup.unwrap_or(false) {
+        tracing::warn!("compression and dedup are both set: files are shared chunks, which EROFS cannot compress");
+    }
     let opts = snapshotter::StoreOptions {
         dedup: cfg.dedup.unwrap_or(false),
         chunk_size,

@@ -668,9 +668,7 @@ fn device_tables_with_much_file_data() {
         // 8.6 MiB of small incompressible files (stored in the image), one chunked file.
         for i in 0..150u64 {
             let d = random(i, 60_000);
-            let f = w
-                .write_file(&mut &d[..], d.len() as u64, &meta(0o644), Some(&mut sink))
-                .unwrap();
+            let f = w.write_file(&mut &d[..], d.len() as u64, &meta(0o644), None).unwrap();
             let id = tree.add(Node {
                 meta: meta(0o644),
                 body: Body::File(f),

@@ -48,7 +48,7 @@ pub struct Options {
     /// Filesystem UUID; `None`: derived from the input digest (tar), zero (directory).
     pub uuid: Option<[u8; 16]>,
     /// Compress file data in the image (`None`, the default: uncompressed, which merged
-    /// metadata and VMDK need). Chunk-shared files (with a sink) stay uncompressed.
+    /// metadata and VMDK need). With a chunk sink, files are shared chunks instead.
     pub compress: Option<erofs::writer::Compression>,
 }
 
@@ -140,13 +140,6 @@ pub fn convert_with<R: Read + Send>(
         build_time: opts.build_time,
         chunk_bits: opts.chunk_size.bits(),
         compression: opts.compress,
-        // Chunks on other layers' blobs and compressed files of its own: the device
-        // table may not fit after the data (erofs::writer::Options::devt_reserve_blocks).
-        devt_reserve_blocks: if sink.is_some() && opts.compress.is_some() {
-            8
-        } else {
-            0
-        },
         ..Default::default()
     };
     let out = || {

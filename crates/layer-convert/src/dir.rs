@@ -57,13 +57,6 @@ pub fn convert_dir_with(
         uuid: opts.uuid.unwrap_or_default(),
         chunk_bits: opts.chunk_size.bits(),
         compression: opts.compress,
-        // Chunks on other layers' blobs and compressed files of its own: the device
-        // table may not fit after the data (erofs::writer::Options::devt_reserve_blocks).
-        devt_reserve_blocks: if sink.is_some() && opts.compress.is_some() {
-            8
-        } else {
-            0
-        },
         ..Default::default()
     };
     let mut image = ImageWriter::new(out, wopts).map_err(crate::convert::werr)?;
