@@ -9,14 +9,12 @@ export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-/tmp/tgt-fuzz-a}
 secs=${1:-900}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(erofs_image tar_convert tar_reader lazy_layer filters compressed)
+# shellcheck source=fuzz/targets.sh disable=SC1091
+. ./targets.sh
+[ ${#targets[@]} -gt 0 ] || targets=("${FUZZ_TARGETS[@]}")
 mkdir -p logs
 for t in "${targets[@]}"; do
-    case $t in
-        tar_reader|tar_convert) seeds=seeds/tar; len=65536 ;;
-        erofs_image) seeds=seeds/erofs_image; len=65536 ;;
-        *) seeds=seeds/$t; len=4096 ;;
-    esac
+    fuzz_seeds "$t"
     mkdir -p "corpus/$t"
     echo "== $t: ${secs}s ($(date -u +%H:%M:%S))"
     # `time` reports the CPU the fuzzer really got (the machine is shared; the limit is wall time).

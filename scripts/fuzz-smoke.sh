@@ -16,7 +16,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 secs=${FUZZ_SECONDS:-30}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(erofs_image tar_convert tar_reader lazy_layer filters compressed)
+# shellcheck source=fuzz/targets.sh
+. "$ROOT/fuzz/targets.sh"
+[ ${#targets[@]} -gt 0 ] || targets=("${FUZZ_TARGETS[@]}")
 if ! command -v cargo-fuzz >/dev/null; then
     echo "fuzz-smoke: installing cargo-fuzz" >&2
     cargo install --locked cargo-fuzz
@@ -31,11 +33,7 @@ echo "fuzz-smoke: built in $(($(date +%s) - start))s" >&2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 for t in "${targets[@]}"; do
-    case $t in
-        tar_reader|tar_convert) seeds=seeds/tar; len=65536 ;;
-        erofs_image) seeds=seeds/erofs_image; len=65536 ;;
-        *) seeds=seeds/$t; len=4096 ;;
-    esac
+    fuzz_seeds "$t"
     mkdir -p "$work/$t"
     log="$work/$t.log"
     if ! nice -n 10 cargo fuzz run "${flags[@]}" "$t" "$work/$t" "$seeds" -- \
