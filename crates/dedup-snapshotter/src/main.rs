@@ -490,6 +490,12 @@ fn convert(
         println!("tar size:      {}", report.uncompressed_size);
         println!("image size:    {}", report.output_size);
         println!("entries:       {}", report.entries);
+        if report.compressed_files > 0 {
+            println!(
+                "compressed:    {} files ({} with packed tails)",
+                report.compressed_files, report.tail_packed_files
+            );
+        }
         println!("time:          {:.3}s", report.seconds);
     }
     Ok(())

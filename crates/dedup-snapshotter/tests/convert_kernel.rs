@@ -279,7 +279,7 @@ fn build_rich_tree(root: &Path, f: Features) {
 }
 
 /// Packs, converts and checks one tree in one format/compression.
-fn roundtrip(src: &Path, format: TarFormat, comp: Compression, extra: &[&str]) {
+fn roundtrip(src: &Path, format: TarFormat, comp: Compression, extra: &[&str]) -> serde_json::Value {
     require_root_and_kernel();
     let work = tempdir();
     let tar = work.path().join("layer.tar");
@@ -296,6 +296,7 @@ fn roundtrip(src: &Path, format: TarFormat, comp: Compression, extra: &[&str]) {
         &expected,
         &CompareOpts::default(),
     );
+    report
 }
 
 /// The --json report must describe the input and output exactly.
@@ -942,13 +943,25 @@ fn compressed_files_at_cluster_boundaries() {
         ("lzma", "4K"),
         ("lzma,0", "64K"),
     ] {
-        roundtrip(
+        let report = roundtrip(
             src.path(),
             TarFormat::Posix,
             Compression::None,
             &["--compress", algo, "--pcluster-size", pcluster],
         );
+        // Tails are packed after their inodes where they fit (most text and mixed files).
+        let packed = report["tail_packed_files"].as_u64().unwrap();
+        assert!(packed > 10, "{algo}: {packed} tail-packed files");
     }
+    // Without inline data, every pcluster is in whole blocks.
+    let report = roundtrip(
+        src.path(),
+        TarFormat::Gnu,
+        Compression::None,
+        &["--compress", "lz4hc", "--no-inline"],
+    );
+    assert_eq!(report["tail_packed_files"], 0);
+    assert!(report["compressed_files"].as_u64().unwrap() > 40);
 }
 
 /// The minbase rootfs with every algorithm: the kernel mount equals GNU tar's

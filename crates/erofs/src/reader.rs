@@ -711,8 +711,11 @@ impl Image {
 
     /// Checks the superblock CRC32C the way the kernel does: over the rest of block 0 from
     /// the superblock on, with the checksum field zeroed, seed !0 and no final inversion.
+    /// Blocks of 1 KiB or less (which end before the superblock starts) have it over one
+    /// block's length, as the kernel's `erofs_superblock_csum_verify` does.
     fn verify_checksum(&self) -> Result<()> {
-        let len = self.block_size.saturating_sub(SUPER_OFFSET) as usize;
+        let bs = self.block_size;
+        let len = if bs > SUPER_OFFSET { bs - SUPER_OFFSET } else { bs } as usize;
         let mut buf = vec![0u8; len];
         self.read_exact(SUPER_OFFSET, &mut buf, || "superblock checksum area".into())?;
         buf[4..8].fill(0);

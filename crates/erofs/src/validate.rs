@@ -588,30 +588,50 @@ impl Walk<'_> {
             format!("{lclusters} lcluster indexes of nid {nid}")
         })?;
         let bs = img.block_size;
-        // Every lcluster is mapped, as a read starting there would map it, and the
-        // extents they name must tile the file: each one starting where the last ended.
+        // Every lcluster is mapped, as a read starting there would map it, and so is
+        // every extent starting inside it (reads start there too, and an extent that ends
+        // in the lcluster it starts in is seen from no lcluster's start); the extents must
+        // tile the file, each one starting where the last ended, up to its size.
+        let size = e.inode.size;
         let mut end = 0u64;
         for lcn in 0..lclusters {
-            let m = img.zmap(nid, &z, lcn << z.bits).map_err(bad)?;
-            if m.la + m.llen <= end {
-                continue;
+            let lend = ((lcn + 1) << z.bits).min(size);
+            let mut pos = lcn << z.bits;
+            loop {
+                let m = img.zmap(nid, &z, pos).map_err(bad)?;
+                if m.la + m.llen > end {
+                    if m.la != end {
+                        return Err(Invalid::Data {
+                            nid,
+                            why: format!(
+                                "byte {pos} maps to an extent at {}, but the one before ends at {end}",
+                                m.la
+                            ),
+                        });
+                    }
+                    let (pa, plen) = match m.inline {
+                        Some((pa, plen)) => (pa, u64::from(plen)),
+                        None => (u64::from(m.blkaddr) * bs, u64::from(m.blocks) * bs),
+                    };
+                    self.in_bounds(0, pa, plen, nid).map_err(|why| Invalid::Data {
+                        nid,
+                        why: format!("pcluster of the extent at {}: {why}", m.la),
+                    })?;
+                    end = m.la + m.llen;
+                }
+                // `zmap` maps a byte into an extent that holds it, so `end` moved past
+                // `pos`: this ends.
+                if end >= lend {
+                    break;
+                }
+                pos = end;
             }
-            if m.la != end {
-                return Err(Invalid::Data {
-                    nid,
-                    why: format!(
-                        "lcluster {lcn} names an extent at {}, but the one before ends at {end}",
-                        m.la
-                    ),
-                });
-            }
-            let pa = u64::from(m.blkaddr) * bs;
-            self.in_bounds(0, pa, u64::from(m.blocks) * bs, nid)
-                .map_err(|why| Invalid::Data {
-                    nid,
-                    why: format!("pcluster of the extent at {}: {why}", m.la),
-                })?;
-            end = m.la + m.llen;
+        }
+        if end != size {
+            return Err(Invalid::Data {
+                nid,
+                why: format!("the extents end at {end}, the file at {size}"),
+            });
         }
         Ok(())
     }

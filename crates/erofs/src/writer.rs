@@ -438,6 +438,8 @@ pub struct Summary {
     pub chunked_files: u64,
     /// Compressed files written.
     pub compressed_files: u64,
+    /// Compressed files whose last pcluster is packed after their inode.
+    pub tail_packed_files: u64,
     /// Extra devices in the device table.
     pub devices: u16,
 }
@@ -460,6 +462,8 @@ pub struct ImageWriter<W: Write + Seek> {
     seg_owner: std::collections::VecDeque<u32>,
     /// Whether any file was written compressed.
     compressed_files: u64,
+    /// How many of those have a tail-packed pcluster (`ztailpacking`).
+    ztailpacked_files: u64,
     /// A device table that goes into block 0, written with the superblock.
     pending_block0: Vec<u8>,
 }
@@ -469,9 +473,13 @@ struct ZFile {
     size: u64,
     /// Its tail may be packed after the inode, should it be stored uncompressed.
     inline_ok: bool,
+    /// Bytes its compressed tail may take packed after the indexes (0: none).
+    inline_budget: usize,
     segments_left: u32,
     extents: Vec<ZExtent>,
     blocks: u32,
+    /// The tail-packed pcluster, once its last segment is back.
+    tail: Option<Box<[u8]>>,
     /// Where the body ended up, once its last segment is written.
     done: Option<FileData>,
 }
@@ -493,6 +501,7 @@ impl<W: Write + Seek> ImageWriter<W> {
             zfiles: Vec::new(),
             seg_owner: Default::default(),
             compressed_files: 0,
+            ztailpacked_files: 0,
         })
     }
 
@@ -513,6 +522,21 @@ impl<W: Write + Seek> ImageWriter<W> {
     pub fn will_inline_tail(&self, meta: &Meta, size: u64) -> bool {
         let tail = (size % BLOCK_SIZE) as usize;
         self.opts.inline_data && tail != 0 && format::EXTENDED_INODE_SIZE + meta.xattr_upper_bound() + tail <= BS
+    }
+
+    /// Bytes a compressed file of `size` bytes with `meta` may pack after its indexes
+    /// (`ztailpacking`; 0 when tails are not inlined). Worst case, as for
+    /// [`Self::will_inline_tail`]: with this much the inode, its xattrs, map and tail fit in
+    /// one block, where [`ImageWriter::finish`] keeps it, so the tail never straddles a
+    /// block as the kernel requires.
+    fn zinline_budget(&self, meta: &Meta, size: u64) -> usize {
+        if !self.opts.inline_data {
+            return 0;
+        }
+        let before = format::map_header_start((format::EXTENDED_INODE_SIZE + meta.xattr_upper_bound()) as u64)
+            + (format::MAP_HEADER_SIZE + 8) as u64
+            + size.div_ceil(BLOCK_SIZE) * format::LCLUSTER_INDEX_SIZE as u64;
+        BLOCK_SIZE.saturating_sub(before) as usize
     }
 
     /// Sets the device table: entry `n - 1` is device `n` of the chunk addresses.
@@ -567,11 +591,14 @@ impl<W: Write + Seek> ImageWriter<W> {
         self.zfiles.push(ZFile {
             size,
             inline_ok: self.will_inline_tail(meta, size),
+            inline_budget: self.zinline_budget(meta, size),
             segments_left: u32::try_from(segments).map_err(|_| Error::Unrepresentable("file too large".into()))?,
             extents: Vec::new(),
             blocks: 0,
+            tail: None,
             done: None,
         });
+        let budget = self.zfiles[id as usize].inline_budget;
         let mut left = size;
         while left > 0 {
             let n = left.min(SEGMENT as u64) as usize;
@@ -581,7 +608,10 @@ impl<W: Write + Seek> ImageWriter<W> {
                 self.take_compressed(true)?;
             }
             left -= n as u64;
-            self.pipeline.as_mut().expect("started above").submit(buf, left == 0)?;
+            self.pipeline
+                .as_mut()
+                .expect("started above")
+                .submit(buf, left == 0, budget)?;
             self.seg_owner.push_back(id);
         }
         while self.take_compressed(false)? {}
@@ -617,6 +647,7 @@ impl<W: Write + Seek> ImageWriter<W> {
         let first = self.next_block;
         let mut at = 0usize;
         let mut extents = Vec::with_capacity(done.pieces.len());
+        let mut tail: Option<Box<[u8]>> = None;
         for piece in &done.pieces {
             let blkaddr = self.next_block;
             let (len, blocks) = match piece {
@@ -630,6 +661,13 @@ impl<W: Write + Seek> ImageWriter<W> {
                     self.out.write_all(&ZEROS[..(BS - n % BS) % BS])?;
                     (*len, 1)
                 }
+                Piece::Inline { len, compressed } => {
+                    let n = *len as usize;
+                    let bytes = compressed.as_deref().unwrap_or(&done.data[at..at + n]);
+                    tail = Some(bytes.into());
+                    // One block, as erofs-utils counts an inline pcluster in the index.
+                    (*len, 0)
+                }
             };
             at += len as usize;
             self.next_block = self
@@ -637,34 +675,45 @@ impl<W: Write + Seek> ImageWriter<W> {
                 .checked_add(blocks)
                 .filter(|b| *b < NULL_ADDR)
                 .ok_or_else(|| Error::Unrepresentable("image larger than 16 TiB".into()))?;
+            let inline = matches!(piece, Piece::Inline { .. });
             extents.push(ZExtent {
                 len,
-                raw: matches!(piece, Piece::Raw { .. }),
-                blkaddr,
-                blocks,
+                raw: matches!(piece, Piece::Raw { .. } | Piece::Inline { compressed: None, .. }),
+                blkaddr: if inline { NULL_ADDR } else { blkaddr },
+                blocks: if inline { 1 } else { blocks },
+                inline,
             });
         }
         let f = &mut self.zfiles[id];
         f.extents.extend(extents);
         f.blocks += self.next_block - first;
         f.segments_left -= 1;
+        if tail.is_some() {
+            f.tail = tail;
+        }
         if f.segments_left == 0 {
             let extents = std::mem::take(&mut f.extents);
             let data = if extents.iter().all(|e| e.raw) {
                 // Nothing compressed: raw extents of whole blocks from offset 0 are
-                // exactly the plain layout, in consecutive blocks.
+                // exactly the plain layout, in consecutive blocks, and a raw inline tail
+                // is a plain inline tail (its budget is stricter than a plain tail's).
                 FileData {
                     size: f.size,
-                    blkaddr: extents[0].blkaddr,
+                    blkaddr: extents.first().filter(|e| !e.inline).map_or(NULL_ADDR, |e| e.blkaddr),
                     blocks: f.blocks,
+                    tail: f.tail.take(),
                     ..Default::default()
                 }
             } else {
                 self.compressed_files += 1;
+                if f.tail.is_some() {
+                    self.ztailpacked_files += 1;
+                }
                 FileData {
                     size: f.size,
                     blkaddr: NULL_ADDR,
                     blocks: f.blocks,
+                    tail: f.tail.take(),
                     compressed: Some(extents.into_boxed_slice()),
                     ..Default::default()
                 }
@@ -677,17 +726,27 @@ impl<W: Write + Seek> ImageWriter<W> {
     /// Whether a whole body, compressed as `done`, takes less room than stored plain
     /// (as mkfs.erofs decides: pclusters plus indexes against the file size).
     fn saves(&self, f: &ZFile, done: &Done) -> bool {
-        let blocks: usize = done
+        let bytes: usize = done
             .pieces
             .iter()
             .map(|p| match p {
-                Piece::Compressed { bytes, .. } => bytes.len() / BS,
-                Piece::Raw { .. } => 1,
+                Piece::Compressed { bytes, .. } => bytes.len(),
+                Piece::Raw { .. } => BS,
+                Piece::Inline { len, compressed } => compressed.as_ref().map_or(*len as usize, Vec::len),
             })
             .sum();
-        let any = done.pieces.iter().any(|p| matches!(p, Piece::Compressed { .. }));
+        let any = done.pieces.iter().any(|p| {
+            matches!(
+                p,
+                Piece::Compressed { .. }
+                    | Piece::Inline {
+                        compressed: Some(_),
+                        ..
+                    }
+            )
+        });
         let map = 8 + 16 + f.size.div_ceil(BLOCK_SIZE) * format::LCLUSTER_INDEX_SIZE as u64;
-        any && (blocks * BS) as u64 + map < f.size
+        any && bytes as u64 + map < f.size
     }
 
     /// Takes back every segment handed to the workers.
@@ -973,10 +1032,17 @@ impl<W: Write + Seek> ImageWriter<W> {
     }
 
     fn compr_features(&self) -> u32 {
+        let tails = if self.ztailpacked_files > 0 {
+            format::FEATURE_INCOMPAT_ZTAILPACKING
+        } else {
+            0
+        };
         match self.compr_in_use() {
             None => 0,
-            Some(_) if self.has_cfgs() => format::FEATURE_INCOMPAT_ZERO_PADDING | format::FEATURE_INCOMPAT_COMPR_CFGS,
-            Some(_) => format::FEATURE_INCOMPAT_ZERO_PADDING,
+            Some(_) if self.has_cfgs() => {
+                format::FEATURE_INCOMPAT_ZERO_PADDING | format::FEATURE_INCOMPAT_COMPR_CFGS | tails
+            }
+            Some(_) => format::FEATURE_INCOMPAT_ZERO_PADDING | tails,
         }
     }
 
@@ -1043,6 +1109,7 @@ impl<W: Write + Seek> ImageWriter<W> {
             shared_xattrs: plan.shared_ids.len(),
             chunked_files: plan.chunked_files,
             compressed_files: self.compressed_files,
+            tail_packed_files: self.ztailpacked_files,
             devices: extra_devices,
         }
     }
@@ -1253,7 +1320,7 @@ impl Plan {
             let total = if chunk_index_bytes > 0 {
                 ((isize + xattr_size).next_multiple_of(format::CHUNK_INDEX_SIZE) + chunk_index_bytes) as u64
             } else if zmap_bytes > 0 {
-                format::map_header_start((isize + xattr_size) as u64) + zmap_bytes as u64
+                format::map_header_start((isize + xattr_size) as u64) + (zmap_bytes + tail_len) as u64
             } else {
                 (isize + xattr_size + tail_len) as u64
             };
@@ -1481,8 +1548,11 @@ impl Plan {
             if let (Some(extents), Some((alg, big))) = (&resolve(&self.files, f).compressed, self.z) {
                 let start = out.len();
                 out.resize(start.next_multiple_of(8), 0);
+                let tail = slot.inline_len as u16;
                 let header = MapHeader {
-                    advise: if big { format::z_advise::BIG_PCLUSTER_1 } else { 0 },
+                    advise: if big { format::z_advise::BIG_PCLUSTER_1 } else { 0 }
+                        | if tail > 0 { format::z_advise::INLINE_PCLUSTER } else { 0 },
+                    idata_size: tail,
                     algorithm_head1: alg,
                     ..Default::default()
                 };

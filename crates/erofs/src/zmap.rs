@@ -32,6 +32,9 @@ pub struct ZExtent {
     pub blkaddr: u32,
     /// Blocks of the pcluster.
     pub blocks: u32,
+    /// The file's last extent, its pcluster packed after the indexes (`ztailpacking`):
+    /// `blkaddr` means nothing and `blocks` is 1, as erofs-utils writes it.
+    pub inline: bool,
 }
 
 /// The lcluster indexes of a file of `size` bytes made of `extents` (which must cover it
@@ -49,7 +52,9 @@ pub fn full_indexes(extents: &[ZExtent], bits: u8, big_pcluster: bool, shift: u3
         } else {
             LclusterType::Head1
         };
-        let blkaddr = if e.blkaddr == NULL_ADDR {
+        let blkaddr = if e.inline {
+            0
+        } else if e.blkaddr == NULL_ADDR {
             e.blkaddr
         } else {
             e.blkaddr + shift
@@ -106,6 +111,9 @@ pub struct Mapped {
     pub blkaddr: u32,
     /// Blocks of its pcluster.
     pub blocks: u32,
+    /// A tail-packed pcluster: its byte position in the image and its length (set by the
+    /// caller, which knows the inode; [`map`] reads indexes only).
+    pub inline: Option<(u64, u32)>,
 }
 
 /// Finds the extent holding byte `pos` (< `size`) of a file whose lcluster indexes
@@ -201,6 +209,7 @@ pub fn map<E>(
         head2: head.kind() == LclusterType::Head2,
         blkaddr: head.u,
         blocks,
+        inline: None,
     })
 }
 
@@ -214,6 +223,7 @@ mod tests {
             raw,
             blkaddr,
             blocks,
+            inline: false,
         }
     }
 
@@ -241,6 +251,7 @@ mod tests {
                         } else {
                             1
                         },
+                        inline: None,
                     },
                     "pos {pos} of {extents:?}"
                 );

@@ -6,8 +6,13 @@
 //! lcluster, as the kernel's `z_erofs_load_compact_lcluster` does, so one walk
 //! ([`zmap::map`]) serves both.
 //!
-//! Not read (refused with an error naming the feature): tail-packed pclusters
-//! (`ztailpacking`), fragments and encoded extents (48-bit images).
+//! Tail-packed pclusters (`ztailpacking`) are read as the kernel reads them: the
+//! extent holding the file's last byte has its pcluster right after the index of the
+//! last lcluster (full indexes) or after the pack holding it (compact ones), within one
+//! block.
+//!
+//! Not read (refused with an error naming the feature): fragments and encoded extents
+//! (48-bit images).
 
 use std::sync::Mutex;
 
@@ -30,6 +35,9 @@ pub(crate) struct ZInfo {
     /// Full: where the indexes start. Compact: `ebase`, right after the header.
     base: u64,
     pub(crate) size: u64,
+    /// The tail-packed last extent: where it starts in the file, and its pcluster's
+    /// position in the image and length.
+    tail: Option<(u64, u64, u32)>,
 }
 
 /// The last extent decoded, kept so that block-sized reads of one extent decode it once.
@@ -69,9 +77,6 @@ impl Image {
         if h.clusterbits & 0x80 != 0 || h.advise & z_advise::FRAGMENT_PCLUSTER != 0 {
             return Err(unsupported("data in a fragment of the packed inode"));
         }
-        if h.advise & z_advise::INLINE_PCLUSTER != 0 {
-            return Err(unsupported("a tail-packed pcluster (ztailpacking)"));
-        }
         if !compact && h.advise & z_advise::EXTENTS != 0 {
             return Err(unsupported("encoded extents"));
         }
@@ -108,7 +113,7 @@ impl Image {
         } else {
             format::full_index_start(end)
         };
-        Ok(ZInfo {
+        let mut z = ZInfo {
             alg,
             bits,
             big,
@@ -117,7 +122,53 @@ impl Image {
             interlaced: h.advise & z_advise::INTERLACED_PCLUSTER != 0,
             base,
             size: ino.size,
-        })
+            tail: None,
+        };
+        if h.advise & z_advise::INLINE_PCLUSTER != 0 {
+            z.tail = Some(self.ztail(nid, &z, h.idata_size)?);
+        }
+        Ok(z)
+    }
+
+    /// Finds the tail-packed pcluster of `idata` bytes, as the kernel's
+    /// `z_erofs_fill_inode_lazy` does: the extent holding the last byte is the tail, and
+    /// its data follows the index (or index pack) of the last lcluster.
+    fn ztail(&self, nid: u64, z: &ZInfo, idata: u16) -> Result<(u64, u64, u32)> {
+        if z.size == 0 || idata == 0 {
+            return Err(corrupt(
+                nid,
+                format!("a tail-packed pcluster of {idata} bytes in a file of {} bytes", z.size),
+            ));
+        }
+        if z.interlaced {
+            return Err(corrupt(
+                nid,
+                format!("a tail-packed pcluster with interlaced raw extents, {UNSUPPORTED}"),
+            ));
+        }
+        let m = self.zmap(nid, z, z.size - 1)?;
+        let last = (z.size - 1) >> z.bits;
+        let pa = if z.compact {
+            let (pos, shift) = self.compact_pos(z, last, z.size.div_ceil(1 << z.bits));
+            let pack_len = if shift == 2 { 8 } else { 32 };
+            pos / pack_len * pack_len + pack_len
+        } else {
+            z.base + (last + 1) * format::LCLUSTER_INDEX_SIZE as u64
+        };
+        let bs = self.block_size;
+        if pa % bs + u64::from(idata) > bs {
+            return Err(corrupt(
+                nid,
+                format!("the tail-packed pcluster of {idata} bytes at byte {pa} crosses a block boundary"),
+            ));
+        }
+        if m.raw && m.llen > u64::from(idata) {
+            return Err(corrupt(
+                nid,
+                format!("a raw tail of {} bytes in a tail-packed pcluster of {idata}", m.llen),
+            ));
+        }
+        Ok((m.la, pa, u32::from(idata)))
     }
 
     /// The index of lcluster `lcn`, decoded from either layout.
@@ -141,30 +192,12 @@ impl Image {
     /// pack. First come up to 7 4B entries (to align the 2B packs to 32 bytes), then 2B
     /// packs (with `COMPACTED_2B`), then 4B packs.
     fn compact_index(&self, nid: u64, z: &ZInfo, lcn: u64, total: u64) -> Result<LclusterIndex> {
-        let initial = ((32 - z.base % 32) / 4) & 7;
-        let two_b = if z.compact_2b && initial < total {
-            (total - initial) / 16 * 16
-        } else {
-            0
-        };
-        let mut pos = z.base;
-        let mut shift = 2u32;
-        let mut l = lcn;
-        if l >= initial {
-            pos += initial * 4;
-            l -= initial;
-            if l < two_b {
-                shift = 1;
-            } else {
-                pos += two_b * 2;
-                l -= two_b;
-            }
-        }
-        pos += l << shift;
+        let (pos, shift) = self.compact_pos(z, lcn, total);
         let vcnt: u64 = if shift == 2 { 2 } else { 16 };
         if shift == 1 && z.bits > 12 {
             return Err(corrupt(nid, "2-byte compact indexes with lclusters over 4 KiB".into()));
         }
+
         let pack_len = vcnt << shift;
         let pack_start = pos / pack_len * pack_len;
         let mut pack = vec![0u8; pack_len as usize + 4];
@@ -269,6 +302,32 @@ impl Image {
         Ok(LclusterIndex::head(kind, lo as u16, blkaddr))
     }
 
+    /// Where lcluster `lcn`'s compact index is, and log2 of its amortized size: 2 in 4B
+    /// packs, 1 in 2B packs.
+    fn compact_pos(&self, z: &ZInfo, lcn: u64, total: u64) -> (u64, u32) {
+        let initial = ((32 - z.base % 32) / 4) & 7;
+        let two_b = if z.compact_2b && initial < total {
+            (total - initial) / 16 * 16
+        } else {
+            0
+        };
+        let mut pos = z.base;
+        let mut shift = 2u32;
+        let mut l = lcn;
+        if l >= initial {
+            pos += initial * 4;
+            l -= initial;
+            if l < two_b {
+                shift = 1;
+            } else {
+                pos += two_b * 2;
+                l -= two_b;
+            }
+        }
+        pos += l << shift;
+        (pos, shift)
+    }
+
     /// The extent holding byte `pos` of a compressed file.
     pub(crate) fn zmap(&self, nid: u64, z: &ZInfo, pos: u64) -> Result<Mapped> {
         let m = zmap::map(
@@ -281,6 +340,20 @@ impl Image {
         )?;
         let bs = self.block_size;
         let lcluster = 1u64 << z.bits;
+        if let Some((la, pa, plen)) = z.tail.filter(|t| t.0 == m.la) {
+            // `ztail` checked the raw tail's length against the pcluster.
+            if m.head2 {
+                return Err(corrupt(
+                    nid,
+                    format!("a second algorithm (HEAD2) at {la}, {UNSUPPORTED}"),
+                ));
+            }
+            return Ok(Mapped {
+                blocks: 0,
+                inline: Some((pa, plen)),
+                ..m
+            });
+        }
         if m.head2 {
             return Err(corrupt(
                 nid,
@@ -312,20 +385,36 @@ impl Image {
     /// Decodes the extent `m` of a compressed file.
     fn zdecode(&self, nid: u64, z: &ZInfo, m: &Mapped) -> Result<Vec<u8>> {
         let bs = self.block_size;
-        let pa = u64::from(m.blkaddr) * bs;
-        let mut pcl = vec![0u8; m.blocks as usize * bs as usize];
-        let what = || format!("pcluster at block {} of nid {nid}", m.blkaddr);
-        match self.map_dev(0, pa, nid, m.la)? {
-            (None, at) => self.read_exact(at, &mut pcl, what)?,
-            (Some(d), at) => {
-                use std::os::unix::fs::FileExt;
-                if at.checked_add(pcl.len() as u64).is_none_or(|end| end > d.size) {
-                    return Err(corrupt(nid, format!("{} lies beyond its device", what())));
-                }
-                d.file.read_exact_at(&mut pcl, at)?;
-            }
-        }
         let mut out = vec![0u8; m.llen as usize];
+        let pcl = match m.inline {
+            Some((pa, plen)) => {
+                // In the metadata, which is always on the primary device.
+                let mut pcl = vec![0u8; plen as usize];
+                self.read_exact(pa, &mut pcl, || format!("tail-packed pcluster of nid {nid}"))?;
+                if m.raw {
+                    let n = out.len();
+                    out.copy_from_slice(&pcl[..n]);
+                    return Ok(out);
+                }
+                pcl
+            }
+            None => {
+                let pa = u64::from(m.blkaddr) * bs;
+                let mut pcl = vec![0u8; m.blocks as usize * bs as usize];
+                let what = || format!("pcluster at block {} of nid {nid}", m.blkaddr);
+                match self.map_dev(0, pa, nid, m.la)? {
+                    (None, at) => self.read_exact(at, &mut pcl, what)?,
+                    (Some(d), at) => {
+                        use std::os::unix::fs::FileExt;
+                        if at.checked_add(pcl.len() as u64).is_none_or(|end| end > d.size) {
+                            return Err(corrupt(nid, format!("{} lies beyond its device", what())));
+                        }
+                        d.file.read_exact_at(&mut pcl, at)?;
+                    }
+                }
+                pcl
+            }
+        };
         if m.raw {
             // Interlaced: the block is rotated so that the extent's bytes sit at their
             // offset in the lcluster.
@@ -338,7 +427,7 @@ impl Image {
         let start = pcl.iter().position(|&b| b != 0).ok_or_else(|| {
             corrupt(
                 nid,
-                format!("pcluster at block {} {DOES_NOT_DECODE}: all zeros", m.blkaddr),
+                format!("pcluster of the extent at {} {DOES_NOT_DECODE}: all zeros", m.la),
             )
         })?;
         crate::compress::decompress(z.alg, &pcl[start..], &mut out)

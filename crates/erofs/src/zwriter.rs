@@ -33,6 +33,9 @@ pub enum Piece {
     Compressed { len: u32, bytes: Vec<u8> },
     /// `len` (≤ one block) bytes stored as they are, from the segment's data.
     Raw { len: u32 },
+    /// The file's last `len` bytes, packed after the inode's indexes (`ztailpacking`):
+    /// compressed into `bytes`, or as they are (from the segment's data) with `None`.
+    Inline { len: u32, compressed: Option<Vec<u8>> },
 }
 
 /// Cuts one segment into extents. `start` is the segment's offset in the file (a
@@ -43,18 +46,55 @@ pub enum Piece {
 /// against storing that input raw; input that does not compress is stored raw a block at
 /// a time; and a file's last bytes that fit in a block are stored raw (compressing them
 /// cannot save a block).
-pub fn compress_segment(c: &mut Compressor, data: &[u8], last: bool, bs: usize, pcluster: usize) -> Vec<Piece> {
+///
+/// With `inline` > 0 (the most bytes that fit after the inode's indexes in its block),
+/// the file's tail is packed there as `mkfs.erofs -E ztailpacking` packs it: everything
+/// left compressed into one inline pcluster when it fits, or else, for the last bytes
+/// under a block, those bytes as they are. Inline data saves bytes, not blocks, so any
+/// saving counts.
+pub fn compress_segment(
+    c: &mut Compressor,
+    data: &[u8],
+    last: bool,
+    bs: usize,
+    pcluster: usize,
+    inline: usize,
+) -> Vec<Piece> {
     let mut pieces = Vec::new();
     let mut dst = vec![0u8; pcluster];
     let mut head = 0usize;
+    let packs = last && inline > 0;
     while head < data.len() {
         let rem = data.len() - head;
-        if last && rem <= bs {
+        if last && rem <= bs && !packs {
             pieces.push(Piece::Raw { len: rem as u32 });
             break;
         }
         let input = &data[head..head + rem.min(MAX_EXTENT_INPUT)];
         let attempt = c.compress_destsize(input, &mut dst);
+        if packs {
+            match attempt {
+                Some((used, w)) if used == rem && w <= inline && w < used && dst[0] != 0 => {
+                    pieces.push(Piece::Inline {
+                        len: rem as u32,
+                        compressed: Some(dst[..w].to_vec()),
+                    });
+                    break;
+                }
+                _ if rem < bs && rem <= inline => {
+                    pieces.push(Piece::Inline {
+                        len: rem as u32,
+                        compressed: None,
+                    });
+                    break;
+                }
+                _ if rem <= bs => {
+                    pieces.push(Piece::Raw { len: rem as u32 });
+                    break;
+                }
+                _ => {}
+            }
+        }
         match attempt {
             // The stream must not start with a zero byte: the kernel finds its start by
             // skipping the padding's zeros.
@@ -90,6 +130,7 @@ struct Job {
     seq: u64,
     data: Vec<u8>,
     last: bool,
+    inline: usize,
 }
 
 /// A finished job: the segment's data back (raw pieces and the whole-file fallback need
@@ -133,7 +174,7 @@ impl Pipeline {
                             Ok(j) => j,
                             Err(_) => return,
                         };
-                        let pieces = compress_segment(&mut comp, &job.data, job.last, bs, pcluster);
+                        let pieces = compress_segment(&mut comp, &job.data, job.last, bs, pcluster, job.inline);
                         if res_tx.send(Ok((job.seq, Done { data: job.data, pieces }))).is_err() {
                             return;
                         }
@@ -151,14 +192,20 @@ impl Pipeline {
         })
     }
 
-    /// Queues a segment; returns its sequence number.
-    pub fn submit(&mut self, data: Vec<u8>, last: bool) -> io::Result<u64> {
+    /// Queues a segment; returns its sequence number. `last`: the file ends with it;
+    /// `inline`: bytes its tail may take packed after the inode (see [`compress_segment`]).
+    pub fn submit(&mut self, data: Vec<u8>, last: bool, inline: usize) -> io::Result<u64> {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.jobs
             .as_ref()
             .ok_or_else(|| io::Error::other("compression workers stopped"))?
-            .send(Job { seq, data, last })
+            .send(Job {
+                seq,
+                data,
+                last,
+                inline,
+            })
             .map_err(|_| io::Error::other("compression workers stopped"))?;
         Ok(seq)
     }
@@ -218,7 +265,7 @@ mod tests {
     fn total(p: &[Piece]) -> usize {
         p.iter()
             .map(|p| match p {
-                Piece::Compressed { len, .. } | Piece::Raw { len } => *len as usize,
+                Piece::Compressed { len, .. } | Piece::Raw { len } | Piece::Inline { len, .. } => *len as usize,
             })
             .sum()
     }
@@ -248,7 +295,7 @@ mod tests {
             (&mixed, true),
             (&mixed[..65536].to_vec(), false),
         ] {
-            let p = compress_segment(&mut c, data, last, 4096, 4096);
+            let p = compress_segment(&mut c, data, last, 4096, 4096, 0);
             assert_eq!(total(&p), data.len());
             // Every extent but the last ends in a later block than it starts in.
             let mut at = 0usize;
@@ -262,6 +309,7 @@ mod tests {
                         assert!(*len as usize <= 4096);
                         *len as usize
                     }
+                    Piece::Inline { .. } => unreachable!("no inline budget"),
                 };
                 if i + 1 < p.len() {
                     assert!((at % 4096) + len >= 4096, "extent {i} at {at} of {len}");
@@ -270,9 +318,9 @@ mod tests {
             }
         }
         // Random data is stored raw, text compressed.
-        let p = compress_segment(&mut c, &random, true, 4096, 4096);
+        let p = compress_segment(&mut c, &random, true, 4096, 4096, 0);
         assert!(p.iter().all(|p| matches!(p, Piece::Raw { .. })));
-        let p = compress_segment(&mut c, &text, true, 4096, 4096);
+        let p = compress_segment(&mut c, &text, true, 4096, 4096, 0);
         assert!(p.len() < 10);
     }
 
@@ -281,7 +329,7 @@ mod tests {
         let mut p = Pipeline::new("lz4".parse().unwrap(), 3, 4096, 4096).unwrap();
         let sizes = [100_000usize, 10, 5000, 300_000, 1, 8192];
         for (i, n) in sizes.iter().enumerate() {
-            p.submit(vec![i as u8 + 1; *n], true).unwrap();
+            p.submit(vec![i as u8 + 1; *n], true, 0).unwrap();
         }
         for (i, n) in sizes.iter().enumerate() {
             let (seq, d) = p.next(true).unwrap().unwrap();

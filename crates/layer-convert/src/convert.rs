@@ -105,6 +105,10 @@ pub struct Report {
     /// everything before it is metadata (superblock, directories, inodes, xattrs,
     /// inline tails).
     pub data_offset: u64,
+    /// Files stored compressed (with [`Options::erofs`]' compression).
+    pub compressed_files: u64,
+    /// Of those, files whose last pcluster is packed after the inode (`ztailpacking`).
+    pub tail_packed_files: u64,
 }
 
 /// Converts a layer read from `input` into an EROFS image at `output`.
@@ -190,6 +194,8 @@ pub fn convert_with<R: Read + Send>(
         compression,
         seconds: started.elapsed().as_secs_f64(),
         data_offset: u64::from(summary.data_blkaddr) * writer::BLOCK_SIZE,
+        compressed_files: summary.compressed_files,
+        tail_packed_files: summary.tail_packed_files,
     })
 }
 
