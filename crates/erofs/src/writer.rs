@@ -801,10 +801,45 @@ impl<W: Write + Seek> ImageWriter<W> {
     pub fn write_file_data<R: BufRead + ?Sized>(&mut self, src: &mut R, size: u64, meta: &Meta) -> Result<FileData> {
         let inline = self.will_inline_tail(meta, size);
         if size >= BLOCK_SIZE || (size > 0 && !inline) {
-            // Blocks are appended in submission order: bodies still with the workers first.
+            // Blocks are appended in submission order: bodies still with the workers go
+            // first. A small body joins the queue rather than waiting for them, so that
+            // a layer of many small files keeps the workers busy.
+            if size <= SEGMENT as u64 && self.pipeline.as_ref().is_some_and(|p| !p.idle()) {
+                return self.pass_plain(src, size, meta);
+            }
             self.drain_compressed()?;
         }
         self.write_plain(src, size, inline)
+    }
+
+    /// Queues a body to be stored plain behind the segments still being compressed.
+    fn pass_plain<R: BufRead + ?Sized>(&mut self, src: &mut R, size: u64, meta: &Meta) -> Result<FileData> {
+        let mut buf = vec![0u8; size as usize];
+        read_exact(src, &mut buf)?;
+        let id = u32::try_from(self.zfiles.len()).map_err(|_| Error::Unrepresentable("too many files".into()))?;
+        self.zfiles.push(ZFile {
+            size,
+            inline_ok: self.will_inline_tail(meta, size),
+            inline_budget: 0,
+            segments_left: 1,
+            extents: Vec::new(),
+            blocks: 0,
+            tail: None,
+            done: None,
+        });
+        while self.pipeline.as_ref().is_some_and(|p| p.full()) {
+            self.take_compressed(true)?;
+        }
+        // No pieces: `take_compressed` finds it saves nothing and stores it plain.
+        self.pipeline.as_mut().expect("not idle").pass(buf);
+        self.seg_owner.push_back(id);
+        while self.take_compressed(false)? {}
+        Ok(FileData {
+            size,
+            blkaddr: NULL_ADDR,
+            pending: Some(id),
+            ..Default::default()
+        })
     }
 
     fn write_plain<R: BufRead + ?Sized>(&mut self, src: &mut R, size: u64, inline: bool) -> Result<FileData> {

@@ -150,7 +150,9 @@ pub struct Pipeline {
     next_seq: u64,
     next_out: u64,
     ready: BTreeMap<u64, Done>,
-    max_in_flight: u64,
+    /// Bytes handed over and not yet taken back, and the bound on them.
+    in_flight: usize,
+    max_in_flight: usize,
 }
 
 impl Pipeline {
@@ -188,7 +190,8 @@ impl Pipeline {
             next_seq: 0,
             next_out: 0,
             ready: BTreeMap::new(),
-            max_in_flight: 2 * workers as u64 + 2,
+            in_flight: 0,
+            max_in_flight: (2 * workers + 2) * SEGMENT,
         })
     }
 
@@ -197,6 +200,7 @@ impl Pipeline {
     pub fn submit(&mut self, data: Vec<u8>, last: bool, inline: usize) -> io::Result<u64> {
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.in_flight += data.len();
         self.jobs
             .as_ref()
             .ok_or_else(|| io::Error::other("compression workers stopped"))?
@@ -215,9 +219,27 @@ impl Pipeline {
         self.next_out == self.next_seq
     }
 
-    /// Whether the writer must take results back before submitting more (bounds memory).
+    /// Queues data that is not to be compressed (a small file stored plain), so that it
+    /// comes back in its place in the order without waiting for the segments before it
+    /// to be compressed; returns its sequence number.
+    pub fn pass(&mut self, data: Vec<u8>) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.in_flight += data.len();
+        self.ready.insert(
+            seq,
+            Done {
+                data,
+                pieces: Vec::new(),
+            },
+        );
+        seq
+    }
+
+    /// Whether the writer must take results back before submitting more (bounds memory:
+    /// a few segments per worker, whether being compressed or waiting their turn).
     pub fn full(&self) -> bool {
-        self.next_seq - self.next_out >= self.max_in_flight
+        self.in_flight >= self.max_in_flight
     }
 
     /// The next result in submission order: waits for it when `wait`, else `None` when it
@@ -230,6 +252,7 @@ impl Pipeline {
             if let Some(d) = self.ready.remove(&self.next_out) {
                 let seq = self.next_out;
                 self.next_out += 1;
+                self.in_flight -= d.data.len();
                 return Ok(Some((seq, d)));
             }
             let got = if wait {
@@ -322,6 +345,56 @@ mod tests {
         assert!(p.iter().all(|p| matches!(p, Piece::Raw { .. })));
         let p = compress_segment(&mut c, &text, true, 4096, 4096, 0);
         assert!(p.len() < 10);
+    }
+
+    #[test]
+    fn tails_are_packed_where_they_fit() {
+        let mut c = Compressor::new("lz4hc".parse().unwrap(), 4096).unwrap();
+        let text: Vec<u8> = (0..300_000u32)
+            .map(|i| b"tail packing "[(i * 7 % 13) as usize])
+            .collect();
+        let random = test_support::pseudo_random(3000, 9);
+        // All of a compressible file in one inline pcluster.
+        let p = compress_segment(&mut c, &text[..9000], true, 4096, 4096, 3000);
+        assert!(matches!(&p[..], [Piece::Inline { len: 9000, compressed: Some(b) }] if b.len() <= 3000));
+        // Incompressible bytes under a block: inline as they are, if they fit.
+        let p = compress_segment(&mut c, &random, true, 4096, 4096, 3500);
+        assert!(matches!(
+            &p[..],
+            [Piece::Inline {
+                len: 3000,
+                compressed: None
+            }]
+        ));
+        let p = compress_segment(&mut c, &random, true, 4096, 4096, 2999);
+        assert!(matches!(&p[..], [Piece::Raw { len: 3000 }]));
+        // Not the file's last segment: nothing inline.
+        let p = compress_segment(&mut c, &text[..65536], false, 4096, 4096, 3000);
+        assert!(p.iter().all(|p| !matches!(p, Piece::Inline { .. })));
+        // A long file: raw blocks, then the tail inline, the lengths adding up.
+        let mut long = test_support::pseudo_random(16_384, 4);
+        long.extend_from_slice(&text[..30_000]);
+        let p = compress_segment(&mut c, &long, true, 4096, 4096, 2000);
+        assert_eq!(total(&p), long.len());
+        let kinds: Vec<_> = p
+            .iter()
+            .map(|p| match p {
+                Piece::Compressed { len, bytes } => format!("C{len}/{}", bytes.len()),
+                Piece::Raw { len } => format!("R{len}"),
+                Piece::Inline { len, compressed } => format!("I{len}/{:?}", compressed.as_ref().map(Vec::len)),
+            })
+            .collect();
+        assert!(
+            matches!(
+                p.last(),
+                Some(Piece::Inline {
+                    compressed: Some(_),
+                    ..
+                })
+            ),
+            "{kinds:?}"
+        );
+        assert_eq!(p.iter().filter(|p| matches!(p, Piece::Inline { .. })).count(), 1);
     }
 
     #[test]
