@@ -493,3 +493,41 @@ fn stdin_pipe_input() {
     assert_eq!(report["compression"].as_str(), Some("gzip"));
     fsck(&c.output());
 }
+
+/// With compression on, a bad layer is refused the same way for every algorithm: the
+/// segments still with the compression workers are dropped, the error names the entry,
+/// and nothing is left behind.
+#[test]
+fn compressed_conversions_refuse_bad_input_cleanly() {
+    require_tools();
+    let c = Case::new();
+    // 9 MiB of text (segments in flight when the cut is found), then a file cut short.
+    let tar = python(
+        r#"
+import io, sys, tarfile
+words = [b"layer ", b"erofs ", b"chunk\n", b"snapshot "]
+body = b"".join(words[(i * 7 + i // 5) % 4] for i in range(1_700_000))[: 9 << 20]
+buf = io.BytesIO()
+with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+    for name, data in (("big.txt", body), ("cut.txt", body[:100000])):
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        t.addfile(ti, io.BytesIO(data))
+data = buf.getvalue()
+cut = tarfile.open(fileobj=io.BytesIO(data)).getmember("cut.txt").offset_data + 50000
+sys.stdout.buffer.write(data[:cut])
+"#,
+        &[],
+    )
+    .stdout;
+    let input = write(&c.path("cut.tar"), &tar);
+    for codec in ["lz4", "lz4hc", "zstd", "deflate", "lzma"] {
+        c.expect_failure(
+            &format!("tar cut inside cut.txt, --compress {codec}"),
+            &input,
+            &["--compress", codec],
+            &["Truncated"],
+            Some("cut.txt"),
+        );
+    }
+}
