@@ -1284,6 +1284,8 @@ impl Plan {
         let mut slots = Vec::with_capacity(order.len());
         // Inodes start after the shared area and never at nid 0.
         let mut cursor = (shared_area.len() as u64).max(32).next_multiple_of(32);
+        // Unused room at the end of metadata blocks: (bytes, offset).
+        let mut holes = std::collections::BTreeSet::<(u64, u64)>::new();
         let mut late_cursor = u64::from(late_start);
         let mut chunked_files = 0;
         for (i, &id) in order.iter().enumerate() {
@@ -1360,12 +1362,33 @@ impl Plan {
                 (isize + xattr_size + tail_len) as u64
             };
             // An inline tail must sit in the same block as its inode; keep every small
-            // inode within one block so readers never straddle.
-            if total <= BLOCK_SIZE && cursor % BLOCK_SIZE + total > BLOCK_SIZE {
-                cursor = cursor.next_multiple_of(BLOCK_SIZE);
-            }
-            let nid = cursor >> format::ISLOT_BITS;
-            cursor += total.next_multiple_of(32);
+            // inode within one block so readers never straddle. The room a small inode
+            // leaves at a block's end when it does not fit is kept for a later one that
+            // does (the smallest room that fits, as erofs-utils' buffer manager picks):
+            // with inline tails, inodes run up to a block long and that room adds up.
+            let need = total.next_multiple_of(32);
+            let at = match holes.range((total, 0)..).next().copied() {
+                Some((room, at)) if total <= BLOCK_SIZE => {
+                    holes.remove(&(room, at));
+                    if room > need {
+                        holes.insert((room - need, at + need));
+                    }
+                    at
+                }
+                _ => {
+                    let rest = BLOCK_SIZE - cursor % BLOCK_SIZE;
+                    if total <= BLOCK_SIZE && total > rest {
+                        if rest >= 32 && rest < BLOCK_SIZE {
+                            holes.insert((rest, cursor));
+                        }
+                        cursor = cursor.next_multiple_of(BLOCK_SIZE);
+                    }
+                    let at = cursor;
+                    cursor += need;
+                    at
+                }
+            };
+            let nid = at >> format::ISLOT_BITS;
             let late_blkaddr = if late_blocks > 0 { late_cursor as u32 } else { NULL_ADDR };
             late_cursor += u64::from(late_blocks);
             slots.push(Slot {
@@ -1445,14 +1468,18 @@ impl Plan {
                 tails[i] = Some(bytes.split_off(bytes.len() - slot.inline_len));
             }
         }
-        let mut meta = Vec::with_capacity(self.meta_bytes as usize);
-        meta.extend_from_slice(&self.shared_area);
+        let meta_len = self.meta_bytes.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        let mut meta = vec![0u8; meta_len as usize];
+        meta[..self.shared_area.len()].copy_from_slice(&self.shared_area);
+        // Inodes are not in nid order (small ones fill earlier blocks' ends). Each is
+        // encoded on its own: its alignments are relative to its start, a multiple of 32.
+        let mut one = Vec::new();
         for (slot, tail) in self.slots.iter().zip(&tails) {
-            meta.resize((slot.nid as usize) << format::ISLOT_BITS, 0);
-            self.encode_inode(tree, slot, tail.as_deref(), &mut meta);
+            one.clear();
+            self.encode_inode(tree, slot, tail.as_deref(), &mut one);
+            let at = (slot.nid as usize) << format::ISLOT_BITS;
+            meta[at..at + one.len()].copy_from_slice(&one);
         }
-        let meta_len = (meta.len() as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
-        meta.resize(meta_len as usize, 0);
         (late, meta)
     }
 
