@@ -9,8 +9,8 @@
 # level; without one both tools use their defaults (lz4hc 9, zstd 3, deflate 1).  Our deflate is libdeflate, so it is
 # compared with mkfs.erofs's `-zlibdeflate` (same on-disk algorithm).  --pcluster-size BYTES (or PCLUSTER=BYTES) is
 # passed to both tools for the compressed rows (ours --pcluster-size, mkfs.erofs -C).
-# NO_INLINE=1 makes the compressed rows block-aligned too (ours --no-inline, mkfs.erofs -Enoinline_data), as the
-# snapshotter stores layers.
+# The compressed rows pack tails after their inodes (ours by default, mkfs.erofs with -Eztailpacking); NO_INLINE=1
+# makes them block-aligned instead (ours --no-inline, mkfs.erofs -Enoinline_data), as the snapshotter stores layers.
 # Rows: for each ALGO, ours and mkfs.erofs; plus the uncompressed rows: ours by default (the baseline), ours
 # --no-inline (block-aligned file data, how the snapshotter stores layers), mkfs.erofs by default and with
 # -Enoinline_data.  For each repetition (the order ours/mkfs.erofs alternates between repetitions) and row:
@@ -142,6 +142,8 @@ convert_cmd() { # TOOL SPEC OUT: sets CMD
     else
         CMD=(nice -n 5 "$MKFS" --quiet --tar=f --ungzip)
         [[ $spec == none-noinline || ( $spec != none && -n ${NO_INLINE:-} ) ]] && CMD+=(-Enoinline_data)
+        # Ours packs compressed tails after their inodes whenever it inlines: so does mkfs.erofs here.
+        [[ $spec == none* || -n ${NO_INLINE:-} ]] || CMD+=(-Eztailpacking)
         if [[ $spec != none* ]]; then
             CMD+=("$(mkfs_z "$spec")")
             [[ -z $PCLUSTER ]] || CMD+=("-C$PCLUSTER")
@@ -298,9 +300,12 @@ def mkfs_flag(spec):
     return f"-z{algo}" + (f",level={level}" if level else "")
 
 def label(tool, spec):
+    ni = bool(os.environ.get("NO_INLINE"))
     if tool == "ours":
-        return {"none": "ours", "none-noinline": "ours --no-inline"}.get(spec, f"ours --compress {spec}")
-    return {"none": "mkfs.erofs", "none-noinline": "mkfs.erofs -Enoinline_data"}.get(spec, f"mkfs.erofs {mkfs_flag(spec)}")
+        z = f"ours --compress {spec}" + (" --no-inline" if ni else "")
+        return {"none": "ours", "none-noinline": "ours --no-inline"}.get(spec, z)
+    z = f"mkfs.erofs {mkfs_flag(spec)} " + ("-Enoinline_data" if ni else "-Eztailpacking")
+    return {"none": "mkfs.erofs", "none-noinline": "mkfs.erofs -Enoinline_data"}.get(spec, z)
 
 base = {m: med("ours", "none", m) for m in ("size_bytes", "disk_bytes", "read_cold_s", "read_warm_s")}
 base_ni = {m: med("ours", "none-noinline", m) for m in ("size_bytes", "disk_bytes", "read_cold_s", "read_warm_s")}

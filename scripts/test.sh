@@ -141,6 +141,18 @@ for h in diffclient suite suite2; do
     bash scripts/harness/build.sh "$h" >/dev/null || die "cannot build the $h harness"
 done
 
+# --- disk -----------------------------------------------------------------------
+# The tests write a 5 GiB layer image (/var/tmp), layer images and registries (/tmp): with less
+# room they fail with ENOSPC in places that do not say why. Say it here, once.
+need_gib=10
+for d in /var/tmp /tmp; do
+    free_kib=$(df -Pk "$d" | awk 'NR == 2 { print $4 }')
+    if ((free_kib < need_gib * 1024 * 1024)); then
+        df -h "$d" >&2
+        die "only $((free_kib / 1024 / 1024)) GiB free under $d: the tests need $need_gib GiB (a 5 GiB image among them)"
+    fi
+done
+
 # --- tests ----------------------------------------------------------------------
 # What is mounted and running now, for the leak check after the tests (scripts/lib/leak-check.sh);
 # every process the tests start inherits DEDUP_LEAK_MARK, which tells the ones left running.
