@@ -150,6 +150,19 @@ enum Command {
         #[arg(required = true)]
         layers: Vec<PathBuf>,
     },
+    /// Write merged metadata (fsmeta) for a chain of uncompressed layer images: one EROFS image holding
+    /// the stack's tree as overlayfs shows it, whose files point into the layers' data. Mount it with
+    /// the devices it prints, in order. Compressed layers cannot be merged (exit 2).
+    Merge {
+        /// Print JSON: {"devices": [...], "bytes": N, "inodes": N}.
+        #[arg(long)]
+        json: bool,
+        /// The merged image to write.
+        out: PathBuf,
+        /// Layer images, bottom first; IMAGE=BLOB,BLOB,... for a deduplicated layer's devices.
+        #[arg(required = true)]
+        layers: Vec<String>,
+    },
     /// Record which files a container start reads, in order (for `convert-image --prefetch`): traces
     /// the fetch daemon's reads while the image (already pulled lazily) runs once, and maps them to paths.
     Record {
@@ -336,6 +349,7 @@ fn run(cli: Cli) -> Result<()> {
             stats::stats(&root.unwrap_or_else(|| PathBuf::from(serve::DEFAULT_ROOT)), json)
         }
         Command::ChunkSweep { json, layers } => stats::chunk_sweep(&layers, json),
+        Command::Merge { json, out, layers } => merge(&out, &layers, json),
         Command::Serve {
             root,
             address,
@@ -497,6 +511,49 @@ fn convert(
             );
         }
         println!("time:          {:.3}s", report.seconds);
+    }
+    Ok(())
+}
+
+fn merge(out: &Path, layers: &[String], json: bool) -> Result<()> {
+    let layers: Vec<fsmeta::Layer> = layers
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((image, devs)) => fsmeta::Layer {
+                image: PathBuf::from(image),
+                devices: devs.split(',').filter(|d| !d.is_empty()).map(PathBuf::from).collect(),
+            },
+            None => fsmeta::Layer {
+                image: PathBuf::from(l),
+                devices: Vec::new(),
+            },
+        })
+        .collect();
+    let merged = match fsmeta::merge(&layers, out) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_file(out);
+            eprintln!("error: {e}");
+            std::process::exit(if matches!(e, fsmeta::Error::Unmergeable { .. }) {
+                2
+            } else {
+                1
+            });
+        }
+    };
+    if json {
+        let v = serde_json::json!({
+            "devices": merged.devices,
+            "bytes": merged.summary.bytes,
+            "inodes": merged.summary.inodes,
+        });
+        println!("{v}");
+    } else {
+        for d in &merged.devices {
+            println!("device: {}", d.display());
+        }
+        println!("image size:    {}", merged.summary.bytes);
+        println!("inodes:        {}", merged.summary.inodes);
     }
     Ok(())
 }

@@ -185,6 +185,8 @@ fn check_stack(what: &str, layers: &[Layer]) {
     let merged = work.path().join("merged");
     fs::create_dir(&merged).unwrap();
     let mut images = Vec::new();
+    // As the store writes layers: file data block-aligned, which merged metadata points at.
+    let mut aligned = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
         let tar = work.path().join(format!("layer{i}.tar"));
         gnu_create(layer.dir.path(), &tar, TarFormat::Posix);
@@ -193,6 +195,9 @@ fn check_stack(what: &str, layers: &[Layer]) {
         convert_ok(&input, &image, &[]);
         fsck(&image);
         images.push(image);
+        let image = work.path().join(format!("layer{i}-aligned.erofs"));
+        convert_ok(&input, &image, &["--no-inline"]);
+        aligned.push(image);
         let scratch = work.path().join(format!("scratch{i}"));
         gnu_extract(&tar, &scratch);
         apply_layer(&scratch, &merged);
@@ -211,6 +216,46 @@ fn check_stack(what: &str, layers: &[Layer]) {
         &actual,
         &CompareOpts::default(),
     );
+    // Merged metadata over the same layers: one EROFS mount, the layers its devices,
+    // shows the same tree, whether the layers' files are pointed at (block-aligned) or
+    // copied (tails packed after their inodes).
+    for (kind, imgs) in [("block-aligned", &aligned), ("packed tails", &images)] {
+        let out = work.path().join("merged.erofs");
+        let devices = merge_ok(&out, imgs);
+        // Small files with packed tails are copied: those layers need no device.
+        if kind == "block-aligned" {
+            assert_eq!(devices.len(), imgs.len(), "{what}, {kind}: one device per layer");
+        }
+        let img = erofs::reader::Image::open_with_devices(&out, &devices).unwrap();
+        img.validate()
+            .unwrap_or_else(|e| panic!("{what}, {kind}: the merged image does not validate: {e}"));
+        let m = Mount::erofs_with_devices(&out, &devices);
+        assert_trees_eq(
+            &format!("{what}: merged metadata ({kind}) vs OCI merge of GNU tar extractions"),
+            &expected,
+            &snapshot_tree(m.path()),
+            &CompareOpts::default(),
+        );
+    }
+}
+
+/// `dedup-snapshotter merge --json OUT LAYERS...`: the devices to mount OUT with.
+fn merge_ok(out: &Path, layers: &[PathBuf]) -> Vec<PathBuf> {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
+        .arg("merge")
+        .arg("--json")
+        .arg(out)
+        .args(layers)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "merge: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d.as_str().unwrap()))
+        .collect()
 }
 
 fn base_layer() -> Layer {

@@ -115,3 +115,107 @@ fn minbase_chunked_equals_tar() {
     );
     assert_eq!(r["devices"].as_array().unwrap().len(), 1, "{r}");
 }
+
+/// Merged metadata (`merge`) over a chunk-based layer, a block-aligned plain one and a
+/// second chunk-based one that shares chunks with the first: one kernel mount, the
+/// layers and blobs its devices, equals GNU tar extracting the three layers in order.
+/// A compressed layer is refused (exit 2) and nothing is left.
+#[test]
+fn merged_metadata_over_chunked_and_plain_layers() {
+    require_root_and_kernel();
+    let work = tempdir();
+    let mk = |name: &str, build: &dyn Fn(&Path)| -> PathBuf {
+        let src = work.path().join(format!("src-{name}"));
+        fs::create_dir(&src).unwrap();
+        set_mode(&src, 0o755);
+        build(&src);
+        let tar = work.path().join(format!("{name}.tar"));
+        gnu_create(&src, &tar, TarFormat::Posix);
+        tar
+    };
+    let a = mk("a", &|d| chunky_layer(d));
+    let b = mk("b", &|d| {
+        fs::create_dir_all(d.join("copies")).unwrap();
+        fs::write(d.join("copies/c"), pseudo_random(50_000, 31)).unwrap();
+        fs::write(d.join("plain-big"), pseudo_random(3 << 20, 32)).unwrap();
+        fs::create_dir_all(d.join("sizes")).unwrap();
+        set_mode(&d.join("sizes"), 0o700);
+    });
+    let c = mk("c", &|d| {
+        fs::create_dir_all(d.join("copies/sub")).unwrap();
+        fs::write(d.join("copies/sub/b"), &pseudo_random(300_000, 99)[..200_000]).unwrap();
+        fs::write(d.join("new-in-c"), pseudo_random(70_000, 33)).unwrap();
+    });
+    let expected_dir = tempdir();
+    set_mode(expected_dir.path(), 0o755);
+    for t in [&a, &b, &c] {
+        gnu_extract(t, expected_dir.path());
+    }
+    let expected = snapshot_tree(expected_dir.path());
+
+    let dir = work.path().join("store");
+    let (ia, _, ra) = convert_chunked(&compress(&a, Compression::Gzip), &dir, "a", "64K");
+    let ib = dir.join("b.erofs");
+    convert_ok(&b, &ib, &["--no-inline"]);
+    let (ic, _, rc) = convert_chunked(&c, &dir, "c", "64K");
+    // The report names the layer's blobs (its device table's tags), which live in the blob dir.
+    let devs = |r: &serde_json::Value| -> String {
+        let d: Vec<String> = r["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| dir.join("blobs").join(d.as_str().unwrap()).display().to_string())
+            .collect();
+        d.join(",")
+    };
+    let merged = work.path().join("merged.erofs");
+    let args = [
+        format!("{}={}", ia.display(), devs(&ra)),
+        ib.display().to_string(),
+        format!("{}={}", ic.display(), devs(&rc)),
+    ];
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
+        .args(["merge", "--json"])
+        .arg(&merged)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "merge: {}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let devices: Vec<PathBuf> = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d.as_str().unwrap()))
+        .collect();
+    assert!(devices.contains(&ib), "the plain layer is a device: {v}");
+    let m = Mount::erofs_with_devices(&merged, &devices);
+    assert_trees_eq(
+        "merged metadata over chunked, plain and chunked layers vs GNU tar",
+        &expected,
+        &snapshot_tree(m.path()),
+        &CompareOpts::default(),
+    );
+    // The merged image is metadata: far smaller than the layers' data.
+    let size = fs::metadata(&merged).unwrap().len();
+    assert!(size < 256 << 10, "merged metadata is {size} bytes");
+
+    // A compressed layer cannot be pointed at: refused, nothing written.
+    let z = mk("z", &|d| {
+        fs::write(d.join("text"), b"compressible text ".repeat(10_000)).unwrap()
+    });
+    let iz = dir.join("z.erofs");
+    let r = convert_ok(&z, &iz, &["--compress", "lz4"]);
+    assert_eq!(r["compressed_files"], 1, "{r}");
+    let refused = work.path().join("refused.erofs");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
+        .arg("merge")
+        .arg(&refused)
+        .arg(&ib)
+        .arg(&iz)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("compressed"));
+    assert!(!refused.exists());
+}

@@ -122,6 +122,31 @@ pub struct DirEntry {
 /// Longest symlink target accepted (Linux `PATH_MAX - 1`).
 const MAX_LINK_LEN: u64 = 4095;
 
+/// Where a regular file's data lives, for an image that points at it instead of copying
+/// it (merged metadata over layers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// No data.
+    Empty,
+    /// Consecutive blocks of this image from `blkaddr`, the last one padded (`FLAT_PLAIN`).
+    Blocks {
+        /// First block.
+        blkaddr: u32,
+    },
+    /// Chunks of `1 << bits` bytes, each `(device, blkaddr)` with device ids as in this
+    /// image's device table (0: this image) and [`format::NULL_ADDR`] for a hole.
+    Chunks {
+        /// log2 of the chunk size.
+        bits: u8,
+        /// Every chunk, in order.
+        addrs: Vec<(u16, u32)>,
+    },
+    /// Not addressable by blocks: an inline tail after the inode.
+    Inline,
+    /// Compressed.
+    Compressed,
+}
+
 /// Where a run of file bytes lives.
 enum Extent {
     /// At this byte offset of the primary image, whatever the devices: an inline tail is
@@ -518,6 +543,87 @@ impl Image {
     /// The (major, minor) device number of a device node (meaningless for other kinds).
     pub fn rdev(&self, e: &Entry) -> (u32, u32) {
         format::decode_dev(e.inode.i_u)
+    }
+
+    /// Where the regular file `e`'s data is ([`Placement`]). Block and chunk addresses
+    /// are checked against this image and its device table; with a device that maps
+    /// block ranges of this image's address space elsewhere (`mapped_blkaddr`), plain
+    /// blocks are refused, as they might not be in this file.
+    pub fn placement(&self, e: &Entry) -> Result<Placement> {
+        let ino = &e.inode;
+        let nid = e.nid;
+        if e.kind != FileKind::File {
+            return Err(corrupt(format!("nid {nid} is not a regular file")));
+        }
+        if ino.size == 0 {
+            return Ok(Placement::Empty);
+        }
+        let bs = self.block_size;
+        match ino.layout {
+            DataLayout::FlatPlain => {
+                if self.slots.iter().any(|s| s.mapped_blkaddr != 0) {
+                    return Err(corrupt(format!(
+                        "nid {nid}: plain data in an image whose devices map its block addresses, {}",
+                        crate::zread::UNSUPPORTED
+                    )));
+                }
+                let end = (ino.i_u as u64)
+                    .saturating_add(ino.size.div_ceil(bs))
+                    .saturating_mul(bs);
+                if end > self.file_size {
+                    return Err(corrupt(format!("nid {nid}: data blocks beyond the end of the image")));
+                }
+                Ok(Placement::Blocks { blkaddr: ino.i_u })
+            }
+            DataLayout::FlatInline => Ok(Placement::Inline),
+            DataLayout::CompressedFull | DataLayout::CompressedCompact => Ok(Placement::Compressed),
+            DataLayout::ChunkBased => {
+                let fmt = ino.i_u;
+                if fmt & !u32::from(CHUNK_FORMAT_ALL) != 0 {
+                    return Err(corrupt(format!("nid {nid} has unsupported chunk format {fmt:#x}")));
+                }
+                let bits = self.sb.blkszbits as u32 + (fmt & CHUNK_FORMAT_BLKBITS_MASK as u32);
+                let count = ino.size.div_ceil(1u64 << bits);
+                let wide = fmt & CHUNK_FORMAT_INDEXES as u32 != 0;
+                let unit = if wide { CHUNK_INDEX_SIZE } else { BLOCK_MAP_ENTRY_SIZE } as u64;
+                let start =
+                    (self.inode_offset(nid)? + ino.size_on_disk() as u64 + xattr_ibody_size(ino.xattr_icount) as u64)
+                        .next_multiple_of(unit);
+                let len = count.saturating_mul(unit);
+                if start.saturating_add(len) > self.file_size {
+                    return Err(corrupt(format!(
+                        "nid {nid}: {count} chunk indexes beyond the end of the image"
+                    )));
+                }
+                let mut raw = vec![0u8; len as usize];
+                self.read_exact(start, &mut raw, || format!("chunk indexes of nid {nid}"))?;
+                let mut addrs = Vec::with_capacity(count as usize);
+                for b in raw.chunks_exact(unit as usize) {
+                    let index = if wide {
+                        ChunkIndex::decode(b)
+                    } else {
+                        ChunkIndex::decode_block_map(b)
+                    }
+                    .map_err(|e: DecodeError| corrupt(format!("nid {nid}: {e}")))?;
+                    if index.blkaddr == NULL_ADDR {
+                        addrs.push((0, NULL_ADDR));
+                        continue;
+                    }
+                    let dev = index.device_id & self.device_id_mask;
+                    if dev as usize > self.slots.len() {
+                        return Err(corrupt(format!(
+                            "nid {nid}: a chunk on device {dev}, but the image has {} extra devices",
+                            self.slots.len()
+                        )));
+                    }
+                    addrs.push((dev, index.blkaddr));
+                }
+                Ok(Placement::Chunks {
+                    bits: bits as u8,
+                    addrs,
+                })
+            }
+        }
     }
 
     /// Visits every inode depth-first in on-disk directory order, starting with the root

@@ -251,6 +251,9 @@ pub struct FileData {
     /// A body still being compressed: the writer's own index of it, resolved when the
     /// image is finished. Callers only store the `FileData` they were given.
     pub pending: Option<u32>,
+    /// For a chunk-based file built by the caller: log2 of its chunk size (12 to 43), which
+    /// `chunks` must match; 0 for [`Options::chunk_bits`].
+    pub chunk_bits: u8,
 }
 
 /// Where one chunk of a chunk-based file lives: a block on a device.
@@ -1326,6 +1329,20 @@ impl Plan {
                             + f.size.div_ceil(BLOCK_SIZE) as usize * format::LCLUSTER_INDEX_SIZE;
                     }
                     if let Some(c) = &f.chunks {
+                        let bits = if f.chunk_bits != 0 {
+                            f.chunk_bits
+                        } else {
+                            opts.chunk_bits
+                        };
+                        if !(BLKSZBITS..BLKSZBITS + 32).contains(&bits)
+                            || c.len() as u64 != f.size.div_ceil(1u64 << bits)
+                        {
+                            return Err(Error::Unrepresentable(format!(
+                                "{} chunk addresses for {} bytes in chunks of 2^{bits}",
+                                c.len(),
+                                f.size
+                            )));
+                        }
                         chunk_index_bytes = c.len() * format::CHUNK_INDEX_SIZE;
                         chunked_files += 1;
                     }
@@ -1378,7 +1395,7 @@ impl Plan {
                 _ => {
                     let rest = BLOCK_SIZE - cursor % BLOCK_SIZE;
                     if total <= BLOCK_SIZE && total > rest {
-                        if rest >= 32 && rest < BLOCK_SIZE {
+                        if (32..BLOCK_SIZE).contains(&rest) {
                             holes.insert((rest, cursor));
                         }
                         cursor = cursor.next_multiple_of(BLOCK_SIZE);
@@ -1538,10 +1555,17 @@ impl Plan {
         let node = tree.node(slot.id);
         let m = &node.meta;
         let (layout, i_u) = match &node.body {
-            Body::File(FileData { chunks: Some(_), .. }) => (
-                DataLayout::ChunkBased,
-                u32::from(format::CHUNK_FORMAT_INDEXES) | u32::from(self.chunk_bits - BLKSZBITS),
-            ),
+            Body::File(FileData {
+                chunks: Some(_),
+                chunk_bits,
+                ..
+            }) => {
+                let bits = if *chunk_bits != 0 { *chunk_bits } else { self.chunk_bits };
+                (
+                    DataLayout::ChunkBased,
+                    u32::from(format::CHUNK_FORMAT_INDEXES) | u32::from(bits - BLKSZBITS),
+                )
+            }
             Body::File(f) if resolve(&self.files, f).compressed.is_some() => {
                 (DataLayout::CompressedFull, resolve(&self.files, f).blocks)
             }
