@@ -70,6 +70,8 @@ declare -A PKG_FILE=(
     # the Debian package's test (scripts/package.sh runs dpkg-shlibdeps) and the units' (systemd-analyze verify)
     [dpkg-dev]=/usr/bin/dpkg-shlibdeps
     [systemd]=/usr/bin/systemd-analyze
+    # merged metadata's VMDK descriptors are checked with qemu-img
+    [qemu-utils]=/usr/bin/qemu-img
 )
 missing=()
 for pkg in "${!PKG_FILE[@]}"; do

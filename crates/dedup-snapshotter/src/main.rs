@@ -157,6 +157,10 @@ enum Command {
         /// Print JSON: {"devices": [...], "bytes": N, "inodes": N}.
         #[arg(long)]
         json: bool,
+        /// Also write a VMDK descriptor (monolithicFlat) of the image followed by its devices: one
+        /// flat block device for VM runtimes, which mounts with no extra devices.
+        #[arg(long)]
+        vmdk: Option<PathBuf>,
         /// The merged image to write.
         out: PathBuf,
         /// Layer images, bottom first; IMAGE=BLOB,BLOB,... for a deduplicated layer's devices.
@@ -349,7 +353,12 @@ fn run(cli: Cli) -> Result<()> {
             stats::stats(&root.unwrap_or_else(|| PathBuf::from(serve::DEFAULT_ROOT)), json)
         }
         Command::ChunkSweep { json, layers } => stats::chunk_sweep(&layers, json),
-        Command::Merge { json, out, layers } => merge(&out, &layers, json),
+        Command::Merge {
+            json,
+            vmdk,
+            out,
+            layers,
+        } => merge(&out, &layers, vmdk.as_deref(), json),
         Command::Serve {
             root,
             address,
@@ -515,7 +524,7 @@ fn convert(
     Ok(())
 }
 
-fn merge(out: &Path, layers: &[String], json: bool) -> Result<()> {
+fn merge(out: &Path, layers: &[String], vmdk: Option<&Path>, json: bool) -> Result<()> {
     let layers: Vec<fsmeta::Layer> = layers
         .iter()
         .map(|l| match l.split_once('=') {
@@ -529,7 +538,7 @@ fn merge(out: &Path, layers: &[String], json: bool) -> Result<()> {
             },
         })
         .collect();
-    let merged = match fsmeta::merge(&layers, out) {
+    let merged = match fsmeta::merge_with(&layers, out, vmdk.is_some()) {
         Ok(m) => m,
         Err(e) => {
             let _ = std::fs::remove_file(out);
@@ -541,6 +550,9 @@ fn merge(out: &Path, layers: &[String], json: bool) -> Result<()> {
             });
         }
     };
+    if let Some(v) = vmdk {
+        fsmeta::write_vmdk(v, out, &merged.devices).with_context(|| format!("writing {}", v.display()))?;
+    }
     if json {
         let v = serde_json::json!({
             "devices": merged.devices,

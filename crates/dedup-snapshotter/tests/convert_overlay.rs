@@ -237,13 +237,73 @@ fn check_stack(what: &str, layers: &[Layer]) {
             &CompareOpts::default(),
         );
     }
+    check_vmdk(what, work.path(), &aligned, &expected);
+}
+
+/// Merged metadata as one flat device for VM runtimes: `merge --vmdk` writes a VMDK
+/// descriptor that `qemu-img info` accepts; `qemu-img convert` of it to a raw file
+/// mounts as EROFS with no extra devices and shows the same tree as the overlay stack.
+fn check_vmdk(what: &str, work: &Path, layers: &[PathBuf], expected: &Tree) {
+    let out = work.join("flat.erofs");
+    let vmdk = work.join("flat.vmdk");
+    let devices = merge_ok_with(&out, layers, &["--vmdk", vmdk.to_str().unwrap()]);
+    // Mounted with its devices, a flat image is an ordinary one.
+    let m = Mount::erofs_with_devices(&out, &devices);
+    assert_trees_eq(
+        &format!("{what}: flat merged image with devices"),
+        expected,
+        &snapshot_tree(m.path()),
+        &CompareOpts::default(),
+    );
+    drop(m);
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&vmdk)
+        .output()
+        .expect("qemu-img (qemu-utils) must be installed");
+    assert!(
+        info.status.success(),
+        "qemu-img info: {}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "vmdk", "{info}");
+    let total: u64 = std::iter::once(&out)
+        .chain(&devices)
+        .map(|p| fs::metadata(p).unwrap().len().div_ceil(4096) * 4096)
+        .sum();
+    assert_eq!(info["virtual-size"].as_u64(), Some(total), "{info}");
+    let raw = work.join("flat.raw");
+    let conv = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&vmdk)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        conv.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&conv.stderr)
+    );
+    let m = Mount::erofs(&raw);
+    assert_trees_eq(
+        &format!("{what}: qemu-img convert of the VMDK, mounted with no extra devices"),
+        expected,
+        &snapshot_tree(m.path()),
+        &CompareOpts::default(),
+    );
 }
 
 /// `dedup-snapshotter merge --json OUT LAYERS...`: the devices to mount OUT with.
 fn merge_ok(out: &Path, layers: &[PathBuf]) -> Vec<PathBuf> {
+    merge_ok_with(out, layers, &[])
+}
+
+fn merge_ok_with(out: &Path, layers: &[PathBuf], extra: &[&str]) -> Vec<PathBuf> {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
         .arg("merge")
         .arg("--json")
+        .args(extra)
         .arg(out)
         .args(layers)
         .output()

@@ -174,8 +174,10 @@ fn merged_metadata_over_chunked_and_plain_layers() {
         ib.display().to_string(),
         format!("{}={}", ic.display(), devs(&rc)),
     ];
+    let vmdk = work.path().join("merged.vmdk");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
-        .args(["merge", "--json"])
+        .args(["merge", "--json", "--vmdk"])
+        .arg(&vmdk)
         .arg(&merged)
         .args(&args)
         .output()
@@ -196,6 +198,28 @@ fn merged_metadata_over_chunked_and_plain_layers() {
         &snapshot_tree(m.path()),
         &CompareOpts::default(),
     );
+    drop(m);
+    // The same as one flat device (the VMDK's extents concatenated), with no extra devices.
+    let raw = work.path().join("merged.raw");
+    let conv = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&vmdk)
+        .arg(&raw)
+        .output()
+        .expect("qemu-img (qemu-utils) must be installed");
+    assert!(
+        conv.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&conv.stderr)
+    );
+    let m = Mount::erofs(&raw);
+    assert_trees_eq(
+        "the merged VMDK as a raw flat device vs GNU tar",
+        &expected,
+        &snapshot_tree(m.path()),
+        &CompareOpts::default(),
+    );
+    drop(m);
     // The merged image is metadata: far smaller than the layers' data.
     let size = fs::metadata(&merged).unwrap().len();
     assert!(size < 256 << 10, "merged metadata is {size} bytes");

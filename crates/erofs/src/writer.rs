@@ -84,6 +84,12 @@ pub struct Options {
     /// 22 devices; the kernel reads the table only within the first 8 MiB. Not with the
     /// metadata-first layout.
     pub devt_reserve_blocks: u32,
+    /// Lay the extra devices out after this image in one address space (each device
+    /// slot's `mapped_blkaddr`: the image's blocks, then each device's in table order).
+    /// The image and its devices concatenated, each padded to whole blocks, are then one
+    /// flat EROFS device that mounts with no extra devices (as a VMDK describes them);
+    /// given as extra devices, they still mount as before.
+    pub flat_devices: bool,
 }
 
 /// How file data is compressed.
@@ -129,6 +135,7 @@ impl Default for Options {
             chunk_bits: 16,
             compression: None,
             devt_reserve_blocks: 0,
+            flat_devices: false,
             inline_data: true,
             build_time: 0,
             build_time_nsec: 0,
@@ -923,6 +930,27 @@ impl<W: Write + Seek> ImageWriter<W> {
 
         let blocks = u64::from(plan.meta_blkaddr) + meta.len() as u64 / BLOCK_SIZE;
         let blocks = u32::try_from(blocks).map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
+        if self.opts.flat_devices && !self.devices.is_empty() {
+            // Only now is the image's size known: the slots are written again, in place.
+            let mut at = u64::from(blocks);
+            for d in &mut self.devices {
+                d.mapped_blkaddr =
+                    u32::try_from(at).map_err(|_| Error::Unrepresentable("flat device larger than 16 TiB".into()))?;
+                at += u64::from(d.blocks);
+            }
+            u32::try_from(at).map_err(|_| Error::Unrepresentable("flat device larger than 16 TiB".into()))?;
+            let t: Vec<u8> = self.devices.iter().flat_map(|d| d.encode()).collect();
+            if self.pending_block0.is_empty() {
+                let end = self.out.stream_position()?;
+                self.out.seek(SeekFrom::Start(
+                    u64::from(devt_slotoff) * format::DEVICE_SLOT_SIZE as u64,
+                ))?;
+                self.out.write_all(&t)?;
+                self.out.seek(SeekFrom::Start(end))?;
+            } else {
+                self.pending_block0 = t;
+            }
+        }
         let sb = self.superblock(&plan, blocks, extra_devices, devt_slotoff);
         self.out.seek(SeekFrom::Start(format::SUPER_OFFSET))?;
         self.out.write_all(&sb.encode())?;

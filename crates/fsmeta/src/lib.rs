@@ -149,9 +149,17 @@ impl Read for EntryReader<'_> {
 /// Writes to `out` the merged metadata of `layers` (bottom first). `out` is created or
 /// truncated; the caller stages and renames it.
 pub fn merge(layers: &[Layer], out: &Path) -> Result<Merged, Error> {
+    merge_with(layers, out, false)
+}
+
+/// [`merge`], with `flat`: the device table also lays the devices out after the image in
+/// one address space, so that the image followed by its devices (each padded to whole
+/// blocks) is one flat EROFS device ([`write_vmdk`] describes it).
+pub fn merge_with(layers: &[Layer], out: &Path, flat: bool) -> Result<Merged, Error> {
     let file = File::create(out)?;
     let opts = Options {
         build_time: 0,
+        flat_devices: flat,
         ..Default::default()
     };
     let mut w = ImageWriter::new(io::BufWriter::new(file), opts)?;
@@ -361,4 +369,53 @@ fn file_data<W: io::Write + io::Seek>(
             e.nid
         ))),
     }
+}
+
+/// Writes a VMDK descriptor (`monolithicFlat`) at `path` for the flat device made of
+/// `image` (merged metadata written with `flat`) followed by `devices` in order, each
+/// padded with zeros to whole blocks as the image's device table lays them out. VM
+/// runtimes attach it as one block device, which mounts as EROFS with no extra devices.
+/// Paths are written absolute; every file must be a whole number of 512-byte sectors.
+pub fn write_vmdk(path: &Path, image: &Path, devices: &[PathBuf]) -> io::Result<()> {
+    let mut extents = String::new();
+    let mut sectors_total = 0u64;
+    for f in std::iter::once(image).chain(devices.iter().map(PathBuf::as_path)) {
+        let abs = std::fs::canonicalize(f)?;
+        let name = abs
+            .to_str()
+            .filter(|n| !n.contains('"') && !n.contains('\n'))
+            .ok_or_else(|| io::Error::other(format!("{}: a path a VMDK descriptor cannot name", abs.display())))?;
+        let size = std::fs::metadata(&abs)?.len();
+        if size % 512 != 0 || size == 0 {
+            return Err(io::Error::other(format!(
+                "{name}: {size} bytes, not a whole number of 512-byte sectors"
+            )));
+        }
+        let sectors = size / 512;
+        let padded = size.div_ceil(writer::BLOCK_SIZE) * writer::BLOCK_SIZE / 512;
+        extents.push_str(&format!("RW {sectors} FLAT \"{name}\" 0\n"));
+        if padded > sectors {
+            extents.push_str(&format!("RW {} ZERO\n", padded - sectors));
+        }
+        sectors_total += padded;
+    }
+    let cylinders = sectors_total.div_ceil(16 * 63).min(16383);
+    let text = format!(
+        "# Disk DescriptorFile\n\
+         version=1\n\
+         CID=fffffffe\n\
+         parentCID=ffffffff\n\
+         createType=\"monolithicFlat\"\n\
+         \n\
+         # Extent description\n\
+         {extents}\n\
+         # The Disk Data Base\n\
+         #DDB\n\
+         ddb.virtualHWVersion = \"4\"\n\
+         ddb.geometry.cylinders = \"{cylinders}\"\n\
+         ddb.geometry.heads = \"16\"\n\
+         ddb.geometry.sectors = \"63\"\n\
+         ddb.adapterType = \"ide\"\n"
+    );
+    std::fs::write(path, text)
 }
