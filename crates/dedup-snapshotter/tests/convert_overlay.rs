@@ -274,17 +274,7 @@ fn check_vmdk(what: &str, work: &Path, layers: &[PathBuf], expected: &Tree) {
         .sum();
     assert_eq!(info["virtual-size"].as_u64(), Some(total), "{info}");
     let raw = work.join("flat.raw");
-    let conv = std::process::Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(&vmdk)
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(
-        conv.status.success(),
-        "qemu-img convert: {}",
-        String::from_utf8_lossy(&conv.stderr)
-    );
+    qemu_img_raw(&vmdk, &raw);
     let m = Mount::erofs(&raw);
     assert_trees_eq(
         &format!("{what}: qemu-img convert of the VMDK, mounted with no extra devices"),

@@ -201,17 +201,7 @@ fn merged_metadata_over_chunked_and_plain_layers() {
     drop(m);
     // The same as one flat device (the VMDK's extents concatenated), with no extra devices.
     let raw = work.path().join("merged.raw");
-    let conv = std::process::Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(&vmdk)
-        .arg(&raw)
-        .output()
-        .expect("qemu-img (qemu-utils) must be installed");
-    assert!(
-        conv.status.success(),
-        "qemu-img convert: {}",
-        String::from_utf8_lossy(&conv.stderr)
-    );
+    qemu_img_raw(&vmdk, &raw);
     let m = Mount::erofs(&raw);
     assert_trees_eq(
         "the merged VMDK as a raw flat device vs GNU tar",

@@ -263,6 +263,18 @@ pub struct FileData {
     pub chunk_bits: u8,
 }
 
+impl FileData {
+    /// A body of `size` bytes still in the writer's queue, as its `id`-th queued file.
+    fn pending(size: u64, id: u32) -> FileData {
+        FileData {
+            size,
+            blkaddr: NULL_ADDR,
+            pending: Some(id),
+            ..Default::default()
+        }
+    }
+}
+
 /// Where one chunk of a chunk-based file lives: a block on a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ChunkAddr {
@@ -625,12 +637,7 @@ impl<W: Write + Seek> ImageWriter<W> {
             self.seg_owner.push_back(id);
         }
         while self.take_compressed(false)? {}
-        Ok(FileData {
-            size,
-            blkaddr: NULL_ADDR,
-            pending: Some(id),
-            ..Default::default()
-        })
+        Ok(FileData::pending(size, id))
     }
 
     /// Writes out the next compressed segment in submission order, if it is done (or
@@ -844,12 +851,7 @@ impl<W: Write + Seek> ImageWriter<W> {
         self.pipeline.as_mut().expect("not idle").pass(buf);
         self.seg_owner.push_back(id);
         while self.take_compressed(false)? {}
-        Ok(FileData {
-            size,
-            blkaddr: NULL_ADDR,
-            pending: Some(id),
-            ..Default::default()
-        })
+        Ok(FileData::pending(size, id))
     }
 
     fn write_plain<R: BufRead + ?Sized>(&mut self, src: &mut R, size: u64, inline: bool) -> Result<FileData> {

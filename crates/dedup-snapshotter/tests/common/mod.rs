@@ -916,3 +916,19 @@ pub fn debian_minbase() -> PathBuf {
     );
     tgz
 }
+
+/// `qemu-img convert -O raw VMDK RAW` (qemu-utils): the flat device a VMDK describes, as
+/// one file.
+pub fn qemu_img_raw(vmdk: &Path, raw: &Path) {
+    let conv = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(vmdk)
+        .arg(raw)
+        .output()
+        .expect("qemu-img (qemu-utils) must be installed");
+    assert!(
+        conv.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&conv.stderr)
+    );
+}
