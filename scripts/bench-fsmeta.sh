@@ -78,7 +78,11 @@ if len(dirs) == 1:
     check(libc.mount(dirs[0].encode(), view.encode(), None, MS_BIND, None), "bind")
     check(libc.mount(None, view.encode(), None, MS_BIND | 32 | MS_RDONLY, None), "remount ro")  # MS_REMOUNT
 else:
-    opts = ("lowerdir=" + ":".join(dirs)).encode()
+    # Relative to their common parent, as the store keeps them short (ROOT/m/<id>): 128 absolute
+    # paths would not fit overlayfs's one-page option string.
+    base = os.path.commonpath(dirs)
+    os.chdir(base)
+    opts = ("lowerdir=" + ":".join(os.path.relpath(d, base) for d in dirs)).encode()
     check(libc.mount(b"overlay", view.encode(), b"overlay", MS_RDONLY, opts), "overlay")
 print(f"{time.perf_counter() - t0:.4f}")
 PY
