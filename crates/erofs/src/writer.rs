@@ -495,8 +495,6 @@ struct ZFile {
     size: u64,
     /// Its tail may be packed after the inode, should it be stored uncompressed.
     inline_ok: bool,
-    /// Bytes its compressed tail may take packed after the indexes (0: none).
-    inline_budget: usize,
     segments_left: u32,
     extents: Vec<ZExtent>,
     blocks: u32,
@@ -608,19 +606,10 @@ impl<W: Write + Seek> ImageWriter<W> {
             let pcluster = z.pcluster_blocks.clamp(1, 256) as usize * BS;
             self.pipeline = Some(Pipeline::new(z.codec, z.workers, BS, pcluster)?);
         }
-        let id = u32::try_from(self.zfiles.len()).map_err(|_| Error::Unrepresentable("too many files".into()))?;
-        let segments = size.div_ceil(SEGMENT as u64);
-        self.zfiles.push(ZFile {
-            size,
-            inline_ok: self.will_inline_tail(meta, size),
-            inline_budget: self.zinline_budget(meta, size),
-            segments_left: u32::try_from(segments).map_err(|_| Error::Unrepresentable("file too large".into()))?,
-            extents: Vec::new(),
-            blocks: 0,
-            tail: None,
-            done: None,
-        });
-        let budget = self.zfiles[id as usize].inline_budget;
+        let segments = u32::try_from(size.div_ceil(SEGMENT as u64))
+            .map_err(|_| Error::Unrepresentable("file too large".into()))?;
+        let budget = self.zinline_budget(meta, size);
+        let id = self.queue_file(size, meta, segments)?;
         let mut left = size;
         while left > 0 {
             let n = left.min(SEGMENT as u64) as usize;
@@ -682,7 +671,7 @@ impl<W: Write + Seek> ImageWriter<W> {
                     let n = *len as usize;
                     let bytes = compressed.as_deref().unwrap_or(&done.data[at..at + n]);
                     tail = Some(bytes.into());
-                    // One block, as erofs-utils counts an inline pcluster in the index.
+                    // No data block (its index counts one, as erofs-utils writes it).
                     (*len, 0)
                 }
             };
@@ -829,21 +818,27 @@ impl<W: Write + Seek> ImageWriter<W> {
         self.write_plain(src, size, inline)
     }
 
-    /// Queues a body to be stored plain behind the segments still being compressed.
-    fn pass_plain<R: BufRead + ?Sized>(&mut self, src: &mut R, size: u64, meta: &Meta) -> Result<FileData> {
-        let mut buf = vec![0u8; size as usize];
-        read_exact(src, &mut buf)?;
+    /// Records a body of `size` bytes that goes through the queue in `segments` segments;
+    /// returns its index.
+    fn queue_file(&mut self, size: u64, meta: &Meta, segments: u32) -> Result<u32> {
         let id = u32::try_from(self.zfiles.len()).map_err(|_| Error::Unrepresentable("too many files".into()))?;
         self.zfiles.push(ZFile {
             size,
             inline_ok: self.will_inline_tail(meta, size),
-            inline_budget: 0,
-            segments_left: 1,
+            segments_left: segments,
             extents: Vec::new(),
             blocks: 0,
             tail: None,
             done: None,
         });
+        Ok(id)
+    }
+
+    /// Queues a body to be stored plain behind the segments still being compressed.
+    fn pass_plain<R: BufRead + ?Sized>(&mut self, src: &mut R, size: u64, meta: &Meta) -> Result<FileData> {
+        let mut buf = vec![0u8; size as usize];
+        read_exact(src, &mut buf)?;
+        let id = self.queue_file(size, meta, 1)?;
         while self.pipeline.as_ref().is_some_and(|p| p.full()) {
             self.take_compressed(true)?;
         }
