@@ -1145,6 +1145,50 @@ fn read_one(rootfs: &Path, rel: &str) -> LazyRead {
     }
 }
 
+/// A whole file mapped and locked in memory, so its pages stay cached whatever serves the file.
+struct Pinned {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Pinned {
+    fn new(path: &Path) -> Pinned {
+        let f = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        let len = f.metadata().expect("stat").len() as usize;
+        assert!(len > 0, "{} is empty", path.display());
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh read-only shared mapping of an open file; unmapped once in Drop.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(
+            addr,
+            libc::MAP_FAILED,
+            "mmap {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: the range is the mapping just made.
+        let rc = unsafe { libc::mlock(addr, len) };
+        assert_eq!(rc, 0, "mlock {}: {}", path.display(), std::io::Error::last_os_error());
+        Pinned { addr, len }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in new, unmapped only here.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
 fn errno_name(e: i32) -> String {
     match e {
         libc::EIO => "EIO".into(),
@@ -1184,7 +1228,8 @@ fn files_under(rootfs: &Path, dirs: &[&str], min: u64) -> Vec<String> {
 /// - every read that did not complete before the kill failed with EIO (the FUSE connection is gone: the backing
 ///   file's reads fail, and EROFS reports that as EIO), or returned exactly the right bytes; none returned wrong
 ///   bytes, and reads of unfetched data fail at once, without waiting for the read deadline;
-/// - data the container had already read stays readable (the kernel's page cache of the EROFS mount);
+/// - data the container had pinned (mapped and mlocked) stays readable (the kernel's page cache of the EROFS
+///   mount); data it had only read gives the right bytes or EIO once the kernel has evicted it;
 /// - the container's process, though idle, dies of SIGBUS (exit status 135) within seconds; its root file system
 ///   stays broken for unfetched data after dedupd's restart (its mounts hold the dead FUSE connection's file),
 ///   while new containers work: the snapshotter mounts the lazy layers again from the new dedupd, and they read
@@ -1235,6 +1280,9 @@ fn kill_dedupd_during_a_burst_of_lazy_reads() {
         let r = read_one(&rootfs, w);
         assert_eq!(r.result.as_ref().ok(), Some(&want(w)), "warm read of {w}: {r:?}");
     }
+    // The kernel may evict clean page cache at any time, so only pinned pages are sure to outlive dedupd: the warm
+    // files are mapped and mlocked, as a running program's hot pages would be.
+    let pins: Vec<Pinned> = warm.iter().map(|w| Pinned::new(&rootfs.join(w))).collect();
     // Cold files: never read yet (and larger than a block, so their data is not inline in the metadata).
     let cold: Vec<String> = files_under(
         &rootfs,
@@ -1342,19 +1390,30 @@ fn kill_dedupd_during_a_burst_of_lazy_reads() {
         "a failing read took {slowest_failure:?}: it waited instead of failing at once"
     );
 
-    // What the container had read stays readable: the page cache of its EROFS mounts.
-    let done_before: Vec<&LazyRead> = results
-        .iter()
-        .filter(|r| r.result.is_ok() && r.ended < before_kill)
-        .collect();
-    for w in warm.iter().copied().chain(done_before.iter().map(|r| r.path.as_str())) {
+    // What the container had pinned stays readable: the page cache of its EROFS mounts.
+    for w in warm {
         let r = read_one(&rootfs, w);
         assert_eq!(
             r.result.as_ref().ok(),
             Some(&want(w)),
-            "re-read of {w} after the kill: {r:?}"
+            "re-read of pinned {w} after the kill: {r:?}"
         );
     }
+    // Mapped, they would keep the container's root busy.
+    drop(pins);
+    // What it had only read may have been evicted since: a re-read gives the right bytes or EIO, never others.
+    let mut cached = 0;
+    for w in results.iter().filter(|r| r.result.is_ok() && r.ended < before_kill) {
+        let r = read_one(&rootfs, &w.path);
+        match &r.result {
+            Ok(sha) => {
+                assert_eq!(sha, &want(&w.path), "re-read of {} after the kill", w.path);
+                cached += 1;
+            }
+            Err(e) => assert_eq!(*e, libc::EIO, "re-read of {} after the kill: {r:?}", w.path),
+        }
+    }
+    eprintln!("e2e: {cached} of {completed_before} files read before the kill were still cached");
     // Its process, idle in a sleep, does not survive: it dies of SIGBUS (exit status 128 + 7) within seconds, as
     // a process does whose mapped file (here the interpreter and its libraries) can no longer be read.
     let t = Instant::now();
