@@ -116,9 +116,18 @@ enum Command {
         /// (config `compression`; default none).
         #[arg(long, value_name = "ALGO[,LEVEL]")]
         compression: Option<String>,
+        /// Mount containers' roots and views over one merged metadata image of their layers (fsmeta) instead
+        /// of one EROFS mount per layer (config `merge_layers`; default off).
+        #[arg(long)]
+        merge_layers: bool,
+        /// With --merge-layers: chains of at most N layers stay per-layer (config `max_unmerged_layers`;
+        /// default 1).
+        #[arg(long, value_name = "N")]
+        max_unmerged_layers: Option<usize>,
         /// A TOML file with the same settings (root, address, socket_mode, socket_gid, log_level, log_json,
-        /// differs, containerd_address, dedup, chunk_size, compression, pcluster_size, fetch_socket, stream_layers, plain_http,
-        /// docker_config, hosts_dir, connect_timeout_secs).
+        /// differs, containerd_address, dedup, chunk_size, compression, pcluster_size, merge_layers,
+        /// max_unmerged_layers, fetch_socket, stream_layers, plain_http, docker_config, hosts_dir,
+        /// connect_timeout_secs).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -138,6 +147,20 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Write a VMDK descriptor (monolithicFlat) for a committed snapshot: its chain's merged metadata
+    /// (written beside OUT, as OUT with the extension .erofs), then each layer image and blob it points
+    /// into. VM runtimes attach it as one block device that mounts as EROFS. Asks the running daemon,
+    /// or opens the store when none runs.
+    Vmdk {
+        /// Store root (default /var/lib/dedup-snapshotter).
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// The committed snapshot: its key in the store, or containerd's name for it (the chain ID
+        /// `ctr snapshots ls` shows), when one key ends in /NAME.
+        key: String,
+        /// The descriptor to write.
+        out: PathBuf,
     },
     /// For each chunk size from 4K to 1M, how much of the given layers' file data is
     /// distinct (the dedup ratio) and how large the chunk index would be. Runs the real
@@ -352,6 +375,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Stats { root, json } => {
             stats::stats(&root.unwrap_or_else(|| PathBuf::from(serve::DEFAULT_ROOT)), json)
         }
+        Command::Vmdk { root, key, out } => {
+            stats::vmdk(&root.unwrap_or_else(|| PathBuf::from(serve::DEFAULT_ROOT)), &key, &out)
+        }
         Command::ChunkSweep { json, layers } => stats::chunk_sweep(&layers, json),
         Command::Merge {
             json,
@@ -370,6 +396,8 @@ fn run(cli: Cli) -> Result<()> {
             hosts_dir,
             stream_layers,
             compression,
+            merge_layers,
+            max_unmerged_layers,
             metrics_address,
             config,
         } => {
@@ -388,6 +416,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             cfg.chunk_size = chunk_size.or(cfg.chunk_size);
             cfg.compression = compression.or(cfg.compression);
+            if merge_layers {
+                cfg.merge_layers = Some(true);
+            }
+            cfg.max_unmerged_layers = max_unmerged_layers.or(cfg.max_unmerged_layers);
             cfg.fetch_socket = fetch_socket.or(cfg.fetch_socket);
             cfg.hosts_dir = hosts_dir.or(cfg.hosts_dir);
             cfg.metrics_address = metrics_address.or(cfg.metrics_address);

@@ -46,6 +46,13 @@ pub struct Config {
     pub compression: Option<String>,
     /// Physical cluster size in bytes for `compression` (`mkfs.erofs -C`; default 4096).
     pub pcluster_size: Option<u64>,
+    /// Mount containers' roots and views over one merged metadata image of their layer
+    /// chain (fsmeta) instead of one EROFS mount per layer (default false). Chains with
+    /// compressed or lazy layers, or too many devices, stay per-layer, with a log line.
+    pub merge_layers: Option<bool>,
+    /// With `merge_layers`: chains of at most this many layers stay per-layer (default 1,
+    /// as containerd's EROFS snapshotter's `max_unmerged_layers`).
+    pub max_unmerged_layers: Option<usize>,
     /// Seconds without Prepare/View/Commit before committed layers' unpacked copies are
     /// deleted (default 10; deleting them during a pull burst slows ext4's inode allocation).
     pub trash_idle_secs: Option<u64>,
@@ -121,6 +128,8 @@ pub fn serve(cfg: Config) -> Result<()> {
         chunk_size,
         trash_idle: std::time::Duration::from_secs(cfg.trash_idle_secs.unwrap_or(10)),
         compression,
+        merge_layers: cfg.merge_layers.unwrap_or(false),
+        max_unmerged_layers: cfg.max_unmerged_layers.unwrap_or(1),
     };
     let stream = cfg.stream_layers.unwrap_or(false);
     let remote: Option<Arc<dyn snapshotter::RemoteLayers>> = if cfg.fetch_socket.is_some() || stream {
@@ -156,7 +165,7 @@ pub fn serve(cfg: Config) -> Result<()> {
         snapshotter::Snapshotter::open_with_remote(&root, opts, remote)
             .with_context(|| format!("opening the store at {}", root.display()))?,
     );
-    tracing::info!(root = %root.display(), address = %address.display(), dedup = opts.dedup, chunk_size = %chunk_size, compression = %opts.compression.map_or("none".into(), |c| format!("{} pcluster {}K", c.codec, c.pcluster_blocks * 4)), "serving snapshots");
+    tracing::info!(root = %root.display(), address = %address.display(), dedup = opts.dedup, chunk_size = %chunk_size, compression = %opts.compression.map_or("none".into(), |c| format!("{} pcluster {}K", c.codec, c.pcluster_blocks * 4)), merge_layers = opts.merge_layers, max_unmerged_layers = opts.max_unmerged_layers, "serving snapshots");
 
     let order = cfg
         .differs

@@ -12,7 +12,8 @@ use erofs::format::DeviceSlot;
 use erofs::writer::{ChunkAddr, ChunkSink};
 use sha2::{Digest, Sha256};
 
-/// The daemon's admin socket: `stats` connects and reads one JSON document.
+/// The daemon's admin socket: a client connects, writes one JSON request (or nothing,
+/// for stats), shuts its side down and reads one JSON document.
 pub fn admin_socket(root: &Path) -> PathBuf {
     root.join("admin.sock")
 }
@@ -31,10 +32,43 @@ pub fn serve_admin(store: Arc<snapshotter::Snapshotter>, root: &Path) -> io::Res
             };
             let store = store.clone();
             tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt;
-                let doc = tokio::task::spawn_blocking(move || match store.stats() {
-                    Ok(s) => serde_json::to_vec(&s).unwrap_or_default(),
-                    Err(e) => serde_json::to_vec(&serde_json::json!({ "error": e.to_string() })).unwrap_or_default(),
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut req = Vec::new();
+                let mut limited = (&mut conn).take(64 << 10);
+                let read = limited.read_to_end(&mut req);
+                if tokio::time::timeout(std::time::Duration::from_secs(5), read)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let doc = tokio::task::spawn_blocking(move || {
+                    let err = |e: String| serde_json::to_vec(&serde_json::json!({ "error": e })).unwrap_or_default();
+                    let req: serde_json::Value = if req.iter().all(u8::is_ascii_whitespace) {
+                        serde_json::json!({})
+                    } else {
+                        match serde_json::from_slice(&req) {
+                            Ok(v) => v,
+                            Err(e) => return err(format!("bad request: {e}")),
+                        }
+                    };
+                    match req.get("vmdk") {
+                        None => match store.stats() {
+                            Ok(s) => serde_json::to_vec(&s).unwrap_or_default(),
+                            Err(e) => err(e.to_string()),
+                        },
+                        Some(v) => {
+                            let key = v.get("key").and_then(|k| k.as_str()).unwrap_or_default();
+                            let out = v.get("out").and_then(|k| k.as_str()).unwrap_or_default();
+                            match store.vmdk(key, Path::new(out)) {
+                                Ok((image, devices)) => {
+                                    serde_json::to_vec(&serde_json::json!({ "image": image, "devices": devices }))
+                                        .unwrap_or_default()
+                                }
+                                Err(e) => err(e.to_string()),
+                            }
+                        }
+                    }
                 })
                 .await
                 .unwrap_or_default();
@@ -44,15 +78,57 @@ pub fn serve_admin(store: Arc<snapshotter::Snapshotter>, root: &Path) -> io::Res
     }))
 }
 
+/// Sends `req` to the running daemon's admin socket and returns its answer; `None` when
+/// no daemon listens.
+fn ask_daemon(root: &Path, req: &serde_json::Value) -> Result<Option<serde_json::Value>> {
+    let Ok(mut conn) = std::os::unix::net::UnixStream::connect(admin_socket(root)) else {
+        return Ok(None);
+    };
+    conn.write_all(req.to_string().as_bytes())
+        .context("asking the daemon")?;
+    conn.shutdown(std::net::Shutdown::Write).context("asking the daemon")?;
+    let mut buf = Vec::new();
+    conn.read_to_end(&mut buf).context("reading the daemon's answer")?;
+    Ok(Some(
+        serde_json::from_slice(&buf).context("parsing the daemon's answer")?,
+    ))
+}
+
+/// `dedup-snapshotter vmdk`: through the running daemon, or the store when none runs.
+pub fn vmdk(root: &Path, key: &str, out: &Path) -> Result<()> {
+    let out = if out.is_absolute() {
+        out.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(out)
+    };
+    let req = serde_json::json!({ "vmdk": { "key": key, "out": out } });
+    let doc = match ask_daemon(root, &req)? {
+        Some(doc) => doc,
+        None => {
+            let store = snapshotter::Snapshotter::open_with(root, snapshotter::StoreOptions::default())
+                .with_context(|| format!("opening the store at {} (is the daemon running?)", root.display()))?;
+            let res = store.vmdk(key, &out);
+            store.shutdown();
+            let (image, devices) = res?;
+            serde_json::json!({ "image": image, "devices": devices })
+        }
+    };
+    if let Some(e) = doc.get("error") {
+        anyhow::bail!("{}", e.as_str().unwrap_or_default());
+    }
+    println!("vmdk:     {}", out.display());
+    println!("metadata: {}", doc["image"].as_str().unwrap_or_default());
+    for d in doc["devices"].as_array().into_iter().flatten() {
+        println!("device:   {}", d.as_str().unwrap_or_default());
+    }
+    Ok(())
+}
+
 /// `dedup-snapshotter stats`.
 pub fn stats(root: &Path, json: bool) -> Result<()> {
-    let doc: serde_json::Value = match std::os::unix::net::UnixStream::connect(admin_socket(root)) {
-        Ok(mut conn) => {
-            let mut buf = Vec::new();
-            conn.read_to_end(&mut buf).context("reading the daemon's stats")?;
-            serde_json::from_slice(&buf).context("parsing the daemon's stats")?
-        }
-        Err(_) => {
+    let doc: serde_json::Value = match ask_daemon(root, &serde_json::json!({}))? {
+        Some(doc) => doc,
+        None => {
             // No daemon: read the store (opening it also repairs, as a start would).
             let opts = snapshotter::StoreOptions::default();
             let store = snapshotter::Snapshotter::open_with(root, opts)

@@ -369,6 +369,8 @@ impl Node {
 #[derive(Debug, Clone)]
 pub struct Tree {
     nodes: Vec<Node>,
+    /// Link counts to report at least, by node (see [`Tree::keep_nlink`]).
+    min_nlink: BTreeMap<NodeId, u32>,
 }
 
 impl Tree {
@@ -376,7 +378,15 @@ impl Tree {
     pub fn new(root: Meta) -> Tree {
         Tree {
             nodes: vec![Node::dir(root)],
+            min_nlink: BTreeMap::new(),
         }
+    }
+
+    /// Makes a non-directory node report at least `n` links, whatever the tree holds.
+    /// Merged metadata shows a lower layer's inode as overlayfs does: with that layer's
+    /// link count, even where later layers hid some of its names.
+    pub fn keep_nlink(&mut self, id: NodeId, n: u32) {
+        self.min_nlink.insert(id, n);
     }
 
     /// The root directory.
@@ -1813,6 +1823,12 @@ fn walk(tree: &Tree) -> Result<(Vec<NodeId>, Vec<u32>, Vec<u32>)> {
                 stack.push((c, slot));
             }
             nlink[id as usize] = 2 + subdirs;
+        }
+    }
+    for (&id, &n) in &tree.min_nlink {
+        let v = &mut nlink[id as usize];
+        if *v > 0 && !tree.node(id).is_dir() {
+            *v = (*v).max(n);
         }
     }
     Ok((order, nlink, parents))

@@ -11,7 +11,9 @@
 //! - a directory over a directory merges with it and takes the later one's attributes,
 //!   unless it is opaque (`trusted.overlay.opaque` = `y`), which hides what is below;
 //! - a whiteout (a character device 0/0) removes what is below and is not itself shown;
-//! - hard links are kept within their layer (overlayfs shows one lower inode per layer).
+//! - hard links are kept within their layer (overlayfs shows one lower inode per layer),
+//!   each inode with its layer's link count, as overlayfs shows it, even where later
+//!   layers hid some of its names.
 //!
 //! Data is never copied when it is block-addressable: a plain (`FLAT_PLAIN`) file is one
 //! chunk on its layer's device, and a chunk-based file keeps its chunks, with device ids
@@ -268,6 +270,9 @@ fn add_layer<W: io::Write + io::Seek>(
             FileKind::Dir => unreachable!("handled above"),
         };
         let node = tree.add(Node { meta, body });
+        if e.inode.nlink > 1 {
+            tree.keep_nlink(node, e.inode.nlink);
+        }
         by_nid.insert(e.nid, node);
         tree.link(parent, name, node);
     }

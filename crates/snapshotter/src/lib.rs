@@ -87,6 +87,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 mod apply;
 pub mod blobs;
+mod merged;
 mod meta;
 pub mod mounts;
 mod store;

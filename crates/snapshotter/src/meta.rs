@@ -75,6 +75,11 @@ pub(crate) struct Record {
     /// A lazily fetched layer: the blob the mount reads through the fetch daemon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<RemoteLayer>,
+    /// An active snapshot or view mounted over its parent chain's merged metadata:
+    /// the id of the chain's top layer, whose merged image (`merged/<id>`) is its one
+    /// lower.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged: Option<u64>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -97,6 +102,7 @@ impl Record {
             blobs: Vec::new(),
             logical: 0,
             remote: None,
+            merged: None,
         }
     }
 
@@ -230,6 +236,23 @@ impl Reader {
         Ok(t.get((parent, target))
             .map_err(internal)?
             .map(|v| v.value().to_string()))
+    }
+
+    /// Whether a child of `parent` is mounted over the merged image of id `merged`.
+    pub fn merged_in_use(&self, parent: &str, merged: u64) -> Result<bool> {
+        let children = self.txn.open_table(CHILDREN).map_err(internal)?;
+        let records = self.txn.open_table(SNAPSHOTS).map_err(internal)?;
+        for item in children.range((parent, "")..).map_err(internal)? {
+            let (k, _) = item.map_err(internal)?;
+            let (p, c) = k.value();
+            if p != parent {
+                break;
+            }
+            if get(&records, c)?.is_some_and(|r| r.merged == Some(merged)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Every record: for List, stats and start-up, which must see them all.

@@ -55,7 +55,7 @@ use erofs::writer::ChunkSink;
 use crate::apply::{self, AppliedLayer, LayerBlob, LayerFormat, Written};
 use crate::blobs::{self, Pins};
 use crate::meta::{self, internal, now_pair, Record, RemoteLayer, TARGET_SNAPSHOT_LABEL};
-use crate::{mounts, Error, Info, Kind, Mount, Result, Usage};
+use crate::{merged, mounts, Error, Info, Kind, Mount, Result, Usage};
 
 /// Locks a mutex whether or not an earlier holder panicked: the data these locks
 /// guard (sets of ids, a timestamp) stays valid across a panic, and one failed RPC
@@ -122,6 +122,12 @@ pub struct StoreOptions {
     /// Commit conversions); `None`, the default, keeps them uncompressed. Native EROFS
     /// layers are kept as they come.
     pub compression: Option<erofs::writer::Compression>,
+    /// Mount the snapshots (containers' roots and views) over chains of more than
+    /// `max_unmerged_layers` layers on one merged metadata image of the chain instead
+    /// of one EROFS mount per layer.
+    pub merge_layers: bool,
+    /// With `merge_layers`: chains of at most this many layers stay per-layer.
+    pub max_unmerged_layers: usize,
 }
 
 impl Default for StoreOptions {
@@ -131,6 +137,8 @@ impl Default for StoreOptions {
             chunk_size: layer_convert::ChunkSize::DEFAULT,
             trash_idle: Duration::from_secs(10),
             compression: None,
+            merge_layers: false,
+            max_unmerged_layers: 1,
         }
     }
 }
@@ -305,6 +313,12 @@ pub struct Snapshotter {
     attached: Mutex<HashMap<u64, u64>>,
     /// Names staged files uniquely within this process.
     seq: AtomicU64,
+    /// Held to build, mount, take a user of, or remove `merged/<id>` (striped by id).
+    merge_locks: Vec<Mutex<()>>,
+    /// Merged images mounted at `mm/<id>`.
+    merged_mounted: Mutex<HashSet<u64>>,
+    /// Chains found unmergeable (compressed data, too many devices): per-layer for good.
+    unmergeable: Mutex<HashSet<u64>>,
 }
 
 /// Removes a key from `busy` (or an id from `pending`) when the work ends, however it ends.
@@ -343,7 +357,7 @@ impl Snapshotter {
         opts: StoreOptions,
         remote: Option<Arc<dyn RemoteLayers>>,
     ) -> Result<Snapshotter> {
-        for d in ["snapshots", "m", "staging", "trash", "blobs"] {
+        for d in ["snapshots", "m", "staging", "trash", "blobs", "merged", "mm"] {
             fs::create_dir_all(root.join(d)).map_err(internal)?;
         }
         fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(internal)?;
@@ -373,6 +387,9 @@ impl Snapshotter {
             gc: Mutex::new(()),
             attached: Mutex::default(),
             seq: AtomicU64::new(0),
+            merge_locks: (0..MOUNT_STRIPES).map(|_| Mutex::new(())).collect(),
+            merged_mounted: Mutex::default(),
+            unmergeable: Mutex::default(),
         };
         s.repair()?;
         let trash = s.trash.clone();
@@ -558,7 +575,11 @@ impl Snapshotter {
             }
         }
         self.refresh_lazy(parent)?;
+        // Built (or found) before the transaction, and held until the record naming it
+        // is written, so that no Remove deletes it in between.
+        let merge = self.merge_for(parent, &labels);
         let mut made: Option<(u64, Claim<'_, u64>)> = None;
+        let mut uses_merged = false;
         let res = meta::write(&self.db, |txn| {
             if meta::get_w(txn, key)?.is_some() {
                 return Err(Error::AlreadyExists(format!("snapshot {key:?}")));
@@ -569,7 +590,10 @@ impl Snapshotter {
             made = Some((id, claim));
             // The directory goes into place before the record that owns it exists.
             self.stage_dir(id, &parents).map_err(internal)?;
-            let rec = Record::new(id, kind, parent, labels);
+            let mut rec = Record::new(id, kind, parent, labels);
+            // The chain may have been removed and made again since the merge.
+            rec.merged = merge.as_ref().map(|(m, _)| *m).filter(|m| parents.first() == Some(m));
+            uses_merged = rec.merged.is_some();
             meta::put(txn, key, None, &rec)?;
             Ok(self.mounts_of(&rec, &parents))
         });
@@ -578,7 +602,201 @@ impl Snapshotter {
                 let _ = fs::remove_dir_all(self.dir(*id));
             }
         }
+        if let Some((m, guard)) = merge {
+            drop(guard);
+            if !uses_merged || res.is_err() {
+                self.release_merged(m, parent);
+            }
+        }
         res
+    }
+
+    fn merge_lock(&self, id: u64) -> MutexGuard<'_, ()> {
+        lock(&self.merge_locks[(id % MOUNT_STRIPES as u64) as usize])
+    }
+
+    /// The merged image a new snapshot over `parent` should mount, built and mounted if
+    /// it is not yet, with its lock held: `None` keeps the snapshot per-layer.
+    ///
+    /// Merged: chains of more than `max_unmerged_layers` committed layers, when the
+    /// store merges at all, for snapshots that are not a layer being unpacked (those
+    /// carry containerd's target label, and only their upper dir matters). Lazy layers
+    /// are served through the fetch daemon and stay per-layer; so does a chain that
+    /// cannot be merged (compressed data, too many devices), said once in the log.
+    fn merge_for(&self, parent: &str, labels: &BTreeMap<String, String>) -> Option<(u64, MutexGuard<'_, ()>)> {
+        if !self.opts.merge_layers || parent.is_empty() || labels.contains_key(TARGET_SNAPSHOT_LABEL) {
+            return None;
+        }
+        let chain = meta::read(&self.db, |r| r.parents(parent)).ok()?;
+        if chain.len() <= self.opts.max_unmerged_layers || chain.iter().any(|(_, r)| r.remote.is_some()) {
+            return None;
+        }
+        let top = chain.first()?.1.id;
+        if lock(&self.unmergeable).contains(&top) {
+            return None;
+        }
+        let guard = self.merge_lock(top);
+        if lock(&self.merged_mounted).contains(&top) {
+            return Some((top, guard));
+        }
+        match self.make_merged(top, &chain) {
+            Ok(()) => Some((top, guard)),
+            Err(e) => {
+                tracing::warn!(
+                    parent,
+                    layers = chain.len(),
+                    error = %e,
+                    "cannot merge the chain's metadata: its snapshots mount the layers one by one"
+                );
+                lock(&self.unmergeable).insert(top);
+                merged::remove(&self.root, top);
+                None
+            }
+        }
+    }
+
+    /// Mounts the merged image of `chain` (nearest first, topped by `top`): the one in
+    /// `merged/` when it checks out, else a new one. Call with its merge lock.
+    fn make_merged(&self, top: u64, chain: &[(String, Record)]) -> std::result::Result<(), String> {
+        let devices = match merged::check(&self.root, top) {
+            Ok(d) => d,
+            Err(why) => {
+                if merged::dir(&self.root, top).exists() {
+                    tracing::warn!(top, why, "merged image refused: building it again");
+                }
+                let layers = self.layers_of(chain);
+                let n = self.seq.fetch_add(1, Ordering::Relaxed);
+                let staging = self.root.join("staging").join(format!("merged-{top}-{n}"));
+                let t = std::time::Instant::now();
+                merged::build(&self.root, &staging, top, &layers)?;
+                tracing::info!(
+                    top,
+                    layers = layers.len(),
+                    ms = t.elapsed().as_millis() as u64,
+                    "merged metadata built"
+                );
+                merged::check(&self.root, top)?
+            }
+        };
+        merged::mount(&self.root, top, &devices).map_err(|e| format!("mounting the merged image: {e}"))?;
+        lock(&self.merged_mounted).insert(top);
+        Ok(())
+    }
+
+    /// Writes a VMDK descriptor at `out` for the committed snapshot `key`: one flat block
+    /// device made of the chain's merged metadata, then each device it names, which VM
+    /// runtimes attach and mount as EROFS with no extra devices. The metadata is written
+    /// beside `out` (its extension made `.erofs`) and belongs to the caller; it is a copy
+    /// of the store's merged image when that exists, else built. The layer images and
+    /// blobs the descriptor names belong to the store and live as long as `key`.
+    /// Returns the metadata image and the devices.
+    pub fn vmdk(&self, key: &str, out: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
+        let chain = meta::read(&self.db, |r| {
+            let key = match r.get(key)? {
+                Some(_) => key.to_string(),
+                // containerd's name for it: its metadata keys snapshots `<namespace>/<n>/<name>`.
+                None => {
+                    let suffix = format!("/{key}");
+                    let found: Vec<String> = r
+                        .all()?
+                        .into_iter()
+                        .filter(|(k, rec)| rec.kind == Kind::Committed && k.ends_with(&suffix))
+                        .map(|(k, _)| k)
+                        .collect();
+                    match found.as_slice() {
+                        [one] => one.clone(),
+                        [] => return Err(Error::NotFound(format!("snapshot {key:?}"))),
+                        many => {
+                            return Err(Error::InvalidArgument(format!(
+                                "{key:?} names {} snapshots: {many:?}",
+                                many.len()
+                            )))
+                        }
+                    }
+                }
+            };
+            let key = key.as_str();
+            let rec = r.get_existing(key)?;
+            if rec.kind != Kind::Committed {
+                return Err(Error::FailedPrecondition(format!("snapshot {key:?} is not committed")));
+            }
+            r.parents(key)
+        })?;
+        if chain.iter().any(|(_, r)| r.remote.is_some()) {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} has lazily fetched layers, which a VMDK cannot name"
+            )));
+        }
+        let image = out.with_extension("erofs");
+        if image == out {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the descriptor needs a name other than its metadata's",
+                out.display()
+            )));
+        }
+        let dir = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            image.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+            std::process::id()
+        ));
+        let top = chain[0].1.id;
+        let res = (|| {
+            let existing = {
+                let _g = self.merge_lock(top);
+                match merged::check(&self.root, top) {
+                    Ok(devices) => {
+                        fs::copy(merged::dir(&self.root, top).join("fsmeta.erofs"), &tmp).map_err(internal)?;
+                        Some(devices)
+                    }
+                    Err(_) => None,
+                }
+            };
+            let devices = match existing {
+                Some(d) => d,
+                None => {
+                    fsmeta::merge_with(&self.layers_of(&chain), &tmp, true)
+                        .map_err(|e| match e {
+                            fsmeta::Error::Unmergeable { .. } => Error::FailedPrecondition(e.to_string()),
+                            e => Error::Internal(e.to_string()),
+                        })?
+                        .devices
+                }
+            };
+            fs::rename(&tmp, &image).map_err(internal)?;
+            fsmeta::write_vmdk(out, &image, &devices).map_err(internal)?;
+            Ok((image.clone(), devices))
+        })();
+        let _ = fs::remove_file(&tmp);
+        res
+    }
+
+    /// The layers of `chain` (nearest first) as the merge takes them: bottom first.
+    fn layers_of(&self, chain: &[(String, Record)]) -> Vec<fsmeta::Layer> {
+        chain
+            .iter()
+            .rev()
+            .map(|(_, r)| fsmeta::Layer {
+                image: self.dir(r.id).join("layer.erofs"),
+                devices: r.blobs.iter().map(|b| blobs::path(&self.blob_dir(), *b)).collect(),
+            })
+            .collect()
+    }
+
+    /// Deletes the merged image `id` of `parent`'s chain unless a snapshot still uses it.
+    fn release_merged(&self, id: u64, parent: &str) {
+        let _g = self.merge_lock(id);
+        match meta::read(&self.db, |r| r.merged_in_use(parent, id)) {
+            Ok(false) => {
+                merged::remove(&self.root, id);
+                lock(&self.merged_mounted).remove(&id);
+            }
+            Ok(true) => {}
+            Err(e) => tracing::warn!(id, error = %e, "keeping a merged image"),
+        }
     }
 
     /// The lazy path of Prepare: when the labels name a layer the remote source can
@@ -847,7 +1065,10 @@ impl Snapshotter {
 
     fn mounts_of(&self, rec: &Record, parents: &[u64]) -> Vec<Mount> {
         let fs_dir = self.dir(rec.id).join("fs");
-        let lowers: Vec<PathBuf> = parents.iter().map(|p| self.mountpoint(*p)).collect();
+        let lowers: Vec<PathBuf> = match rec.merged {
+            Some(m) => vec![merged::mountpoint(&self.root, m)],
+            None => parents.iter().map(|p| self.mountpoint(*p)).collect(),
+        };
         let work = self.dir(rec.id).join("work");
         mounts::for_snapshot(rec.kind, &fs_dir, &work, &lowers)
     }
@@ -1049,6 +1270,7 @@ impl Snapshotter {
                 updated: now,
                 size,
                 inodes,
+                merged: None,
                 ..cur.clone()
             };
             if let Some(report) = &converted {
@@ -1068,6 +1290,9 @@ impl Snapshotter {
             return Err(e);
         }
         drop(_m);
+        if let Some(m) = rec.merged {
+            self.release_merged(m, &rec.parent);
+        }
         // Unpinning may delete blobs.
         drop(session);
         // The unpacked copy is not needed any more. Deleting thousands of files takes
@@ -1133,6 +1358,9 @@ impl Snapshotter {
         // After the record is gone: a crash here leaves only orphans for start-up.
         // The layer is unmounted before its blobs go.
         self.remove_files(rec.id);
+        if let Some(m) = rec.merged {
+            self.release_merged(m, &rec.parent);
+        }
         lock(&self.attached).remove(&rec.id);
         if !rec.blobs.is_empty() {
             self.collect_blobs()?;
@@ -1155,6 +1383,13 @@ impl Snapshotter {
                 }
                 let _ = fs::remove_dir(&mp);
             }
+        }
+        // A merged image topped by this layer has no user left (they are its children).
+        {
+            let _g = self.merge_lock(id);
+            merged::remove(&self.root, id);
+            lock(&self.merged_mounted).remove(&id);
+            lock(&self.unmergeable).remove(&id);
         }
         let dir = self.dir(id);
         if let Err(e) = fs::remove_dir_all(&dir) {
@@ -1338,6 +1573,61 @@ impl Snapshotter {
                 }
             }
         }
+        self.repair_merged()
+    }
+
+    /// Start-up: merged images no snapshot uses are deleted (a crash between their
+    /// rename into place and their first user's record, or after their last user went);
+    /// the used ones are checked and mounted, and one that does not check out (corrupt,
+    /// or missing) is built again, never mounted as it is. A chain that cannot be built
+    /// again has its users moved to per-layer mounts, which show the same tree.
+    fn repair_merged(&self) -> Result<()> {
+        let records = meta::read(&self.db, |r| r.all())?;
+        let mut users: BTreeMap<u64, Vec<(String, Record)>> = BTreeMap::new();
+        for (k, r) in records {
+            if let Some(m) = r.merged {
+                users.entry(m).or_default().push((k, r));
+            }
+        }
+        for d in ["merged", "mm"] {
+            for entry in fs::read_dir(self.root.join(d)).map_err(internal)? {
+                let entry = entry.map_err(internal)?;
+                let id = entry.file_name().to_string_lossy().parse::<u64>().ok();
+                if !id.is_some_and(|id| users.contains_key(&id)) {
+                    let _ = mounts::unmount(&entry.path());
+                    let _ = fs::remove_dir_all(entry.path()).or_else(|_| fs::remove_file(entry.path()));
+                }
+            }
+        }
+        let mounted = mounts::mounted_under(&self.root.join("mm")).map_err(internal)?;
+        for (m, us) in users {
+            let _g = self.merge_lock(m);
+            if mounted.contains(&merged::mountpoint(&self.root, m)) {
+                lock(&self.merged_mounted).insert(m);
+                continue;
+            }
+            let parent = us[0].1.parent.clone();
+            let made = meta::read(&self.db, |r| r.parents(&parent))
+                .map_err(|e| e.to_string())
+                .and_then(|chain| match chain.first() {
+                    Some((_, top)) if top.id == m => self.make_merged(m, &chain),
+                    _ => Err(format!("the chain under {parent:?} is not the one merged")),
+                });
+            if let Err(e) = made {
+                tracing::error!(id = m, error = %e, "cannot mount a merged image: its snapshots go per-layer");
+                merged::remove(&self.root, m);
+                meta::write(&self.db, |txn| {
+                    for (k, _) in &us {
+                        if let Some(mut r) = meta::get_w(txn, k)? {
+                            let old = r.clone();
+                            r.merged = None;
+                            meta::put(txn, k, Some(&old), &r)?;
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+        }
         Ok(())
     }
 
@@ -1401,6 +1691,23 @@ impl Snapshotter {
                 problems.push(format!("staging/ holds {staged:?} with no work in progress"));
             }
         }
+        let merged_mounts = mounts::mounted_under(&self.root.join("mm")).map_err(internal)?;
+        let mut used = HashSet::new();
+        for (key, rec) in &records {
+            if let Some(m) = rec.merged {
+                used.insert(m);
+                if !merged_mounts.contains(&merged::mountpoint(&self.root, m)) {
+                    problems.push(format!("{key:?} mounts over merged image {m}, which is not mounted"));
+                }
+            }
+        }
+        for e in fs::read_dir(self.root.join("merged")).map_err(internal)? {
+            let e = e.map_err(internal)?;
+            let id = e.file_name().to_string_lossy().parse::<u64>().ok();
+            if !id.is_some_and(|id| used.contains(&id)) {
+                problems.push(format!("merged/{} has no user", e.file_name().to_string_lossy()));
+            }
+        }
         let owners: Vec<Vec<BlobId>> = records.iter().map(|(_, r)| r.blobs.clone()).collect();
         let wrong = meta::check(&self.db, |txn| blobs::recount(txn, &owners))?;
         if wrong > 0 {
@@ -1412,9 +1719,11 @@ impl Snapshotter {
     /// Lazily unmounts every committed layer: for a clean stop. Running containers
     /// keep their overlay's references; the next start mounts the layers again.
     pub fn shutdown(&self) {
-        if let Ok(mounted) = mounts::mounted_under(&self.root.join("m")) {
-            for mp in mounted {
-                let _ = mounts::unmount(&mp);
+        for d in ["mm", "m"] {
+            if let Ok(mounted) = mounts::mounted_under(&self.root.join(d)) {
+                for mp in mounted {
+                    let _ = mounts::unmount(&mp);
+                }
             }
         }
     }

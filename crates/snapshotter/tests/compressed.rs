@@ -22,6 +22,7 @@ fn options(dedup: bool) -> StoreOptions {
         chunk_size: layer_convert::ChunkSize::DEFAULT,
         trash_idle: std::time::Duration::from_secs(10),
         compression: Some(erofs::writer::Compression::new("lz4hc".parse().unwrap())),
+        ..Default::default()
     }
 }
 

@@ -29,6 +29,10 @@ fn options() -> StoreOptions {
         chunk_size: layer_convert::ChunkSize::from_bits(14).unwrap(),
         trash_idle: Duration::from_millis(200),
         compression: None,
+        // Snapshots over chains of two or more layers mount merged metadata: its images
+        // are built, shared, released and repaired under the same load and crash.
+        merge_layers: true,
+        max_unmerged_layers: 1,
     }
 }
 
@@ -278,7 +282,7 @@ fn sixteen_clients_over_shared_parents_with_a_crash() {
         Vec::<String>::new(),
         "after removing everything"
     );
-    for d in ["snapshots", "m", "blobs", "staging"] {
+    for d in ["snapshots", "m", "blobs", "staging", "merged", "mm"] {
         let left: Vec<_> = std::fs::read_dir(root.join(d))
             .unwrap()
             .map(|e| e.unwrap().file_name())

@@ -18,6 +18,8 @@ const DEDUP: StoreOptions = StoreOptions {
     chunk_size: layer_convert::ChunkSize::DEFAULT,
     trash_idle: std::time::Duration::from_secs(10),
     compression: None,
+    merge_layers: false,
+    max_unmerged_layers: 1,
 };
 
 use test_support::pseudo_random as data;
