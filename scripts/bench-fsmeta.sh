@@ -21,14 +21,41 @@
 #   read cold   every regular file read (`find -type f -exec cat`), after drop_caches and a fresh mount;
 #   read warm   the same again.
 # Every view's manifest (type, mode, owner, size, sha256 of files, link targets) must equal the overlayfs
-# baseline's (exit 1 otherwise). Results: BENCH_DIR/fsmeta.md and fsmeta.json (BENCH_DIR defaults to
-# target/bench). Mounts and files are removed on exit. The machine's CPUs are shared: compare within a run.
+# baseline's (exit 1 otherwise).
+#
+# Then, same run, container start through containerd 2.1.9 (BENCH_FSMETA_CONTAINERD=0 skips it): two
+# scripts/e2e-env.sh environments (E2E_CONTAINERD=2.1), started once before the first N, in WORK/ctrd-*:
+#   per-layer   `dedup-snapshotter serve` as proxy snapshotter `dedup` (+ its Diff proxy), no merging;
+#   merged      the same with `--merge-layers` (default --max-unmerged-layers 1: a chain of 2 or more layers gets
+#               one merged EROFS lower, built at the first Prepare/View over the chain and removed with its last
+#               user: with nothing else running on the image, every `ctr run --rm` builds it again);
+#   overlayfs   containerd's built-in overlayfs snapshotter (walking differ), in the per-layer environment's
+#               containerd.
+# For each N the same N layer tars become an OCI image (umoci: `raw add-layer` of each tar, gzip; config Env PATH),
+# imported from a tar of the layout with `ctr images import --snapshotter S` (unpacked for each snapshotter), then:
+#   start first     wall time of `ctr run --rm --snapshotter S IMAGE ID /bin/true` (Prepare of the container's
+#                   snapshot, mount, task start, wait, delete: ctr's whole run), the first after the import;
+#   start warm      the same, median of REPS, each with a fresh container ID;
+#   start cold      the same after `sync; echo 3 >/proc/sys/vm/drop_caches`, median of REPS;
+#   start in-use    (merged only) the warm start while another container of the image runs (`sleep`), so the
+#                   merged image is already mounted and not built; median of REPS.
+# Before each start the snapshotter is waited back at rest (the last container's snapshot removed by containerd's
+# GC: snapshot dirs and mounts under its root as after the import). Each config also runs one container that prints
+# its root mount (the overlay's lowers are counted: per-layer N, merged 1 under ROOT/mm/ when N > 1, overlayfs N) and
+# the manifest above of its rootfs (`find / -xdev`, sha256 of every file, inside the container); the three must be
+# equal (exit 1 otherwise, after the tables are written). Targets printed, not asserted: start with 64 layers merged
+# <= 0.5x per-layer; lookups and read-all merged <= 1.0x per-layer at every N. Warnings and errors in the daemons'
+# logs (WORK/ctrd-*/logs) are counted in the report.
+# Results: BENCH_DIR/fsmeta.md and fsmeta.json (BENCH_DIR defaults to target/bench; json keys N/config/metric,
+# medians). Mounts, environments (e2e-env.sh stop) and files (WORK, under /var/tmp) are removed on exit. The
+# machine's CPUs are shared: compare within a run.
 set -euo pipefail
 export LC_ALL=C
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${DEDUP_BIN:-$ROOT/target/release/dedup-snapshotter}
 REPS=${BENCH_REPS:-3}
 BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench}
+CTRD=${BENCH_FSMETA_CONTAINERD:-1}
 NS=("$@")
 [ ${#NS[@]} -gt 0 ] || NS=(1 16 64 128)
 [ "$(id -u)" = 0 ] || { echo "bench-fsmeta: needs root (mounts)" >&2; exit 1; }
@@ -37,12 +64,27 @@ LAYER=$(bash "$ROOT/crates/dedup-snapshotter/tests/fixtures/debian-minbase.sh")
 mkdir -p "$BENCH_DIR"
 WORK=$(mktemp -d /var/tmp/bench-fsmeta.XXXXXX)
 cleanup() {
+    local rc=$? e
+    trap - EXIT INT TERM
+    # The containerd environments first: their daemons hold mounts under WORK.
+    for e in "$WORK"/ctrd-*; do
+        [ -f "$e/env" ] || continue
+        if ((rc)) && [ -d "$e/logs" ]; then
+            echo "bench-fsmeta: failed; last lines of $e/logs:" >&2
+            tail -n 20 "$e"/logs/*.log >&2 || true
+        fi
+        "$ROOT/scripts/e2e-env.sh" stop "$e" >"$WORK/stop.log" 2>&1 ||
+            echo "bench-fsmeta: e2e-env.sh stop $e: $(cat "$WORK/stop.log")" >&2
+    done
     { grep -o " $WORK[^ ]*" /proc/self/mounts || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
     rm -rf "$WORK"
+    exit "$rc"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
+fail() { echo "bench-fsmeta: $*" >&2; exit 1; }
 RAW=$WORK/raw.tsv
-: >"$RAW"
+for f in "$RAW" "$WORK/manifests" "$WORK/ctr-manifests" "$WORK/lowers" "$WORK/notes"; do : >"$f"; done
 
 # mount_stack VIEW LOWER... : mounts, in one process and timed there (printed, seconds), each LOWER given as
 # IMAGE@MOUNTPOINT[@DEVICE,...] (file-backed EROFS through the new mount API, fsopen/fsconfig/fsmount/
@@ -134,6 +176,153 @@ manifest() { # DIR OUT: type, mode, owner, size, content digest of every entry
     cat "$2.list" "$2.sums" | sha256sum | cut -d' ' -f1
 }
 
+# --- Container start through containerd (BENCH_FSMETA_CONTAINERD=1) ---
+ev() { ( . "$1/env"; printf '%s' "${!2}" ); } # ENVDIR KEY: a value of an e2e-env.sh env file
+env_of() { case $1 in merged) echo "$WORK/ctrd-merged" ;; *) echo "$WORK/ctrd-per-layer" ;; esac; }
+snap_of() { case $1 in overlayfs) echo overlayfs ;; *) echo dedup ;; esac; }
+snapdir_of() {
+    case $1 in
+        overlayfs) echo "$WORK/ctrd-per-layer/containerd/root/io.containerd.snapshotter.v1.overlayfs" ;;
+        *) echo "$(env_of "$1")/snapshotter" ;;
+    esac
+}
+cx() { local c=$1; shift; "$CTR" -a "$(env_of "$c")/containerd.sock" -n bench "$@"; } # CFG ctr-args...
+at_rest() { # CFG: the snapshotter's snapshot dirs and the mounts under its root
+    local s
+    s=$(snapdir_of "$1")
+    echo "$(find "$s/snapshots" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l) $(grep -c " $s/" /proc/self/mounts || true)"
+}
+settle() { # CFG STATE: waits (up to 30 s) for the snapshotter to be back at STATE (containerd's GC removes the
+    # last container's snapshot after `ctr run --rm` returns)
+    local i
+    for ((i = 0; i < 300; i++)); do
+        [[ $(at_rest "$1") == "$2" ]] && return 0
+        sleep 0.1
+    done
+    echo "bench-fsmeta: $1: the snapshotter is not back at rest ($2) after 30 s: $(at_rest "$1")" >&2
+    echo "N=$n $1: the snapshotter did not come back at rest ($2 snapshot dirs, mounts) after 30 s: $(at_rest "$1")" >>"$WORK/notes"
+}
+start_once() { # CFG ID: one `ctr run --rm ... /bin/true`, timed whole; prints seconds
+    local t0 t1
+    t0=$(now)
+    cx "$1" run --rm --snapshotter "$(snap_of "$1")" "$IMG" "$2" /bin/true >"$WORK/run.log" 2>&1 ||
+        fail "N=$n $1: ctr run /bin/true failed: $(cat "$WORK/run.log")"
+    t1=$(now)
+    secs "$t0" "$t1"
+}
+rec() { printf '%s\t%s\t%s\t%s\n' "$@" >>"$RAW"; } # N CFG METRIC VALUE
+# Inside the container: its root mount, then manifest()'s list and sums of the rootfs.
+read -r -d '' MANIFEST_SH <<'SH' || true
+grep ' / / ' /proc/self/mountinfo
+echo ---
+cd / && { find . -xdev ! -type d -printf '%y %m %U:%G %s %p %l\n'; find . -xdev -type d -printf '%y %m %U:%G %p\n'; } | LC_ALL=C sort
+echo ---
+find . -xdev -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum
+SH
+lowers_of() { # FILE (MANIFEST_SH's output): "COUNT mm|-": the root overlay's lowers, "mm" if all are merged images
+    head -n 1 "$1" | python3 -c '
+import sys
+line = sys.stdin.readline()
+opts = line.split(" - ", 1)[1].split()[2].split(",") if " - " in line else []
+lowers = []
+for o in opts:
+    if o.startswith("lowerdir="):
+        lowers += o[len("lowerdir="):].split(":")
+    elif o.startswith("lowerdir+="):
+        lowers.append(o[len("lowerdir+="):])
+print(len(lowers), "mm" if lowers and all("/mm/" in l for l in lowers) else "-")'
+}
+
+containerd_starts() { # N: the layer tars in $d/tars as an image, imported and started in every config
+    local n=$1 lay=$d/oci k cfg r t base held lw mm ok
+    IMG=bench/fsmeta-n$n:latest
+    umoci init --layout "$lay"
+    umoci new --image "$lay:latest"
+    umoci config --image "$lay:latest" --config.env 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --config.cmd /bin/sh --config.workingdir /
+    for ((k = 0; k < n; k++)); do umoci raw add-layer --no-history --image "$lay:latest" "$d/tars/layer-$k.tar"; done
+    umoci gc --layout "$lay"
+    tar -C "$lay" -cf "$d/oci.tar" .
+    rm -rf "$lay" "$d/tars"
+    for cfg in per-layer overlayfs merged; do
+        cx "$cfg" images import --base-name "${IMG%:*}" --snapshotter "$(snap_of "$cfg")" "$d/oci.tar" \
+            >"$WORK/import.log" 2>&1 || fail "N=$n $cfg: ctr images import: $(tail -n 20 "$WORK/import.log")"
+    done
+    rm -f "$d/oci.tar"
+    for cfg in per-layer merged overlayfs; do
+        base=$(at_rest "$cfg")
+        [[ ${base%% *} == "$n" ]] || fail "N=$n $cfg: $n layers imported, but $(snapdir_of "$cfg")/snapshots holds ${base%% *}"
+        t=$(start_once "$cfg" "s$n-$cfg-first")
+        rec "$n" "$cfg" start_first "$t"
+        for ((r = 1; r <= REPS; r++)); do
+            settle "$cfg" "$base"
+            t=$(start_once "$cfg" "s$n-$cfg-w$r")
+            rec "$n" "$cfg" start_warm "$t"
+        done
+        for ((r = 1; r <= REPS; r++)); do
+            settle "$cfg" "$base"
+            drop
+            t=$(start_once "$cfg" "s$n-$cfg-c$r")
+            rec "$n" "$cfg" start_cold "$t"
+        done
+        if [[ $cfg == merged ]]; then
+            # Another container of the image running: its merged image is mounted already.
+            settle "$cfg" "$base"
+            cx "$cfg" run -d --snapshotter dedup "$IMG" "s$n-hold" sleep 1000000 >"$WORK/run.log" 2>&1 ||
+                fail "N=$n: ctr run -d sleep: $(cat "$WORK/run.log")"
+            held=$(at_rest "$cfg")
+            for ((r = 1; r <= REPS; r++)); do
+                settle "$cfg" "$held"
+                t=$(start_once "$cfg" "s$n-$cfg-u$r")
+                rec "$n" "$cfg" start_inuse "$t"
+            done
+            cx "$cfg" tasks kill -s SIGKILL "s$n-hold" >/dev/null 2>&1 || true
+            cx "$cfg" tasks rm -f "s$n-hold" >/dev/null 2>&1 || true
+            cx "$cfg" containers rm "s$n-hold" >/dev/null 2>&1 || true
+        fi
+        settle "$cfg" "$base"
+        cx "$cfg" run --rm --snapshotter "$(snap_of "$cfg")" "$IMG" "s$n-$cfg-manifest" sh -c "$MANIFEST_SH" \
+            >"$WORK/n$n-ctr-$cfg.out" 2>"$WORK/run.log" || fail "N=$n $cfg: the manifest container failed: $(cat "$WORK/run.log")"
+        read -r lw mm < <(lowers_of "$WORK/n$n-ctr-$cfg.out")
+        rec "$n" "$cfg" lowers "$lw"
+        echo "$n $cfg $lw $mm" >>"$WORK/lowers"
+        case $cfg in
+            merged) ok=$((n > 1 ? lw == 1 : lw == n)); [[ $n -le 1 || $mm == mm ]] || ok=0 ;;
+            *) ok=$((lw == n)) ;;
+        esac
+        if ((!ok)); then
+            echo "bench-fsmeta: N=$n $cfg: unexpected lowers ($lw, ${mm}); the container's root mount:" >&2
+            head -n 1 "$WORK/n$n-ctr-$cfg.out" | cut -c1-600 >&2
+            echo "N=$n $cfg: the container's root overlay has $lw lower(s)$([[ $mm == mm ]] && echo ", under mm/"), not as expected" >>"$WORK/notes"
+        fi
+        tail -n +2 "$WORK/n$n-ctr-$cfg.out" >"$WORK/n$n-ctr-$cfg.view"
+        echo "$n $cfg $(sha256sum <"$WORK/n$n-ctr-$cfg.view" | cut -d' ' -f1)" >>"$WORK/ctr-manifests"
+        settle "$cfg" "$base"
+    done
+    for cfg in per-layer merged; do
+        if ! cmp -s "$WORK/n$n-ctr-overlayfs.view" "$WORK/n$n-ctr-$cfg.view"; then
+            echo "bench-fsmeta: N=$n: the rootfs of a container on $cfg differs from one on overlayfs (< overlayfs, > $cfg):" >&2
+            diff "$WORK/n$n-ctr-overlayfs.view" "$WORK/n$n-ctr-$cfg.view" | head -n 20 >&2 || true
+        fi
+    done
+    cx per-layer images rm --sync "$IMG" >/dev/null
+    cx merged images rm --sync "$IMG" >/dev/null
+    for cfg in per-layer merged overlayfs; do settle "$cfg" "0 0"; done
+}
+
+CTR=
+if [[ $CTRD == 1 ]]; then
+    for t in umoci tar; do command -v "$t" >/dev/null || fail "$t missing (apt-get install -y $t), or BENCH_FSMETA_CONTAINERD=0"; done
+    for cfg in per-layer merged; do
+        cmd="$BIN serve --root {root} --address {socket}"
+        [[ $cfg == per-layer ]] || cmd+=" --merge-layers"
+        E2E_CONTAINERD=2.1 "$ROOT/scripts/e2e-env.sh" start "$WORK/ctrd-$cfg" "$cmd" >"$WORK/start-$cfg.log" 2>&1 ||
+            fail "e2e-env.sh start ($cfg): $(tail -n 20 "$WORK/start-$cfg.log")"
+    done
+    CTR=$(ev "$WORK/ctrd-per-layer" E2E_CTR)
+    echo "bench-fsmeta: containerd $(ev "$WORK/ctrd-per-layer" E2E_CONTAINERD_VERSION) in $WORK/ctrd-{per-layer,merged}" >&2
+fi
+
 for n in "${NS[@]}"; do
     d=$WORK/n$n
     mkdir -p "$d/tars" "$d/img" "$d/dirs" "$d/m"
@@ -207,9 +396,23 @@ print(f"{time.perf_counter() - t:.4f}")' "$d/paths")
             teardown
         done
     done
+    rm -rf "$d/img" "$d/dirs" "$d/m" "$d/view"
+    if [[ $CTRD == 1 ]]; then containerd_starts "$n"; fi
     echo "bench-fsmeta: N=$n done" >&2
     rm -rf "$d"
 done
+
+if [[ $CTRD == 1 ]]; then
+    for cfg in per-layer merged; do
+        l=$WORK/ctrd-$cfg/logs/snapshotter.log
+        errs=$(sed 's/\x1b\[[0-9;]*m//g' "$l" | grep -E '^[^ ]+ +(ERROR|WARN) ' || true)
+        if [[ -n $errs ]]; then
+            echo "bench-fsmeta: the $cfg daemon logged $(wc -l <<<"$errs") warning(s)/error(s), first ones:" >&2
+            head -n 10 <<<"$errs" >&2
+            echo "the $cfg daemon logged $(wc -l <<<"$errs") warning(s)/error(s); first: $(head -n 1 <<<"$errs" | cut -c1-300)" >>"$WORK/notes"
+        fi
+    done
+fi
 
 python3 - "$RAW" "$WORK/manifests" "$BENCH_DIR" <<'PY'
 import collections, json, statistics, sys
