@@ -10,6 +10,7 @@ mod common;
 mod e2e;
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -134,7 +135,7 @@ fn three_hundred_layers_run_over_merged_metadata() {
         "{} serve --root {{root}} --address {{socket}} --merge-layers",
         env!("CARGO_BIN_EXE_dedup-snapshotter")
     );
-    let env = Env::start_with_version(&cmd, Some("2.1"));
+    let mut env = Env::start_with_version(&cmd, Some("2.1"));
     let work = env.dir.join("deep-build");
     fs::create_dir(&work).unwrap();
     let t = std::time::Instant::now();
@@ -278,6 +279,29 @@ fn three_hundred_layers_run_over_merged_metadata() {
     );
     drop(raw_mount);
     fs::remove_file(&raw).unwrap();
+
+    // kill -9 of the snapshotter and a restart: the running container keeps its root, the complete merged
+    // image is reused as it is (not rebuilt), and a second container over the chain shares it.
+    let merged_dir = fs::read_dir(env.root.join("merged"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect::<Vec<_>>();
+    assert_eq!(merged_dir.len(), 1, "one merged image: {merged_dir:?}");
+    let image_file = merged_dir[0].join("fsmeta.erofs");
+    let before = fs::metadata(&image_file).unwrap();
+    env.kill9_snapshotter();
+    env.restart_snapshotter();
+    let after = fs::metadata(&image_file).unwrap();
+    assert_eq!(
+        (before.ino(), before.mtime(), before.mtime_nsec()),
+        (after.ino(), after.mtime(), after.mtime_nsec()),
+        "the merged image was rewritten at restart"
+    );
+    let again = env.ctr(&["task", "exec", "--exec-id", "ls2", "deep1", "cat", "/data/top"]);
+    assert_eq!(again, top, "the running container after the restart");
+    let second = env.run("deep", "deep2", &["sh", "-c", "ls /layers | wc -l"]);
+    assert_eq!(second, format!("{files}\n"), "a second container after the restart");
+    assert_eq!(fs::read_dir(env.root.join("merged")).unwrap().count(), 1);
 
     // The last container gone, its merged image goes too.
     env.remove_container("deep1");
