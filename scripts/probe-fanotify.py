@@ -1,4 +1,7 @@
+#!/usr/bin/env python3
+# Probes fanotify pre-content events (docs/fanotify.md). As root: probe-fanotify.py write|restart
 import ctypes, os, struct, sys, time, threading, signal
+os.makedirs("/tmp/fanprobe", exist_ok=True)
 libc = ctypes.CDLL(None, use_errno=True)
 libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
 FAN_CLASS_PRE_CONTENT=0x8; FAN_PRE_ACCESS=0x00100000; FAN_MARK_ADD=1; FAN_ALLOW=1; FAN_DENY=2
@@ -79,6 +82,8 @@ elif mode == "restart":
     time.sleep(0.3)
     pid, st = os.waitpid(r, os.WNOHANG)
     print("reader finished after the answer" if pid else "reader still blocked after the answer", flush=True)
+    if pid:
+        os.kill(holder, 9); sys.exit(0)
     t = time.time()
     while time.time() - t < 3:
         try:
