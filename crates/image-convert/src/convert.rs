@@ -177,7 +177,7 @@ pub fn convert_image(
         .expect("a valid template");
 
     let mut converted = Vec::new();
-    let mut files = Vec::new();
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
     for (index, layer) in layers.iter().enumerate() {
         let bar = bars.add(ProgressBar::new(layer.size).with_style(style.clone()));
         bar.set_prefix(format!("layer {}/{}", index + 1, layers.len()));
@@ -197,6 +197,15 @@ pub fn convert_image(
             let mut lopts = opts.layer.clone();
             lopts.media_type = Some(layer.media_type.clone());
             lopts.meta_first = true;
+            // The layers converted so far are this one's lowers: its implied directories keep
+            // the attributes they show (see layer_convert::Lowers).
+            let mut lowers = Vec::new();
+            for f in files.iter().rev() {
+                let img = erofs::reader::Image::open(f).map_err(|e| Error::Invalid(format!("{}: {e}", f.display())))?;
+                lowers.push(std::sync::Arc::new(layer_convert::ImageLayer(img))
+                    as std::sync::Arc<dyn layer_convert::LowerLayer>);
+            }
+            lopts.lowers = layer_convert::Lowers(lowers);
             let progress = |n: u64| bar.set_position(n.min(layer.size));
             let report =
                 layer_convert::convert(blob, &path, &lopts, Some(&progress)).map_err(|source| Error::Layer {

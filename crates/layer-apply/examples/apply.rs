@@ -22,7 +22,10 @@ fn main() {
     match apply_tar(
         std::io::BufReader::with_capacity(1 << 20, f),
         args[2].as_ref(),
-        &ApplyOptions { whiteouts },
+        &ApplyOptions {
+            whiteouts,
+            ..Default::default()
+        },
     ) {
         Ok(s) => println!(
             "{} entries, {} bytes in {:.3} s",

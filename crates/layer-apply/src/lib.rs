@@ -33,7 +33,7 @@
 //! ```no_run
 //! use layer_apply::{apply_tar, ApplyOptions, Whiteouts};
 //! let tar = std::io::BufReader::new(std::fs::File::open("layer.tar")?);
-//! let stats = apply_tar(tar, "/snapshots/7/fs".as_ref(), &ApplyOptions { whiteouts: Whiteouts::Oci })?;
+//! let stats = apply_tar(tar, "/snapshots/7/fs".as_ref(), &ApplyOptions { whiteouts: Whiteouts::Oci, ..Default::default() })?;
 //! println!("{} entries, {} bytes", stats.entries, stats.bytes);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -75,6 +75,44 @@ pub enum Whiteouts {
 pub struct ApplyOptions {
     /// How whiteouts are applied.
     pub whiteouts: Whiteouts,
+    /// In an overlay upper dir: what the layers below show for a directory this layer
+    /// implies (a parent it has no entry for).
+    pub lower: LowerDirs,
+}
+
+/// A directory's attributes as the layers below show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LowerDir {
+    /// Permission bits (07777).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Extended attributes (overlayfs' own left out), as (name, value).
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Looks up a directory (path relative to the root, `/`-separated) in the layers below
+/// an upper dir. containerd applies a layer inside the overlay of its lowers, where a
+/// file written under a directory the layer implies copies that directory up with its
+/// lower attributes; an upper dir applied to directly must do the same, or the 0755 it
+/// would invent hides a lower `root/`'s 0700. `None` (the default): implied
+/// directories are 0755.
+#[derive(Clone, Default)]
+pub struct LowerDirs(pub Option<LowerLookup>);
+
+/// The lookup behind [`LowerDirs`].
+pub type LowerLookup = std::sync::Arc<dyn Fn(&[u8]) -> Option<LowerDir> + Send + Sync>;
+
+impl std::fmt::Debug for LowerDirs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "LowerDirs(..)"
+        } else {
+            "LowerDirs(none)"
+        })
+    }
 }
 
 /// What [`apply_tar`] did.
@@ -109,6 +147,7 @@ pub fn apply_tar<R: BufRead>(src: R, root: &Path, opts: &ApplyOptions) -> Result
     let mut a = Applier {
         root: root_fd,
         whiteouts: opts.whiteouts,
+        lower: opts.lower.clone(),
         ours: HashSet::new(),
         opaque: HashSet::new(),
         dirs: Vec::new(),
@@ -131,6 +170,7 @@ type Key = (u64, u64, Vec<u8>);
 struct Applier {
     root: OwnedFd,
     whiteouts: Whiteouts,
+    lower: LowerDirs,
     /// Directory entries this layer created or replaced (kept by an opaque whiteout).
     /// Keyed by the parent directory's inode rather than by path so that writes through
     /// symlinks are recognised whatever path reached them.
@@ -285,6 +325,30 @@ impl Applier {
         Ok(())
     }
 
+    /// Gives the implied directory `name` in `dir` the owner and xattrs of the lower one.
+    fn copy_up(&self, dir: BorrowedFd<'_>, name: &[u8], l: &LowerDir) -> Result<(), Errno> {
+        chownat(
+            dir,
+            name,
+            Some(Uid::from_raw(l.uid)),
+            Some(Gid::from_raw(l.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        if !l.xattrs.is_empty() {
+            let d = openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            for (k, v) in &l.xattrs {
+                fsetxattr(&d, k.as_slice(), v, XattrFlags::empty())?;
+            }
+        }
+        // chown clears the set-id bits: set the mode again.
+        chmodat(dir, name, Mode::from_raw_mode(l.mode & 0o7777), AtFlags::empty())
+    }
+
     /// Resolves (creating when missing, mode 0755) the parent directory `comps`,
     /// following symlinks inside the root as containerd's `mkparent` does.
     fn parent(&mut self, comps: &[&[u8]]) -> Result<OwnedFd, Error> {
@@ -338,9 +402,19 @@ impl Applier {
                         Ok(()) | Err(Errno::EXIST) => {}
                         Err(e) => return Err(io_err(e, format!("creating directory {:?}", lossy(&next)))),
                     }
-                    // mkdir is subject to the umask; implied directories are 0755.
-                    chmodat(cur.as_fd(), c.as_slice(), Mode::from_raw_mode(0o755), AtFlags::empty())
+                    // mkdir is subject to the umask; implied directories are 0755, or what
+                    // the layers below show (never over a whiteout: the lower one is gone).
+                    let lower = match &self.lower.0 {
+                        Some(f) if self.whiteouts == Whiteouts::Overlay && !whiteout_in_the_way => f(&next),
+                        _ => None,
+                    };
+                    let mode = lower.as_ref().map_or(0o755, |l| l.mode & 0o7777);
+                    chmodat(cur.as_fd(), c.as_slice(), Mode::from_raw_mode(mode), AtFlags::empty())
                         .map_err(|e| io_err(e, format!("chmod {:?}", lossy(&next))))?;
+                    if let Some(l) = &lower {
+                        self.copy_up(cur.as_fd(), &c, l)
+                            .map_err(|e| io_err(e, format!("copying the attributes of {:?}", lossy(&next))))?;
+                    }
                     self.mark(cur.as_fd(), &c).map_err(|e| io_err(e, "stat"))?;
                     if whiteout_in_the_way {
                         let d = open_subdir(cur.as_fd(), &c)

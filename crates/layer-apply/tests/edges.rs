@@ -160,14 +160,20 @@ fn three_ways(c: &Case, lower_tar: &Path, layer_tar: &Path) -> Tree {
     sh(&format!("cp -a '{}' '{}'", lower.display(), oci.display()));
     apply(layer_tar, &oci, Whiteouts::Oci).unwrap();
 
+    // Both are given the lower layer, as the store and the differ give theirs: implied
+    // directories take its attributes.
     let img = c.path("layer.erofs");
-    convert(layer_tar, &img).unwrap();
+    let opts = layer_convert::Options {
+        lowers: layer_convert::Lowers::dirs(vec![lower.clone()]),
+        ..Default::default()
+    };
+    layer_convert::convert(File::open(layer_tar).unwrap(), &img, &opts, None).unwrap();
     check_image(&img);
     let m_img = Mnt::erofs(&img, &c.path("m-img"));
     let m_conv = Mnt::overlay(&[&m_img.0, &lower], &c.path("m-conv"));
 
     let upper = c.path("upper");
-    apply(layer_tar, &upper, Whiteouts::Overlay).unwrap();
+    apply_over(layer_tar, &upper, Whiteouts::Overlay, std::slice::from_ref(&lower)).unwrap();
     let m_up = Mnt::overlay(&[&upper, &lower], &c.path("m-up"));
 
     let mut want = snapshot(&oci);
@@ -590,6 +596,41 @@ add(tf, "keep", data=b"lower keep")
 
 /// OCI image spec: a whiteout hides lower layers' content only; what this layer puts
 /// at the same name stays, whichever comes first in the tar.
+/// A directory the layer only implies keeps what the lower layer has for it (mode, owner,
+/// xattrs), as containerd's applier, working inside the overlay, keeps it; one the lower
+/// layer lacks is 0755 root.
+#[test]
+fn implied_directories_keep_the_lower_ones_attributes() {
+    let c = Case::new();
+    let lower = c.tar(
+        "lower.tar",
+        false,
+        r#"
+add(tf, "root/", type=tarfile.DIRTYPE, mode=0o700, uid=7, gid=8, pax={"SCHILY.xattr.user.note": "lower"})
+add(tf, "root/deep/", type=tarfile.DIRTYPE, mode=0o750, uid=7, gid=8)
+add(tf, "var/cache/", type=tarfile.DIRTYPE, mode=0o770, uid=0, gid=9)
+add(tf, "keep", data=b"lower keep")
+"#,
+    );
+    let layer = c.tar(
+        "layer.tar",
+        false,
+        r#"
+add(tf, "root/.bashrc", data=b"new")
+add(tf, "root/deep/f", data=b"new")
+add(tf, "var/cache/ldconfig/aux", data=b"new")
+add(tf, "fresh/dir/f", data=b"new")
+"#,
+    );
+    let got = three_ways(&c, &lower, &layer);
+    let e = |p: &str| got.entries[Path::new(p)].clone();
+    assert_eq!((e("root").mode, e("root").uid, e("root").gid), (0o700, 7, 8));
+    assert_eq!((e("root/deep").mode, e("root/deep").uid), (0o750, 7));
+    assert_eq!((e("var/cache").mode, e("var/cache").gid), (0o770, 9));
+    assert_eq!((e("var/cache/ldconfig").mode, e("var/cache/ldconfig").uid), (0o755, 0));
+    assert_eq!((e("fresh").mode, e("fresh/dir").mode), (0o755, 0o755));
+}
+
 #[test]
 fn a_whiteout_hides_only_the_lower_layers() {
     let c = Case::new();

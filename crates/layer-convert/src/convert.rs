@@ -50,6 +50,10 @@ pub struct Options {
     /// Compress file data in the image (`None`, the default: uncompressed, which merged
     /// metadata and VMDK need). With a chunk sink, files are shared chunks instead.
     pub compress: Option<erofs::writer::Compression>,
+    /// The layers below this one (tar only): an implied directory (a parent the tar
+    /// names no entry for) takes the attributes they show for it, as containerd's
+    /// applier keeps them; empty, the default: 0755, root, the build time.
+    pub lowers: crate::Lowers,
 }
 
 impl Default for Options {
@@ -64,6 +68,7 @@ impl Default for Options {
             meta_first: false,
             uuid: None,
             compress: None,
+            lowers: crate::Lowers::default(),
         }
     }
 }
@@ -213,7 +218,7 @@ fn build_stream<R: Read + Send, W: std::io::Write + std::io::Seek>(
     finish: impl FnOnce(ImageWriter<W>, &Tree) -> Result<Summary, Error>,
 ) -> Result<Streamed, Error> {
     stream::with_uncompressed(input, compression, opts.max_size, progress, |s| {
-        let r = build(s, image, opts.build_time, reborrow(&mut sink));
+        let r = build(s, image, opts.build_time, &opts.lowers, reborrow(&mut sink));
         let r = match r {
             Err(e) => Err(s.take_failure().unwrap_or(e)),
             Ok(v) => Ok(v),
@@ -290,6 +295,7 @@ fn build<S: BufRead, W: std::io::Write + std::io::Seek>(
     s: &mut S,
     mut image: ImageWriter<W>,
     build_time: u64,
+    lowers: &crate::Lowers,
     sink: Option<&mut dyn ChunkSink>,
 ) -> Result<Built<W>, Error> {
     let implied = Meta {
@@ -303,6 +309,7 @@ fn build<S: BufRead, W: std::io::Write + std::io::Seek>(
     let mut b = Builder {
         tree: Tree::new(implied.clone()),
         implied,
+        lowers,
         sink,
     };
     let mut tar = TarReader::new(s);
@@ -317,9 +324,10 @@ fn build<S: BufRead, W: std::io::Write + std::io::Seek>(
     Ok((image, b.tree, entries))
 }
 
-struct Builder<'s> {
+struct Builder<'s, 'l> {
     tree: Tree,
     implied: Meta,
+    lowers: &'l crate::Lowers,
     sink: Option<&'s mut dyn ChunkSink>,
 }
 
@@ -346,7 +354,7 @@ pub(crate) fn erofs_seconds(secs: i64) -> u64 {
     secs as u64
 }
 
-impl Builder<'_> {
+impl Builder<'_, '_> {
     fn meta_of(&self, e: &tar::Entry) -> Result<Meta, Error> {
         let uid = u32::try_from(e.uid).map_err(|_| Error::new(ErrorKind::Unsupported, "uid above 2^32"))?;
         let gid = u32::try_from(e.gid).map_err(|_| Error::new(ErrorKind::Unsupported, "gid above 2^32"))?;
@@ -370,12 +378,13 @@ impl Builder<'_> {
         Ok(meta)
     }
 
-    /// Finds or creates the directory `parts`, creating missing parents with default
-    /// metadata. A whiteout in the way becomes an opaque directory (the lower one is
-    /// deleted, this layer's takes its place); anything else in the way is an error.
+    /// Finds or creates the directory `parts`, creating missing parents with the
+    /// attributes the lower layers show for them (or default ones). A whiteout in the
+    /// way becomes an opaque directory (the lower one is deleted, this layer's takes its
+    /// place); anything else in the way is an error.
     fn ensure_dir(&mut self, parts: &[&[u8]]) -> Result<NodeId, Error> {
         let mut dir = self.tree.root();
-        for part in parts {
+        for (i, part) in parts.iter().enumerate() {
             dir = match self.tree.child(dir, part) {
                 Some(id) if self.tree.node(id).is_dir() => id,
                 Some(id) if is_whiteout_node(self.tree.node(id)) => {
@@ -395,7 +404,11 @@ impl Builder<'_> {
                     ))
                 }
                 None => {
-                    let new = self.tree.add(Node::dir(self.implied.clone()));
+                    let meta = self
+                        .lowers
+                        .dir_meta(&parts[..=i])
+                        .unwrap_or_else(|| self.implied.clone());
+                    let new = self.tree.add(Node::dir(meta));
                     self.tree.link(dir, part, new);
                     new
                 }

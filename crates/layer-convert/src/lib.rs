@@ -14,6 +14,7 @@
 
 mod convert;
 mod dir;
+mod lower;
 
 /// The layer stream: compression detection and decompression (from [`oci_layer`]).
 pub use oci_layer::stream;
@@ -22,4 +23,5 @@ pub use oci_layer::tar;
 
 pub use convert::{convert, convert_with, Options, Report, DEFAULT_MAX_SIZE};
 pub use dir::{convert_dir, convert_dir_with, DirReport};
+pub use lower::{ImageLayer, LowerEntry, LowerLayer, Lowers};
 pub use oci_layer::{ChunkSize, Compression, Error, ErrorKind};

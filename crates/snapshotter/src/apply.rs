@@ -84,6 +84,7 @@ pub(crate) fn tar_options(media_type: &str, max_size: u64, store: &crate::StoreO
         meta_first: false,
         uuid: None,
         compress: store.compression,
+        lowers: layer_convert::Lowers::default(),
     }
 }
 
@@ -94,8 +95,12 @@ pub(crate) fn write_tar(
     staged: &Path,
     session: Option<&crate::DedupSession<'_>>,
     store: &crate::StoreOptions,
+    lowers: layer_convert::Lowers,
 ) -> Result<Written> {
-    let opts = tar_options(&blob.media_type, blob.max_size, store);
+    let opts = layer_convert::Options {
+        lowers,
+        ..tar_options(&blob.media_type, blob.max_size, store)
+    };
     let (report, sink) = match session {
         None => (
             layer_convert::convert(blob.reader, staged, &opts, None).map_err(conv_err)?,

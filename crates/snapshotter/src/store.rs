@@ -893,7 +893,8 @@ impl Snapshotter {
         };
         let image = self.dir(id).join("layer.erofs");
         let session = self.dedup_session().inspect_err(|_| self.remove_files(id))?;
-        let written = match apply::write_tar(blob, &image, session.as_ref(), &self.opts) {
+        let lowers = self.lowers_of(&parents);
+        let written = match apply::write_tar(blob, &image, session.as_ref(), &self.opts, lowers) {
             Ok(w) => w,
             Err(e) => {
                 self.remove_files(id);
@@ -1063,6 +1064,13 @@ impl Snapshotter {
         fs::rename(&staged, self.dir(id))
     }
 
+    /// The committed layers `parents` (nearest first) as a converter's lower layers: their
+    /// mounts, so that a layer's implied directories keep the attributes the stack below
+    /// shows, as containerd's applier keeps them.
+    fn lowers_of(&self, parents: &[u64]) -> layer_convert::Lowers {
+        layer_convert::Lowers::dirs(parents.iter().map(|p| self.mountpoint(*p)).collect())
+    }
+
     fn mounts_of(&self, rec: &Record, parents: &[u64]) -> Vec<Mount> {
         let fs_dir = self.dir(rec.id).join("fs");
         let lowers: Vec<PathBuf> = match rec.merged {
@@ -1128,7 +1136,10 @@ impl Snapshotter {
             LayerFormat::Erofs { .. } => None,
         };
         let written: Written = match blob.format {
-            LayerFormat::Tar => apply::write_tar(blob, &staged, session.as_ref(), &self.opts)?,
+            LayerFormat::Tar => {
+                let lowers = self.lowers_of(&self.committed_parents(&rec.parent)?);
+                apply::write_tar(blob, &staged, session.as_ref(), &self.opts, lowers)?
+            }
             LayerFormat::Erofs { zstd } => apply::write_native(blob, &staged, zstd)?,
         };
         if written.sink.is_some() {

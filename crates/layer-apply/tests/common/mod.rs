@@ -78,9 +78,30 @@ pub fn gnu_extract(tar: &Path, dir: &Path) {
 }
 
 pub fn apply(tar: &Path, root: &Path, whiteouts: Whiteouts) -> Result<ApplyStats, layer_apply::Error> {
+    apply_over(tar, root, whiteouts, &[])
+}
+
+/// [`apply`] with the layers below (directories, nearest first) for implied directories,
+/// resolved as the differ resolves them.
+pub fn apply_over(
+    tar: &Path,
+    root: &Path,
+    whiteouts: Whiteouts,
+    lowers: &[PathBuf],
+) -> Result<ApplyStats, layer_apply::Error> {
     std::fs::create_dir_all(root).unwrap();
     let f = std::io::BufReader::with_capacity(256 << 10, std::fs::File::open(tar).unwrap());
-    apply_tar(f, root, &ApplyOptions { whiteouts })
+    let l = layer_convert::Lowers::dirs(lowers.to_vec());
+    let lower = layer_apply::LowerDirs(Some(std::sync::Arc::new(move |path: &[u8]| {
+        let parts: Vec<&[u8]> = path.split(|&b| b == b'/').filter(|p| !p.is_empty()).collect();
+        l.dir_meta(&parts).map(|m| layer_apply::LowerDir {
+            mode: u32::from(m.perm),
+            uid: m.uid,
+            gid: m.gid,
+            xattrs: m.xattrs.iter().map(|x| (x.name(), x.value.to_vec())).collect(),
+        })
+    })));
+    apply_tar(f, root, &ApplyOptions { whiteouts, lower })
 }
 
 #[derive(Debug, PartialEq, Eq, Clone)]
