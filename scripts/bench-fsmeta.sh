@@ -5,8 +5,9 @@
 #
 # For each N, the Debian bookworm minbase layer (crates/dedup-snapshotter/tests/fixtures/debian-minbase.sh)
 # is split into N layer tars: directories in layer 0, every other entry in the layer its path hashes to, and
-# from layer 1 on, whiteouts of two files of the layer below (so the stack's view is not the union). Each is
-# converted as the store converts layers (`convert --no-inline`), then, in one run, three ways to see the stack:
+# from layer 1 on, whiteouts of two files of the layer below (so the stack's view is not the union; never programs
+# or shared libraries, so containers of the image still run). Each is converted as the store converts layers
+# (`convert --no-inline`), then, in one run, three ways to see the stack:
 #   per-layer   the layers mounted one by one (file-backed EROFS) under one read-only overlayfs, as the store
 #               mounts a chain today;
 #   merged      `dedup-snapshotter merge` of the chain, mounted once with the layers as extra devices (new
@@ -69,7 +70,7 @@ cleanup() {
     # The containerd environments first: their daemons hold mounts under WORK.
     for e in "$WORK"/ctrd-*; do
         [ -f "$e/env" ] || continue
-        if ((rc)) && [ -d "$e/logs" ]; then
+        if ((rc)) && [ -z "$REPORTED" ] && [ -d "$e/logs" ]; then
             echo "bench-fsmeta: failed; last lines of $e/logs:" >&2
             tail -n 20 "$e"/logs/*.log >&2 || true
         fi
@@ -83,6 +84,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 fail() { echo "bench-fsmeta: $*" >&2; exit 1; }
+REPORTED= # set once the tables are written: a failure after that is a mismatch, not a crash
 RAW=$WORK/raw.tsv
 for f in "$RAW" "$WORK/manifests" "$WORK/ctr-manifests" "$WORK/lowers" "$WORK/notes"; do : >"$f"; done
 
@@ -136,7 +138,7 @@ drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 split_layers() { # N DIR: writes DIR/layer-K.tar for K in 0..N-1
     python3 - "$LAYER" "$1" "$2" <<'PY'
-import gzip, hashlib, io, os, sys, tarfile
+import gzip, hashlib, io, os, re, sys, tarfile
 src, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 tars = [tarfile.open(os.path.join(out, f"layer-{k}.tar"), "w", format=tarfile.PAX_FORMAT) for k in range(n)]
 files = [[] for _ in range(n)]
@@ -157,9 +159,12 @@ with tarfile.open(src, "r:gz") as t:
             files[k].append(m.name)
         if m.islnk():
             linked.add(m.linkname)
-# Two whiteouts per layer of files of the layer below, linked to nothing else.
+# Two whiteouts per layer of files of the layer below, linked to nothing else, and neither programs nor shared
+# libraries (usr/bin, usr/sbin, *.so*): the image's containers must still run /bin/true and the manifest's tools
+# (at 128 layers the first two picked would include the dynamic loader and dash).
+keep = re.compile(r"(^|/)usr/s?bin/|\.so(\.|$)")
 for k in range(1, n):
-    for name in [f for f in files[k - 1] if "/" in f and f not in linked][:2]:
+    for name in [f for f in files[k - 1] if "/" in f and f not in linked and not keep.search(f)][:2]:
         d, b = name.rsplit("/", 1)
         wh = tarfile.TarInfo(f"{d}/.wh.{b}")
         wh.size = 0
@@ -177,6 +182,7 @@ manifest() { # DIR OUT: type, mode, owner, size, content digest of every entry
 }
 
 # --- Container start through containerd (BENCH_FSMETA_CONTAINERD=1) ---
+# shellcheck disable=SC1091
 ev() { ( . "$1/env"; printf '%s' "${!2}" ); } # ENVDIR KEY: a value of an e2e-env.sh env file
 env_of() { case $1 in merged) echo "$WORK/ctrd-merged" ;; *) echo "$WORK/ctrd-per-layer" ;; esac; }
 snap_of() { case $1 in overlayfs) echo overlayfs ;; *) echo dedup ;; esac; }
@@ -240,7 +246,9 @@ containerd_starts() { # N: the layer tars in $d/tars as an image, imported and s
     umoci new --image "$lay:latest"
     umoci config --image "$lay:latest" --config.env 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --config.cmd /bin/sh --config.workingdir /
-    for ((k = 0; k < n; k++)); do umoci raw add-layer --no-history --image "$lay:latest" "$d/tars/layer-$k.tar"; done
+    for ((k = 0; k < n; k++)); do
+        umoci raw add-layer --history.created_by "bench-fsmeta layer $k of $n" --image "$lay:latest" "$d/tars/layer-$k.tar"
+    done
     umoci gc --layout "$lay"
     tar -C "$lay" -cf "$d/oci.tar" .
     rm -rf "$lay" "$d/tars"
@@ -396,7 +404,7 @@ print(f"{time.perf_counter() - t:.4f}")' "$d/paths")
             teardown
         done
     done
-    rm -rf "$d/img" "$d/dirs" "$d/m" "$d/view"
+    rm -rf "$d/img" "$d/dirs"
     if [[ $CTRD == 1 ]]; then containerd_starts "$n"; fi
     echo "bench-fsmeta: N=$n done" >&2
     rm -rf "$d"
@@ -414,36 +422,86 @@ if [[ $CTRD == 1 ]]; then
     done
 fi
 
-python3 - "$RAW" "$WORK/manifests" "$BENCH_DIR" <<'PY'
+REPORTED=1
+python3 - "$RAW" "$WORK/manifests" "$BENCH_DIR" "$WORK/ctr-manifests" "$WORK/lowers" "$WORK/notes" "$CTRD" <<'PY'
 import collections, json, statistics, sys
-raw, manifests, out = sys.argv[1:]
+raw, manifests, out, ctr_manifests, lowers_file, notes_file, ctrd = sys.argv[1:]
 s = collections.defaultdict(list)
 for line in open(raw):
     n, kind, metric, v = line.split("\t")
     s[(int(n), kind, metric)].append(float(v))
 med = {k: statistics.median(v) for k, v in s.items()}
 ok = True
-sums = collections.defaultdict(dict)
-for line in open(manifests):
-    n, kind, h = line.split()
-    sums[int(n)][kind] = h
-for n, d in sums.items():
-    if len(set(d.values())) != 1:
-        ok = False
-        print(f"bench-fsmeta: N={n}: the views differ: {d}", file=sys.stderr)
+def differ(path, what):
+    global ok
+    sums = collections.defaultdict(dict)
+    for line in open(path):
+        n, kind, h = line.split()
+        sums[int(n)][kind] = h
+    bad = []
+    for n, d in sorted(sums.items()):
+        if len(set(d.values())) != 1:
+            ok = False
+            bad.append(n)
+            print(f"bench-fsmeta: N={n}: the {what} differ: {d}", file=sys.stderr)
+    return bad
+bad_views = differ(manifests, "views")
+bad_ctr = differ(ctr_manifests, "containers' rootfs")
 ns = sorted({k[0] for k in med})
 md = ["# Merged metadata vs per-layer EROFS vs overlayfs (minbase split into N layers)", "",
-      "Medians; seconds; ratios are merged / per-layer. Views " + ("identical for every N." if ok else "DIFFER (see stderr)."), "",
+      "Medians; seconds; ratios are merged / per-layer. Views " +
+      ("identical for every N." if not bad_views else f"DIFFER for N = {bad_views} (see stderr)."), "",
       "| N | merge | mount per-layer / merged / overlayfs | stat cold p-l / merged (ratio) | stat warm p-l / merged (ratio) | read cold p-l / merged (ratio) | read warm p-l / merged (ratio) |",
       "|---:|---:|---|---|---|---|---|"]
 def g(n, k, m): return med.get((n, k, m), float("nan"))
+def ratio(a, b): return b / a if a == a and b == b and a > 0 else float("nan")
 for n in ns:
     cells = [str(n), f"{g(n,'merged','merge'):.3f}",
              f"{g(n,'per-layer','mount'):.3f} / {g(n,'merged','mount'):.3f} / {g(n,'overlayfs','mount'):.3f}"]
     for m in ("stat_cold", "stat_warm", "read_cold", "read_warm"):
         a, b = g(n, "per-layer", m), g(n, "merged", m)
-        cells.append(f"{a:.3f} / {b:.3f} ({b / a:.2f})")
+        cells.append(f"{a:.3f} / {b:.3f} ({ratio(a, b):.2f})")
     md.append("| " + " | ".join(cells) + " |")
+targets = []
+if ctrd == "1":
+    lowers = collections.defaultdict(dict)
+    for line in open(lowers_file):
+        n, cfg, count, mm = line.split()
+        lowers[int(n)][cfg] = count + (" (mm)" if mm == "mm" else "")
+    md += ["", "## Container start through containerd", "",
+           "`ctr run --rm --snapshotter S IMAGE ID /bin/true`, timed whole (Prepare, mount, start, wait, delete), "
+           "containerd 2.1; per-layer and merged: dedup-snapshotter as proxy `dedup`, without and with `--merge-layers` "
+           "(each run builds the merged image again: it is removed with its last user); overlayfs: containerd's own. "
+           "Medians; seconds; ratios are merged / per-layer. first: the first start after the import; cold: after "
+           "drop_caches; in use: merged, while another container of the image runs (merged image already mounted). "
+           "Lowers: the container's root overlay's lower dirs ((mm): one merged image). Containers' rootfs "
+           + ("identical in the three configs for every N." if not bad_ctr else f"DIFFER for N = {bad_ctr} (see stderr)."), "",
+           "| N | lowers p-l / merged / overlayfs | start first p-l / merged / overlayfs | start warm p-l / merged / overlayfs (ratio) | start cold p-l / merged / overlayfs (ratio) | start warm in use: merged (ratio to p-l warm) |",
+           "|---:|---|---|---|---|---|"]
+    for n in ns:
+        lw = lowers.get(n, {})
+        cells = [str(n), " / ".join(lw.get(c, "?") for c in ("per-layer", "merged", "overlayfs")),
+                 " / ".join(f"{g(n, c, 'start_first'):.3f}" for c in ("per-layer", "merged", "overlayfs"))]
+        for m in ("start_warm", "start_cold"):
+            cells.append(" / ".join(f"{g(n, c, m):.3f}" for c in ("per-layer", "merged", "overlayfs")) +
+                         f" ({ratio(g(n, 'per-layer', m), g(n, 'merged', m)):.2f})")
+        cells.append(f"{g(n, 'merged', 'start_inuse'):.3f} ({ratio(g(n, 'per-layer', 'start_warm'), g(n, 'merged', 'start_inuse')):.2f})")
+        md.append("| " + " | ".join(cells) + " |")
+    for m in ("start_warm", "start_cold"):
+        if (64, "per-layer", m) in med:
+            r = ratio(g(64, "per-layer", m), g(64, "merged", m))
+            targets.append(f"{m.replace('_', ' ')}, 64 layers, merged / per-layer: {r:.2f} (target <= 0.5: {'met' if r <= 0.5 else 'NOT met'})")
+        else:
+            targets.append(f"{m.replace('_', ' ')}, 64 layers: not measured (N=64 not run)")
+for n in ns:
+    rs = {m: ratio(g(n, "per-layer", m), g(n, "merged", m)) for m in ("stat_cold", "stat_warm", "read_cold", "read_warm")}
+    worst = max(rs, key=lambda m: rs[m])
+    targets.append(f"N={n}: lookups and read-all, merged / per-layer: " + ", ".join(f"{m.replace('_', ' ')} {r:.2f}" for m, r in rs.items())
+                   + f" (target <= 1.0 each: {'met' if rs[worst] <= 1.0 else 'NOT met, ' + worst.replace('_', ' ')})")
+md += ["", "Targets (printed, not asserted):", ""] + [f"- {t}" for t in targets]
+notes = [l.rstrip("\n") for l in open(notes_file) if l.strip()]
+if notes:
+    md += ["", "Notes:", ""] + [f"- {l}" for l in notes]
 open(f"{out}/fsmeta.md", "w").write("\n".join(md) + "\n")
 json.dump({f"{k[0]}/{k[1]}/{k[2]}": v for k, v in med.items()}, open(f"{out}/fsmeta.json", "w"), indent=1)
 print("\n".join(md))
