@@ -256,18 +256,7 @@ fn check_vmdk(what: &str, work: &Path, layers: &[PathBuf], expected: &Tree) {
         &CompareOpts::default(),
     );
     drop(m);
-    let info = std::process::Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(&vmdk)
-        .output()
-        .expect("qemu-img (qemu-utils) must be installed");
-    assert!(
-        info.status.success(),
-        "qemu-img info: {}",
-        String::from_utf8_lossy(&info.stderr)
-    );
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!(info["format"], "vmdk", "{info}");
+    let info = qemu_img_info(&vmdk);
     let total: u64 = std::iter::once(&out)
         .chain(&devices)
         .map(|p| fs::metadata(p).unwrap().len().div_ceil(4096) * 4096)

@@ -14,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::{assert_trees_eq, qemu_img_raw, snapshot_tree, strip_overlay_xattrs, CompareOpts};
+use common::{assert_trees_eq, qemu_img_info, qemu_img_raw, snapshot_tree, strip_overlay_xattrs, CompareOpts};
 use e2e::{describe, mountinfo, Env};
 
 use sha2::{Digest, Sha256};
@@ -212,12 +212,7 @@ fn three_hundred_layers_run_over_merged_metadata() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", describe("dedup-snapshotter vmdk", &out));
-    let info = Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(&vmdk)
-        .output()
-        .expect("qemu-img (qemu-utils)");
-    assert!(info.status.success(), "{}", describe("qemu-img info", &info));
+    qemu_img_info(&vmdk);
     let raw = work.join("deep.raw");
     qemu_img_raw(&vmdk, &raw);
     let raw_mount = common::Mount::erofs(&raw);

@@ -13,35 +13,18 @@ use std::path::{Path, PathBuf};
 use common::*;
 use snapshotter::{Snapshotter, StoreOptions};
 
-/// Performs containerd's side of one of the store's mount specs.
-struct Mounted(PathBuf);
+/// Performs containerd's side of one of the store's mount specs; unmounted on drop.
+struct Mounted(#[allow(dead_code)] test_support::SpecMount);
 
 impl Mounted {
     fn new(m: &[snapshotter::Mount], target: &Path) -> Mounted {
         assert_eq!(m.len(), 1, "{m:?}");
-        let m = &m[0];
-        fs::create_dir_all(target).unwrap();
-        use rustix::mount::{mount, mount_bind_recursive, mount_remount, MountFlags};
-        match m.kind.as_str() {
-            "bind" => {
-                mount_bind_recursive(Path::new(&m.source), target).unwrap();
-                if m.options.iter().any(|o| o == "ro") {
-                    mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "").unwrap();
-                }
-            }
-            "overlay" => {
-                let data = std::ffi::CString::new(m.options.join(",")).unwrap();
-                mount("overlay", target, "overlay", MountFlags::empty(), Some(data.as_c_str())).unwrap();
-            }
-            other => panic!("unexpected mount type {other}"),
-        }
-        Mounted(target.to_path_buf())
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        test_support::unmount_under(&self.0);
+        Mounted(test_support::SpecMount::new(
+            &m[0].kind,
+            &m[0].source,
+            &m[0].options,
+            target,
+        ))
     }
 }
 
@@ -249,16 +232,7 @@ fn merged_chain(dedup: bool) {
     let (meta, devices) = s.vmdk("l4", &vmdk).unwrap();
     assert_eq!(meta, work.join("l4.erofs"));
     assert!(!devices.is_empty());
-    let info = std::process::Command::new("qemu-img")
-        .args(["info", "--output=json"])
-        .arg(&vmdk)
-        .output()
-        .expect("qemu-img (qemu-utils) must be installed");
-    assert!(
-        info.status.success(),
-        "qemu-img info: {}",
-        String::from_utf8_lossy(&info.stderr)
-    );
+    qemu_img_info(&vmdk);
     let raw = work.join("l4.raw");
     qemu_img_raw(&vmdk, &raw);
     {

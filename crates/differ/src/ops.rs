@@ -223,19 +223,10 @@ pub(crate) async fn apply_walking(d: &Differ, ctx: &CallContext, req: &ApplyRequ
                 (tm.path().to_path_buf(), layer_apply::Whiteouts::Oci, Some(tm))
             }
         };
-        let lowers = layer_convert::Lowers::dirs(match mounts.as_slice() {
+        let lower = layer_convert::Lowers::dirs(match mounts.as_slice() {
             [m] if m.kind == "overlay" => mounts::overlay_lowers(m),
             _ => Vec::new(),
         });
-        let lower = layer_apply::LowerDirs(Some(std::sync::Arc::new(move |path: &[u8]| {
-            let parts: Vec<&[u8]> = path.split(|&b| b == b'/').filter(|p| !p.is_empty()).collect();
-            lowers.dir_meta(&parts).map(|m| layer_apply::LowerDir {
-                mode: u32::from(m.perm),
-                uid: m.uid,
-                gid: m.gid,
-                xattrs: m.xattrs.iter().map(|x| (x.name(), x.value.to_vec())).collect(),
-            })
-        })));
         let opts = layer_apply::ApplyOptions { whiteouts, lower };
         let (digests, _) = layer_convert::stream::with_uncompressed(blob, Some(compression), max_size, None, |s| {
             if let Err(e) = layer_apply::apply_tar(&mut *s, &target, &opts) {

@@ -219,6 +219,19 @@ pub struct Meta {
 }
 
 impl Meta {
+    /// The attributes an inode read from an image holds (xattrs apart: they are read
+    /// separately).
+    pub fn of_inode(ino: &format::Inode) -> Meta {
+        Meta {
+            perm: ino.mode & 0o7777,
+            uid: ino.uid,
+            gid: ino.gid,
+            mtime: ino.mtime,
+            mtime_nsec: ino.mtime_nsec,
+            xattrs: Vec::new(),
+        }
+    }
+
     /// Sets (or replaces) an xattr, keeping the list sorted by name.
     pub fn set_xattr(&mut self, x: Xattr) {
         match self

@@ -282,15 +282,7 @@ fn add_layer<W: io::Write + io::Seek>(
 /// An entry's attributes, without the opaque marker (returned apart: it is consumed by
 /// the merge, not shown).
 fn meta_of(img: &Image, e: &Entry) -> erofs::reader::Result<(Meta, bool)> {
-    let ino = &e.inode;
-    let mut meta = Meta {
-        perm: ino.mode & 0o7777,
-        uid: ino.uid,
-        gid: ino.gid,
-        mtime: ino.mtime,
-        mtime_nsec: ino.mtime_nsec,
-        xattrs: Vec::new(),
-    };
+    let mut meta = Meta::of_inode(&e.inode);
     let mut opaque = false;
     for (name, value) in img.xattrs(e)? {
         if name == OPAQUE {

@@ -75,44 +75,13 @@ pub enum Whiteouts {
 pub struct ApplyOptions {
     /// How whiteouts are applied.
     pub whiteouts: Whiteouts,
-    /// In an overlay upper dir: what the layers below show for a directory this layer
-    /// implies (a parent it has no entry for).
-    pub lower: LowerDirs,
-}
-
-/// A directory's attributes as the layers below show it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LowerDir {
-    /// Permission bits (07777).
-    pub mode: u32,
-    /// Owner.
-    pub uid: u32,
-    /// Group.
-    pub gid: u32,
-    /// Extended attributes (overlayfs' own left out), as (name, value).
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-/// Looks up a directory (path relative to the root, `/`-separated) in the layers below
-/// an upper dir. containerd applies a layer inside the overlay of its lowers, where a
-/// file written under a directory the layer implies copies that directory up with its
-/// lower attributes; an upper dir applied to directly must do the same, or the 0755 it
-/// would invent hides a lower `root/`'s 0700. `None` (the default): implied
-/// directories are 0755.
-#[derive(Clone, Default)]
-pub struct LowerDirs(pub Option<LowerLookup>);
-
-/// The lookup behind [`LowerDirs`].
-pub type LowerLookup = std::sync::Arc<dyn Fn(&[u8]) -> Option<LowerDir> + Send + Sync>;
-
-impl std::fmt::Debug for LowerDirs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "LowerDirs(..)"
-        } else {
-            "LowerDirs(none)"
-        })
-    }
+    /// In an overlay upper dir: the layers below, for the directories this layer implies
+    /// (parents it has no entry for). containerd applies a layer inside the overlay of its
+    /// lowers, where a file written under such a directory copies it up with its lower
+    /// attributes; an upper dir applied to directly must do the same, or the 0755 it would
+    /// invent hides a lower `root/`'s 0700. Empty (the default): implied directories are
+    /// 0755.
+    pub lower: layer_convert::Lowers,
 }
 
 /// What [`apply_tar`] did.
@@ -170,7 +139,7 @@ type Key = (u64, u64, Vec<u8>);
 struct Applier {
     root: OwnedFd,
     whiteouts: Whiteouts,
-    lower: LowerDirs,
+    lower: layer_convert::Lowers,
     /// Directory entries this layer created or replaced (kept by an opaque whiteout).
     /// Keyed by the parent directory's inode rather than by path so that writes through
     /// symlinks are recognised whatever path reached them.
@@ -326,7 +295,7 @@ impl Applier {
     }
 
     /// Gives the implied directory `name` in `dir` the owner and xattrs of the lower one.
-    fn copy_up(&self, dir: BorrowedFd<'_>, name: &[u8], l: &LowerDir) -> Result<(), Errno> {
+    fn copy_up(&self, dir: BorrowedFd<'_>, name: &[u8], l: &erofs::writer::Meta) -> Result<(), Errno> {
         chownat(
             dir,
             name,
@@ -341,12 +310,12 @@ impl Applier {
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )?;
-            for (k, v) in &l.xattrs {
-                fsetxattr(&d, k.as_slice(), v, XattrFlags::empty())?;
+            for x in &l.xattrs {
+                fsetxattr(&d, x.name().as_slice(), &x.value, XattrFlags::empty())?;
             }
         }
         // chown clears the set-id bits: set the mode again.
-        chmodat(dir, name, Mode::from_raw_mode(l.mode & 0o7777), AtFlags::empty())
+        chmodat(dir, name, Mode::from_raw_mode(u32::from(l.perm)), AtFlags::empty())
     }
 
     /// Resolves (creating when missing, mode 0755) the parent directory `comps`,
@@ -404,11 +373,14 @@ impl Applier {
                     }
                     // mkdir is subject to the umask; implied directories are 0755, or what
                     // the layers below show (never over a whiteout: the lower one is gone).
-                    let lower = match &self.lower.0 {
-                        Some(f) if self.whiteouts == Whiteouts::Overlay && !whiteout_in_the_way => f(&next),
+                    let lower = match self.whiteouts {
+                        Whiteouts::Overlay if !whiteout_in_the_way => {
+                            let parts: Vec<&[u8]> = next.split(|&b| b == b'/').filter(|p| !p.is_empty()).collect();
+                            self.lower.dir_meta(&parts)
+                        }
                         _ => None,
                     };
-                    let mode = lower.as_ref().map_or(0o755, |l| l.mode & 0o7777);
+                    let mode = lower.as_ref().map_or(0o755, |l| u32::from(l.perm));
                     chmodat(cur.as_fd(), c.as_slice(), Mode::from_raw_mode(mode), AtFlags::empty())
                         .map_err(|e| io_err(e, format!("chmod {:?}", lossy(&next))))?;
                     if let Some(l) = &lower {

@@ -149,15 +149,7 @@ impl LowerLayer for ImageLayer {
         if e.kind != FileKind::Dir {
             return LowerEntry::Other;
         }
-        let ino = &e.inode;
-        let mut meta = Meta {
-            perm: ino.mode & 0o7777,
-            uid: ino.uid,
-            gid: ino.gid,
-            mtime: ino.mtime,
-            mtime_nsec: ino.mtime_nsec,
-            xattrs: Vec::new(),
-        };
+        let mut meta = Meta::of_inode(&e.inode);
         let mut opaque = false;
         for (name, value) in self.0.xattrs(&e).unwrap_or_default() {
             opaque |= keep_xattr(&mut meta, &name, &value);

@@ -104,6 +104,77 @@ pub fn unmount(target: &Path) -> io::Result<()> {
     }
 }
 
+/// A mount spec performed as containerd performs it (a recursive bind, read-only with
+/// `ro`; or overlayfs with its options) at `target`, which is created. Everything at the
+/// target is unmounted on drop.
+pub struct SpecMount(PathBuf);
+
+impl SpecMount {
+    /// Mounts `kind` (`bind`, `rbind` or `overlay`) from `source` with `options`.
+    pub fn new(kind: &str, source: &str, options: &[String], target: &Path) -> SpecMount {
+        use std::os::unix::ffi::OsStrExt;
+        fs::create_dir_all(target).unwrap();
+        let c = |b: &[u8]| std::ffi::CString::new(b).unwrap();
+        let tgt = c(target.as_os_str().as_bytes());
+        let check = |rc: libc::c_int, what: &str| {
+            assert_eq!(rc, 0, "{what} at {}: {}", target.display(), io::Error::last_os_error());
+        };
+        match kind {
+            "bind" | "rbind" => {
+                let src = c(source.as_bytes());
+                // SAFETY: valid NUL-terminated strings; null type and data are allowed for binds.
+                let rc = unsafe {
+                    libc::mount(
+                        src.as_ptr(),
+                        tgt.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    )
+                };
+                check(rc, "bind mount");
+                if options.iter().any(|o| o == "ro") {
+                    let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+                    // SAFETY: as above.
+                    let rc = unsafe {
+                        libc::mount(
+                            std::ptr::null(),
+                            tgt.as_ptr(),
+                            std::ptr::null(),
+                            flags,
+                            std::ptr::null(),
+                        )
+                    };
+                    check(rc, "read-only remount");
+                }
+            }
+            "overlay" => {
+                let data = c(options.join(",").as_bytes());
+                // SAFETY: valid NUL-terminated strings.
+                let rc = unsafe {
+                    libc::mount(
+                        c"overlay".as_ptr(),
+                        tgt.as_ptr(),
+                        c"overlay".as_ptr(),
+                        0,
+                        data.as_ptr().cast(),
+                    )
+                };
+                check(rc, "overlay mount");
+            }
+            other => panic!("unexpected mount type {other}"),
+        }
+        SpecMount(target.to_path_buf())
+    }
+}
+
+impl Drop for SpecMount {
+    fn drop(&mut self) {
+        // Everything at the target (an rbind brings the mounts below its source along).
+        unmount_under(&self.0);
+    }
+}
+
 /// Lazily unmounts everything mounted at or under `dir`: deepest mount points first,
 /// the most recent of stacked mounts first, again until nothing is left or a pass
 /// changes nothing. Returns what is still mounted (normally nothing).

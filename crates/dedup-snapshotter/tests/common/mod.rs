@@ -917,6 +917,24 @@ pub fn debian_minbase() -> PathBuf {
     tgz
 }
 
+/// `qemu-img info` of a VMDK descriptor (qemu-utils), which must accept it as one: its
+/// JSON report.
+pub fn qemu_img_info(vmdk: &Path) -> serde_json::Value {
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(vmdk)
+        .output()
+        .expect("qemu-img (qemu-utils) must be installed");
+    assert!(
+        info.status.success(),
+        "qemu-img info: {}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "vmdk", "{info}");
+    info
+}
+
 /// `qemu-img convert -O raw VMDK RAW` (qemu-utils): the flat device a VMDK describes, as
 /// one file.
 pub fn qemu_img_raw(vmdk: &Path, raw: &Path) {

@@ -91,16 +91,7 @@ pub fn apply_over(
 ) -> Result<ApplyStats, layer_apply::Error> {
     std::fs::create_dir_all(root).unwrap();
     let f = std::io::BufReader::with_capacity(256 << 10, std::fs::File::open(tar).unwrap());
-    let l = layer_convert::Lowers::dirs(lowers.to_vec());
-    let lower = layer_apply::LowerDirs(Some(std::sync::Arc::new(move |path: &[u8]| {
-        let parts: Vec<&[u8]> = path.split(|&b| b == b'/').filter(|p| !p.is_empty()).collect();
-        l.dir_meta(&parts).map(|m| layer_apply::LowerDir {
-            mode: u32::from(m.perm),
-            uid: m.uid,
-            gid: m.gid,
-            xattrs: m.xattrs.iter().map(|x| (x.name(), x.value.to_vec())).collect(),
-        })
-    })));
+    let lower = layer_convert::Lowers::dirs(lowers.to_vec());
     apply_tar(f, root, &ApplyOptions { whiteouts, lower })
 }
 

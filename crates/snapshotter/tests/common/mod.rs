@@ -5,7 +5,6 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::Path;
 
 use snapshotter::Mount;
@@ -17,37 +16,18 @@ pub fn need_root() {
     );
 }
 
-/// Performs containerd's side of a mount spec.
-pub struct Mounted(pub std::path::PathBuf);
+/// Performs containerd's side of a mount spec; unmounted on drop.
+pub struct Mounted(#[allow(dead_code)] test_support::SpecMount);
 
 impl Mounted {
     pub fn new(m: &[Mount], target: &Path) -> Mounted {
         assert_eq!(m.len(), 1);
-        let m = &m[0];
-        fs::create_dir_all(target).unwrap();
-        use rustix::mount::{mount, mount_bind_recursive, mount_remount, MountFlags};
-        match m.kind.as_str() {
-            "bind" => {
-                mount_bind_recursive(Path::new(&m.source), target).unwrap();
-                if m.options.iter().any(|o| o == "ro") {
-                    mount_remount(target, MountFlags::BIND | MountFlags::RDONLY, "").unwrap();
-                }
-            }
-            "overlay" => {
-                let data = m.options.join(",");
-                let data = std::ffi::CString::new(data).unwrap();
-                mount("overlay", target, "overlay", MountFlags::empty(), Some(data.as_c_str())).unwrap();
-            }
-            other => panic!("unexpected mount type {other}"),
-        }
-        Mounted(target.to_path_buf())
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        // Everything at the target (an rbind brings the mounts below its source along).
-        test_support::unmount_under(&self.0);
+        Mounted(test_support::SpecMount::new(
+            &m[0].kind,
+            &m[0].source,
+            &m[0].options,
+            target,
+        ))
     }
 }
 
