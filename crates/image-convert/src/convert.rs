@@ -178,6 +178,8 @@ pub fn convert_image(
 
     let mut converted = Vec::new();
     let mut files: Vec<std::path::PathBuf> = Vec::new();
+    // Each layer's image, opened once, bottom first: the lowers of the layers above it.
+    let mut below: Vec<std::sync::Arc<dyn layer_convert::LowerLayer>> = Vec::new();
     for (index, layer) in layers.iter().enumerate() {
         let bar = bars.add(ProgressBar::new(layer.size).with_style(style.clone()));
         bar.set_prefix(format!("layer {}/{}", index + 1, layers.len()));
@@ -197,15 +199,9 @@ pub fn convert_image(
             let mut lopts = opts.layer.clone();
             lopts.media_type = Some(layer.media_type.clone());
             lopts.meta_first = true;
-            // The layers converted so far are this one's lowers: its implied directories keep
-            // the attributes they show (see layer_convert::Lowers).
-            let mut lowers = Vec::new();
-            for f in files.iter().rev() {
-                let img = erofs::reader::Image::open(f).map_err(|e| Error::Invalid(format!("{}: {e}", f.display())))?;
-                lowers.push(std::sync::Arc::new(layer_convert::ImageLayer(img))
-                    as std::sync::Arc<dyn layer_convert::LowerLayer>);
-            }
-            lopts.lowers = layer_convert::Lowers(lowers);
+            // The layers converted so far are this one's lowers, nearest first: its implied
+            // directories keep the attributes they show (see layer_convert::Lowers).
+            lopts.lowers = layer_convert::Lowers(below.iter().rev().cloned().collect());
             let progress = |n: u64| bar.set_position(n.min(layer.size));
             let report =
                 layer_convert::convert(blob, &path, &lopts, Some(&progress)).map_err(|source| Error::Layer {
@@ -260,6 +256,12 @@ pub fn convert_image(
                 },
             },
         ));
+        match erofs::reader::Image::open(&path) {
+            Ok(img) => below.push(std::sync::Arc::new(layer_convert::ImageLayer(img))),
+            // A native layer our reader cannot open still converts; the layers above it then
+            // see through it for their implied directories.
+            Err(e) => tracing::warn!(index, error = %e, "layer not readable as a lower layer"),
+        }
         files.push(path);
     }
 

@@ -68,6 +68,9 @@ impl Lowers {
     /// The attributes the stack of lower layers shows for the directory `path`, or `None`
     /// when it shows no directory there.
     pub fn dir_meta(&self, path: &[&[u8]]) -> Option<Meta> {
+        if path.is_empty() {
+            return None;
+        }
         'layers: for layer in &self.0 {
             let mut opaque_above = false;
             for i in 0..path.len() {
@@ -82,9 +85,6 @@ impl Lowers {
                         opaque_above |= opaque;
                     }
                 }
-            }
-            if path.is_empty() {
-                return None;
             }
         }
         None
