@@ -42,17 +42,47 @@ pub struct Source {
     pub repository: String,
 }
 
+/// A compression algorithm of [`ChunkCompression`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompressionAlgorithm {
+    /// One independent zstd frame per chunk (the registry blob is in zstd's seekable format:
+    /// the frames, then a seek table in a skippable frame).
+    Zstd,
+}
+
+/// How a compressed registry blob holds the chunks of the image the daemon serves.
+///
+/// Chunk `i` is the `i`-th frame of the blob; the frames are contiguous from offset 0, so frame
+/// `i` starts at the sum of `sizes[..i]`. Anything after the last frame (the seek table) is never
+/// fetched.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkCompression {
+    /// How each frame is compressed.
+    pub algorithm: CompressionAlgorithm,
+    /// Compressed size in bytes of each chunk's frame, in chunk order.
+    pub sizes: Vec<u32>,
+    /// `sha256:<64 lowercase hex>` of the whole uncompressed image (what the cache file holds when
+    /// complete).
+    pub uncompressed_digest: String,
+}
+
 /// A blob to serve: its identity, how it is cut into chunks, the digest of each chunk, and where to
 /// fetch it.
+///
+/// `size`, `chunk_size` and `chunk_digests` always describe the file the daemon serves (its cache
+/// file); `digest` names the registry blob the bytes are fetched from. They are the same bytes
+/// unless `compressed` is set: then the registry blob holds each chunk compressed on its own (see
+/// [`BlobSpec::fetch_ranges`] and [`BlobSpec::decode_chunk`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct BlobSpec {
-    /// `sha256:<64 lowercase hex>`: the digest of the whole blob.
+    /// `sha256:<64 lowercase hex>`: the digest of the registry blob (fetching and naming).
     pub digest: String,
-    /// The blob's size in bytes.
+    /// The served file's size in bytes (the uncompressed image when `compressed` is set).
     pub size: u64,
     /// The size of every chunk but the last, which may be shorter.
     pub chunk_size: u64,
-    /// Lowercase hex sha256 of each `chunk_size` piece of the blob, in order;
+    /// Lowercase hex sha256 of each `chunk_size` piece of the served file (uncompressed), in order;
     /// `len == ceil(size / chunk_size)`.
     pub chunk_digests: Vec<String>,
     /// Chunk indices the daemon fetches first, in this order, before the rest in index order.
@@ -60,7 +90,19 @@ pub struct BlobSpec {
     pub prefetch: Vec<u32>,
     /// Where the blob is fetched from.
     pub source: Source,
+    /// Set when the registry blob holds the chunks compressed one by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compressed: Option<ChunkCompression>,
 }
+
+/// The largest frame zstd makes of `len` bytes (`ZSTD_compressBound`): a frame claiming more
+/// for a chunk is not one a compressor wrote.
+pub fn zstd_bound(len: u64) -> u64 {
+    usize::try_from(len).map_or(u64::MAX, |n| zstd::zstd_safe::compress_bound(n) as u64)
+}
+
+/// The magic number starting every zstd frame (skippable frames excepted), little endian.
+const ZSTD_FRAME_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 impl BlobSpec {
     /// How many chunks the blob has: `ceil(size / chunk_size)` (0 when `chunk_size` is 0).
@@ -83,8 +125,59 @@ impl BlobSpec {
         (start, start.saturating_add(self.chunk_size).min(self.size))
     }
 
+    /// The digest the complete served file must have: the uncompressed image's when the blob
+    /// is compressed, else the blob's own.
+    pub fn content_digest(&self) -> &str {
+        match &self.compressed {
+            Some(c) => &c.uncompressed_digest,
+            None => &self.digest,
+        }
+    }
+
+    /// The registry blob's byte range `[start, end)` holding each chunk, in chunk order: the
+    /// chunk's own range for a plain blob, its frame's for a compressed one. Call on a
+    /// [validated](BlobSpec::validate) spec (otherwise a compressed spec's ranges may not cover
+    /// every chunk).
+    pub fn fetch_ranges(&self) -> Vec<(u64, u64)> {
+        match &self.compressed {
+            None => (0..self.chunk_count()).map(|i| self.chunk_range(i)).collect(),
+            Some(c) => {
+                let mut start = 0u64;
+                c.sizes
+                    .iter()
+                    .map(|&n| {
+                        let end = start + u64::from(n);
+                        let r = (start, end);
+                        start = end;
+                        r
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The bytes of chunk `index` from what its [fetch range](BlobSpec::fetch_ranges) held:
+    /// `raw` itself for a plain blob; for a compressed one, `raw` must be exactly one zstd
+    /// frame that decompresses to exactly the chunk's length. The output buffer is the chunk's
+    /// length and no more, so a frame cannot make the daemon allocate beyond it. The caller
+    /// still checks the result against the chunk's digest.
+    pub fn decode_chunk(&self, index: u64, raw: Vec<u8>) -> Result<Vec<u8>, String> {
+        let Some(c) = &self.compressed else {
+            return Ok(raw);
+        };
+        if index >= self.chunk_count() {
+            return Err(format!("chunk {index} out of range ({} chunks)", self.chunk_count()));
+        }
+        let (start, end) = self.chunk_range(index);
+        let len = usize::try_from(end - start).map_err(|_| format!("chunk {index} is too large"))?;
+        match c.algorithm {
+            CompressionAlgorithm::Zstd => decode_zstd_frame(&raw, len).map_err(|e| format!("chunk {index}: {e}")),
+        }
+    }
+
     /// Checks that the spec is self-consistent: digest format, chunk count, chunk digest format,
-    /// prefetch indices in range, a non-empty source.
+    /// prefetch indices in range, a non-empty source, and for a compressed blob one frame size per
+    /// chunk, each possible for its chunk, and a well-formed uncompressed digest.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |msg: String| Err(Error::new(ErrorKind::InvalidArgument, msg));
         if self.hex().is_none() {
@@ -111,8 +204,55 @@ impl BlobSpec {
         if self.source.registry.is_empty() || self.source.repository.is_empty() {
             return bad("source registry and repository must not be empty".into());
         }
+        if let Some(c) = &self.compressed {
+            let hex = c.uncompressed_digest.strip_prefix("sha256:").unwrap_or("");
+            if !is_sha256_hex(hex) {
+                return bad(format!(
+                    "uncompressed digest {:?} is not sha256:<64 lowercase hex>",
+                    c.uncompressed_digest
+                ));
+            }
+            if c.sizes.len() as u64 != chunks {
+                return bad(format!("{} compressed sizes for {chunks} chunks", c.sizes.len()));
+            }
+            for (i, &n) in c.sizes.iter().enumerate() {
+                let (start, end) = self.chunk_range(i as u64);
+                let bound = zstd_bound(end - start);
+                if n == 0 || u64::from(n) > bound {
+                    return bad(format!(
+                        "compressed size {n} of chunk {i} is not in 1..={bound} for its {} bytes",
+                        end - start
+                    ));
+                }
+            }
+        }
         Ok(())
     }
+}
+
+/// Decompresses `frame`, which must be exactly one zstd frame of exactly `len` bytes of content.
+fn decode_zstd_frame(frame: &[u8], len: usize) -> Result<Vec<u8>, String> {
+    // ZSTD_decompress would also decode frames after the first and skip skippable ones:
+    // the bytes must be one data frame and nothing else.
+    if !frame.starts_with(&ZSTD_FRAME_MAGIC) {
+        return Err("not a zstd frame".into());
+    }
+    match zstd::zstd_safe::find_frame_compressed_size(frame) {
+        Ok(n) if n == frame.len() => {}
+        Ok(n) => return Err(format!("{} bytes after the {n}-byte zstd frame", frame.len() - n)),
+        Err(code) => return Err(format!("bad zstd frame: {}", zstd::zstd_safe::get_error_name(code))),
+    }
+    let mut out = vec![0u8; len];
+    let n = zstd::zstd_safe::decompress(&mut out[..], frame).map_err(|code| {
+        format!(
+            "zstd frame does not decompress to {len} bytes: {}",
+            zstd::zstd_safe::get_error_name(code)
+        )
+    })?;
+    if n != len {
+        return Err(format!("zstd frame decompresses to {n} bytes, not {len}"));
+    }
+    Ok(out)
 }
 
 /// Whether `s` is a lowercase hex sha256 (64 characters of `0-9a-f`).
@@ -160,10 +300,15 @@ pub enum Request {
 pub struct PingInfo {
     /// The daemon's process id.
     pub pid: u32,
-    /// A random number chosen at each start: a change means the daemon restarted.
+    /// Which incarnation serves the blobs: a change means mounts made before it read nothing new and must be
+    /// made again (a FUSE daemon's restart; a fanotify daemon keeps its number across restarts).
     pub instance: u64,
-    /// The FUSE mount's absolute path.
+    /// The directory where each blob has a file named `sha256-<hex>`: the FUSE mount, or (fanotify) a
+    /// directory of links to the cache files.
     pub mountpoint: String,
+    /// How the kernel's reads of lazy blobs reach the daemon: `fanotify` or `fuse`.
+    #[serde(default)]
+    pub data_path: String,
 }
 
 /// The answer to [`Request::Register`].
@@ -452,7 +597,149 @@ mod tests {
                 registry: "127.0.0.1:5000".into(),
                 repository: "layers/x".into(),
             },
+            compressed: None,
         }
+    }
+
+    fn sha256(data: &[u8]) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(data))
+    }
+
+    /// An image of three chunks (the last short) of mixed compressibility, its spec with one
+    /// zstd frame per chunk, and the blob (frames then a dummy seek table).
+    fn compressed() -> (Vec<u8>, BlobSpec, Vec<u8>) {
+        let chunk = 4096usize;
+        let mut image: Vec<u8> = b"compressible text ".iter().cycle().take(2 * chunk).copied().collect();
+        let mut x = 0x9e3779b97f4a7c15u64;
+        image.extend((0..1000).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        }));
+        let frames: Vec<Vec<u8>> = image
+            .chunks(chunk)
+            .map(|c| zstd::bulk::compress(c, 3).unwrap())
+            .collect();
+        let mut blob: Vec<u8> = frames.concat();
+        blob.extend_from_slice(&[0x5e, 0x2a, 0x4d, 0x18, 0, 0, 0, 0]);
+        let spec = BlobSpec {
+            digest: format!("sha256:{}", sha256(&blob)),
+            size: image.len() as u64,
+            chunk_size: chunk as u64,
+            chunk_digests: image.chunks(chunk).map(sha256).collect(),
+            prefetch: vec![],
+            source: spec().source,
+            compressed: Some(ChunkCompression {
+                algorithm: CompressionAlgorithm::Zstd,
+                sizes: frames.iter().map(|f| f.len() as u32).collect(),
+                uncompressed_digest: format!("sha256:{}", sha256(&image)),
+            }),
+        };
+        (image, spec, blob)
+    }
+
+    #[test]
+    fn plain_specs_fetch_their_own_ranges() {
+        let s = spec();
+        assert_eq!(s.content_digest(), s.digest);
+        assert_eq!(
+            s.fetch_ranges(),
+            vec![(0, 1 << 20), (1 << 20, 2 << 20), (2 << 20, 2_500_000)]
+        );
+        assert_eq!(s.decode_chunk(1, vec![1, 2, 3]).unwrap(), vec![1, 2, 3]);
+        // Old daemons and clients neither send nor expect the field.
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("compressed"), "{json}");
+    }
+
+    #[test]
+    fn compressed_chunks_decode_from_their_frames() {
+        let (image, s, blob) = compressed();
+        s.validate().unwrap();
+        assert_eq!(s.content_digest(), s.compressed.as_ref().unwrap().uncompressed_digest);
+        let ranges = s.fetch_ranges();
+        assert_eq!(ranges.len(), 3);
+        assert_eq!(ranges[0].0, 0);
+        assert!(ranges.windows(2).all(|w| w[0].1 == w[1].0), "{ranges:?}");
+        assert_eq!(ranges[2].1, blob.len() as u64 - 8, "the seek table is not fetched");
+        for (i, &(start, end)) in ranges.iter().enumerate() {
+            let got = s
+                .decode_chunk(i as u64, blob[start as usize..end as usize].to_vec())
+                .unwrap();
+            let (a, b) = s.chunk_range(i as u64);
+            assert_eq!(got, image[a as usize..b as usize], "chunk {i}");
+        }
+        let json = serde_json::to_string(&Request::Register(s.clone())).unwrap();
+        assert!(json.contains(r#""compressed":{"algorithm":"zstd","sizes":["#), "{json}");
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), Request::Register(s));
+    }
+
+    #[test]
+    fn hostile_frames_are_refused() {
+        let (image, s, blob) = compressed();
+        let r = s.fetch_ranges();
+        let frame = |i: usize| blob[r[i].0 as usize..r[i].1 as usize].to_vec();
+        let err = |i: u64, raw: Vec<u8>| s.decode_chunk(i, raw).unwrap_err();
+        // Chunk 0's frame decompresses to 4096 bytes: too few for nothing, but for the last
+        // chunk (1000 bytes) it is too many, and the short frame is too few for chunk 0.
+        assert!(
+            err(2, frame(0)).contains("does not decompress to 1000"),
+            "{}",
+            err(2, frame(0))
+        );
+        assert!(err(0, frame(2)).contains("decompresses to 1000 bytes, not 4096"));
+        // A frame of far more than the chunk (a decompression bomb) fails at the chunk's size.
+        let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
+        assert!(bomb.len() < 64 << 10);
+        assert!(err(0, bomb).contains("does not decompress to 4096"));
+        // Two frames, trailing bytes, a skippable frame, garbage, nothing, truncation.
+        let mut two = frame(0);
+        two.extend(frame(1));
+        assert!(err(0, two).contains("after the"));
+        let mut trailing = frame(0);
+        trailing.push(0);
+        assert!(err(0, trailing).contains("1 bytes after"));
+        assert!(err(2, blob[r[2].1 as usize..].to_vec()).contains("not a zstd frame"));
+        assert!(err(0, b"garbage garbage".to_vec()).contains("not a zstd frame"));
+        assert!(err(0, Vec::new()).contains("not a zstd frame"));
+        let f = frame(2);
+        assert!(err(2, f[..f.len() - 1].to_vec()).contains("bad zstd frame"));
+        let mut corrupt = frame(2);
+        let mid = corrupt.len() / 2;
+        corrupt[mid] ^= 0xff;
+        match s.decode_chunk(2, corrupt) {
+            Err(_) => {}
+            // zstd frames need not carry a checksum: a flipped literal can decode; the
+            // chunk digest catches it.
+            Ok(out) => assert_ne!(out, image[8192..]),
+        }
+        assert!(err(3, frame(0)).contains("out of range"));
+    }
+
+    #[test]
+    fn validates_compressed_specs() {
+        let (_, s, _) = compressed();
+        let with = |f: &dyn Fn(&mut ChunkCompression)| {
+            let mut b = s.clone();
+            f(b.compressed.as_mut().unwrap());
+            b.validate().unwrap_err().message
+        };
+        assert!(with(&|c| {
+            c.sizes.pop();
+        })
+        .contains("2 compressed sizes for 3 chunks"));
+        assert!(with(&|c| c.sizes[1] = 0).contains("chunk 1"));
+        assert!(with(&|c| c.sizes[2] = zstd_bound(1000) as u32 + 1).contains("chunk 2"));
+        assert!(with(&|c| c.sizes[0] = u32::MAX).contains("chunk 0"));
+        assert!(with(&|c| c.uncompressed_digest = "sha256:abc".into()).contains("uncompressed digest"));
+        let mut b = s.clone();
+        b.compressed.as_mut().unwrap().sizes[2] = zstd_bound(1000) as u32;
+        b.validate().unwrap();
+        // An unknown algorithm does not even parse.
+        let json = serde_json::to_string(&s).unwrap().replace(r#""zstd""#, r#""lzma""#);
+        assert!(serde_json::from_str::<BlobSpec>(&json).is_err());
     }
 
     #[test]
@@ -527,6 +814,7 @@ mod tests {
                     pid: 7,
                     instance: 9,
                     mountpoint: "/m".into(),
+                    data_path: "fuse".into(),
                 })),
                 Response::line::<()>(&Err(Error::not_found("nope"))),
                 "garbage\n".to_string(),

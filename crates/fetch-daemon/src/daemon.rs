@@ -51,6 +51,41 @@ pub struct Options {
     pub prefetch_idle: Duration,
     /// Timeout for connecting and for each read or write of one HTTP request.
     pub request_timeout: Duration,
+    /// How reads of lazy blobs reach the daemon.
+    pub data_path: DataPathChoice,
+}
+
+/// How the kernel's reads of a lazy blob reach the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    /// The blob is a local sparse file marked for fanotify pre-content events: the kernel reads it directly and
+    /// asks the daemon only for ranges not yet checked (Linux 6.14+).
+    Fanotify,
+    /// The blob is a file on the daemon's FUSE mount: every read goes through the daemon.
+    Fuse,
+}
+
+impl DataPath {
+    /// `fanotify` or `fuse`, as logs, metrics and `Ping` show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataPath::Fanotify => "fanotify",
+            DataPath::Fuse => "fuse",
+        }
+    }
+}
+
+/// What the operator asked for: [`DataPath::Fanotify`] where the kernel has it, else FUSE (`Auto`), or one of
+/// them whatever the kernel has (a missing fanotify is then an error at start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataPathChoice {
+    /// Fanotify when the start-up probe finds pre-content events, FUSE otherwise.
+    #[default]
+    Auto,
+    /// Fanotify or fail.
+    Fanotify,
+    /// FUSE.
+    Fuse,
 }
 
 /// The inode of the mount's root directory; blobs get numbers from 2 up, never reused in a process.
@@ -78,6 +113,8 @@ pub struct Blob {
     fetched_bytes: AtomicU64,
     errors: AtomicU64,
     paths: BlobPaths,
+    /// Marked for pre-content events (fanotify data path).
+    pub(crate) marked: AtomicBool,
 }
 
 struct BlobPaths {
@@ -133,6 +170,16 @@ impl Blob {
     /// The file's name on the mount.
     pub fn file_name(&self) -> String {
         format!("sha256-{}", self.hex)
+    }
+
+    /// Whether the whole blob is cached and matched its digest.
+    pub fn status_verified(&self) -> bool {
+        self.complete() && self.verified.load(Ordering::SeqCst)
+    }
+
+    /// The cache file.
+    pub fn data_path(&self) -> &Path {
+        &self.paths.data
     }
 
     /// Whether every chunk is cached.
@@ -224,8 +271,13 @@ pub struct Daemon {
     pub opts: Options,
     /// The mountpoint, absolute.
     pub mountpoint: PathBuf,
-    /// A random number chosen at start.
+    /// Which incarnation serves the blobs: a random number chosen at start (FUSE), or the fanotify group's,
+    /// which outlives restarts. Mounts made under another instance must be made again.
     pub instance: u64,
+    /// How reads reach the daemon.
+    pub data_path: DataPath,
+    /// The fanotify data path, once started.
+    pub(crate) fan: OnceLock<Arc<crate::fandata::Fan>>,
     blobs_dir: PathBuf,
     blobs: RwLock<BTreeMap<String, Arc<Blob>>>,
     inodes: RwLock<HashMap<u64, Arc<Blob>>>,
@@ -248,6 +300,16 @@ impl Daemon {
     /// Builds the daemon and loads every blob persisted under `ROOT/blobs` (without starting their
     /// prefetchers: see [`Daemon::start_prefetchers`]).
     pub fn new(opts: Options, mountpoint: PathBuf) -> anyhow::Result<Arc<Daemon>> {
+        Daemon::with_data_path(opts, mountpoint, DataPath::Fuse, random_u64())
+    }
+
+    /// [`Daemon::new`] for a chosen data path and instance number.
+    pub fn with_data_path(
+        opts: Options,
+        mountpoint: PathBuf,
+        data_path: DataPath,
+        instance: u64,
+    ) -> anyhow::Result<Arc<Daemon>> {
         let blobs_dir = opts.root.join("blobs");
         fs::create_dir_all(&blobs_dir)?;
         let mut plain_http = registry::ClientOptions::default().plain_http;
@@ -266,7 +328,9 @@ impl Daemon {
             last_read_ms: AtomicU64::new(0),
             slots: FetchSlots::new(opts.fetch_threads),
             bucket: TokenBucket::new(opts.prefetch_rate),
-            instance: random_u64(),
+            instance,
+            data_path,
+            fan: OnceLock::new(),
             mountpoint,
             blobs_dir,
             blobs: RwLock::new(BTreeMap::new()),
@@ -370,6 +434,7 @@ impl Daemon {
             removed: AtomicBool::new(false),
             fetched_bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            marked: AtomicBool::new(false),
             hex,
             ino,
             repo,
@@ -386,11 +451,44 @@ impl Daemon {
     }
 
     /// Starts the prefetcher of every blob not complete and verified (at start-up).
+    ///
+    /// On the fanotify path the kernel reads cache files directly, with no per-chunk check on first read as
+    /// FUSE makes: a blob an earlier process verified is hashed again, chunk by chunk, before its mark goes.
     pub fn start_prefetchers(self: &Arc<Self>) {
         let blobs: Vec<_> = self.blobs.read().unwrap().values().cloned().collect();
+        let mut recheck = Vec::new();
         for blob in blobs {
-            self.start_prefetch(&blob);
+            if self.fan.get().is_some() && blob.status_verified() {
+                blob.verified.store(false, Ordering::SeqCst);
+                recheck.push(blob);
+            } else {
+                self.start_prefetch(&blob);
+            }
         }
+        if recheck.is_empty() {
+            return;
+        }
+        let daemon = self.clone();
+        // One at a time: hashing every cached blob at once would compete with the reads of starting containers.
+        std::thread::spawn(move || {
+            for blob in recheck {
+                if daemon.stopping() {
+                    return;
+                }
+                if blob.verifying.swap(true, Ordering::SeqCst) {
+                    continue;
+                }
+                verify_whole(&blob, &daemon.metrics);
+                blob.verifying.store(false, Ordering::SeqCst);
+                if let Some(fan) = daemon.fan.get() {
+                    fan.after_verify(&blob);
+                }
+                if !blob.status_verified() {
+                    warn!(digest = %blob.spec.digest, "a cached blob failed its check at start: fetching what it lacks");
+                    daemon.start_prefetch(&blob);
+                }
+            }
+        });
     }
 
     /// Stops background work; prefetchers and waiting reads end soon after.
@@ -403,6 +501,11 @@ impl Daemon {
 
     fn stopping(&self) -> bool {
         self.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// Whether [`Daemon::shutdown`] was called.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping()
     }
 
     /// The blob with inode `ino`.
@@ -442,6 +545,7 @@ impl Daemon {
             pid: std::process::id(),
             instance: self.instance,
             mountpoint: self.mountpoint.to_string_lossy().into_owned(),
+            data_path: self.data_path.name().into(),
         }
     }
 
@@ -464,6 +568,11 @@ impl Daemon {
                     .open_blob(spec, true)
                     .map_err(|e| ApiError::internal(format!("cannot create the cache files: {e:#}")))?;
                 persist_spec(&blob).map_err(|e| ApiError::internal(format!("cannot persist the spec: {e}")))?;
+                if let Some(fan) = self.fan.get() {
+                    // Before the path is handed out: a file opened unmarked never raises events.
+                    fan.watch(&blob)
+                        .map_err(|e| ApiError::internal(format!("cannot mark the cache file: {e}")))?;
+                }
                 self.inodes.write().unwrap().insert(blob.ino, blob.clone());
                 blobs.insert(hex, blob.clone());
                 drop(blobs);
@@ -474,10 +583,23 @@ impl Daemon {
         };
         let status = blob.status();
         Ok(Registered {
-            path: self.mountpoint.join(blob.file_name()).to_string_lossy().into_owned(),
+            path: self.blob_path(&blob).to_string_lossy().into_owned(),
             present: status.present,
             complete: status.complete,
         })
+    }
+
+    /// The file a mount reads: the cache file itself (fanotify) or its name on the FUSE mount.
+    pub fn blob_path(&self, blob: &Blob) -> PathBuf {
+        match self.data_path {
+            DataPath::Fanotify => blob.paths.data.clone(),
+            DataPath::Fuse => self.mountpoint.join(blob.file_name()),
+        }
+    }
+
+    /// The blob's cache file.
+    pub(crate) fn data_file(blob: &Blob) -> &File {
+        &blob.data
     }
 
     /// `Status`.
@@ -498,6 +620,9 @@ impl Daemon {
         self.inodes.write().unwrap().remove(&blob.ino);
         blob.removed.store(true, Ordering::SeqCst);
         blob.changed.notify_all();
+        if let Some(fan) = self.fan.get() {
+            fan.forget(&blob);
+        }
         // The spec first: a crash half-way must not bring back a blob without its cache.
         for p in [
             &blob.paths.json,
@@ -583,8 +708,26 @@ impl Daemon {
             return Ok(Vec::new());
         }
         let end = offset.saturating_add(u64::from(len)).min(size);
-        self.last_read_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.ensure_range(blob, offset, end - offset)
+            .map_err(|e| format!("{e:?}"))?;
+        let mut buf = vec![0; (end - offset) as usize];
+        blob.data.read_exact_at(&mut buf, offset).map_err(|e| {
+            error!(digest = %blob.spec.digest, offset, error = %e, "cannot read the cache file");
+            e.to_string()
+        })?;
+        Ok(buf)
+    }
+
+    /// Makes the chunks under `[offset, offset + len)` present and checked (fetching and verifying them as
+    /// needed, retrying until the read deadline), for a read of the kernel's: FUSE's or a pre-content event's.
+    /// Counts the read as a cache hit or miss.
+    pub(crate) fn ensure_range(&self, blob: &Arc<Blob>, offset: u64, len: u64) -> Result<(), ChunkError> {
+        let size = blob.spec.size;
+        if offset >= size || len == 0 {
+            return Ok(());
+        }
+        let end = offset.saturating_add(len).min(size);
+        self.note_read();
         let deadline = Instant::now() + self.opts.read_deadline;
         let cs = blob.spec.chunk_size;
         let mut missed = false;
@@ -594,24 +737,37 @@ impl Daemon {
                 Err(e) => {
                     self.metrics.cache_misses.inc();
                     let (start, stop) = blob.spec.chunk_range(i);
-                    let msg = format!("{e:?}");
                     warn!(digest = %blob.spec.digest, chunk = i, range = %format!("{start}-{stop}"), offset, len,
-                        error = %msg, "read failed: answering EIO");
-                    return Err(msg);
+                        error = ?e, "read failed: answering EIO");
+                    return Err(e);
                 }
             }
         }
-        let mut buf = vec![0; (end - offset) as usize];
-        blob.data.read_exact_at(&mut buf, offset).map_err(|e| {
-            error!(digest = %blob.spec.digest, offset, error = %e, "cannot read the cache file");
-            e.to_string()
-        })?;
         if missed {
             self.metrics.cache_misses.inc();
         } else {
             self.metrics.cache_hits.inc();
         }
-        Ok(buf)
+        Ok(())
+    }
+
+    /// Whether every chunk under the range is present and checked, without waiting for the blob's lock: the
+    /// fanotify event reader answers such reads itself and must never block (`None`: could not tell).
+    pub(crate) fn range_ready(&self, blob: &Blob, offset: u64, len: u64) -> Option<bool> {
+        let size = blob.spec.size;
+        if offset >= size || len == 0 {
+            return Some(true);
+        }
+        let end = offset.saturating_add(len).min(size);
+        let cs = blob.spec.chunk_size;
+        let st = blob.state.try_lock().ok()?;
+        Some((offset / cs..=(end - 1) / cs).all(|i| bit(&st.bitmap, i) && bit(&st.checked, i)))
+    }
+
+    /// A read came: background fetches of unlisted chunks wait for reads to pause.
+    pub(crate) fn note_read(&self) {
+        self.last_read_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Makes chunk `i` present and verified in this process. `Ok(true)` if it already was (no wait).
@@ -767,11 +923,14 @@ impl Daemon {
         if blob.verifying.swap(true, Ordering::SeqCst) {
             return;
         }
-        let (blob, metrics) = (blob.clone(), self.metrics.clone());
+        let (blob, metrics, fan) = (blob.clone(), self.metrics.clone(), self.fan.get().cloned());
         // Hashing a large blob takes a while: not on a FUSE worker.
         std::thread::spawn(move || {
             verify_whole(&blob, &metrics);
             blob.verifying.store(false, Ordering::SeqCst);
+            if let Some(fan) = fan {
+                fan.after_verify(&blob);
+            }
         });
     }
 
@@ -871,6 +1030,9 @@ impl Daemon {
                     verify_whole(blob, &self.metrics);
                 }
                 blob.verifying.store(false, Ordering::SeqCst);
+                if let Some(fan) = self.fan.get() {
+                    fan.after_verify(blob);
+                }
                 if blob.verified.load(Ordering::SeqCst) {
                     info!(digest = %blob.spec.digest, took = ?began.elapsed(), "prefetch complete, blob verified");
                     return;
@@ -987,7 +1149,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 /// A random number without a dependency: std's hasher keys are seeded from the OS per process.
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

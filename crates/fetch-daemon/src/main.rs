@@ -4,10 +4,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use fetch_daemon::Options;
+use fetch_daemon::{DataPathChoice, Options};
 use tracing::{error, info};
 
-/// Serves registry blobs as files on a FUSE mount, fetching verified chunks on demand.
+/// Serves registry blobs as local files (fanotify pre-content events, or a FUSE mount), fetching verified
+/// chunks on demand.
 #[derive(Parser, Debug)]
 #[command(name = "dedupd", version)]
 struct Args {
@@ -57,9 +58,19 @@ struct Args {
     /// Timeout for connecting and for each read or write of one HTTP request.
     #[arg(long, default_value_t = 10)]
     request_timeout_secs: u64,
+    /// How reads of lazy blobs reach dedupd: `fanotify` (the cache file is mounted and the kernel asks only for
+    /// missing ranges; Linux 6.14+), `fuse`, or `auto` (fanotify where the kernel has it).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "fanotify", "fuse"])]
+    data_path: String,
 }
 
 fn main() {
+    // The fanotify group's holder (started by dedupd itself): nothing else, not even logging.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.len() == 4 && argv[1] == fetch_daemon::fanotify::HOLDER_ARG {
+        let instance = argv[3].to_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+        fetch_daemon::fanotify::holder_main(std::path::Path::new(&argv[2]), instance);
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -87,6 +98,11 @@ fn main() {
         no_prefetch: args.no_prefetch,
         prefetch_idle: Duration::from_millis(args.prefetch_idle_ms),
         request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
+        data_path: match args.data_path.as_str() {
+            "fanotify" => DataPathChoice::Fanotify,
+            "fuse" => DataPathChoice::Fuse,
+            _ => DataPathChoice::Auto,
+        },
     };
     let running = match fetch_daemon::start(opts) {
         Ok(r) => r,

@@ -30,12 +30,23 @@ pub struct Metrics {
     pub fetch_errors: Counter,
     /// Chunks whose bytes did not hash to their digest (fetched or cached), and whole-blob mismatches.
     pub verify_failures: Counter,
-    /// FUSE reads served without waiting for a fetch.
+    /// Reads (FUSE reads or pre-content events of other processes) served without waiting for a fetch.
     pub cache_hits: Counter,
-    /// FUSE reads that needed a fetch (theirs or another's in flight).
+    /// Reads that needed a fetch (theirs or another's in flight).
     pub cache_misses: Counter,
+    /// Pre-content events of other processes (fanotify data path).
+    pub fanotify_events: Counter,
+    /// 1 for the data path in use (`path="fanotify"` or `path="fuse"`).
+    pub data_path: prometheus_client::metrics::family::Family<DataPathLabel, prometheus_client::metrics::gauge::Gauge>,
     fetch_seconds: Histogram,
     registry: Registry,
+}
+
+/// The label of `dedupd_data_path`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct DataPathLabel {
+    /// `fanotify` or `fuse`.
+    pub path: String,
 }
 
 /// One blob's gauges.
@@ -65,8 +76,27 @@ impl Default for Metrics {
             "verify_failures",
             "Chunks or blobs whose content did not match their digest",
         );
-        let cache_hits = counter("cache_hits", "FUSE reads served from the cache alone");
-        let cache_misses = counter("cache_misses", "FUSE reads that waited for a fetch");
+        let cache_hits = counter(
+            "cache_hits",
+            "Reads (FUSE reads or pre-content events) served from the cache alone",
+        );
+        let cache_misses = counter(
+            "cache_misses",
+            "Reads (FUSE reads or pre-content events) that waited for a fetch",
+        );
+        let fanotify_events = counter(
+            "fanotify_events",
+            "Pre-content events of other processes on marked cache files",
+        );
+        let data_path = prometheus_client::metrics::family::Family::<
+            DataPathLabel,
+            prometheus_client::metrics::gauge::Gauge,
+        >::default();
+        registry.register(
+            "data_path",
+            "How reads of lazy blobs reach the daemon: 1 for the path in use",
+            data_path.clone(),
+        );
         let fetch_seconds = Histogram::new(BUCKETS);
         registry.register("fetch_seconds", "Duration of range requests", fetch_seconds.clone());
         Metrics {
@@ -76,6 +106,8 @@ impl Default for Metrics {
             verify_failures,
             cache_hits,
             cache_misses,
+            fanotify_events,
+            data_path,
             fetch_seconds,
             registry,
         }

@@ -55,6 +55,7 @@ pub fn spec_for(blob: &[u8], chunk_size: u64, registry: &str, repository: &str) 
         chunk_size,
         chunk_digests: blob.chunks(chunk_size as usize).map(sha256_hex).collect(),
         prefetch: Vec::new(),
+        compressed: None,
         source: Source {
             registry: registry.to_string(),
             repository: repository.to_string(),
@@ -364,9 +365,16 @@ impl Place {
 }
 
 impl Dedupd {
-    /// Starts `dedupd` in `place` with `extra` arguments; waits until it answers a ping.
+    /// Starts `dedupd` in `place` with `extra` arguments; waits until it answers a ping. The data path is FUSE
+    /// unless `extra` names one.
     pub fn start(place: &Place, extra: &[&str]) -> Dedupd {
-        require_fuse();
+        let mut extra: Vec<&str> = extra.to_vec();
+        if !extra.contains(&"--data-path") {
+            extra.extend(["--data-path", "fuse"]);
+        }
+        if extra.contains(&"fuse") {
+            require_fuse();
+        }
         let log = place.dir.path().join(format!(
             "dedupd-{}.log",
             std::time::SystemTime::now()
@@ -387,7 +395,7 @@ impl Dedupd {
             .arg(place.socket())
             .arg("--docker-config")
             .arg(&docker_config)
-            .args(extra)
+            .args(&extra)
             .env("RUST_LOG", "info,fetch_daemon=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

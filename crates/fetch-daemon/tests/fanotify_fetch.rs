@@ -1,0 +1,271 @@
+//! End-to-end tests of dedupd's fanotify data path: the real binary, real pre-content events on its cache
+//! files, a real docker-registry or a scripted blob server on loopback. The test process reads the cache files
+//! as the kernel's EROFS mounts would; it is not dedupd, so its reads raise events. Root and a kernel with
+//! fanotify pre-content events (6.14+) are required: without them these fail, they do not skip.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use test_support::prometheus::Exposition;
+
+fn fanotify(place: &Place, extra: &[&str]) -> Dedupd {
+    let mut args = vec!["--data-path", "fanotify"];
+    args.extend_from_slice(extra);
+    Dedupd::start(place, &args)
+}
+
+fn eio(r: &std::io::Result<Vec<u8>>) -> bool {
+    matches!(r, Err(e) if e.raw_os_error() == Some(libc::EIO))
+}
+
+fn labelled(d: &Dedupd, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    Exposition::parse(&d.metrics()).unwrap().get(name, labels)
+}
+
+/// The marks the fanotify group holds, as the holder's `/proc/PID/fdinfo/3` lists them: inode numbers.
+fn marked_inodes(root: &Path) -> Vec<u64> {
+    let socket = root.join("fanotify-group.sock");
+    let holder = holder_pid(&socket).expect("no fanotify group holder runs");
+    let info = std::fs::read_to_string(format!("/proc/{holder}/fdinfo/3")).unwrap();
+    info.lines()
+        .filter_map(|l| l.strip_prefix("fanotify ino:"))
+        .map(|rest| u64::from_str_radix(rest.split_whitespace().next().unwrap(), 16).unwrap())
+        .collect()
+}
+
+fn holder_pid(socket: &Path) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if args.len() >= 3 && args[1] == b"--fanotify-group-holder" && args[2] == socket.as_os_str().as_encoded_bytes()
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+fn ino(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+}
+
+#[test]
+fn serves_a_registry_blob_with_no_fuse_and_unmarks_it_once_verified() {
+    let registry = Registry::start();
+    let blob = data((5 * MIB + 12_345) as usize, 7);
+    let digest = registry.push("layers/fan", &blob);
+    let place = Place::new();
+    let d = fanotify(&place, &["--no-prefetch"]);
+    let ping = d.client.ping().unwrap();
+    assert_eq!(ping.data_path, "fanotify");
+    assert_eq!(labelled(&d, "dedupd_data_path", &[("path", "fanotify")]), Some(1.0));
+
+    let spec = spec_for(&blob, MIB, &registry.addr, "layers/fan");
+    let reg = d.client.register(&spec).unwrap();
+    // The mount reads the cache file itself; the mountpoint links to it under the blob's name.
+    let path = PathBuf::from(&reg.path);
+    assert_eq!(path, place.root().join(format!("blobs/{}.data", &digest[7..])));
+    assert_eq!(
+        std::fs::read_link(place.mountpoint().join(format!("sha256-{}", &digest[7..]))).unwrap(),
+        path
+    );
+    assert_eq!(marked_inodes(&place.root()), [ino(&path)]);
+
+    let file = std::fs::File::open(&path).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), blob.len() as u64);
+    d.client.trace_start().unwrap();
+    for (offset, len) in [(MIB + 100, 200_000usize), (3 * MIB - 10, 20), (5 * MIB, 12_345)] {
+        let got = read_at(&file, offset, len).unwrap();
+        assert!(
+            got == blob[offset as usize..offset as usize + len],
+            "bytes at {offset}+{len} differ"
+        );
+    }
+    let trace = d.client.trace_stop().unwrap();
+    assert!(
+        trace
+            .iter()
+            .any(|a| a.offset <= MIB + 100 && a.offset + a.len > MIB + 100),
+        "the trace misses the read: {trace:?}"
+    );
+    // Only the chunks read are here: 1, 2 (the first read crosses into it), 3 and 5.
+    let status = d.client.status(&digest).unwrap();
+    assert_eq!(status.present, 4, "{status:?}");
+    assert!(labelled(&d, "dedupd_fanotify_events_total", &[]).unwrap() >= 3.0);
+
+    // The rest, read whole: complete, verified, and the mark goes.
+    assert!(read_all(&path) == blob, "the whole file differs from the blob");
+    let status = d.client.wait(&digest, Duration::from_secs(60)).unwrap();
+    assert!(status.complete && status.verified, "{status:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marked_inodes(&place.root()).is_empty() {
+        assert!(Instant::now() < deadline, "the verified blob is still marked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Reads of it no longer reach the daemon at all.
+    let events = labelled(&d, "dedupd_fanotify_events_total", &[]).unwrap();
+    drop_page_cache(&file);
+    assert!(read_at(&file, 2 * MIB, 8192).unwrap() == blob[2 * MIB as usize..2 * MIB as usize + 8192]);
+    assert_eq!(labelled(&d, "dedupd_fanotify_events_total", &[]).unwrap(), events);
+
+    drop(file);
+    d.client.unregister(&digest).unwrap();
+    assert!(!path.exists());
+    assert!(!place.mountpoint().join(format!("sha256-{}", &digest[7..])).exists());
+}
+
+#[test]
+fn corrupt_ranges_are_never_written_and_an_outage_blocks_only_missing_data() {
+    let blob = data((4 * MIB + 300 * 1024) as usize, 8);
+    let server = BlobServer::start(blob.clone());
+    let place = Place::new();
+    let d = fanotify(&place, &["--no-prefetch", "--read-deadline-secs", "3"]);
+    let spec = spec_for(&blob, MIB, &server.addr, "layers/corrupt");
+    let reg = d.client.register(&spec).unwrap();
+    let file = std::fs::File::open(&reg.path).unwrap();
+    assert!(read_at(&file, 10, 100).unwrap() == blob[10..110]);
+
+    server.set_mode(Mode::Corrupt);
+    let began = Instant::now();
+    let r = read_at(&file, MIB + 10, 4096);
+    let took = began.elapsed();
+    assert!(eio(&r), "a read of a corrupted chunk must fail with EIO: {r:?}");
+    assert!(
+        took >= Duration::from_millis(2900),
+        "EIO after {took:?}, before the 3 s deadline"
+    );
+    assert!(d.metric("dedupd_verify_failures_total") >= 1.0);
+    // Nothing of the bad chunk reached the cache file: it is still a hole there (reading it would raise an
+    // event; SEEK_DATA does not).
+    let raw = std::fs::File::open(place.root().join(format!("blobs/{}.data", &spec.digest[7..]))).unwrap();
+    let next_data = rustix::fs::seek(&raw, rustix::fs::SeekFrom::Data(MIB));
+    assert!(
+        matches!(next_data, Err(rustix::io::Errno::NXIO)) || matches!(next_data, Ok(o) if o >= 2 * MIB),
+        "bytes of a chunk that failed verification were written: data at {next_data:?}"
+    );
+    assert_eq!(d.client.status(&spec.digest).unwrap().present, 1);
+
+    // An outage: missing data waits for the deadline; local data does not wait at all.
+    server.set_mode(Mode::Unavailable);
+    let local = Instant::now();
+    assert!(read_at(&file, 200, 4096).unwrap() == blob[200..4296]);
+    assert!(
+        local.elapsed() < Duration::from_secs(1),
+        "a local read waited {:?}",
+        local.elapsed()
+    );
+    let began = Instant::now();
+    let r = read_at(&file, 2 * MIB, 4096);
+    assert!(eio(&r), "{r:?}");
+    assert!(began.elapsed() >= Duration::from_millis(2900));
+
+    server.set_mode(Mode::Good);
+    assert!(read_at(&file, MIB + 10, 4096).unwrap() == blob[MIB as usize + 10..MIB as usize + 4106]);
+    assert!(read_at(&file, 2 * MIB, 4096).unwrap() == blob[2 * MIB as usize..2 * MIB as usize + 4096]);
+}
+
+/// A reader waiting for a fetch when dedupd is killed, and one that starts while no dedupd runs, both get their
+/// exact bytes from the next instance: the group (and its marks and queued events) stays with the holder, and
+/// the event the killed instance was working on is answered from its journal.
+#[test]
+fn kill9_mid_read_and_restart_answers_every_waiting_reader() {
+    let blob = data((4 * MIB) as usize, 9);
+    let server = BlobServer::start(blob.clone());
+    let place = Place::new();
+    let mut d = fanotify(&place, &["--no-prefetch", "--read-deadline-secs", "60"]);
+    let instance = d.client.ping().unwrap().instance;
+    let spec = spec_for(&blob, MIB, &server.addr, "layers/restart");
+    let reg = d.client.register(&spec).unwrap();
+    let path = PathBuf::from(&reg.path);
+    assert!(read_at(&std::fs::File::open(&path).unwrap(), 0, 10).unwrap() == blob[..10]);
+
+    server.set_mode(Mode::Unavailable);
+    let reader = |offset: u64| {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let began = Instant::now();
+            let r = read_at(&std::fs::File::open(&path).unwrap(), offset, 8192);
+            (r, began.elapsed())
+        })
+    };
+    let first = reader(MIB + 5);
+    // Until the daemon has taken the event and journaled it (it retries the unavailable registry meanwhile).
+    let journal = place.root().join("fanotify.inflight");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read(&journal).map_or(true, |j| j.iter().all(|&b| b == 0)) {
+        assert!(Instant::now() < deadline, "the read was never journaled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.kill9();
+    let second = reader(3 * MIB);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !first.is_finished() && !second.is_finished(),
+        "a read ended with no daemon to answer it"
+    );
+
+    server.set_mode(Mode::Good);
+    let d = fanotify(&place, &["--no-prefetch", "--read-deadline-secs", "60"]);
+    assert_eq!(
+        d.client.ping().unwrap().instance,
+        instance,
+        "the group did not carry over"
+    );
+    for (h, offset) in [(first, MIB + 5), (second, 3 * MIB)] {
+        let (r, took) = h.join().unwrap();
+        let got = r.unwrap_or_else(|e| panic!("the read at {offset} failed after {took:?}: {e}"));
+        assert!(
+            got == blob[offset as usize..offset as usize + 8192],
+            "wrong bytes at {offset}"
+        );
+    }
+    assert!(
+        d.log_text().contains("answering a read the previous instance took"),
+        "{}",
+        d.log_text()
+    );
+}
+
+/// A cache file corrupted while no daemon ran is checked again at start, chunk by chunk: the bad chunk is
+/// fetched again and readers only ever see the blob's bytes.
+#[test]
+fn a_verified_cache_corrupted_between_runs_is_checked_again_at_start() {
+    let blob = data((3 * MIB) as usize, 10);
+    let server = BlobServer::start(blob.clone());
+    let place = Place::new();
+    let mut d = fanotify(&place, &[]);
+    let spec = spec_for(&blob, MIB, &server.addr, "layers/recheck");
+    d.client.register(&spec).unwrap();
+    let status = d.client.wait(&spec.digest, Duration::from_secs(60)).unwrap();
+    assert!(status.verified, "{status:?}");
+    let data_file = place.root().join(format!("blobs/{}.data", &spec.digest[7..]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marked_inodes(&place.root()).is_empty() {
+        assert!(Instant::now() < deadline, "the verified blob is still marked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.terminate();
+    // Unmarked: this write raises no event.
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::File::options().write(true).open(&data_file).unwrap(),
+        b"XXXX",
+        MIB + 7,
+    )
+    .unwrap();
+
+    let d = fanotify(&place, &[]);
+    let status = d.client.wait(&spec.digest, Duration::from_secs(60)).unwrap();
+    assert!(status.complete && status.verified, "{status:?}");
+    assert!(d.metric("dedupd_verify_failures_total") >= 1.0, "{}", d.metrics());
+    let file = std::fs::File::open(&data_file).unwrap();
+    drop_page_cache(&file);
+    assert!(read_at(&file, MIB, 64).unwrap() == blob[MIB as usize..MIB as usize + 64]);
+}
