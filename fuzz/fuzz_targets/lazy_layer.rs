@@ -9,8 +9,10 @@ use image_convert::annotations::LazyLayer;
 use libfuzzer_sys::fuzz_target;
 use registry::Descriptor;
 
-/// The chunk table's ranges tile `[0, size)`, each at most `chunk_size` long.
+/// The chunk table's ranges tile `[0, size)`, each at most `chunk_size` long; each chunk
+/// has one fetch range (a validated spec has as many chunks as digests: no huge table).
 fn check_spec(spec: &fetch_api::BlobSpec) {
+    assert_eq!(spec.fetch_ranges().len() as u64, spec.chunk_count());
     let n = spec.chunk_count();
     assert_eq!(n, spec.chunk_digests.len() as u64);
     let mut at = 0;
@@ -44,7 +46,12 @@ fuzz_target!(|data: &[u8]| {
             continue;
         };
         assert_eq!(lazy.size, desc.size);
-        assert!(lazy.data_offset <= lazy.size);
+        assert!(lazy.data_offset <= lazy.image_size());
+        if let Some(z) = &lazy.zstd {
+            // The frames fit in the blob, one per chunk of the image.
+            assert_eq!(z.sizes.len(), lazy.chunk_digests.len());
+            assert!(z.sizes.iter().map(|&n| u64::from(n)).sum::<u64>() <= lazy.size);
+        }
         let meta = lazy.metadata_chunks();
         assert!(u64::from(meta.end) <= lazy.chunk_digests.len() as u64);
         // What the annotations say round-trips.
@@ -56,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
         // And the fetch daemon accepts the chunk table the snapshotter registers.
         let spec = fetch_api::BlobSpec {
             digest: lazy.digest.clone(),
-            size: lazy.size,
+            size: lazy.image_size(),
             chunk_size: lazy.chunk_size,
             chunk_digests: lazy.chunk_digests.clone(),
             prefetch: meta.chain(lazy.prefetch.iter().copied()).collect(),
@@ -64,6 +71,11 @@ fuzz_target!(|data: &[u8]| {
                 registry: "r".into(),
                 repository: "x".into(),
             },
+            compressed: lazy.zstd.as_ref().map(|z| fetch_api::ChunkCompression {
+                algorithm: fetch_api::CompressionAlgorithm::Zstd,
+                sizes: z.sizes.clone(),
+                uncompressed_digest: z.uncompressed_digest.clone(),
+            }),
         };
         if let Err(e) = spec.validate() {
             panic!("annotations accepted for {desc:?} give a chunk table dedupd refuses: {e}");

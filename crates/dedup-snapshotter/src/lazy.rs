@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use image_convert::annotations::{is_erofs_native, LazyLayer};
+use image_convert::annotations::{is_erofs_native, is_erofs_zstd, LazyLayer};
 use registry::Descriptor;
 use snapshotter::{Attached, RemoteLayer, RemoteLayers, StreamedLayer};
 
@@ -137,14 +137,14 @@ impl RemoteLayers for Lazy {
             .iter()
             .find(|d| &d.digest == digest)
             .ok_or_else(|| format!("manifest {manifest} of {image_ref} has no layer {digest}"))?;
-        if !is_erofs_native(&desc.media_type) || self.fetch.is_none() {
+        if !(is_erofs_native(&desc.media_type) || is_erofs_zstd(&desc.media_type)) || self.fetch.is_none() {
             return Ok(None);
         }
         let lazy = match LazyLayer::from_descriptor(desc) {
             Ok(l) => l,
             Err(why) => {
                 // An EROFS layer from another tool: containerd downloads it and our
-                // differ keeps it as is.
+                // differ keeps it as is (decompressing a `+zstd` one).
                 tracing::info!(%digest, why, "EROFS layer without a chunk table: not lazy");
                 return Ok(None);
             }
@@ -152,9 +152,17 @@ impl RemoteLayers for Lazy {
         let reference = registry::Reference::parse(image_ref).map_err(|e| e.to_string())?;
         let mut prefetch: Vec<u32> = lazy.metadata_chunks().collect();
         prefetch.extend(lazy.prefetch.iter().filter(|c| !lazy.metadata_chunks().contains(c)));
+        // The daemon serves (and caches) the uncompressed image; a compressed blob's
+        // frames are what it fetches, one per chunk.
+        let compressed = lazy.zstd.as_ref().map(|z| fetch_api::ChunkCompression {
+            algorithm: fetch_api::CompressionAlgorithm::Zstd,
+            sizes: z.sizes.clone(),
+            uncompressed_digest: z.uncompressed_digest.clone(),
+        });
+        let size = lazy.image_size();
         let spec = fetch_api::BlobSpec {
             digest: lazy.digest.clone(),
-            size: lazy.size,
+            size,
             chunk_size: lazy.chunk_size,
             chunk_digests: lazy.chunk_digests,
             prefetch,
@@ -162,10 +170,11 @@ impl RemoteLayers for Lazy {
                 registry: reference.registry().to_string(),
                 repository: reference.repository().to_string(),
             },
+            compressed,
         };
         Ok(Some(RemoteLayer {
             digest: lazy.digest,
-            size: lazy.size,
+            size,
             spec: serde_json::to_value(&spec).map_err(|e| e.to_string())?,
         }))
     }

@@ -675,6 +675,12 @@ struct ConvertImageArgs {
     /// (application/vnd.oci.image.layer.v1.erofs); `erofs` is application/vnd.erofs.layer.v1.
     #[arg(long, default_value = "erofs")]
     layer_media_type: String,
+    /// Compress each chunk on the wire: `zstd[:LEVEL]` pushes every layer as one zstd frame per
+    /// chunk plus a zstd seekable-format seek table, under the media type with `+zstd` (pulled by
+    /// our differ and our lazy path, not by containerd's EROFS differ); `none` pushes the image as
+    /// it is. The default level keeps the python image under 1.2x its gzip size (README.md).
+    #[arg(long, value_parser = parse_chunk_compression, default_value = "none")]
+    chunk_compression: ChunkCompression,
     /// Pack small files and tails after their inodes. Off by default here: inline data would
     /// spread the inodes a start looks up over many more chunks to fetch.
     #[arg(long)]
@@ -682,6 +688,35 @@ struct ConvertImageArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `--chunk-compression`: the zstd level, if any (a newtype: clap takes an `Option` field
+/// for an optional argument).
+#[derive(Debug, Clone, Copy)]
+struct ChunkCompression(Option<i32>);
+
+/// `none` or `zstd[:LEVEL]` (see `--chunk-compression`).
+fn parse_chunk_compression(s: &str) -> std::result::Result<ChunkCompression, String> {
+    let (algo, level) = match s.split_once(':') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    match (algo, level) {
+        ("none", None) => Ok(ChunkCompression(None)),
+        ("zstd", None) => Ok(ChunkCompression(Some(image_convert::zstd_chunks::DEFAULT_LEVEL))),
+        ("zstd", Some(l)) => {
+            let range = image_convert::zstd_chunks::level_range();
+            match l.parse::<i32>() {
+                Ok(n) if range.contains(&n) => Ok(ChunkCompression(Some(n))),
+                _ => Err(format!(
+                    "zstd level {l:?} is not a number from {} to {}",
+                    range.start(),
+                    range.end()
+                )),
+            }
+        }
+        _ => Err(format!("{s:?}: expected none, zstd or zstd:LEVEL")),
+    }
 }
 
 fn convert_image(a: ConvertImageArgs) -> Result<()> {
@@ -718,6 +753,7 @@ fn convert_image(a: ConvertImageArgs) -> Result<()> {
             "oci" => image_convert::annotations::OCI_EROFS_LAYER_MEDIA_TYPE.to_string(),
             other => other.to_string(),
         },
+        chunk_zstd_level: a.chunk_compression.0,
     };
     let report = image_convert::convert_image(&client, &src, &dst, &opts)?;
     if a.json {
@@ -725,12 +761,13 @@ fn convert_image(a: ConvertImageArgs) -> Result<()> {
     } else {
         for (i, l) in report.layers.iter().enumerate() {
             println!(
-                "layer {}: {} ({} bytes) -> {} ({} bytes, metadata {} bytes, {} chunks, {} prefetch), {:.2} s",
+                "layer {}: {} ({} bytes) -> {} ({} bytes, image {} bytes, metadata {} bytes, {} chunks, {} prefetch), {:.2} s",
                 i + 1,
                 l.source_digest,
                 l.source_size,
                 l.digest,
                 l.size,
+                l.uncompressed_size,
                 l.data_offset,
                 l.chunks,
                 l.prefetch_chunks.len(),

@@ -6,7 +6,8 @@
 //!   `layer.erofs` carries the UUID the differ derives from the compressed blob's digest (a Commit-time conversion
 //!   would carry the snapshot id), passes fsck.erofs, and leaves `fs/` empty; the top view equals the same image
 //!   unpacked by containerd's builtin overlayfs snapshotter, entry by entry.
-//! - Native EROFS layers (`application/vnd.erofs.layer.v1`, `+zstd`; `+gzip` refused).
+//! - Native EROFS layers (`application/vnd.erofs.layer.v1`, `+zstd` as one stream or as convert-image's
+//!   `--chunk-compression zstd` frames with a seek table; `+gzip` refused).
 //! - Round trips Compare -> Apply through the erofs differ (our snapshots) and through the walking differ
 //!   (containerd's overlayfs snapshotter), with every kind of change an upper dir can hold.
 //! - Fall-through: a daemon with `--differs erofs` answers Unimplemented for mounts that are not its own.
@@ -624,11 +625,21 @@ fn native_erofs_layers() {
     host_sh(&format!("zstd -q -c {} > {}", image.display(), zst.display()));
     let gz = work.join("busybox.erofs.gz");
     host_sh(&format!("gzip -c {} > {}", image.display(), gz.display()));
+    // convert-image's compressed chunks: a frame per 4 KiB chunk, then the seek table (a skippable frame),
+    // under the OCI type `--layer-media-type oci` pushes.
+    let chunks = work.join("busybox.erofs.chunks.zst");
+    let c = image_convert::zstd_chunks::compress_chunks(&image, &chunks, 4096, 3).unwrap();
+    assert!(c.sizes.len() > 100, "{} frames", c.sizes.len());
 
     let mut failures = Vec::new();
     for (file, mt, key) in [
         (&image, EROFS_LAYER.to_string(), "native-plain"),
         (&zst, format!("{EROFS_LAYER}+zstd"), "native-zstd"),
+        (
+            &chunks,
+            image_convert::annotations::OCI_EROFS_ZSTD_LAYER_MEDIA_TYPE.to_string(),
+            "native-chunks",
+        ),
     ] {
         let digest = t.ingest(file);
         let out = t.dc_raw(Some(&t.our_sock()), "dedup", &["apply", &digest, &mt, "", key]);

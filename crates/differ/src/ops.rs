@@ -84,7 +84,7 @@ fn classify(mt: &str) -> Result<Media> {
                 zstd: true,
             }),
             Some(s) => Err(DiffError::InvalidArgument(format!(
-                "EROFS layer compressed with {s:?} is not supported"
+                "{mt}: EROFS layer compressed with {s:?} is not supported (only +zstd is)"
             ))),
         };
     }
@@ -475,5 +475,42 @@ mod tests {
         assert!(matches!(encrypted, Err(DiffError::NotImplemented(_))));
         let vendor = classify("application/vnd.example.layer");
         assert!(matches!(vendor, Err(DiffError::NotImplemented(_))));
+    }
+
+    #[test]
+    fn erofs_layers_plain_or_zstd() {
+        for (mt, want_base, want_zstd) in [
+            (
+                "application/vnd.erofs.layer.v1",
+                "application/vnd.erofs.layer.v1",
+                false,
+            ),
+            // convert-image --chunk-compression zstd, both types (the frames and seek
+            // table decode as one zstd stream).
+            (
+                "application/vnd.erofs.layer.v1+zstd",
+                "application/vnd.erofs.layer.v1",
+                true,
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.erofs+zstd",
+                "application/vnd.oci.image.layer.v1.erofs",
+                true,
+            ),
+        ] {
+            match classify(mt) {
+                Ok(Media::Erofs { base, zstd }) => assert_eq!((base.as_str(), zstd), (want_base, want_zstd), "{mt}"),
+                _ => panic!("{mt} is not an EROFS layer"),
+            }
+        }
+        for mt in [
+            "application/vnd.erofs.layer.v1+gzip",
+            "application/vnd.oci.image.layer.v1.erofs+zstd+encrypted",
+        ] {
+            match classify(mt) {
+                Err(DiffError::InvalidArgument(m)) => assert!(m.contains("only +zstd"), "{m}"),
+                _ => panic!("{mt} is not refused"),
+            }
+        }
     }
 }

@@ -115,6 +115,8 @@ pub struct Blob {
     paths: BlobPaths,
     /// Marked for pre-content events (fanotify data path).
     pub(crate) marked: AtomicBool,
+    /// The registry blob's range holding each chunk (its compressed frame when the chunks are compressed).
+    fetch_ranges: Vec<(u64, u64)>,
 }
 
 struct BlobPaths {
@@ -435,6 +437,7 @@ impl Daemon {
             fetched_bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             marked: AtomicBool::new(false),
+            fetch_ranges: spec.fetch_ranges(),
             hex,
             ino,
             repo,
@@ -872,17 +875,17 @@ impl Daemon {
         Ok(true)
     }
 
-    /// One range request for chunk `i`, verified against its digest. Nothing that fails the check
-    /// leaves this function.
+    /// One range request for chunk `i` (its compressed frame, when the chunks are compressed), decoded and
+    /// verified against the chunk's digest. Nothing that fails the check leaves this function.
     fn fetch_chunk(&self, blob: &Blob, i: u64, mode: Mode) -> Result<Vec<u8>, String> {
-        let (start, end) = blob.spec.chunk_range(i);
+        let (start, end) = blob.fetch_ranges[i as usize];
         let len = end - start;
         let _slot = self.slots.acquire(mode == Mode::Background);
         let began = Instant::now();
         self.metrics.fetches.inc();
         let result = self.client.get_blob_range(&blob.repo, &blob.spec.digest, start, len);
         self.metrics.observe_fetch(began.elapsed());
-        let bytes = match result {
+        let raw = match result {
             Ok(b) if b.len() as u64 == len => b,
             Ok(b) => {
                 self.metrics.fetched_bytes.inc_by(b.len() as u64);
@@ -894,16 +897,23 @@ impl Daemon {
         self.metrics.fetched_bytes.inc_by(len);
         blob.fetched_bytes.fetch_add(len, Ordering::Relaxed);
         let expected = &blob.spec.chunk_digests[i as usize];
-        let got = sha256_hex(&bytes);
-        if got != *expected {
-            self.metrics.verify_failures.inc();
-            blob.errors.fetch_add(1, Ordering::Relaxed);
-            error!(digest = %blob.spec.digest, chunk = i, range = %format!("{start}-{end}"), expected = %expected,
-                got = %got, "fetched chunk does not match its digest: discarded");
-            return Err(format!("chunk {i} digest mismatch: expected {expected}, got {got}"));
+        // A frame that does not decode to exactly the chunk's length is as bad as wrong bytes.
+        let decoded = blob.spec.decode_chunk(i, raw);
+        let got = decoded.as_ref().map(|b| sha256_hex(b));
+        match decoded {
+            Ok(bytes) if got.as_deref() == Ok(expected.as_str()) => {
+                debug!(digest = %blob.spec.digest, chunk = i, bytes = len, took = ?began.elapsed(), "fetched chunk");
+                Ok(bytes)
+            }
+            _ => {
+                let got = got.unwrap_or_else(|e| format!("undecodable ({e})"));
+                self.metrics.verify_failures.inc();
+                blob.errors.fetch_add(1, Ordering::Relaxed);
+                error!(digest = %blob.spec.digest, chunk = i, range = %format!("{start}-{end}"), expected = %expected,
+                    got = %got, "fetched chunk does not match its digest: discarded");
+                Err(format!("chunk {i} digest mismatch: expected {expected}, got {got}"))
+            }
         }
-        debug!(digest = %blob.spec.digest, chunk = i, bytes = len, took = ?began.elapsed(), "fetched chunk");
-        Ok(bytes)
     }
 
     fn fetch_failed(&self, blob: &Blob, i: u64, msg: String) -> String {
@@ -995,8 +1005,8 @@ impl Daemon {
                     }
                 }
                 // Paid before the chunk is claimed: a read of the same chunk must never wait for the
-                // bandwidth limit, only for a fetch already on the wire.
-                let (start, end) = blob.spec.chunk_range(i);
+                // bandwidth limit, only for a fetch already on the wire. What the wire carries is paid.
+                let (start, end) = blob.fetch_ranges[i as usize];
                 self.bucket.take(end - start);
                 if gone() {
                     return;
@@ -1084,7 +1094,7 @@ fn verify_whole(blob: &Blob, metrics: &Metrics) {
     }
     let got = format!("sha256:{}", hex::encode(whole.finalize()));
     let mut st = blob.lock();
-    if got == blob.spec.digest && bad.is_empty() {
+    if got == blob.spec.content_digest() && bad.is_empty() {
         if let Err(e) = File::create(&blob.paths.verified).and_then(|f| f.sync_all()) {
             warn!(digest = %blob.spec.digest, error = %e, "cannot persist the verified marker");
         }

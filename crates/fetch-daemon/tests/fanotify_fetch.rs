@@ -269,3 +269,51 @@ fn a_verified_cache_corrupted_between_runs_is_checked_again_at_start() {
     drop_page_cache(&file);
     assert!(read_at(&file, MIB, 64).unwrap() == blob[MIB as usize..MIB as usize + 64]);
 }
+
+/// A blob whose chunks are stored as independent zstd frames: dedupd fetches each frame's range, decodes it
+/// into the cache file, verifies the chunk, and the whole file against the uncompressed digest. A frame that
+/// decodes to anything else is refused like a corrupt chunk.
+#[test]
+fn compressed_chunks_are_fetched_as_frames_and_served_uncompressed() {
+    // Compressible, so frames are really smaller than their chunks.
+    let plain: Vec<u8> = (0..(3 * MIB + 5000) as usize)
+        .map(|i| ((i / 512) % 251) as u8 ^ (i % 7) as u8)
+        .collect();
+    let frames: Vec<Vec<u8>> = plain
+        .chunks(MIB as usize)
+        .map(|c| zstd::bulk::compress(c, 3).unwrap())
+        .collect();
+    let wire: Vec<u8> = frames.concat();
+    assert!(wire.len() < plain.len() / 2);
+    let server = BlobServer::start(wire.clone());
+    let place = Place::new();
+    let d = fanotify(&place, &["--no-prefetch", "--read-deadline-secs", "3"]);
+    let mut spec = spec_for(&plain, MIB, &server.addr, "layers/zstd");
+    spec.digest = digest_of(&wire);
+    spec.compressed = Some(fetch_api::ChunkCompression {
+        algorithm: fetch_api::CompressionAlgorithm::Zstd,
+        sizes: frames.iter().map(|f| f.len() as u32).collect(),
+        uncompressed_digest: digest_of(&plain),
+    });
+    let reg = d.client.register(&spec).unwrap();
+    let file = std::fs::File::open(&reg.path).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), plain.len() as u64);
+    let fetched = d.metric("dedupd_fetched_bytes_total");
+    assert!(read_at(&file, 2 * MIB + 3, 100).unwrap() == plain[2 * MIB as usize + 3..2 * MIB as usize + 103]);
+    // Exactly the third frame went over the wire.
+    assert_eq!(d.metric("dedupd_fetched_bytes_total") - fetched, frames[2].len() as f64);
+    let seen = server.seen.lock().unwrap().clone();
+    let start = (frames[0].len() + frames[1].len()) as u64;
+    assert!(
+        seen.iter()
+            .any(|s| s.range == Some((start, start + frames[2].len() as u64 - 1))),
+        "no request for the third frame: {seen:?}"
+    );
+
+    server.set_mode(Mode::Corrupt);
+    assert!(eio(&read_at(&file, 10, 100)), "a corrupt frame was served");
+    server.set_mode(Mode::Good);
+    assert!(read_all(Path::new(&reg.path)) == plain);
+    let status = d.client.wait(&spec.digest, Duration::from_secs(30)).unwrap();
+    assert!(status.complete && status.verified, "{status:?}");
+}

@@ -58,6 +58,10 @@ pub struct ConvertOptions {
     /// unpacker treats only `application/vnd.oci.image.layer.*` (and Docker's) types as
     /// layers: it passes no snapshot labels for others, so they cannot be pulled lazily.
     pub layer_media_type: String,
+    /// Compress each chunk on the wire: `Some(level)` pushes each layer as one zstd
+    /// frame per chunk at this level plus a seek table, under the `+zstd` form of
+    /// `layer_media_type` ([`crate::zstd_chunks`]); `None` pushes the image as it is.
+    pub chunk_zstd_level: Option<i32>,
 }
 
 impl Default for ConvertOptions {
@@ -74,6 +78,7 @@ impl Default for ConvertOptions {
             },
             progress: false,
             layer_media_type: EROFS_LAYER_MEDIA_TYPE.to_string(),
+            chunk_zstd_level: None,
         }
     }
 }
@@ -85,9 +90,12 @@ pub struct ConvertedLayer {
     pub source_digest: String,
     pub source_media_type: String,
     pub source_size: u64,
-    /// The EROFS blob.
+    /// The pushed blob (the EROFS image, or its compressed chunks).
     pub digest: String,
     pub size: u64,
+    /// The EROFS image (the layer's diffID): the blob itself unless its chunks are compressed.
+    pub uncompressed_digest: String,
+    pub uncompressed_size: u64,
     /// Where file data starts (bytes before it are metadata).
     pub data_offset: u64,
     /// Verification chunks.
@@ -134,6 +142,16 @@ pub fn convert_image(
             "{} is not an EROFS-native layer media type",
             opts.layer_media_type
         )));
+    }
+    if let Some(level) = opts.chunk_zstd_level {
+        let range = crate::zstd_chunks::level_range();
+        if !range.contains(&level) {
+            return Err(Error::Invalid(format!(
+                "zstd level {level} is not in {}..={}",
+                range.start(),
+                range.end()
+            )));
+        }
     }
     let mut manifest = client.get_manifest(src)?;
     if registry::is_index(&manifest.media_type) {
@@ -185,11 +203,25 @@ pub fn convert_image(
         bar.set_prefix(format!("layer {}/{}", index + 1, layers.len()));
         let path = work.path().join(format!("layer-{index}.erofs"));
         let t = Instant::now();
-        let (data_offset, kept) = if annotations::is_erofs_native(&layer.media_type) {
+        let native = annotations::is_erofs_native(&layer.media_type);
+        let (data_offset, kept) = if native || annotations::is_erofs_zstd(&layer.media_type) {
             bar.set_message("copying (already EROFS)");
             let mut blob = client.get_blob(src_repo, &layer.digest)?;
             let mut out = File::create(&path)?;
-            io::copy(&mut bar.wrap_read(&mut blob), &mut out)?;
+            if native {
+                io::copy(&mut bar.wrap_read(&mut blob), &mut out)?;
+            } else {
+                // Compressed (chunk frames or one stream, either decodes in one pass):
+                // the image is what gets hashed, compressed again or not, and pushed.
+                let limit = opts.layer.max_size;
+                let mut dec = zstd::stream::read::Decoder::new(bar.wrap_read(&mut blob))?.take(limit + 1);
+                if io::copy(&mut dec, &mut out)? > limit {
+                    return Err(Error::Invalid(format!(
+                        "layer {index}: {} decompresses to more than {limit} bytes",
+                        layer.digest
+                    )));
+                }
+            }
             // Unknown layout: all of it counts as metadata, fetched before the mount.
             let offset = LazyLayer::from_descriptor(layer).map_or(layer.size, |l| l.data_offset);
             (offset, true)
@@ -219,13 +251,37 @@ pub fn convert_image(
         };
         let convert_seconds = t.elapsed().as_secs_f64();
         bar.set_message("hashing");
-        let (digest, size, chunk_digests) = hash_chunks(&path, opts.chunk_size)?;
+        let (image_digest, image_size, chunk_digests) = hash_chunks(&path, opts.chunk_size)?;
+        let (blob_path, digest, size, zstd) = match opts.chunk_zstd_level {
+            None => (path.clone(), image_digest.clone(), image_size, None),
+            Some(level) => {
+                bar.set_message(format!("compressing (zstd {level})"));
+                let zst = work.path().join(format!("layer-{index}.erofs.zst"));
+                let c = crate::zstd_chunks::compress_chunks(&path, &zst, opts.chunk_size, level)?;
+                if c.uncompressed_size != image_size {
+                    return Err(Error::Invalid(format!(
+                        "layer {index}: {} changed while it was compressed",
+                        path.display()
+                    )));
+                }
+                let zstd = annotations::ZstdChunks {
+                    sizes: c.sizes,
+                    uncompressed_size: image_size,
+                    uncompressed_digest: image_digest.clone(),
+                };
+                (zst, c.digest, c.size, Some(zstd))
+            }
+        };
         bar.set_length(size);
         bar.set_position(0);
         bar.set_message("pushing");
-        let push = client.push_blob(dst_repo, &digest, size, bar.wrap_read(File::open(&path)?))?;
+        let push = client.push_blob(dst_repo, &digest, size, bar.wrap_read(File::open(&blob_path)?))?;
+        if blob_path != path {
+            // Only the image stays: the prefetch lists and the layers above read it.
+            let _ = std::fs::remove_file(&blob_path);
+        }
         bar.finish_with_message(format!("{digest:.19}… {size} bytes"));
-        info!(index, source = %layer.digest, %digest, size, data_offset, "layer converted");
+        info!(index, source = %layer.digest, %digest, size, image_size, data_offset, "layer converted");
         converted.push((
             LazyLayer {
                 digest: digest.clone(),
@@ -234,6 +290,7 @@ pub fn convert_image(
                 chunk_size: opts.chunk_size,
                 chunk_digests,
                 prefetch: Vec::new(),
+                zstd,
             },
             ConvertedLayer {
                 source_digest: layer.digest.clone(),
@@ -241,8 +298,10 @@ pub fn convert_image(
                 source_size: layer.size,
                 digest,
                 size,
+                uncompressed_digest: image_digest,
+                uncompressed_size: image_size,
                 data_offset,
-                chunks: size.div_ceil(opts.chunk_size),
+                chunks: image_size.div_ceil(opts.chunk_size),
                 prefetch_chunks: Vec::new(),
                 prefetch_files: Vec::new(),
                 convert_seconds,
@@ -294,15 +353,24 @@ pub fn convert_image(
             a.insert(annotations::SOURCE_DIGEST.into(), src_layer.digest.clone());
             a.insert(annotations::SOURCE_MEDIA_TYPE.into(), src_layer.media_type.clone());
             json!({
-                "mediaType": opts.layer_media_type,
+                "mediaType": if lazy.zstd.is_some() {
+                    zstd_media_type(&opts.layer_media_type)
+                } else {
+                    opts.layer_media_type.clone()
+                },
                 "digest": lazy.digest,
                 "size": lazy.size,
                 "annotations": a,
             })
         })
         .collect();
-    config["rootfs"]["diff_ids"] =
-        Value::Array(converted.iter().map(|(l, _)| Value::String(l.digest.clone())).collect());
+    // containerd checks each diffID against the digest Apply returns: the image's.
+    config["rootfs"]["diff_ids"] = Value::Array(
+        converted
+            .iter()
+            .map(|(l, _)| Value::String(l.image_digest().to_string()))
+            .collect(),
+    );
     let config_bytes = serde_json::to_vec(&config).map_err(|e| Error::Invalid(e.to_string()))?;
     let config_digest = registry::sha256_digest(&config_bytes);
     client.push_blob(dst_repo, &config_digest, config_bytes.len() as u64, &config_bytes[..])?;
@@ -336,6 +404,14 @@ pub fn convert_image(
         layers: converted.into_iter().map(|(_, c)| c).collect(),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The `+zstd` form of an EROFS layer media type (its parameters kept after it).
+fn zstd_media_type(media_type: &str) -> String {
+    match media_type.split_once(';') {
+        Some((base, params)) => format!("{}+zstd;{params}", base.trim_end()),
+        None => format!("{media_type}+zstd"),
+    }
 }
 
 /// The blob's digest and size, and the sha256 of each `chunk`-sized piece.

@@ -10,13 +10,16 @@
 //! first. The annotations are part of the manifest, whose digest the client
 //! verifies, so the chunk table is as trustworthy as the image reference.
 //!
-//! The image config's `rootfs.diff_ids` become the EROFS blob digests: an EROFS
-//! layer is not compressed, so its diff id is its digest (what containerd's EROFS
-//! differ reports when it applies such a layer as is).
+//! The image config's `rootfs.diff_ids` become the EROFS image digests: an
+//! uncompressed EROFS layer's diff id is its blob digest (what containerd's EROFS
+//! differ reports when it applies such a layer as is). With compressed chunks on the
+//! wire ([`zstd_chunks`], `+zstd` media types) the blob is one zstd frame per chunk and
+//! the diff id is the uncompressed image's digest.
 
 pub mod annotations;
 mod convert;
 mod prefetch;
+pub mod zstd_chunks;
 
 pub use annotations::{LazyLayer, EROFS_LAYER_MEDIA_TYPE};
 pub use convert::{convert_image, ConvertOptions, ConvertReport, ConvertedLayer, Error};
