@@ -127,6 +127,28 @@ impl Lazy {
     }
 }
 
+/// What dedupd is asked to serve for a lazy layer: the EROFS image (uncompressed size and
+/// chunk table), the metadata chunks first, then the layer's prefetch list; for a `+zstd`
+/// layer, the frame sizes it fetches each chunk by.
+fn blob_spec(lazy: LazyLayer, source: fetch_api::Source) -> fetch_api::BlobSpec {
+    let mut prefetch: Vec<u32> = lazy.metadata_chunks().collect();
+    prefetch.extend(lazy.prefetch.iter().filter(|c| !lazy.metadata_chunks().contains(c)));
+    let compressed = lazy.zstd.as_ref().map(|z| fetch_api::ChunkCompression {
+        algorithm: fetch_api::CompressionAlgorithm::Zstd,
+        sizes: z.sizes.clone(),
+        uncompressed_digest: z.uncompressed_digest.clone(),
+    });
+    fetch_api::BlobSpec {
+        size: lazy.image_size(),
+        digest: lazy.digest,
+        chunk_size: lazy.chunk_size,
+        chunk_digests: lazy.chunk_digests,
+        prefetch,
+        source,
+        compressed,
+    }
+}
+
 impl RemoteLayers for Lazy {
     fn resolve(&self, labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>, String> {
         let Some((digest, image_ref, manifest)) = cri_labels(labels) else {
@@ -150,31 +172,14 @@ impl RemoteLayers for Lazy {
             }
         };
         let reference = registry::Reference::parse(image_ref).map_err(|e| e.to_string())?;
-        let mut prefetch: Vec<u32> = lazy.metadata_chunks().collect();
-        prefetch.extend(lazy.prefetch.iter().filter(|c| !lazy.metadata_chunks().contains(c)));
-        // The daemon serves (and caches) the uncompressed image; a compressed blob's
-        // frames are what it fetches, one per chunk.
-        let compressed = lazy.zstd.as_ref().map(|z| fetch_api::ChunkCompression {
-            algorithm: fetch_api::CompressionAlgorithm::Zstd,
-            sizes: z.sizes.clone(),
-            uncompressed_digest: z.uncompressed_digest.clone(),
-        });
-        let size = lazy.image_size();
-        let spec = fetch_api::BlobSpec {
-            digest: lazy.digest.clone(),
-            size,
-            chunk_size: lazy.chunk_size,
-            chunk_digests: lazy.chunk_digests,
-            prefetch,
-            source: fetch_api::Source {
-                registry: reference.registry().to_string(),
-                repository: reference.repository().to_string(),
-            },
-            compressed,
+        let source = fetch_api::Source {
+            registry: reference.registry().to_string(),
+            repository: reference.repository().to_string(),
         };
+        let spec = blob_spec(lazy, source);
         Ok(Some(RemoteLayer {
-            digest: lazy.digest,
-            size,
+            digest: spec.digest.clone(),
+            size: spec.size,
             spec: serde_json::to_value(&spec).map_err(|e| e.to_string())?,
         }))
     }
@@ -252,5 +257,61 @@ impl RemoteLayers for Lazy {
             // before it records anything.
             reader: Box::new(blob.into_unverified()),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image_convert::annotations::{ZstdChunks, OCI_EROFS_ZSTD_LAYER_MEDIA_TYPE};
+
+    #[test]
+    fn compressed_layers_are_served_uncompressed() {
+        // What convert-image annotates: 3 chunks of an image of 2.5 chunks, metadata in
+        // the first one, chunk 2 prefetched; 3 frames in a blob of 5000 bytes.
+        let lazy = LazyLayer {
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            size: 5000,
+            data_offset: 4096,
+            chunk_size: 4096,
+            chunk_digests: (0..3).map(|i| format!("{i:02x}").repeat(32)).collect(),
+            prefetch: vec![2, 0],
+            zstd: Some(ZstdChunks {
+                sizes: vec![1500, 3000, 300],
+                uncompressed_size: 10240,
+                uncompressed_digest: format!("sha256:{}", "cd".repeat(32)),
+            }),
+        };
+        let desc = Descriptor {
+            media_type: OCI_EROFS_ZSTD_LAYER_MEDIA_TYPE.into(),
+            digest: lazy.digest.clone(),
+            size: lazy.size,
+            platform: None,
+            annotations: Some(lazy.annotations()),
+        };
+        let lazy = LazyLayer::from_descriptor(&desc).unwrap();
+        let source = fetch_api::Source {
+            registry: "127.0.0.1:5000".into(),
+            repository: "app".into(),
+        };
+        let spec = blob_spec(lazy.clone(), source.clone());
+        spec.validate().unwrap();
+        assert_eq!(spec.digest, lazy.digest, "fetched and named by the registry blob");
+        assert_eq!(spec.size, 10240, "the cache file is the image");
+        assert_eq!(spec.content_digest(), format!("sha256:{}", "cd".repeat(32)));
+        assert_eq!(spec.prefetch, vec![0, 2]);
+        assert_eq!(spec.fetch_ranges(), vec![(0, 1500), (1500, 4500), (4500, 4800)]);
+
+        // A plain layer: no compression, the blob is the image.
+        let plain = LazyLayer {
+            zstd: None,
+            size: 10240,
+            ..lazy
+        };
+        let spec = blob_spec(plain, source);
+        spec.validate().unwrap();
+        assert!(spec.compressed.is_none());
+        assert_eq!(spec.size, 10240);
+        assert_eq!(spec.content_digest(), spec.digest);
     }
 }
