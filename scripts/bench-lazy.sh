@@ -199,7 +199,8 @@ if "$BIN" record --help >/dev/null 2>&1; then
     dc -cri-labels pull "$P/python:lazy" >/dev/null
     "$BIN" record --fetch-socket "$DEDUPD_DIR/dedupd.sock" --containerd "$E2E_CONTAINERD_SOCK" --namespace "$NS" \
         --output "$ENV_DIR/prefetch.txt" "$P/python:lazy" -- "${CMD[@]}" 2>>"$ENV_DIR/logs/record.log"
-    log "recorded $(wc -l <"$ENV_DIR/prefetch.txt") files the start reads"
+    # One line per range (PATH<TAB>START+LEN): the files are the distinct paths.
+    log "recorded $(wc -l <"$ENV_DIR/prefetch.txt") ranges of $(cut -f1 "$ENV_DIR/prefetch.txt" | sort -u | wc -l) files the start reads"
     convert list --prefetch "$ENV_DIR/prefetch.txt" >"$ENV_DIR/convert-list.json"
     first_output lazy_list dedup "$P/python:list" dc -cri-labels pull "$P/python:list"
     MODES="$MODES lazy_list"

@@ -190,8 +190,13 @@ enum Command {
         #[arg(required = true)]
         layers: Vec<String>,
     },
-    /// Record which files a container start reads, in order (for `convert-image --prefetch`): traces
-    /// the fetch daemon's reads while the image (already pulled lazily) runs once, and maps them to paths.
+    /// Record which parts of which files a container start reads, in order (for `convert-image
+    /// --prefetch`): traces the fetch daemon's reads while the image (already pulled lazily) runs once,
+    /// with readahead off, and maps them to the file blocks they hold. Output: one `PATH<TAB>START+LEN`
+    /// line per range (decimal bytes of the file at the absolute PATH, 4 KiB aligned, the last one cut
+    /// at the end of the file), in order of first read, each place once (overlapping or adjacent ranges
+    /// of a file merged, at the earliest one's place). A bare `PATH` line, which convert-image also
+    /// takes, means the whole file.
     Record {
         /// The fetch daemon's (dedupd) control socket.
         #[arg(long)]
@@ -205,12 +210,18 @@ enum Command {
         /// The snapshotter the image was pulled with.
         #[arg(long, default_value = "dedup")]
         snapshotter: String,
-        /// Write the paths here instead of standard output.
+        /// Write the list here instead of standard output.
         #[arg(long)]
         output: Option<PathBuf>,
-        /// Print a JSON report (paths, accesses, bytes_read, blobs) instead of the path list.
+        /// Print a JSON report (paths, ranges, bytes_listed, bytes_of_files, accesses, bytes_read, blobs,
+        /// readahead_off) instead of the list.
         #[arg(long)]
         json: bool,
+        /// Leave readahead on during the run. By default `read_ahead_kb` is 0, for the run only, on every
+        /// file-backed EROFS mount's backing device (/sys/class/bdi/erofs-*): their readahead would add up
+        /// to 128 KiB the start never read around each read.
+        #[arg(long)]
+        keep_readahead: bool,
         /// The image, already pulled lazily with the snapshotter.
         image: String,
         /// The command to run in the container, after `--`.
@@ -436,6 +447,7 @@ fn run(cli: Cli) -> Result<()> {
             snapshotter,
             output,
             json,
+            keep_readahead,
             image,
             command,
         } => record::record(record::RecordArgs {
@@ -445,6 +457,7 @@ fn run(cli: Cli) -> Result<()> {
             snapshotter,
             output,
             json,
+            keep_readahead,
             image,
             command,
         }),
@@ -650,8 +663,11 @@ struct ConvertImageArgs {
     /// but 3.0x instead of 5.2x sooner than a full pull).
     #[arg(long, value_parser = parse_size, default_value = "128K")]
     chunk_size: u64,
-    /// A file of absolute paths (one per line, e.g. from `record`) whose data a start reads
-    /// first: their chunks become each layer's prefetch list.
+    /// What a start reads first (e.g. `record`'s output): the chunks of the converted layers holding
+    /// it become each layer's prefetch list, in the list's order. One entry a line: `PATH<TAB>START+LEN`
+    /// (bytes of the file at the absolute PATH, decimal) or a bare `PATH` (the whole file); the path is
+    /// what precedes the last TAB, spaces included. `#` comments and blank lines are skipped; anything
+    /// else is an error. A path is looked up in the topmost layer that has it.
     #[arg(long)]
     prefetch: Option<PathBuf>,
     /// Where converted layers are kept until they are pushed (default: $TMPDIR).
@@ -732,13 +748,11 @@ fn convert_image(a: ConvertImageArgs) -> Result<()> {
     let dst = registry::Reference::parse(&a.dst).with_context(|| format!("target {}", a.dst))?;
     let prefetch_paths = match &a.prefetch {
         None => Vec::new(),
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("reading {}", p.display()))?
-            .lines()
-            .map(str::trim)
-            .filter(|l| l.starts_with('/'))
-            .map(String::from)
-            .collect(),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            image_convert::parse_prefetch_list(&text)
+                .map_err(|e| anyhow::anyhow!("prefetch list {}: {e}", p.display()))?
+        }
     };
     let mut layer = layer_convert::Options::from_env();
     layer.inline_data = a.inline;

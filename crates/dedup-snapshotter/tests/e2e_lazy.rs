@@ -484,6 +484,84 @@ fn check_paths(paths: &[String], python: &str) {
     );
 }
 
+/// The paths of a prefetch list, each once, in first-listed order.
+fn distinct_paths(entries: &[image_convert::PrefetchEntry]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    entries
+        .iter()
+        .filter(|e| seen.insert(e.path.clone()))
+        .map(|e| e.path.clone())
+        .collect()
+}
+
+/// Sizes of these files of the lazy image, from `stat` in a container.
+fn file_sizes(l: &Lazy, paths: &[String]) -> std::collections::HashMap<String, u64> {
+    let mut args = vec!["stat", "-c", "%s %n", "--"];
+    args.extend(paths.iter().map(String::as_str));
+    let out = l.run(&l.lazy, "record-sizes", &args);
+    let sizes: std::collections::HashMap<String, u64> = out
+        .lines()
+        .map(|line| {
+            let (size, path) = line.split_once(' ').unwrap_or_else(|| panic!("stat printed {line:?}"));
+            (path.to_string(), size.parse().unwrap())
+        })
+        .collect();
+    for p in paths {
+        assert!(sizes.contains_key(p), "no size for {p}: {out}");
+    }
+    sizes
+}
+
+/// Checks `record`'s ranges: each 4 KiB aligned (the end at a block or the end of the file), inside its file, no
+/// place of a file listed twice or split into touching ranges. Returns the bytes listed.
+fn check_ranges(entries: &[image_convert::PrefetchEntry], sizes: &std::collections::HashMap<String, u64>) -> u64 {
+    let mut total = 0;
+    for (i, e) in entries.iter().enumerate() {
+        let (start, len) = e
+            .range
+            .unwrap_or_else(|| panic!("record listed {} without a range", e.path));
+        let (end, size) = (start + len, sizes[&e.path]);
+        assert!(
+            len > 0 && start % 4096 == 0 && (end % 4096 == 0 || end == size),
+            "{e}: not 4 KiB aligned"
+        );
+        assert!(end <= size, "{e}: beyond the end of the file ({size} bytes)");
+        for o in &entries[..i] {
+            let (s, l) = o.range.unwrap();
+            assert!(
+                o.path != e.path || s + l < start || end < s,
+                "{e} overlaps or touches the earlier {o}"
+            );
+        }
+        total += len;
+    }
+    total
+}
+
+/// `convert-image --prefetch LIST` of the test's source image to `python:TAG`; its JSON report.
+fn convert_with_prefetch(l: &Lazy, list: &Path, tag: &str) -> serde_json::Value {
+    let out = bin()
+        .arg("convert-image")
+        .arg("--prefetch")
+        .arg(list)
+        .args(["--layer-media-type", "oci", "--json", &l.source])
+        .arg(format!("{}/python:{tag}", l.env.registry))
+        .output()
+        .expect("spawn convert-image --prefetch");
+    assert!(out.status.success(), "{}", describe("convert-image --prefetch", &out));
+    serde_json::from_slice(&out.stdout).expect("convert-image JSON")
+}
+
+/// Prefetch chunks over all layers of a `convert-image --json` report.
+fn prefetch_chunk_count(converted: &serde_json::Value) -> usize {
+    converted["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["prefetch_chunks"].as_array().map_or(0, Vec::len))
+        .sum()
+}
+
 fn sha_in(l: &Lazy, id: &str, path: &str) -> Output {
     l.run_raw(&l.lazy, id, &["sha256sum", path])
 }
@@ -756,7 +834,7 @@ fn record_lists_the_files_a_start_reads_and_feeds_prefetch() {
     let _serial = e2e::serial();
     // Nothing is fetched unless read: what the start reads is all the daemon sees.
     let l = Lazy::start("oci", 0, &["--no-prefetch"]);
-    let (env, dedupd, lazy, source) = (&l.env, &l.dedupd, l.lazy.clone(), l.source.clone());
+    let (env, dedupd, lazy) = (&l.env, &l.dedupd, l.lazy.clone());
     l.dc(&["-cri-labels", "pull", &lazy]);
     let blobs = dedupd.blobs();
     assert!(
@@ -764,12 +842,14 @@ fn record_lists_the_files_a_start_reads_and_feeds_prefetch() {
         "the pull was not lazy (the layers should be registered with dedupd, not fetched): {blobs:?}"
     );
 
-    // First recording: the path list, to a file.
+    // First recording (readahead off, the default): the range list, to a file.
     let work = tempfile::Builder::new().prefix("record.").tempdir_in("/tmp").unwrap();
-    let list = work.path().join("paths.txt");
+    let list = work.path().join("ranges.txt");
     record(env, &lazy, &["--output", list.to_str().unwrap()]);
     let text = fs::read_to_string(&list).expect("read the recorded list");
-    let paths: Vec<String> = text.lines().map(str::to_string).collect();
+    let entries = image_convert::parse_prefetch_list(&text)
+        .unwrap_or_else(|e| panic!("record wrote a list convert-image cannot read: {e}\n{text}"));
+    let paths = distinct_paths(&entries);
 
     // /usr/bin/python3 is a symlink; the data read belongs to the file it names.
     let python = l
@@ -781,15 +861,33 @@ fn record_lists_the_files_a_start_reads_and_feeds_prefetch() {
         "readlink -f /usr/bin/python3: {python:?}"
     );
     eprintln!(
-        "e2e: {} paths recorded for the python start:\n  {}",
+        "e2e: {} ranges of {} paths recorded for the python start:\n  {}",
+        entries.len(),
         paths.len(),
-        paths.join("\n  ")
+        text.lines().collect::<Vec<_>>().join("\n  ")
     );
     check_paths(&paths, &python);
+    let sizes = file_sizes(&l, &paths);
+    let listed = check_ranges(&entries, &sizes);
+    let whole: u64 = paths.iter().map(|p| sizes[p]).sum();
+    let python_listed: u64 = entries
+        .iter()
+        .filter(|e| e.path == python)
+        .map(|e| e.range.unwrap().1)
+        .sum();
+    eprintln!(
+        "e2e: readahead off: {listed} bytes listed of {whole} bytes of whole files; python {python_listed} of {}",
+        sizes[&python]
+    );
+    // The binary is mapped, and the start faults in only the pages it runs.
+    assert!(
+        python_listed < sizes[&python],
+        "the python binary {python} was recorded whole ({python_listed} bytes): {text}"
+    );
 
-    // Second recording, as JSON: everything is local now, but reads still go through FUSE once the cache is
-    // dropped, so the same start lists the same binary.
-    let out = record(env, &lazy, &["--json"]);
+    // Second recording, as JSON, readahead left on: everything is local now, but reads still reach the daemon once
+    // the cache is dropped, so the same start lists the same binary, plus what readahead added.
+    let out = record(env, &lazy, &["--json", "--keep-readahead"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("record --json output");
     let paths2: Vec<String> = report["paths"]
         .as_array()
@@ -798,6 +896,25 @@ fn record_lists_the_files_a_start_reads_and_feeds_prefetch() {
         .map(|p| p.as_str().unwrap().to_string())
         .collect();
     check_paths(&paths2, &python);
+    let entries2: Vec<image_convert::PrefetchEntry> = report["ranges"]
+        .as_array()
+        .expect("ranges")
+        .iter()
+        .map(|r| image_convert::PrefetchEntry {
+            path: r["path"].as_str().unwrap().to_string(),
+            range: Some((r["start"].as_u64().unwrap(), r["len"].as_u64().unwrap())),
+        })
+        .collect();
+    assert_eq!(distinct_paths(&entries2), paths2, "{report}");
+    let sizes2 = file_sizes(&l, &paths2);
+    let listed2 = check_ranges(&entries2, &sizes2);
+    assert_eq!(report["bytes_listed"].as_u64(), Some(listed2), "{report}");
+    assert_eq!(
+        report["bytes_of_files"].as_u64(),
+        Some(paths2.iter().map(|p| sizes2[p]).sum::<u64>()),
+        "{report}"
+    );
+    assert_eq!(report["readahead_off"].as_array().map(Vec::len), Some(0), "{report}");
     assert!(report["accesses"].as_u64().unwrap() > 0, "{report}");
     assert!(report["bytes_read"].as_u64().unwrap() > 0, "{report}");
     let layer_digests: HashSet<String> = blobs.iter().map(|b| b.digest.clone()).collect();
@@ -811,47 +928,54 @@ fn record_lists_the_files_a_start_reads_and_feeds_prefetch() {
         );
     }
     eprintln!(
-        "e2e: second recording: {} paths, {} accesses, {} bytes, blobs {}",
+        "e2e: readahead kept: {} ranges of {} paths, {listed2} bytes listed of {} bytes of whole files, {} accesses, \
+         {} bytes read, blobs {}",
+        entries2.len(),
         paths2.len(),
+        report["bytes_of_files"],
         report["accesses"],
         report["bytes_read"],
         serde_json::Value::Array(report_blobs.clone())
     );
 
-    // The list drives convert-image's prefetch: the python layer gets chunks, and the binary among its files.
-    let out = bin()
-        .arg("convert-image")
-        .arg("--prefetch")
-        .arg(&list)
-        .args(["--layer-media-type", "oci", "--json", &source])
-        .arg(format!("{}/python:prefetch", env.registry))
-        .output()
-        .expect("spawn convert-image --prefetch");
-    assert!(out.status.success(), "{}", describe("convert-image --prefetch", &out));
-    let converted: serde_json::Value = serde_json::from_slice(&out.stdout).expect("convert-image JSON");
-    let layers = converted["layers"].as_array().expect("layers");
-    let py_layer = layers
-        .iter()
-        .find(|l| {
-            l["prefetch_files"]
-                .as_array()
-                .is_some_and(|f| f.iter().any(|p| p.as_str() == Some(python.as_str())))
-        })
-        .unwrap_or_else(|| panic!("no layer lists {python} in prefetch_files: {converted}"));
-    let chunks = py_layer["prefetch_chunks"].as_array().expect("prefetch_chunks");
-    assert!(
-        !chunks.is_empty(),
-        "the python layer has no prefetch chunks: {py_layer}"
-    );
-    for (i, l) in layers.iter().enumerate() {
-        eprintln!(
-            "e2e: prefetch layer {i}: {} chunks of {}, {} files",
-            l["prefetch_chunks"].as_array().map_or(0, Vec::len),
-            l["chunks"],
-            l["prefetch_files"].as_array().map_or(0, Vec::len)
+    // The list drives convert-image's prefetch: the python layer gets chunks, and the binary among its files; the
+    // ranges need fewer chunks than the same files whole (a list of bare paths, the old format).
+    let whole_list = work.path().join("paths.txt");
+    fs::write(&whole_list, paths.iter().map(|p| format!("{p}\n")).collect::<String>()).unwrap();
+    let ranged = convert_with_prefetch(&l, &list, "prefetch");
+    let whole_files = convert_with_prefetch(&l, &whole_list, "prefetch-whole");
+    let (n_ranged, n_whole) = (prefetch_chunk_count(&ranged), prefetch_chunk_count(&whole_files));
+    eprintln!("e2e: prefetch chunks: {n_ranged} from the ranges, {n_whole} from the whole files");
+    for converted in [&ranged, &whole_files] {
+        let layers = converted["layers"].as_array().expect("layers");
+        let py_layer = layers
+            .iter()
+            .find(|l| {
+                l["prefetch_files"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|p| p.as_str() == Some(python.as_str())))
+            })
+            .unwrap_or_else(|| panic!("no layer lists {python} in prefetch_files: {converted}"));
+        let chunks = py_layer["prefetch_chunks"].as_array().expect("prefetch_chunks");
+        assert!(
+            !chunks.is_empty(),
+            "the python layer has no prefetch chunks: {py_layer}"
         );
+        let distinct: HashSet<u64> = chunks.iter().map(|c| c.as_u64().unwrap()).collect();
+        assert_eq!(distinct.len(), chunks.len(), "a chunk listed twice: {py_layer}");
+        for (i, l) in layers.iter().enumerate() {
+            eprintln!(
+                "e2e: prefetch layer {i}: {} chunks of {}, {} files",
+                l["prefetch_chunks"].as_array().map_or(0, Vec::len),
+                l["chunks"],
+                l["prefetch_files"].as_array().map_or(0, Vec::len)
+            );
+        }
     }
-
+    assert!(
+        0 < n_ranged && n_ranged < n_whole,
+        "the ranges gave {n_ranged} prefetch chunks, the whole files {n_whole}"
+    );
     l.stop();
 }
 

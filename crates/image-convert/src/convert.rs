@@ -44,9 +44,9 @@ pub enum Error {
 pub struct ConvertOptions {
     /// Size of the verification chunks (a power of two, 4 KiB .. 1 GiB).
     pub chunk_size: u64,
-    /// Files a start reads, in order (absolute paths in the image): their chunks are
-    /// recorded as the layer's prefetch list.
-    pub prefetch_paths: Vec<String>,
+    /// What a start reads, in first-read order: files or byte ranges of files (absolute
+    /// paths in the image). The chunks holding them become the layer's prefetch list.
+    pub prefetch_paths: Vec<crate::PrefetchEntry>,
     /// Where converted layers are written before they are pushed.
     pub work_dir: Option<PathBuf>,
     /// Converter settings (limits, inline data, build time).
@@ -327,10 +327,10 @@ pub fn convert_image(
     // A path's data is read from the topmost layer that has it.
     let mut claimed = HashSet::new();
     for i in (0..converted.len()).rev() {
-        let wanted: Vec<String> = opts
+        let wanted: Vec<crate::PrefetchEntry> = opts
             .prefetch_paths
             .iter()
-            .filter(|p| !claimed.contains(*p))
+            .filter(|e| !claimed.contains(&e.path))
             .cloned()
             .collect();
         if wanted.is_empty() {

@@ -23,4 +23,4 @@ pub mod zstd_chunks;
 
 pub use annotations::{LazyLayer, EROFS_LAYER_MEDIA_TYPE};
 pub use convert::{convert_image, ConvertOptions, ConvertReport, ConvertedLayer, Error};
-pub use prefetch::prefetch_chunks;
+pub use prefetch::{file_extents, parse_prefetch_list, prefetch_chunks, Extent, PrefetchEntry};
