@@ -934,7 +934,25 @@ fn kubernetes_daemonset_runs_both_daemons_with_host_mounts() {
         Duration::from_secs(30),
         &mut dedupd,
         &log,
-        || UnixStream::connect(&dsock).is_ok() && test_support::is_mounted(&mountpoint),
+        || fetch_api::Client::new(&dsock).ping().is_ok(),
     );
+    // Its blobs' directory: the FUSE mount, or on the fanotify path a directory of links to the cache files
+    // (which the snapshotter container mounts from dedupd's root, mounted there at the same path).
+    let ping = fetch_api::Client::new(&dsock).ping().unwrap();
+    match ping.data_path.as_str() {
+        "fuse" => assert!(
+            test_support::is_mounted(&mountpoint),
+            "no FUSE mount at {}",
+            mountpoint.display()
+        ),
+        "fanotify" => {
+            let root = flag(&dcmd, "--root");
+            assert!(
+                mount_for(&mounts_of(snap), root, "snapshotter").path == root,
+                "the snapshotter does not see dedupd's root {root}"
+            );
+        }
+        other => panic!("unknown data path {other:?}"),
+    }
     assert!(dedupd.terminate().is_some_and(|s| s.success()));
 }
