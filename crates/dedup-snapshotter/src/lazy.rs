@@ -149,6 +149,29 @@ fn blob_spec(lazy: LazyLayer, source: fetch_api::Source) -> fetch_api::BlobSpec 
     }
 }
 
+/// Reads the chunks a lazy layer's spec lists first from 0 on (`resolve` puts the chunks before the layer's
+/// data offset there, in order), so that dedupd has fetched and verified them.
+fn read_metadata_chunks(path: &std::path::Path, spec: &fetch_api::BlobSpec) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let leading = spec
+        .prefetch
+        .iter()
+        .enumerate()
+        .take_while(|&(i, &c)| c as usize == i)
+        .count()
+        .max(1) as u64;
+    let end = (leading * spec.chunk_size).min(spec.size);
+    let file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; (1 << 20).min(end as usize)];
+    let mut off = 0;
+    while off < end {
+        let n = buf.len().min((end - off) as usize);
+        file.read_exact_at(&mut buf[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
 impl RemoteLayers for Lazy {
     fn resolve(&self, labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>, String> {
         let Some((digest, image_ref, manifest)) = cri_labels(labels) else {
@@ -188,6 +211,16 @@ impl RemoteLayers for Lazy {
         let spec: fetch_api::BlobSpec = serde_json::from_value(layer.spec.clone()).map_err(std::io::Error::other)?;
         let reg = self.fetch()?.register(&spec).map_err(std::io::Error::other)?;
         let path = PathBuf::from(reg.path);
+        // EROFS reads its metadata (superblock, inodes, xattrs) through the backing file's page cache, not
+        // through read(2): on dedupd's fanotify path such reads raise no event and would see the sparse file's
+        // zeros. So every metadata chunk is made present here, by reading it, before the kernel mounts it.
+        if let Err(e) = read_metadata_chunks(&path, &spec) {
+            self.detach(layer);
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("lazy EROFS layer {}: fetching its metadata: {e}", spec.digest),
+            ));
+        }
         if !self.validated.lock().unwrap().contains(&spec.digest) {
             // The image is untrusted input to the kernel: validated in full before it is
             // mounted. Every byte read here comes through the fetch daemon, which checks
