@@ -220,8 +220,10 @@ impl Lazy {
         Lazy::start_on(media, proxy_rate, dedupd_args, None)
     }
 
-    /// [`Lazy::start`] on containerd `cri_version` (`1.7`, `2.1`) with its CRI plugin on, when given.
+    /// [`Lazy::start`] on containerd `cri_version` (`1.7`, `2.1`) with its CRI plugin on, when given. A `+zstd`
+    /// after the media type converts with `--chunk-compression zstd`.
     fn start_on(media: &str, proxy_rate: u64, dedupd_args: &[&str], cri_version: Option<&str>) -> Lazy {
+        let (media, zstd) = media.split_once('+').map_or((media, false), |(m, _)| (m, true));
         diffclient();
         let cmd = format!(
             "{} serve --root {{root}} --address {{socket}} --containerd {{root}}/../containerd.sock \
@@ -244,6 +246,11 @@ impl Lazy {
         let t = Instant::now();
         let out = Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
             .args(["convert-image", "--json", "--layer-media-type", media])
+            .args(if zstd {
+                &["--chunk-compression", "zstd"][..]
+            } else {
+                &[]
+            })
             .args([&source, &format!("{}/python:erofs", env.registry)])
             .output()
             .expect("spawn convert-image");
@@ -1744,5 +1751,62 @@ fn kill_dedupd_during_a_burst_of_lazy_reads_on_the_fanotify_path() {
         "42"
     );
     l.env.remove_container(id);
+    l.stop();
+}
+
+/// An image converted with `--chunk-compression zstd` pulls lazily: each layer's blob in the registry is its
+/// chunks as independent zstd frames, dedupd fetches the frames a read needs, verifies what they decode to and
+/// serves the uncompressed image; the container sees the source image's bytes; the whole blob ends up fetched,
+/// verified against the uncompressed digest, having moved about the compressed size, not the image's.
+#[test]
+fn compressed_chunks_pull_lazily_and_run() {
+    let _serial = e2e::serial();
+    let l = Lazy::start("oci+zstd", 0, &[]);
+    let mut stored = 0u64;
+    let mut image = 0u64;
+    for layer in l.converted["layers"].as_array().unwrap() {
+        stored += layer["size"].as_u64().unwrap();
+        image += layer["uncompressed_size"].as_u64().unwrap();
+        assert_ne!(layer["digest"], layer["uncompressed_digest"], "{layer}");
+    }
+    let source: u64 = l.converted["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["source_size"].as_u64().unwrap())
+        .sum();
+    eprintln!("e2e: compressed chunks: {stored} bytes stored for {image} bytes of images (gzip source {source})");
+    assert!(
+        stored * 10 < source * 12,
+        "the converted image is {stored} bytes, over 1.2x the source's {source}"
+    );
+    let pulled = l.pull(&l.lazy);
+    assert_eq!(
+        (pulled["lazy"].as_u64(), pulled["unpacked"].as_u64()),
+        (Some(2), Some(0)),
+        "{pulled}"
+    );
+    l.check_lazy_layers();
+    assert_eq!(l.run(&l.lazy, "py", &["python3", "-c", "print(42)"]).trim(), "42");
+    let apt = source_sha256("usr/lib/x86_64-linux-gnu/libapt-pkg.so.6.0.0");
+    let out = sha_in(&l, "apt", "/usr/lib/x86_64-linux-gnu/libapt-pkg.so.6.0.0");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&apt),
+        "{}",
+        describe("sha256sum", &out)
+    );
+    for b in l.dedupd.blobs() {
+        let s = l
+            .dedupd
+            .client()
+            .wait(&b.digest, Duration::from_secs(300))
+            .expect("wait");
+        assert!(s.complete && s.verified, "{s:?}");
+    }
+    let fetched: u64 = l.dedupd.blobs().iter().map(|b| b.fetched_bytes).sum();
+    assert!(
+        fetched <= stored + stored / 10 && fetched < image,
+        "dedupd fetched {fetched} bytes for {stored} stored ({image} uncompressed)"
+    );
     l.stop();
 }
