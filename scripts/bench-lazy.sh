@@ -95,14 +95,19 @@ PROXY_PID=$!
 for _ in $(seq 50); do [[ -s $ENV_DIR/proxy.addr ]] && break; sleep 0.1; done
 P=$(cat "$ENV_DIR/proxy.addr")
 METRICS=127.0.0.1:$((20000 + RANDOM % 20000))
-start_dedupd() {
+start_dedupd() { # [DEDUPD ARGS...]
     "$DEDUPD" --root "$DEDUPD_DIR/cache" --mountpoint "$DEDUPD_DIR/fuse" --socket "$DEDUPD_DIR/dedupd.sock" \
-        --metrics-address "$METRICS" >>"$ENV_DIR/logs/dedupd.log" 2>&1 &
+        --metrics-address "$METRICS" "$@" >>"$ENV_DIR/logs/dedupd.log" 2>&1 &
     DEDUPD_PID=$!
     for _ in $(seq 100); do curl -sf "http://$METRICS/metrics" >/dev/null && return; sleep 0.1; done
     die "dedupd did not start: $(tail "$ENV_DIR/logs/dedupd.log")"
 }
 start_dedupd
+restart_dedupd() { # [DEDUPD ARGS...]
+    kill "$DEDUPD_PID"
+    wait "$DEDUPD_PID" 2>/dev/null || true
+    start_dedupd "$@"
+}
 metric_sum() { curl -sf "http://$METRICS/metrics" | awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $2 } END { printf "%d", s }'; }
 
 log "pushing the python image to $E2E_REGISTRY"
@@ -196,11 +201,16 @@ MODES="overlayfs lazy"
 if "$BIN" record --help >/dev/null 2>&1; then
     # Record on the lazily pulled image (files the start reads), then convert again with the list.
     empty_stores
+    # Without background prefetch while recording: on the fanotify data path a blob completed (and unmarked)
+    # before the start reads it raises no events, and the list would miss what it read.
+    restart_dedupd --no-prefetch
     dc -cri-labels pull "$P/python:lazy" >/dev/null
     "$BIN" record --fetch-socket "$DEDUPD_DIR/dedupd.sock" --containerd "$E2E_CONTAINERD_SOCK" --namespace "$NS" \
         --output "$ENV_DIR/prefetch.txt" "$P/python:lazy" -- "${CMD[@]}" 2>>"$ENV_DIR/logs/record.log"
     # One line per range (PATH<TAB>START+LEN): the files are the distinct paths.
     log "recorded $(wc -l <"$ENV_DIR/prefetch.txt") ranges of $(cut -f1 "$ENV_DIR/prefetch.txt" | sort -u | wc -l) files the start reads"
+    empty_stores
+    restart_dedupd
     convert list --prefetch "$ENV_DIR/prefetch.txt" >"$ENV_DIR/convert-list.json"
     first_output lazy_list dedup "$P/python:list" dc -cri-labels pull "$P/python:list"
     MODES="$MODES lazy_list"

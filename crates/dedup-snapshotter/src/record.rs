@@ -133,6 +133,37 @@ pub fn record(a: RecordArgs) -> Result<()> {
     let readahead_off = readahead.restore();
     run?;
     let trace = trace?;
+    // A blob that is complete may no longer tell dedupd about reads (on the fanotify data path its cache file
+    // is unmarked once verified), so its share of the start would be missing from the list.
+    let complete: Vec<String> = client
+        .list()
+        .context("listing the fetch daemon's blobs")?
+        .into_iter()
+        .filter(|b| b.complete)
+        .map(|b| b.digest)
+        .collect();
+    if trace.is_empty() {
+        bail!(
+            "no read of a lazy blob reached the fetch daemon during the run (is the image pulled lazily with \
+             snapshotter {}?{})",
+            a.snapshotter,
+            if complete.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " complete blobs, whose reads dedupd may no longer see: {}; record on a fetch daemon run \
+                     with --no-prefetch",
+                    complete.join(" ")
+                )
+            }
+        );
+    }
+    for d in &complete {
+        eprintln!(
+            "record: blob {d} is complete: reads of it after it completed may not have reached the fetch daemon \
+             (record on a fetch daemon run with --no-prefetch for a full list)"
+        );
+    }
 
     let mut report = map_trace(&mountpoint, &trace)?;
     report.readahead_off = readahead_off;

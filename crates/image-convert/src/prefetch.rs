@@ -237,6 +237,72 @@ mod tests {
         }
     }
 
+    /// `/a` 20000 bytes and `/b` 40 blocks of plain data, `/d` a directory; chunks of 2 blocks.
+    fn image(dir: &Path) -> std::path::PathBuf {
+        use erofs::writer::{Body, ImageWriter, Meta, Node, Options, Tree};
+        let meta = || Meta {
+            perm: 0o644,
+            ..Default::default()
+        };
+        let mut w = ImageWriter::new(std::io::Cursor::new(Vec::new()), Options::default()).unwrap();
+        let mut tree = Tree::new(meta());
+        let root = tree.root();
+        for (name, size) in [(&b"a"[..], 20000usize), (b"b", 40 * 4096)] {
+            let body = vec![7u8; size];
+            let f = w.write_file_data(&mut &body[..], size as u64, &meta()).unwrap();
+            let id = tree.add(Node {
+                meta: meta(),
+                body: Body::File(f),
+            });
+            tree.link(root, name, id);
+        }
+        let d = tree.add(Node::dir(meta()));
+        tree.link(root, b"d", d);
+        let (out, _) = w.finish(&tree).unwrap();
+        let path = dir.join("layer.erofs");
+        std::fs::write(&path, out.into_inner()).unwrap();
+        path
+    }
+
+    #[test]
+    fn chunks_of_ranges_in_list_order_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = image(dir.path());
+        let img = Image::open(&path).unwrap();
+        let first_block = |p: &str| u64::from(img.lookup(p.as_bytes()).unwrap().inode.i_u);
+        let (a, b) = (first_block("/a"), first_block("/b"));
+        let chunk = 8192;
+        let list = vec![
+            // Blocks 4..6 of /b, then block 0 of /b, then /b's block 5 again (listed already).
+            e("/b", Some((4 * 4096 + 100, 2 * 4096))),
+            e("/missing", None),
+            e("/d", None),
+            e("/b", Some((0, 1))),
+            e("/a", None),
+            e("/b", Some((5 * 4096, 10))),
+            // Beyond the end of /a: nothing.
+            e("/a", Some((1 << 20, 4096))),
+        ];
+        let (chunks, found) = prefetch_chunks(&path, &list, chunk).unwrap();
+        let mut want = Vec::new();
+        let mut add = |first: u64, last: u64| {
+            for c in first * 4096 / chunk..=last * 4096 / chunk {
+                if !want.contains(&(c as u32)) {
+                    want.push(c as u32);
+                }
+            }
+        };
+        add(b + 4, b + 6);
+        add(b, b);
+        add(a, a + 4);
+        assert_eq!(chunks, want);
+        assert_eq!(found, vec!["/b".to_string(), "/a".to_string()]);
+        // The whole of /b: every chunk its 40 blocks touch.
+        let (whole, _) = prefetch_chunks(&path, &[e("/b", None)], chunk).unwrap();
+        let all: Vec<u32> = (b * 4096 / chunk..=(b + 39) * 4096 / chunk).map(|c| c as u32).collect();
+        assert_eq!(whole, all);
+    }
+
     #[test]
     fn parses_bare_paths_ranges_and_comments() {
         let text = "# recorded\n\n/usr/bin/python3.11\t0+65536\r\n/etc/ld.so.cache\n/a dir/with spaces \t4096+4096\n  # indented comment\n/trailing  \n";
