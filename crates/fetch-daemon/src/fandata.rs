@@ -40,6 +40,15 @@ pub struct Fan {
     /// Where each blob gets a `sha256-<hex>` link to its cache file (for tools that name blobs so).
     links: PathBuf,
     jobs: Mutex<Sender<Job>>,
+    /// Taken by the workers once the daemon is attached.
+    rx: Mutex<Option<Receiver<Job>>>,
+    /// The daemon, once it has loaded its blobs (events of other processes wait for it; the daemon's own, made
+    /// while it loads, are answered before).
+    daemon: std::sync::OnceLock<std::sync::Weak<Daemon>>,
+    /// Set once every known blob is marked and indexed: events are handled from then on.
+    ready: std::sync::atomic::AtomicBool,
+    /// Events the previous instance took and did not answer.
+    inherited: Mutex<Vec<fanotify::Journaled>>,
 }
 
 /// How the group was found.
@@ -81,12 +90,22 @@ pub fn setup(socket: &Path) -> anyhow::Result<Setup> {
 }
 
 impl Fan {
-    /// Starts the data path for `daemon`: the journal is answered (when the group was taken over), every blob
-    /// already known is marked, and the event reader and workers start.
-    pub fn start(daemon: &Arc<Daemon>, setup: Setup) -> anyhow::Result<Arc<Fan>> {
-        let root = &daemon.opts.root;
+    /// Starts the data path's event reader on `setup`'s group, before the daemon loads its blobs (which may
+    /// touch marked files): when the group was taken over, events the previous instance read and did not journal
+    /// are denied first, and those it journaled are kept for [`Fan::attach`].
+    pub fn start(setup: Setup, root: &Path, links: PathBuf) -> anyhow::Result<Arc<Fan>> {
         let journal = Journal::open(&root.join("fanotify.inflight"))?;
-        let links = daemon.mountpoint.clone();
+        let mut inherited = Vec::new();
+        if setup.taken {
+            // Before reading any event: every event pending now is the previous instance's.
+            let entries = journal.entries()?;
+            let keep: HashSet<RawFd> = entries.iter().map(|e| e.fd).collect();
+            let limit = entries.iter().map(|e| e.fd + 1024).max().unwrap_or(0).max(4096);
+            fanotify::deny_orphans(&setup.group, limit, &keep);
+            inherited = entries;
+        } else {
+            journal.clear_all()?;
+        }
         let (tx, rx) = channel();
         let fan = Arc::new(Fan {
             group: setup.group,
@@ -94,40 +113,44 @@ impl Fan {
             by_inode: RwLock::new(HashMap::new()),
             links,
             jobs: Mutex::new(tx),
+            rx: Mutex::new(Some(rx)),
+            daemon: std::sync::OnceLock::new(),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            inherited: Mutex::new(inherited),
         });
-        let mut inherited = Vec::new();
-        if setup.taken {
-            // Before reading any event: every event pending now is the previous instance's.
-            let entries = fan.journal.entries()?;
-            let keep: HashSet<RawFd> = entries.iter().map(|e| e.fd).collect();
-            let limit = entries.iter().map(|e| e.fd + 1024).max().unwrap_or(0).max(4096);
-            fanotify::deny_orphans(&fan.group, limit, &keep);
-            inherited = entries;
-        } else {
-            fan.journal.clear_all()?;
-        }
-        fan.clear_stale_links(daemon);
+        let f = fan.clone();
+        std::thread::Builder::new()
+            .name("fan-events".into())
+            .spawn(move || f.read_loop())?;
+        Ok(fan)
+    }
+
+    /// Serves `daemon`'s blobs: every blob it loaded is marked, the workers start, and the reads the previous
+    /// instance left unanswered are handled.
+    pub fn attach(self: &Arc<Self>, daemon: &Arc<Daemon>) -> anyhow::Result<()> {
+        let _ = self.daemon.set(Arc::downgrade(daemon));
+        self.clear_stale_links(daemon);
         for blob in daemon.all_blobs() {
-            fan.watch(&blob)?;
+            self.watch(&blob)?;
         }
-        let rx = Arc::new(Mutex::new(rx));
+        let rx = Arc::new(Mutex::new(self.rx.lock().unwrap().take().expect("attached once")));
         for n in 0..WORKERS {
-            let (d, f, rx) = (daemon.clone(), fan.clone(), rx.clone());
+            let (d, f, rx) = (daemon.clone(), self.clone(), rx.clone());
             std::thread::Builder::new()
                 .name(format!("fan-worker-{n}"))
                 .spawn(move || f.work(&d, &rx))?;
         }
-        for e in inherited {
+        for e in std::mem::take(&mut *self.inherited.lock().unwrap()) {
             let blob = daemon.all_blobs().into_iter().find(|b| b.hex == e.hex);
             let Some(blob) = blob else {
                 // Its blob is gone: nothing to make present, and the reader must not wait forever.
-                let _ = fan.group.respond(e.fd, false);
-                fan.journal.clear(e.fd);
+                let _ = self.group.respond(e.fd, false);
+                self.journal.clear(e.fd);
                 continue;
             };
             info!(digest = %blob.spec.digest, offset = e.offset, count = e.count,
                 "answering a read the previous instance took and did not answer");
-            fan.submit(Job {
+            self.submit(Job {
                 number: e.fd,
                 _fd: fanotify::reserve_number(e.fd),
                 blob,
@@ -135,11 +158,8 @@ impl Fan {
                 count: e.count,
             });
         }
-        let (d, f) = (daemon.clone(), fan.clone());
-        std::thread::Builder::new()
-            .name("fan-events".into())
-            .spawn(move || f.read_loop(&d))?;
-        Ok(fan)
+        self.ready.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     fn submit(&self, job: Job) {
@@ -218,12 +238,29 @@ impl Fan {
     }
 
     /// Reads events until the daemon stops. Never waits for a fetch or a blob's lock: the daemon's own reads
-    /// and writes of marked files raise events that only this thread answers.
-    fn read_loop(&self, daemon: &Arc<Daemon>) {
+    /// and writes of marked files raise events that only this thread answers. Other processes' events that come
+    /// before the daemon is attached wait, unanswered, until it is.
+    fn read_loop(&self) {
         let me = std::process::id() as i32;
         let mut buf = vec![0u8; 64 << 10];
-        while !daemon.is_stopping() {
-            let events = match self.group.read_events(&mut buf, Duration::from_millis(200)) {
+        let mut parked: Vec<(fanotify::Event, OwnedFd)> = Vec::new();
+        loop {
+            let daemon = self.daemon.get().and_then(std::sync::Weak::upgrade);
+            if daemon.as_ref().is_some_and(|d| d.is_stopping()) {
+                break;
+            }
+            let ready = self.ready.load(Ordering::SeqCst);
+            if let (true, Some(d)) = (ready, &daemon) {
+                for (ev, fd) in parked.drain(..) {
+                    self.handle(d, ev, fd);
+                }
+            }
+            let wait = if !ready {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_millis(200)
+            };
+            let events = match self.group.read_events(&mut buf, wait) {
                 Ok(e) => e,
                 Err(e) => {
                     error!(error = %e, "cannot read fanotify events");
@@ -241,36 +278,45 @@ impl Fan {
                     self.answer(ev.fd, true);
                     continue;
                 }
-                daemon.metrics.fanotify_events.inc();
-                let blob = rustix::fs::fstat(&fd)
-                    .ok()
-                    .and_then(|st| self.by_inode.read().unwrap().get(&(st.st_dev, st.st_ino)).cloned());
-                let (Some(blob), Some((offset, count))) = (blob, ev.range) else {
-                    // Not a blob of ours (a mark left on a file since unregistered), or an access with no
-                    // range (not a read or write): nothing to fetch for it.
-                    self.answer(ev.fd, true);
-                    continue;
-                };
-                daemon.record_access(&blob, offset, count);
-                if daemon.range_ready(&blob, offset, count) == Some(true) {
-                    daemon.note_read();
-                    daemon.metrics.cache_hits.inc();
-                    self.answer(ev.fd, true);
-                    continue;
+                match (&daemon, ready) {
+                    (Some(d), true) => self.handle(d, ev, fd),
+                    _ => parked.push((ev, fd)),
                 }
-                // Journaled before anything can wait on it: a daemon killed from here on leaves the number for
-                // the next one to answer.
-                self.journal.record(ev.fd, &blob.hex, offset, count);
-                self.submit(Job {
-                    number: ev.fd,
-                    _fd: Some(fd),
-                    blob,
-                    offset,
-                    count,
-                });
             }
         }
         debug!("fanotify event reader stopped");
+    }
+
+    /// An event of another process: answered here when its range is present, else journaled and handed to a
+    /// worker.
+    fn handle(&self, daemon: &Arc<Daemon>, ev: fanotify::Event, fd: OwnedFd) {
+        daemon.metrics.fanotify_events.inc();
+        let blob = rustix::fs::fstat(&fd)
+            .ok()
+            .and_then(|st| self.by_inode.read().unwrap().get(&(st.st_dev, st.st_ino)).cloned());
+        let (Some(blob), Some((offset, count))) = (blob, ev.range) else {
+            // Not a blob of ours (a mark left on a file since unregistered), or an access with no range (not a
+            // read or write): nothing to fetch for it.
+            self.answer(ev.fd, true);
+            return;
+        };
+        daemon.record_access(&blob, offset, count);
+        if daemon.range_ready(&blob, offset, count) == Some(true) {
+            daemon.note_read();
+            daemon.metrics.cache_hits.inc();
+            self.answer(ev.fd, true);
+            return;
+        }
+        // Journaled before anything can wait on it: a daemon killed from here on leaves the number for the next
+        // one to answer.
+        self.journal.record(ev.fd, &blob.hex, offset, count);
+        self.submit(Job {
+            number: ev.fd,
+            _fd: Some(fd),
+            blob,
+            offset,
+            count,
+        });
     }
 
     fn answer(&self, number: RawFd, allow: bool) {

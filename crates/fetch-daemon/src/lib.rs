@@ -84,8 +84,11 @@ pub fn start(opts: Options) -> anyhow::Result<Running> {
     let (daemon, session) = match data_path {
         DataPath::Fanotify => {
             let setup = fandata::setup(&holder_socket(&opts.root))?;
-            let daemon = Daemon::with_data_path(opts.clone(), mountpoint.clone(), data_path, setup.instance)?;
-            let fan = fandata::Fan::start(&daemon, setup)?;
+            let instance = setup.instance;
+            // The event reader runs before the blobs load: loading may touch marked files.
+            let fan = fandata::Fan::start(setup, &opts.root, mountpoint.clone())?;
+            let daemon = Daemon::with_data_path(opts.clone(), mountpoint.clone(), data_path, instance)?;
+            fan.attach(&daemon)?;
             let _ = daemon.fan.set(fan);
             (daemon, None)
         }

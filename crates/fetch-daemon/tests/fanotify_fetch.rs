@@ -236,40 +236,52 @@ fn kill9_mid_read_and_restart_answers_every_waiting_reader() {
     );
 }
 
-/// A cache file corrupted while no daemon ran is checked again at start, chunk by chunk: the bad chunk is
-/// fetched again and readers only ever see the blob's bytes.
+/// Cache files corrupted or truncated while no daemon ran are checked again at start, chunk by chunk: what is
+/// wrong is fetched again and readers only ever see the blobs' bytes.
 #[test]
-fn a_verified_cache_corrupted_between_runs_is_checked_again_at_start() {
-    let blob = data((3 * MIB) as usize, 10);
-    let server = BlobServer::start(blob.clone());
+fn verified_caches_corrupted_or_truncated_between_runs_are_checked_again_at_start() {
+    let corrupt = data((3 * MIB) as usize, 10);
+    let truncated = data((3 * MIB + 77) as usize, 11);
+    let registry = Registry::start();
+    registry.push("layers/recheck", &corrupt);
+    registry.push("layers/recheck", &truncated);
     let place = Place::new();
     let mut d = fanotify(&place, &[]);
-    let spec = spec_for(&blob, MIB, &server.addr, "layers/recheck");
-    d.client.register(&spec).unwrap();
-    let status = d.client.wait(&spec.digest, Duration::from_secs(60)).unwrap();
-    assert!(status.verified, "{status:?}");
-    let data_file = place.root().join(format!("blobs/{}.data", &spec.digest[7..]));
+    let specs = [
+        spec_for(&corrupt, MIB, &registry.addr, "layers/recheck"),
+        spec_for(&truncated, MIB, &registry.addr, "layers/recheck"),
+    ];
+    for spec in &specs {
+        d.client.register(spec).unwrap();
+        let status = d.client.wait(&spec.digest, Duration::from_secs(60)).unwrap();
+        assert!(status.verified, "{status:?}");
+    }
+    let data_file = |spec: &fetch_api::BlobSpec| place.root().join(format!("blobs/{}.data", &spec.digest[7..]));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !marked_inodes(&place.root()).is_empty() {
-        assert!(Instant::now() < deadline, "the verified blob is still marked");
+        assert!(Instant::now() < deadline, "the verified blobs are still marked");
         std::thread::sleep(Duration::from_millis(50));
     }
     d.terminate();
-    // Unmarked: this write raises no event.
-    std::os::unix::fs::FileExt::write_all_at(
-        &std::fs::File::options().write(true).open(&data_file).unwrap(),
-        b"XXXX",
-        MIB + 7,
-    )
-    .unwrap();
+    // Unmarked: these writes raise no event.
+    let open = |p: PathBuf| std::fs::File::options().write(true).open(p).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&open(data_file(&specs[0])), b"XXXX", MIB + 7).unwrap();
+    open(data_file(&specs[1])).set_len(MIB + 5).unwrap();
 
     let d = fanotify(&place, &[]);
-    let status = d.client.wait(&spec.digest, Duration::from_secs(60)).unwrap();
-    assert!(status.complete && status.verified, "{status:?}");
-    assert!(d.metric("dedupd_verify_failures_total") >= 1.0, "{}", d.metrics());
-    let file = std::fs::File::open(&data_file).unwrap();
-    drop_page_cache(&file);
-    assert!(read_at(&file, MIB, 64).unwrap() == blob[MIB as usize..MIB as usize + 64]);
+    for (spec, blob) in specs.iter().zip([&corrupt, &truncated]) {
+        let status = d.client.wait(&spec.digest, Duration::from_secs(60)).unwrap();
+        assert!(status.complete && status.verified, "{status:?}");
+        let file = std::fs::File::open(data_file(spec)).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), blob.len() as u64);
+        drop_page_cache(&file);
+        assert!(
+            read_all(&data_file(spec)) == *blob,
+            "{} differs after the restart",
+            spec.digest
+        );
+    }
+    assert!(d.metric("dedupd_verify_failures_total") >= 2.0, "{}", d.metrics());
 }
 
 /// A blob whose chunks are stored as independent zstd frames: dedupd fetches each frame's range, decodes it
