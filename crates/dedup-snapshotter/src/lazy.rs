@@ -149,6 +149,15 @@ fn blob_spec(lazy: LazyLayer, source: fetch_api::Source) -> fetch_api::BlobSpec 
     }
 }
 
+impl Lazy {
+    fn complete_blob(&self, digest: &str) -> bool {
+        self.fetch
+            .as_ref()
+            .and_then(|f| f.status(digest).ok())
+            .is_some_and(|s| s.complete && s.verified)
+    }
+}
+
 /// Reads the chunks a lazy layer's spec lists first from 0 on (`resolve` puts the chunks before the layer's
 /// data offset there, in order), so that dedupd has fetched and verified them.
 fn read_metadata_chunks(path: &std::path::Path, spec: &fetch_api::BlobSpec) -> std::io::Result<()> {
@@ -237,14 +246,26 @@ impl RemoteLayers for Lazy {
             self.validated.lock().unwrap().insert(spec.digest.clone());
         }
         let ping = self.fetch()?.ping().map_err(std::io::Error::other)?;
+        let complete = ping.data_path == "fanotify" && self.complete_blob(&spec.digest);
         Ok(Attached {
             path,
             instance: ping.instance,
+            complete,
         })
     }
 
     fn instance(&self) -> Option<u64> {
         self.fetch.as_ref()?.ping().ok().map(|p| p.instance)
+    }
+
+    fn complete(&self, layer: &RemoteLayer) -> bool {
+        // Only the fanotify path gains from a new mount: a FUSE file stays a FUSE file.
+        let fanotify = self
+            .fetch
+            .as_ref()
+            .and_then(|f| f.ping().ok())
+            .is_some_and(|p| p.data_path == "fanotify");
+        fanotify && self.complete_blob(&layer.digest)
     }
 
     fn detach(&self, layer: &RemoteLayer) {

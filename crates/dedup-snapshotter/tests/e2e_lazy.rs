@@ -733,9 +733,19 @@ fn lazy_pull_runs_before_the_layers_are_fetched() {
         .log()
         .contains("fetch daemon restarted: mounting the lazy layer again");
     if before.data_path == "fanotify" {
-        // The group outlived dedupd in its holder: same instance, nothing mounted again.
+        // The group outlived dedupd in its holder: same instance, nothing mounted again for it.
         assert_eq!(after.instance, before.instance);
         assert!(!remounted, "the snapshotter remounted on the fanotify path");
+        // But once complete, each layer was mounted again on its (unwatched) local file for new containers.
+        let again = l
+            .env
+            .log()
+            .matches("lazy layer complete: mounting it again on the local file")
+            .count();
+        assert_eq!(
+            again, 2,
+            "each of the two lazy layers is mounted again once, once complete"
+        );
     } else {
         assert!(remounted, "the snapshotter did not remount after dedupd's restart");
     }
@@ -1360,6 +1370,68 @@ fn files_under(rootfs: &Path, dirs: &[&str], min: u64) -> Vec<String> {
     out
 }
 
+/// Starts container `id` of the lazy image, python3 sleeping (its start already read), and returns its root file
+/// system as the host sees it.
+fn sleeping_container(l: &Lazy, id: &str) -> PathBuf {
+    l.env.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "dedup",
+        &l.lazy,
+        id,
+        "python3",
+        "-c",
+        "import time; time.sleep(3600)",
+    ]);
+    l.env.wait_until("the burst container to run", 60, || {
+        l.env.task_status(id).as_deref() == Some("RUNNING")
+    });
+    let suffix = format!("/{id}/rootfs");
+    PathBuf::from(
+        mountinfo()
+            .into_iter()
+            .find(|m| m.fstype == "overlay" && m.point.ends_with(&suffix))
+            .unwrap_or_else(|| panic!("no overlay mount of the container's rootfs (…{suffix})"))
+            .point,
+    )
+}
+
+/// Up to `n` files never read yet, but `except` (and larger than a block, so their data is not inline in the
+/// metadata), that the reference has too.
+fn cold_files(rootfs: &Path, reference: &Path, except: &[&str], n: usize) -> Vec<String> {
+    let cold: Vec<String> = files_under(
+        rootfs,
+        &["usr/share", "usr/lib/x86_64-linux-gnu", "usr/lib/python3.11"],
+        64 << 10,
+    )
+    .into_iter()
+    .filter(|p| !except.contains(&p.as_str()) && reference.join(p).is_file())
+    .take(n)
+    .collect();
+    assert!(cold.len() >= 100, "only {} cold files", cold.len());
+    cold
+}
+
+/// Four readers taking `files` in turn, each read whole through `rootfs`; their results in completion order.
+type Results = std::sync::Arc<std::sync::Mutex<Vec<LazyRead>>>;
+fn burst(rootfs: &Path, files: &[String]) -> (Vec<std::thread::JoinHandle<()>>, Results) {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let results: Results = Default::default();
+    let readers = (0..4)
+        .map(|_| {
+            let (next, results, files, rootfs) = (next.clone(), results.clone(), files.to_vec(), rootfs.to_path_buf());
+            std::thread::spawn(move || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(rel) = files.get(i) else { return };
+                let r = read_one(&rootfs, rel);
+                results.lock().unwrap().push(r);
+            })
+        })
+        .collect();
+    (readers, results)
+}
+
 /// Kill -9 of dedupd while four readers pull unfetched files through a running container's root file system
 /// (lazy layers, a 4 MB/s registry, no prefetch). What the running container sees, asserted:
 /// - every read that completed before the kill returned the file's exact bytes;
@@ -1389,28 +1461,7 @@ fn kill_dedupd_during_a_burst_of_lazy_reads_on_the_fuse_path() {
 
     // A running container: python3 sleeping, its start already read (the interpreter and its libraries).
     let id = "burst";
-    l.env.ctr(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "dedup",
-        &l.lazy,
-        id,
-        "python3",
-        "-c",
-        "import time; time.sleep(3600)",
-    ]);
-    l.env.wait_until("the burst container to run", 60, || {
-        l.env.task_status(id).as_deref() == Some("RUNNING")
-    });
-    let suffix = format!("/{id}/rootfs");
-    let rootfs = PathBuf::from(
-        mountinfo()
-            .into_iter()
-            .find(|m| m.fstype == "overlay" && m.point.ends_with(&suffix))
-            .unwrap_or_else(|| panic!("no overlay mount of the container's rootfs (…{suffix})"))
-            .point,
-    );
+    let rootfs = sleeping_container(&l, id);
     let want = |rel: &str| common::sha256_file(&reference.join(rel));
 
     // Warm files: read whole before the kill.
@@ -1426,17 +1477,7 @@ fn kill_dedupd_during_a_burst_of_lazy_reads_on_the_fuse_path() {
     // The kernel may evict clean page cache at any time, so only pinned pages are sure to outlive dedupd: the warm
     // files are mapped and mlocked, as a running program's hot pages would be.
     let pins: Vec<Pinned> = warm.iter().map(|w| Pinned::new(&rootfs.join(w))).collect();
-    // Cold files: never read yet (and larger than a block, so their data is not inline in the metadata).
-    let cold: Vec<String> = files_under(
-        &rootfs,
-        &["usr/share", "usr/lib/x86_64-linux-gnu", "usr/lib/python3.11"],
-        64 << 10,
-    )
-    .into_iter()
-    .filter(|p| !warm.contains(&p.as_str()) && reference.join(p).is_file())
-    .take(400)
-    .collect();
-    assert!(cold.len() >= 100, "only {} cold files", cold.len());
+    let cold = cold_files(&rootfs, &reference, &warm, 400);
 
     assert_eq!(
         l.env.task_status(id).as_deref(),
@@ -1445,20 +1486,8 @@ fn kill_dedupd_during_a_burst_of_lazy_reads_on_the_fuse_path() {
     );
 
     // The burst: four readers; dedupd dies once ten reads have completed.
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let results = std::sync::Arc::new(std::sync::Mutex::new(Vec::<LazyRead>::new()));
     let started = Instant::now();
-    let readers: Vec<_> = (0..4)
-        .map(|_| {
-            let (next, results, cold, rootfs) = (next.clone(), results.clone(), cold.clone(), rootfs.clone());
-            std::thread::spawn(move || loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let Some(rel) = cold.get(i) else { return };
-                let r = read_one(&rootfs, rel);
-                results.lock().unwrap().push(r);
-            })
-        })
-        .collect();
+    let (readers, results) = burst(&rootfs, &cold);
     loop {
         let done = results.lock().unwrap().len();
         if done >= 10 {
@@ -1638,28 +1667,7 @@ fn kill_dedupd_during_a_burst_of_lazy_reads_on_the_fanotify_path() {
     let reference = l.env.dir.join("source-rootfs");
     source_rootfs(&reference);
     let id = "burst-fan";
-    l.env.ctr(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "dedup",
-        &l.lazy,
-        id,
-        "python3",
-        "-c",
-        "import time; time.sleep(3600)",
-    ]);
-    l.env.wait_until("the burst container to run", 60, || {
-        l.env.task_status(id).as_deref() == Some("RUNNING")
-    });
-    let suffix = format!("/{id}/rootfs");
-    let rootfs = PathBuf::from(
-        mountinfo()
-            .into_iter()
-            .find(|m| m.fstype == "overlay" && m.point.ends_with(&suffix))
-            .unwrap_or_else(|| panic!("no overlay mount of the container's rootfs (…{suffix})"))
-            .point,
-    );
+    let rootfs = sleeping_container(&l, id);
     // The lazy layers are EROFS mounts of dedupd's cache files, not of a FUSE file.
     let erofs: Vec<_> = mountinfo().into_iter().filter(|m| m.fstype == "erofs").collect();
     assert!(
@@ -1670,30 +1678,8 @@ fn kill_dedupd_during_a_burst_of_lazy_reads_on_the_fanotify_path() {
         erofs.iter().map(|m| &m.source).collect::<Vec<_>>()
     );
     let want = |rel: &str| common::sha256_file(&reference.join(rel));
-    let cold: Vec<String> = files_under(
-        &rootfs,
-        &["usr/share", "usr/lib/x86_64-linux-gnu", "usr/lib/python3.11"],
-        64 << 10,
-    )
-    .into_iter()
-    .filter(|p| reference.join(p).is_file())
-    .take(200)
-    .collect();
-    assert!(cold.len() >= 100, "only {} cold files", cold.len());
-
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let results = std::sync::Arc::new(std::sync::Mutex::new(Vec::<LazyRead>::new()));
-    let readers: Vec<_> = (0..4)
-        .map(|_| {
-            let (next, results, cold, rootfs) = (next.clone(), results.clone(), cold.clone(), rootfs.clone());
-            std::thread::spawn(move || loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let Some(rel) = cold.get(i) else { return };
-                let r = read_one(&rootfs, rel);
-                results.lock().unwrap().push(r);
-            })
-        })
-        .collect();
+    let cold = cold_files(&rootfs, &reference, &[], 200);
+    let (readers, results) = burst(&rootfs, &cold);
     let t = Instant::now();
     while results.lock().unwrap().len() < 10 {
         assert!(

@@ -72,6 +72,10 @@ pub struct Attached {
     /// Which incarnation of the fetch daemon serves it: a mount made from an earlier
     /// one reads nothing new and must be made again.
     pub instance: u64,
+    /// The blob was complete and verified when attached. A mount made before that
+    /// is made again once it is: on the fanotify data path, a file opened while it
+    /// was watched keeps paying for the watch on every read.
+    pub complete: bool,
 }
 
 /// Where lazy layers come from: the store asks it at Prepare whether the labels
@@ -84,6 +88,11 @@ pub trait RemoteLayers: Send + Sync {
     fn attach(&self, layer: &RemoteLayer) -> std::io::Result<Attached>;
     /// The fetch daemon's current incarnation, `None` when it is not reachable.
     fn instance(&self) -> Option<u64>;
+    /// Whether the layer's blob is complete and verified, and a mount made now would
+    /// read it with nothing in the way (false when unknown).
+    fn complete(&self, _layer: &RemoteLayer) -> bool {
+        false
+    }
     /// The blob is not needed any more (no layer names it).
     fn detach(&self, layer: &RemoteLayer);
     /// A plain (tar) layer the labels name that the source can stream from its
@@ -311,6 +320,8 @@ pub struct Snapshotter {
     gc: Mutex<()>,
     /// Lazy layers mounted by this process: id -> fetch daemon instance.
     attached: Mutex<HashMap<u64, u64>>,
+    /// Lazy layers mounted before their blob was complete (see [`Attached::complete`]).
+    incomplete: Mutex<HashSet<u64>>,
     /// Names staged files uniquely within this process.
     seq: AtomicU64,
     /// Held to build, mount, take a user of, or remove `merged/<id>` (striped by id).
@@ -386,6 +397,7 @@ impl Snapshotter {
             mount_locks: (0..MOUNT_STRIPES).map(|_| Mutex::new(())).collect(),
             gc: Mutex::new(()),
             attached: Mutex::default(),
+            incomplete: Mutex::default(),
             seq: AtomicU64::new(0),
             merge_locks: (0..MOUNT_STRIPES).map(|_| Mutex::new(())).collect(),
             merged_mounted: Mutex::default(),
@@ -444,6 +456,11 @@ impl Snapshotter {
             let a = remote.attach(layer)?;
             mounts::mount_erofs_with_devices(&a.path, &[], &self.mountpoint(rec.id))?;
             lock(&self.attached).insert(rec.id, a.instance);
+            if a.complete {
+                lock(&self.incomplete).remove(&rec.id);
+            } else {
+                lock(&self.incomplete).insert(rec.id);
+            }
             return Ok(());
         }
         let image = self.dir(rec.id).join("layer.erofs");
@@ -999,9 +1016,11 @@ impl Snapshotter {
     }
 
     /// Re-mounts the lazy layers of a chain whose mount was made from a fetch daemon
-    /// that has since restarted: such a mount cannot read anything not already
-    /// cached by the kernel. Running containers keep the old mount (their overlay
-    /// holds it); new snapshots get the fresh one at the same place.
+    /// that has since restarted (such a mount cannot read anything not already
+    /// cached by the kernel), or before their blob was complete when it is now (a
+    /// fresh mount reads the local file with nothing in the way). Running containers
+    /// keep the old mount (their overlay holds it); new snapshots get the fresh one at
+    /// the same place.
     fn refresh_chain(&self, chain: &[(String, Record)]) -> Result<()> {
         let Some(remote) = &self.remote else { return Ok(()) };
         let lazy: Vec<&(String, Record)> = chain.iter().filter(|(_, r)| r.remote.is_some()).collect();
@@ -1012,7 +1031,9 @@ impl Snapshotter {
             return Err(Error::Unavailable("the fetch daemon does not answer".into()));
         };
         for (key, rec) in lazy {
-            if lock(&self.attached).get(&rec.id).copied() == Some(now) {
+            let completed =
+                || lock(&self.incomplete).contains(&rec.id) && rec.remote.as_ref().is_some_and(|l| remote.complete(l));
+            if lock(&self.attached).get(&rec.id).copied() == Some(now) && !completed() {
                 continue;
             }
             let _m = self.mount_lock(rec.id);
@@ -1024,14 +1045,18 @@ impl Snapshotter {
             }
             let mounted = lock(&self.attached).get(&rec.id).copied();
             if mounted == Some(now) {
-                continue;
+                if !completed() {
+                    continue;
+                }
+                tracing::info!(id = rec.id, "lazy layer complete: mounting it again on the local file");
+            } else {
+                tracing::warn!(
+                    id = rec.id,
+                    ?mounted,
+                    now,
+                    "fetch daemon restarted: mounting the lazy layer again"
+                );
             }
-            tracing::warn!(
-                id = rec.id,
-                ?mounted,
-                now,
-                "fetch daemon restarted: mounting the lazy layer again"
-            );
             let mp = self.mountpoint(rec.id);
             mounts::unmount(&mp).map_err(internal)?;
             self.mount_layer(rec)
@@ -1373,6 +1398,7 @@ impl Snapshotter {
             self.release_merged(m, &rec.parent);
         }
         lock(&self.attached).remove(&rec.id);
+        lock(&self.incomplete).remove(&rec.id);
         if !rec.blobs.is_empty() {
             self.collect_blobs()?;
         }
