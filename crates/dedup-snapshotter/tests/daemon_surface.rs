@@ -200,42 +200,67 @@ fn readiness_is_notified_after_the_socket_answers_and_health_serves() {
     assert!(!sock.exists(), "the socket is removed on stop");
 }
 
+/// On each data path: READY=1 comes from the main process once the control socket answers and the data path is
+/// up (the FUSE mount; or the fanotify group's holder, which a clean stop with nothing marked releases).
 #[test]
-fn dedupd_notifies_readiness_once_its_socket_and_mount_are_up() {
-    let dir = TestDir::new("surface.");
-    let notify = NotifySocket::bind(dir.join("notify.sock"));
-    let sock = dir.join("d.sock");
-    let mountpoint = dir.join("blobs");
-    std::fs::create_dir(&mountpoint).unwrap();
-    let child = Command::new(workspace_bin("dedupd"))
-        .arg("--root")
-        .arg(dir.join("root"))
-        .arg("--mountpoint")
-        .arg(&mountpoint)
-        .arg("--socket")
-        .arg(&sock)
-        .env("NOTIFY_SOCKET", &notify.path)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut daemon = ChildGuard::new(child);
-    let sender = notify.wait_ready(Duration::from_secs(30));
-    UnixStream::connect(&sock).expect("the control socket answers once READY=1 was sent");
-    assert!(
-        is_mounted(&mountpoint),
-        "the FUSE file system is mounted once READY=1 was sent"
-    );
-    assert_eq!(
-        Some(sender as u32),
-        daemon.id(),
-        "READY=1 must come from the main process (NotifyAccess=main)"
-    );
-    assert!(
-        daemon.terminate().is_some_and(|s| s.success()),
-        "SIGTERM stops dedupd cleanly"
-    );
-    assert!(!is_mounted(&mountpoint), "the FUSE mount goes on stop");
-    assert!(!sock.exists(), "the control socket is removed on stop");
+fn dedupd_notifies_readiness_once_its_socket_and_data_path_are_up() {
+    for data_path in ["fuse", "fanotify"] {
+        let dir = TestDir::new("surface.");
+        let notify = NotifySocket::bind(dir.join("notify.sock"));
+        let sock = dir.join("d.sock");
+        let mountpoint = dir.join("blobs");
+        std::fs::create_dir(&mountpoint).unwrap();
+        let child = Command::new(workspace_bin("dedupd"))
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--mountpoint")
+            .arg(&mountpoint)
+            .arg("--socket")
+            .arg(&sock)
+            .args(["--data-path", data_path])
+            .env("NOTIFY_SOCKET", &notify.path)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut daemon = ChildGuard::new(child);
+        let sender = notify.wait_ready(Duration::from_secs(30));
+        UnixStream::connect(&sock).expect("the control socket answers once READY=1 was sent");
+        let ping = fetch_api::Client::new(&sock).ping().unwrap();
+        assert_eq!(ping.data_path, data_path);
+        let holder = dir.join("root/fanotify-group.sock");
+        match data_path {
+            "fuse" => assert!(
+                is_mounted(&mountpoint),
+                "the FUSE file system is mounted once READY=1 was sent"
+            ),
+            _ => assert!(
+                UnixStream::connect(&holder).is_ok(),
+                "the fanotify group's holder answers once READY=1 was sent"
+            ),
+        }
+        assert_eq!(
+            Some(sender as u32),
+            daemon.id(),
+            "READY=1 must come from the main process (NotifyAccess=main)"
+        );
+        assert!(
+            daemon.terminate().is_some_and(|s| s.success()),
+            "SIGTERM stops dedupd cleanly"
+        );
+        assert!(!is_mounted(&mountpoint), "no mount is left on stop");
+        assert!(!sock.exists(), "the control socket is removed on stop");
+        if data_path == "fanotify" {
+            // Nothing was marked: the group is released and its holder goes.
+            let t = Instant::now();
+            while holder.exists() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "the holder outlived a stop with nothing marked"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
 }
 
 /// The repository's contrib/ directory.
