@@ -47,8 +47,8 @@ pub struct Fan {
     daemon: std::sync::OnceLock<std::sync::Weak<Daemon>>,
     /// Set once every known blob is marked and indexed: events are handled from then on.
     ready: std::sync::atomic::AtomicBool,
-    /// Events the previous instance took and did not answer.
-    inherited: Mutex<Vec<fanotify::Journaled>>,
+    /// Events the previous instance took and did not answer, with their numbers reserved here.
+    inherited: Mutex<Vec<(fanotify::Journaled, Option<OwnedFd>)>>,
 }
 
 /// How the group was found.
@@ -102,7 +102,15 @@ impl Fan {
             let keep: HashSet<RawFd> = entries.iter().map(|e| e.fd).collect();
             let limit = entries.iter().map(|e| e.fd + 1024).max().unwrap_or(0).max(4096);
             fanotify::deny_orphans(&setup.group, limit, &keep);
-            inherited = entries;
+            // Reserved before the first event is read: an event of ours given a journaled number would take the
+            // answer meant for the old one (the kernel matches answers by number alone).
+            inherited = entries
+                .into_iter()
+                .map(|e| {
+                    let fd = fanotify::reserve_number(e.fd);
+                    (e, fd)
+                })
+                .collect();
         } else {
             journal.clear_all()?;
         }
@@ -140,7 +148,7 @@ impl Fan {
                 .name(format!("fan-worker-{n}"))
                 .spawn(move || f.work(&d, &rx))?;
         }
-        for e in std::mem::take(&mut *self.inherited.lock().unwrap()) {
+        for (e, reserved) in std::mem::take(&mut *self.inherited.lock().unwrap()) {
             let blob = daemon.all_blobs().into_iter().find(|b| b.hex == e.hex);
             let Some(blob) = blob else {
                 // Its blob is gone: nothing to make present, and the reader must not wait forever.
@@ -152,7 +160,7 @@ impl Fan {
                 "answering a read the previous instance took and did not answer");
             self.submit(Job {
                 number: e.fd,
-                _fd: fanotify::reserve_number(e.fd),
+                _fd: reserved,
                 blob,
                 offset: e.offset,
                 count: e.count,
