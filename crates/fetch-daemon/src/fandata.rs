@@ -185,10 +185,10 @@ impl Fan {
             .unwrap()
             .insert((md.dev(), md.ino()), blob.clone());
         let link = self.links.join(blob.file_name());
-        let target = blob_data_path(blob);
-        if std::fs::read_link(&link).ok().as_deref() != Some(target.as_path()) {
+        let target = blob.data_path();
+        if std::fs::read_link(&link).ok().as_deref() != Some(target) {
             let _ = std::fs::remove_file(&link);
-            std::os::unix::fs::symlink(&target, &link)?;
+            std::os::unix::fs::symlink(target, &link)?;
         }
         // A restarted daemon re-checks every cached chunk before trusting it: the mark stays until then.
         self.group.mark(file.as_fd())?;
@@ -353,8 +353,4 @@ impl Fan {
             drop(job);
         }
     }
-}
-
-fn blob_data_path(blob: &Blob) -> PathBuf {
-    blob.data_path().to_path_buf()
 }
