@@ -134,6 +134,11 @@ enum Command {
     /// Convert an image in a registry into one with EROFS-native layers that can be mounted
     /// before they are downloaded (metadata first, a sha256 per chunk in the annotations).
     ConvertImage(ConvertImageArgs),
+    /// Index an unmodified image for lazy pulls: for each tar+gzip/tar+zstd layer, its metadata as an
+    /// EROFS tar index, decompression checkpoints and a sha256 per chunk of the uncompressed tar, pushed
+    /// as an OCI artifact whose subject is the image manifest (found by the referrers API, or the
+    /// referrers tag). The image is not touched; nodes that find the artifact mount its layers at once.
+    IndexImage(IndexImageArgs),
     /// Pull an image into containerd and unpack it for our snapshotter, with the snapshot labels CRI
     /// passes: layers of a `convert-image`d image are mounted lazily instead of downloaded (what
     /// `ctr images pull` and nerdctl cannot ask for).
@@ -382,6 +387,7 @@ fn run(cli: Cli) -> Result<()> {
             convert(&input, &output, &opts, json, blob_dir.as_deref())
         }
         Command::ConvertImage(args) => convert_image(args),
+        Command::IndexImage(args) => index_image(args),
         Command::Pull(args) => pull::pull(args),
         Command::Stats { root, json } => {
             stats::stats(&root.unwrap_or_else(|| PathBuf::from(serve::DEFAULT_ROOT)), json)
@@ -704,6 +710,89 @@ struct ConvertImageArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// The arguments of `index-image`.
+#[derive(clap::Args)]
+struct IndexImageArgs {
+    /// The image (`registry/name:tag` or `@sha256:…`); an index is resolved to this host's platform.
+    image: String,
+    /// Uncompressed bytes per verified chunk, and the spacing of decompression checkpoints: a power of
+    /// two from 64K to 64M. A read fetches and inflates at least one chunk; each gzip checkpoint keeps a
+    /// 32 KiB window, so smaller chunks make a bigger artifact.
+    #[arg(long, value_parser = parse_size, default_value = "2M")]
+    chunk_size: u64,
+    /// Where tar-index images are kept until they are pushed (default: $TMPDIR).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Docker config file with registry credentials (default: $DOCKER_CONFIG or ~/.docker).
+    #[arg(long)]
+    docker_config: Option<PathBuf>,
+    /// Also use plain HTTP for this registry host (loopback always does).
+    #[arg(long)]
+    plain_http: Vec<String>,
+    /// containerd's registry host configuration directory (as for `convert-image`).
+    #[arg(long, default_value = registry::hosts::DEFAULT_HOSTS_DIR)]
+    hosts_dir: PathBuf,
+    /// Seconds to wait for a connection to a registry host before the next one is tried.
+    #[arg(long, default_value_t = 5)]
+    connect_timeout_secs: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn index_image(a: IndexImageArgs) -> Result<()> {
+    let mut copts = registry::ClientOptions {
+        docker_config: a.docker_config,
+        hosts_dir: Some(a.hosts_dir),
+        connect_timeout: std::time::Duration::from_secs(a.connect_timeout_secs.max(1)),
+        ..Default::default()
+    };
+    copts.plain_http.extend(a.plain_http);
+    let client = registry::Client::new(copts)?;
+    let image = registry::Reference::parse(&a.image).with_context(|| format!("image {}", a.image))?;
+    let opts = image_convert::IndexOptions {
+        chunk_size: a.chunk_size,
+        work_dir: a.work_dir,
+        progress: !a.json && io::stderr().is_terminal(),
+        ..Default::default()
+    };
+    let report = image_convert::index_image(&client, &image, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for (i, l) in report.layers.iter().enumerate() {
+        match &l.skipped {
+            Some(why) => println!("layer {}: {} skipped: {why}", i + 1, l.digest),
+            None => println!(
+                "layer {}: {} ({} bytes, tar {} bytes) -> index {} bytes ({:.2}%: image {} bytes, {} checkpoints, {} chunks), {:.2} s",
+                i + 1,
+                l.digest,
+                l.size,
+                l.uncompressed_size,
+                l.bundle_size,
+                100.0 * l.bundle_size as f64 / l.size.max(1) as f64,
+                l.meta_size,
+                l.checkpoints,
+                l.chunks,
+                l.seconds
+            ),
+        }
+    }
+    match &report.artifact_digest {
+        Some(d) => println!(
+            "{}: artifact {d}, {} bytes = {:.2}% of the image's {} bytes ({:.1} s)",
+            report.image,
+            report.artifact_bytes,
+            report.artifact_percent(),
+            report.image_bytes,
+            report.seconds
+        ),
+        None => anyhow::bail!("{}: no layer could be indexed: nothing pushed", report.image),
+    }
+    Ok(())
 }
 
 /// `--chunk-compression`: the zstd level, if any (a newtype: clap takes an `Option` field

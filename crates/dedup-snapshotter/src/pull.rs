@@ -501,6 +501,7 @@ fn resolve(client: &registry::Client, reference: &Reference) -> Result<Resolved>
         size: top.bytes.len() as u64,
         platform: None,
         annotations: None,
+        artifact_type: None,
     };
     let (index, manifest) = if registry::is_index(&top.media_type) {
         let entry = registry::resolve_platform(&top.bytes, "linux", registry::host_arch())?
@@ -632,6 +633,7 @@ mod tests {
                 size: 0,
                 platform: None,
                 annotations: None,
+                artifact_type: None,
             })
             .collect();
         let v = image_layers(&layers).unwrap();

@@ -60,6 +60,11 @@ pub struct Config {
     /// layer labels for an EROFS-native layer of a converted image mounts the layer
     /// before it is downloaded (lazy pull).
     pub fetch_socket: Option<PathBuf>,
+    /// With `fetch_socket`: look for a tar index (`index-image`'s artifact, among the image
+    /// manifest's OCI referrers) when a Prepare with CRI's labels names a `tar+gzip` or
+    /// `tar+zstd` layer, and pull an indexed layer lazily from the unmodified image
+    /// (default true).
+    pub tar_index: Option<bool>,
     /// Download tar layers ourselves when a Prepare carries CRI's layer labels (image
     /// reference, manifest and layer digests), converting them as they arrive, and
     /// answer containerd that the layer exists (default false). Download, inflate and
@@ -153,11 +158,16 @@ pub fn serve(cfg: Config) -> Result<()> {
         if stream {
             tracing::info!("tar layers streamed from the registry when a Prepare names them");
         }
-        Some(Arc::new(crate::lazy::Lazy::new(
-            cfg.fetch_socket.clone(),
-            client,
-            stream,
-        )))
+        let tar_index = cfg.fetch_socket.is_some() && cfg.tar_index.unwrap_or(true);
+        if tar_index {
+            tracing::info!("tar+gzip/zstd layers with a tar index are pulled lazily");
+        }
+        let lazy = crate::lazy::Lazy::new(cfg.fetch_socket.clone(), client, stream);
+        Some(Arc::new(if tar_index {
+            lazy.with_tar_index(root.join("tarindex"))
+        } else {
+            lazy
+        }))
     } else {
         None
     };

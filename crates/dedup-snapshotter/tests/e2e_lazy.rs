@@ -222,8 +222,9 @@ impl Lazy {
 
     /// [`Lazy::start`] on containerd `cri_version` (`1.7`, `2.1`) with its CRI plugin on, when given. A `+zstd`
     /// after the media type converts with `--chunk-compression zstd`.
-    fn start_on(media: &str, proxy_rate: u64, dedupd_args: &[&str], cri_version: Option<&str>) -> Lazy {
-        let (media, zstd) = media.split_once('+').map_or((media, false), |(m, _)| (m, true));
+    /// The environment (containerd `cri_version` with CRI when given), dedupd, and the python image pushed as
+    /// `python:latest`.
+    fn python_env(dedupd_args: &[&str], cri_version: Option<&str>) -> (Env, Dedupd, String) {
         diffclient();
         let cmd = format!(
             "{} serve --root {{root}} --address {{socket}} --containerd {{root}}/../containerd.sock \
@@ -243,6 +244,36 @@ impl Lazy {
         ));
         eprintln!("e2e: pushed {} in {:.1}s", pushed.trim(), t.elapsed().as_secs_f64());
         let source = format!("{}/python:latest", env.registry);
+        (env, dedupd, source)
+    }
+
+    /// The unmodified python image with the tar index `index-image` pushes for it: `lazy` is the image itself
+    /// (through the proxy), `converted` the index report.
+    fn start_indexed(proxy_rate: u64, dedupd_args: &[&str], cri_version: &str) -> Lazy {
+        let (env, dedupd, source) = Lazy::python_env(dedupd_args, Some(cri_version));
+        let t = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
+            .args(["index-image", "--json", &source])
+            .output()
+            .expect("spawn index-image");
+        assert!(out.status.success(), "{}", describe("index-image", &out));
+        let converted: serde_json::Value = serde_json::from_slice(&out.stdout).expect("index-image JSON");
+        eprintln!("e2e: index-image in {:.1}s: {converted}", t.elapsed().as_secs_f64());
+        let proxy = Proxy::start(&env.registry, proxy_rate);
+        let lazy = format!("{}/python:latest", proxy.addr);
+        Lazy {
+            env,
+            dedupd,
+            proxy,
+            source,
+            lazy,
+            converted,
+        }
+    }
+
+    fn start_on(media: &str, proxy_rate: u64, dedupd_args: &[&str], cri_version: Option<&str>) -> Lazy {
+        let (media, zstd) = media.split_once('+').map_or((media, false), |(m, _)| (m, true));
+        let (env, dedupd, source) = Lazy::python_env(dedupd_args, cri_version);
         let t = Instant::now();
         let out = Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
             .args(["convert-image", "--json", "--layer-media-type", media])
@@ -1794,5 +1825,235 @@ fn compressed_chunks_pull_lazily_and_run() {
         fetched <= stored + stored / 10 && fetched < image,
         "dedupd fetched {fetched} bytes for {stored} stored ({image} uncompressed)"
     );
+    l.stop();
+}
+
+/// Pushes, as `tag`, the image manifest of `python:latest` with one annotation more (same config and layers, another
+/// digest); returns the new manifest's descriptor (media type, digest, size).
+fn manifest_copy(l: &Lazy, tag: &str) -> (String, String, u64) {
+    let client = registry::Client::new(Default::default()).unwrap();
+    let src = registry::Reference::parse(&l.source).unwrap();
+    let m = client.get_manifest(&src).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap();
+    v["annotations"]["dev.dedup-snapshotter.test"] = serde_json::Value::String(tag.into());
+    let bytes = serde_json::to_vec(&v).unwrap();
+    let dst = registry::Reference::parse(&format!("{}/python:{tag}", l.env.registry)).unwrap();
+    let digest = client.put_manifest(&dst, &m.media_type, &bytes).unwrap();
+    (m.media_type, digest, bytes.len() as u64)
+}
+
+/// Pushes a copy of `python:latest`'s tar-index artifact for the manifest `subject`, with `edit` applied to layer 0's
+/// bundle; returns the artifact's digest.
+fn artifact_copy(l: &Lazy, subject: &(String, String, u64), edit: impl FnOnce(&mut image_convert::Bundle)) -> String {
+    let client = registry::Client::new(Default::default()).unwrap();
+    let src = registry::Reference::parse(&l.source).unwrap();
+    let artifact = l.converted["artifact_digest"].as_str().unwrap();
+    let m = client.get_manifest(&src.with_digest(artifact).unwrap()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap();
+    let layer0 = v["layers"][0]["digest"].as_str().unwrap().to_string();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut client.get_blob(src.repo(), &layer0).unwrap(), &mut bytes).unwrap();
+    let mut bundle = image_convert::Bundle::from_bytes(&bytes).unwrap();
+    edit(&mut bundle);
+    let bytes = bundle.to_bytes().unwrap();
+    let digest = registry::sha256_digest(&bytes);
+    client
+        .push_blob(src.repo(), &digest, bytes.len() as u64, &bytes[..])
+        .unwrap();
+    v["layers"][0]["digest"] = serde_json::Value::String(digest);
+    v["layers"][0]["size"] = serde_json::json!(bytes.len());
+    v["subject"] = serde_json::json!({"mediaType": subject.0, "digest": subject.1, "size": subject.2});
+    client
+        .push_referrer(src.repo(), &serde_json::to_vec(&v).unwrap(), registry::OCI_MANIFEST)
+        .unwrap()
+}
+
+/// Issue 17: the unmodified gzip python image, with the artifact `index-image` pushed next to it, pulled by CRI
+/// (containerd 2.1) from a throttled proxy: every layer is mounted from its tar index at once (containerd downloads
+/// no layer), dedupd serves the uncompressed tars from Range requests on the original gzip blobs, the container
+/// prints before the layers are fetched, and the background fetch completes and verifies them (chunk digests, then
+/// the diffID). Bad indexes: one whose first chunk does not match its digest makes that layer a full pull (the
+/// other layer stays lazy); an artifact that names another manifest as its subject is ignored.
+#[test]
+fn cri_pull_of_an_unmodified_image_through_its_tar_index() {
+    let _serial = e2e::serial();
+    let l = Lazy::start_indexed(
+        20_000_000,
+        &["--prefetch-rate", "10000000", "--read-deadline-secs", "30"],
+        "2.1",
+    );
+    let layers = l.converted["layers"].as_array().unwrap();
+    for x in layers {
+        assert!(
+            x["skipped"].is_null() && x["bundle_digest"].is_string(),
+            "every gzip layer is indexed: {x}"
+        );
+    }
+    let image_bytes = l.converted["image_bytes"].as_u64().unwrap();
+    let artifact_bytes = l.converted["artifact_bytes"].as_u64().unwrap();
+    assert!(
+        artifact_bytes > 0 && artifact_bytes * 10 < image_bytes,
+        "the artifact ({artifact_bytes} bytes) should be a few percent of the image ({image_bytes} bytes)"
+    );
+    // The image is untouched: its tag still names the manifest the artifact refers to.
+    let client = registry::Client::new(Default::default()).unwrap();
+    let m = client
+        .get_manifest(&registry::Reference::parse(&l.source).unwrap())
+        .unwrap();
+    assert_eq!(
+        registry::sha256_digest(&m.bytes),
+        l.converted["manifest_digest"].as_str().unwrap()
+    );
+
+    let mut cri = Cri::connect(&l.env.ctrd_sock);
+    let pause = format!("{}/pause:latest", l.env.registry);
+    cri.pull(&pause);
+    let pod = cri.run_pod("index", &l.env.dir.join("pods"));
+    let layer_digests: Vec<String> = layers
+        .iter()
+        .map(|x| x["digest"].as_str().unwrap().to_string())
+        .collect();
+    let snapshots = || {
+        l.env
+            .ctr_in(CRI_NAMESPACE, &["snapshots", "--snapshotter", "dedup", "ls"])
+            .lines()
+            .count()
+    };
+    // The sandbox's: what stays while the pod runs.
+    let base = snapshots();
+    let collected = |cri: &mut Cri, image: &str| {
+        cri.remove_image(image);
+        l.env
+            .wait_until("CRI's snapshots to be collected", 60, || snapshots() <= base);
+    };
+
+    // 1. An artifact whose first chunk digest is wrong: layer 0 is pulled in full, layer 1 lazily.
+    let corrupt = manifest_copy(&l, "corrupt");
+    artifact_copy(&l, &corrupt, |b| b.index.chunk_digests[0][0] ^= 1);
+    let image = format!("{}/python:corrupt", l.proxy.addr);
+    cri.pull(&image);
+    let content = l.env.ctr_in(CRI_NAMESPACE, &["content", "ls", "-q"]);
+    assert!(
+        content.contains(&layer_digests[0]),
+        "layer 0 should have been downloaded: {content}"
+    );
+    assert!(
+        !content.contains(&layer_digests[1]),
+        "layer 1 should be lazy: {content}"
+    );
+    assert!(
+        l.env.log().contains("tar index refused"),
+        "the snapshotter should say why layer 0 is pulled in full"
+    );
+    let id = cri.start_container(&pod, "corrupt", &image, &["python3", "-c", "print(42)"]);
+    assert_eq!(cri.wait_exit(&id, Duration::from_secs(120)), 0);
+    assert_eq!(Cri::logs(&pod, "corrupt").trim(), "42");
+    cri.remove_container(&id);
+    collected(&mut cri, &image);
+    let _ = l.env.ctr_in(CRI_NAMESPACE, &["content", "rm", &layer_digests[0]]);
+
+    // 2. An artifact of another manifest, listed among this one's referrers: ignored, a full pull.
+    let other = manifest_copy(&l, "other");
+    let artifact = l.converted["artifact_digest"].as_str().unwrap();
+    let m = client
+        .get_manifest(
+            &registry::Reference::parse(&l.source)
+                .unwrap()
+                .with_digest(artifact)
+                .unwrap(),
+        )
+        .unwrap();
+    let tag_index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": registry::OCI_INDEX,
+        "manifests": [{"mediaType": registry::OCI_MANIFEST, "digest": artifact, "size": m.bytes.len(),
+                       "artifactType": image_convert::index::TARINDEX_ARTIFACT_TYPE}],
+    });
+    let tag = format!(
+        "{}/python:sha256-{}",
+        l.env.registry,
+        other.1.trim_start_matches("sha256:")
+    );
+    client
+        .put_manifest(
+            &registry::Reference::parse(&tag).unwrap(),
+            registry::OCI_INDEX,
+            &serde_json::to_vec(&tag_index).unwrap(),
+        )
+        .unwrap();
+    let image = format!("{}/python:other", l.proxy.addr);
+    cri.pull(&image);
+    let content = l.env.ctr_in(CRI_NAMESPACE, &["content", "ls", "-q"]);
+    for d in &layer_digests {
+        assert!(content.contains(d), "layer {d} should have been downloaded: {content}");
+    }
+    assert!(
+        l.env.log().contains("tar index artifact of another manifest: ignored"),
+        "the snapshotter should say it ignored the artifact"
+    );
+    collected(&mut cri, &image);
+    for d in &layer_digests {
+        let _ = l.env.ctr_in(CRI_NAMESPACE, &["content", "rm", d]);
+    }
+
+    // 3. The image itself: lazy through its index.
+    let total: u64 = layers.iter().map(|x| x["size"].as_u64().unwrap()).sum();
+    let t = Instant::now();
+    cri.pull(&l.lazy);
+    let pull_s = t.elapsed().as_secs_f64();
+    l.check_lazy_layers();
+    let content = l.env.ctr_in(CRI_NAMESPACE, &["content", "ls", "-q"]);
+    for d in &layer_digests {
+        assert!(!content.contains(d), "containerd downloaded layer {d}: {content}");
+    }
+    let id = cri.start_container(&pod, "py", &l.lazy, &["python3", "-c", "print(42)"]);
+    let code = cri.wait_exit(&id, Duration::from_secs(120));
+    let first_s = t.elapsed().as_secs_f64();
+    let fetched = l.fetched();
+    let blobs = l.dedupd.blobs();
+    let out = Cri::logs(&pod, "py");
+    eprintln!(
+        "e2e: tar index on containerd 2.1: PullImage {pull_s:.2}s, first output {first_s:.2}s, {fetched} of {total} \
+         compressed bytes fetched then ({:.1}%)",
+        100.0 * fetched as f64 / total as f64
+    );
+    assert_eq!((code, out.trim()), (0, "42"), "the container's log: {out:?}");
+    assert!(
+        fetched < total / 2,
+        "{fetched} of {total} bytes were fetched before the first output"
+    );
+    assert!(
+        blobs.iter().any(|b| !b.complete),
+        "every layer was already fetched when the container printed: {blobs:?}"
+    );
+    // The background fetch completes every layer and checks it against its diffID.
+    l.env
+        .wait_until("the tar-index layers to be fetched and verified", 180, || {
+            let b = l.dedupd.blobs();
+            b.len() == layer_digests.len() && b.iter().all(|b| b.complete && b.verified)
+        });
+    assert!(l.dedupd.blobs().iter().all(|b| b.errors == 0), "{:?}", l.dedupd.blobs());
+    // A file read through the index is the file of the layer.
+    let want = source_sha256("usr/bin/bash");
+    let id = cri.start_container(&pod, "sha", &l.lazy, &["sha256sum", "/usr/bin/bash"]);
+    assert_eq!(cri.wait_exit(&id, Duration::from_secs(120)), 0);
+    let got = Cri::logs(&pod, "sha");
+    assert!(got.starts_with(&want), "sha256sum /usr/bin/bash: {got:?}, want {want}");
+
+    cri.remove_pod(&pod);
+    for image in [&l.lazy, &pause] {
+        cri.remove_image(image);
+    }
+    l.env.wait_until("CRI's snapshots to be collected", 60, || {
+        l.env
+            .ctr_in(CRI_NAMESPACE, &["snapshots", "--snapshotter", "dedup", "ls"])
+            .lines()
+            .count()
+            <= 1
+    });
+    let kept: Vec<_> = fs::read_dir(l.env.root.join("tarindex"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(kept.is_empty(), "tar indexes left after their layers went: {kept:?}");
     l.stop();
 }

@@ -10,13 +10,15 @@
 //!    source is consumed in one pass and memory holds only metadata and small tails.
 //! 2. [`ImageWriter::finish`] lays out everything else after the file data: directory
 //!    blocks, the shared xattr area, the inodes (with inline xattrs and tails), and
-//!    finally the superblock in block 0.
+//!    finally the superblock in the head.
 //!
-//! Layout of a finished image (block numbers grow downwards):
+//! Layout of a finished image (block numbers grow downwards; the head is the first
+//! 4 KiB whatever the block size, [`Options::block_bits`]: block 0 of 4 KiB blocks,
+//! blocks 0..8 of 512-byte ones):
 //!
 //! ```text
-//! block 0          superblock at byte 1024
-//! blocks 1..D      file bodies, in arrival order
+//! head (0..H)      superblock at byte 1024, the device table after it if it fits
+//! blocks H..D      file bodies, in arrival order
 //! blocks D..T      the device table, when files have chunks on extra devices
 //! blocks T..M      directory blocks and long symlink targets that are not inlined
 //! blocks M..       meta area: shared xattrs, then inodes (root first), 32-byte slots
@@ -73,8 +75,9 @@ pub struct Options {
     pub uuid: [u8; 16],
     /// Volume label.
     pub volume_name: [u8; 16],
-    /// log2 of the chunk size for [`ImageWriter::write_file_chunked`] (12 = 4 KiB ..
-    /// 12 + 31); chunk-based files need it, other files ignore it.
+    /// log2 of the chunk size for [`ImageWriter::write_file_chunked`]
+    /// ([`Options::block_bits`] ..= `block_bits` + 31, e.g. 12 = 4 KiB); chunk-based files
+    /// need it, other files ignore it.
     pub chunk_bits: u8,
     /// Compress regular files' data ([`ImageWriter::write_file`]); `None` (the default)
     /// writes every file uncompressed, which merged metadata and chunk sharing need.
@@ -90,6 +93,18 @@ pub struct Options {
     /// flat EROFS device that mounts with no extra devices (as a VMDK describes them);
     /// given as extra devices, they still mount as before.
     pub flat_devices: bool,
+    /// log2 of the image's block size: 12 (4 KiB, the default) down to 9 (512 bytes).
+    /// Smaller blocks let chunk indexes address data that is only 512-byte aligned (the
+    /// members of a tar stream given as an extra device) and pack directories, symlinks
+    /// and tails in finer units. The first 4 KiB stay the image's head (the superblock at
+    /// byte 1024, then the device table when it fits) whatever the block size, so with
+    /// 512-byte blocks data and metadata start at block 8. Below 12, [`Self::compression`]
+    /// must be `None`, [`Self::flat_devices`] false and [`Self::devt_reserve_blocks`] 0
+    /// ([`ImageWriter::new`] refuses the image otherwise). The kernel reads uncompressed
+    /// images with any block size from 512 bytes to the page size (tests: Linux 6.18,
+    /// file-backed mounts with `-o device=`); an extra device must then hold whole blocks
+    /// of this size, its last one included, or reads of that block fail (EIO).
+    pub block_bits: u8,
 }
 
 /// How file data is compressed.
@@ -116,7 +131,7 @@ impl Compression {
     }
 
     /// Sets the pcluster size in bytes (`mkfs.erofs -C`): a multiple of the block size
-    /// up to 1 MiB.
+    /// (4 KiB: compressed images have no other) up to 1 MiB.
     pub fn with_pcluster_size(mut self, bytes: u64) -> std::result::Result<Compression, String> {
         if bytes == 0 || !bytes.is_multiple_of(BLOCK_SIZE) || bytes > format::PCLUSTER_MAX_SIZE {
             return Err(format!(
@@ -136,6 +151,7 @@ impl Default for Options {
             compression: None,
             devt_reserve_blocks: 0,
             flat_devices: false,
+            block_bits: BLKSZBITS,
             inline_data: true,
             build_time: 0,
             build_time_nsec: 0,
@@ -145,11 +161,19 @@ impl Default for Options {
     }
 }
 
-/// The block size this writer produces; re-exported because callers lay out blocks
-/// for it (dedup blobs, data offsets).
+/// The block size this writer produces by default ([`Options::block_bits`] 12);
+/// re-exported because callers lay out blocks for it (dedup blobs, data offsets).
 pub use crate::format::BLOCK_SIZE;
 use crate::format::{BLKSZBITS, NULL_ADDR};
-const BS: usize = BLOCK_SIZE as usize;
+
+/// The smallest [`Options::block_bits`]: the kernel reads no smaller blocks.
+pub const MIN_BLOCK_BITS: u8 = 9;
+
+/// The image's head: the first 4 KiB, whatever the block size. The superblock is at byte
+/// 1024 of it and the device table may follow; with smaller blocks it spans several
+/// blocks (8 of 512 bytes), so that the places of both are the same in every image and
+/// the data starts at the same byte.
+const HEAD: u64 = 4096;
 
 /// Index of a node in a [`Tree`].
 pub type NodeId = u32;
@@ -271,8 +295,10 @@ pub struct FileData {
     /// A body still being compressed: the writer's own index of it, resolved when the
     /// image is finished. Callers only store the `FileData` they were given.
     pub pending: Option<u32>,
-    /// For a chunk-based file built by the caller: log2 of its chunk size (12 to 43), which
-    /// `chunks` must match; 0 for [`Options::chunk_bits`].
+    /// For a chunk-based file built by the caller: log2 of its chunk size in bytes, which
+    /// `chunks` must match; 0 for [`Options::chunk_bits`]. The image's block size bounds
+    /// it: [`Options::block_bits`] ..= `block_bits` + 31 (12 ..= 43 with 4 KiB blocks,
+    /// 9 ..= 40 with 512-byte ones), and [`ChunkAddr::blkaddr`] counts blocks of that size.
     pub chunk_bits: u8,
 }
 
@@ -293,7 +319,8 @@ impl FileData {
 pub struct ChunkAddr {
     /// 0 for the image itself, `n` for the n-th entry of the device table.
     pub device: u16,
-    /// First block of the chunk on that device; [`ChunkAddr::HOLE`] reads as zeros.
+    /// First block of the chunk on that device, in blocks of the image's block size
+    /// ([`Options::block_bits`], whatever the device); [`ChunkAddr::HOLE`] reads as zeros.
     pub blkaddr: u32,
 }
 
@@ -470,8 +497,8 @@ pub struct Summary {
     pub bytes: u64,
     /// Blocks holding file bodies.
     pub data_blocks: u32,
-    /// First block of the file bodies (1, or after the metadata in the
-    /// metadata-first layout).
+    /// First block of the file bodies (the first after the 4 KiB head: 1 with 4 KiB
+    /// blocks, 8 with 512-byte ones; or after the metadata in the metadata-first layout).
     pub data_blkaddr: u32,
     /// Start of the meta area.
     pub meta_blkaddr: u32,
@@ -493,6 +520,8 @@ pub struct Summary {
 pub struct ImageWriter<W: Write + Seek> {
     out: W,
     opts: Options,
+    /// [`Options::block_bits`], checked.
+    bits: u8,
     /// Next free block in the data area.
     next_block: u32,
     /// The device table written by `finish` (device ids 1..).
@@ -509,7 +538,7 @@ pub struct ImageWriter<W: Write + Seek> {
     compressed_files: u64,
     /// How many of those have a tail-packed pcluster (`ztailpacking`).
     ztailpacked_files: u64,
-    /// A device table that goes into block 0, written with the superblock.
+    /// A device table that goes into the head, written with the superblock.
     pending_block0: Vec<u8>,
 }
 
@@ -528,15 +557,46 @@ struct ZFile {
 }
 
 impl<W: Write + Seek> ImageWriter<W> {
-    /// Starts an image in `out`, which must be empty: block 0 is left for the
-    /// superblock, file data starts at block 1.
+    /// Starts an image in `out`, which must be empty: the first 4 KiB are left for the
+    /// superblock, file data starts right after them.
+    ///
+    /// Fails with [`Error::Unrepresentable`] when [`Options::block_bits`] is out of
+    /// 9 ..= 12, or below 12 with compression, flat devices or reserved device table
+    /// blocks.
     pub fn new(mut out: W, opts: Options) -> Result<Self> {
+        let bits = opts.block_bits;
+        if !(MIN_BLOCK_BITS..=BLKSZBITS).contains(&bits) {
+            return Err(Error::Unrepresentable(format!(
+                "block size 2^{bits}: the writer makes blocks of 512 to 4096 bytes (block_bits 9 to 12)"
+            )));
+        }
+        if bits < BLKSZBITS {
+            let bs = 1u32 << bits;
+            // Compressed extents and the flat/reserved device table layouts are written
+            // and tested for 4 KiB blocks only; small blocks are for chunk indexes.
+            let refused = if opts.compression.is_some() {
+                Some("compression")
+            } else if opts.flat_devices {
+                Some("flat devices")
+            } else if opts.devt_reserve_blocks > 0 {
+                Some("blocks reserved for the device table")
+            } else {
+                None
+            };
+            if let Some(what) = refused {
+                return Err(Error::Unrepresentable(format!(
+                    "{what} with {bs}-byte blocks: only 4096-byte blocks (block_bits 12) support it"
+                )));
+            }
+        }
         let reserve = opts.devt_reserve_blocks;
-        out.seek(SeekFrom::Start(BLOCK_SIZE * (1 + u64::from(reserve))))?;
+        let head = (HEAD >> bits) as u32;
+        out.seek(SeekFrom::Start((u64::from(head) + u64::from(reserve)) << bits))?;
         Ok(ImageWriter {
             out,
             opts,
-            next_block: 1 + reserve,
+            bits,
+            next_block: head + reserve,
             pending_block0: Vec::new(),
             devices: Vec::new(),
             chunk_buf: Vec::new(),
@@ -553,6 +613,16 @@ impl<W: Write + Seek> ImageWriter<W> {
         &self.opts
     }
 
+    /// The image's block size in bytes ([`Options::block_bits`]).
+    pub fn block_size(&self) -> u64 {
+        1 << self.bits
+    }
+
+    /// Blocks of the head (the first 4 KiB), where the file data starts.
+    fn head_blocks(&self) -> u32 {
+        (HEAD >> self.bits) as u32
+    }
+
     /// Sets the UUID; it is written with the superblock, last, so it may depend on
     /// everything read (e.g. the input's digest).
     pub fn set_uuid(&mut self, uuid: [u8; 16]) {
@@ -563,8 +633,11 @@ impl<W: Write + Seek> ImageWriter<W> {
     /// must be known before the body streams past, so it assumes the worst case (an
     /// extended inode, every xattr inline); [`ImageWriter::finish`] can only do better.
     pub fn will_inline_tail(&self, meta: &Meta, size: u64) -> bool {
-        let tail = (size % BLOCK_SIZE) as usize;
-        self.opts.inline_data && tail != 0 && format::EXTENDED_INODE_SIZE + meta.xattr_upper_bound() + tail <= BS
+        let bs = self.block_size();
+        let tail = (size % bs) as usize;
+        self.opts.inline_data
+            && tail != 0
+            && format::EXTENDED_INODE_SIZE + meta.xattr_upper_bound() + tail <= bs as usize
     }
 
     /// Bytes a compressed file of `size` bytes with `meta` may pack after its indexes
@@ -578,8 +651,8 @@ impl<W: Write + Seek> ImageWriter<W> {
         }
         let before = format::map_header_start((format::EXTENDED_INODE_SIZE + meta.xattr_upper_bound()) as u64)
             + (format::MAP_HEADER_SIZE + 8) as u64
-            + size.div_ceil(BLOCK_SIZE) * format::LCLUSTER_INDEX_SIZE as u64;
-        BLOCK_SIZE.saturating_sub(before) as usize
+            + size.div_ceil(self.block_size()) * format::LCLUSTER_INDEX_SIZE as u64;
+        self.block_size().saturating_sub(before) as usize
     }
 
     /// Sets the device table: entry `n - 1` is device `n` of the chunk addresses.
@@ -603,11 +676,13 @@ impl<W: Write + Seek> ImageWriter<W> {
         // first design: files under one chunk) stored 2.1x the bytes of dedup alone over
         // ten versions of an image (scripts/bench-dedup.sh, README "Compressed layers").
         match sink {
-            Some(sink) if size > 0 && !(size < BLOCK_SIZE && self.will_inline_tail(meta, size)) => {
+            Some(sink) if size > 0 && !(size < self.block_size() && self.will_inline_tail(meta, size)) => {
                 self.write_file_chunked(src, size, sink)
             }
             // A body of one block or less cannot save a block by compression.
-            _ if self.opts.compression.is_some() && size > BLOCK_SIZE => self.write_file_compressed(src, size, meta),
+            _ if self.opts.compression.is_some() && size > self.block_size() => {
+                self.write_file_compressed(src, size, meta)
+            }
             _ => self.write_file_data(src, size, meta),
         }
     }
@@ -626,8 +701,9 @@ impl<W: Write + Seek> ImageWriter<W> {
             return self.write_file_data(src, size, meta);
         };
         if self.pipeline.is_none() {
-            let pcluster = z.pcluster_blocks.clamp(1, 256) as usize * BS;
-            self.pipeline = Some(Pipeline::new(z.codec, z.workers, BS, pcluster)?);
+            let bs = self.block_size() as usize;
+            let pcluster = z.pcluster_blocks.clamp(1, 256) as usize * bs;
+            self.pipeline = Some(Pipeline::new(z.codec, z.workers, bs, pcluster)?);
         }
         let segments = u32::try_from(size.div_ceil(SEGMENT as u64))
             .map_err(|_| Error::Unrepresentable("file too large".into()))?;
@@ -673,6 +749,7 @@ impl<W: Write + Seek> ImageWriter<W> {
             f.done = Some(data);
             return Ok(true);
         }
+        let bs = self.block_size() as usize;
         let first = self.next_block;
         let mut at = 0usize;
         let mut extents = Vec::with_capacity(done.pieces.len());
@@ -682,12 +759,12 @@ impl<W: Write + Seek> ImageWriter<W> {
             let (len, blocks) = match piece {
                 Piece::Compressed { len, bytes } => {
                     self.out.write_all(bytes)?;
-                    (*len, (bytes.len() / BS) as u32)
+                    (*len, (bytes.len() / bs) as u32)
                 }
                 Piece::Raw { len } => {
                     let n = *len as usize;
                     self.out.write_all(&done.data[at..at + n])?;
-                    self.out.write_all(&ZEROS[..(BS - n % BS) % BS])?;
+                    self.out.write_all(&ZEROS[..(bs - n % bs) % bs])?;
                     (*len, 1)
                 }
                 Piece::Inline { len, compressed } => {
@@ -760,7 +837,7 @@ impl<W: Write + Seek> ImageWriter<W> {
             .iter()
             .map(|p| match p {
                 Piece::Compressed { bytes, .. } => bytes.len(),
-                Piece::Raw { .. } => BS,
+                Piece::Raw { .. } => self.block_size() as usize,
                 Piece::Inline { len, compressed } => compressed.as_ref().map_or(*len as usize, Vec::len),
             })
             .sum();
@@ -774,7 +851,7 @@ impl<W: Write + Seek> ImageWriter<W> {
                     }
             )
         });
-        let map = 8 + 16 + f.size.div_ceil(BLOCK_SIZE) * format::LCLUSTER_INDEX_SIZE as u64;
+        let map = 8 + 16 + f.size.div_ceil(self.block_size()) * format::LCLUSTER_INDEX_SIZE as u64;
         any && bytes as u64 + map < f.size
     }
 
@@ -795,7 +872,7 @@ impl<W: Write + Seek> ImageWriter<W> {
         sink: &mut dyn ChunkSink,
     ) -> Result<FileData> {
         let bits = self.opts.chunk_bits;
-        if !(BLKSZBITS..BLKSZBITS + 32).contains(&bits) {
+        if !(self.bits..self.bits + 32).contains(&bits) {
             return Err(Error::Unrepresentable(format!("chunk size 2^{bits} out of range")));
         }
         let chunk = 1u64 << bits;
@@ -829,7 +906,7 @@ impl<W: Write + Seek> ImageWriter<W> {
     /// area. Ends with `UnexpectedEof` if `src` runs dry first.
     pub fn write_file_data<R: BufRead + ?Sized>(&mut self, src: &mut R, size: u64, meta: &Meta) -> Result<FileData> {
         let inline = self.will_inline_tail(meta, size);
-        if size >= BLOCK_SIZE || (size > 0 && !inline) {
+        if size >= self.block_size() || (size > 0 && !inline) {
             // Blocks are appended in submission order: bodies still with the workers go
             // first. A small body joins the queue rather than waiting for them, so that
             // a layer of many small files keeps the workers busy.
@@ -882,15 +959,16 @@ impl<W: Write + Seek> ImageWriter<W> {
                 ..Default::default()
             });
         }
-        let full = size / BLOCK_SIZE;
-        let tail_len = (size % BLOCK_SIZE) as usize;
+        let bs = self.block_size();
+        let full = size / bs;
+        let tail_len = (size % bs) as usize;
         let blocks = full + u64::from(tail_len != 0 && !inline);
         let blkaddr = self.next_block;
         let end = u64::from(blkaddr) + blocks;
         if end > u64::from(u32::MAX) {
             return Err(Error::Unrepresentable("image larger than 16 TiB".into()));
         }
-        copy_exact(src, &mut self.out, full * BLOCK_SIZE)?;
+        copy_exact(src, &mut self.out, full * bs)?;
         let tail = if tail_len == 0 {
             None
         } else if inline {
@@ -899,7 +977,7 @@ impl<W: Write + Seek> ImageWriter<W> {
             Some(t.into_boxed_slice())
         } else {
             copy_exact(src, &mut self.out, tail_len as u64)?;
-            self.out.write_all(&ZEROS[..BS - tail_len])?;
+            self.out.write_all(&ZEROS[..bs as usize - tail_len])?;
             None
         };
         self.next_block = end as u32;
@@ -916,39 +994,45 @@ impl<W: Write + Seek> ImageWriter<W> {
     /// the output (positioned at its end) and a summary.
     pub fn finish(mut self, tree: &Tree) -> Result<(W, Summary)> {
         let files = self.settle()?;
-        let data_blocks = self.next_block - 1 - self.opts.devt_reserve_blocks;
+        let bs = self.block_size();
+        let data_blocks = self.next_block - self.head_blocks() - self.opts.devt_reserve_blocks;
         // The device table's offset is stored in 128-byte units in a 16-bit field, so it
-        // must start within the first 8 MiB. It goes, in order of preference: into block 0
-        // after the superblock (up to 22 devices); into the blocks reserved before the
-        // data (`Options::devt_reserve_blocks`); right after the file data, which suits
-        // chunk-based images (no file data of their own) of any size.
+        // must start within the first 8 MiB. It goes, in order of preference: into the
+        // head after the superblock (up to 22 devices); into the blocks reserved before
+        // the data (`Options::devt_reserve_blocks`); right after the file data, which
+        // suits chunk-based images (no file data of their own) of any size.
         let block0 = self.block0_table_start();
         let slots = self.devices.len() * format::DEVICE_SLOT_SIZE;
-        let reserved = u64::from(self.opts.devt_reserve_blocks) * BLOCK_SIZE;
-        let (table, devt_slotoff, extra_devices) = if !self.devices.is_empty() && block0 + slots <= BS {
+        let reserved = u64::from(self.opts.devt_reserve_blocks) * bs;
+        let (table, devt_slotoff, extra_devices) = if !self.devices.is_empty() && block0 + slots <= HEAD as usize {
             let (mut t, _, n) = self.device_table(block0 as u64)?;
             t.truncate(slots);
             self.pending_block0 = t;
             (Vec::new(), (block0 / format::DEVICE_SLOT_SIZE) as u16, n)
         } else if !self.devices.is_empty() && slots as u64 <= reserved {
-            let (t, off, n) = self.device_table(BLOCK_SIZE)?;
+            let (t, off, n) = self.device_table(HEAD)?;
             let end = self.out.stream_position()?;
-            self.out.seek(SeekFrom::Start(BLOCK_SIZE))?;
+            self.out.seek(SeekFrom::Start(HEAD))?;
             self.out.write_all(&t[..slots])?;
             self.out.seek(SeekFrom::Start(end))?;
             (Vec::new(), off, n)
         } else {
-            let devt_offset = u64::from(self.next_block) * BLOCK_SIZE;
+            let devt_offset = u64::from(self.next_block) * bs;
             self.device_table(devt_offset)?
         };
         self.out.write_all(&table)?;
-        let plan = Plan::new(tree, &self.opts, self.next_block + (table.len() / BS) as u32, files)?;
+        let plan = Plan::new(
+            tree,
+            &self.opts,
+            self.next_block + (table.len() as u64 / bs) as u32,
+            files,
+        )?;
         check_devices(tree, &plan, extra_devices)?;
         let (late, meta) = plan.encode_meta(tree);
         self.out.write_all(&late)?;
         self.out.write_all(&meta)?;
 
-        let blocks = u64::from(plan.meta_blkaddr) + meta.len() as u64 / BLOCK_SIZE;
+        let blocks = u64::from(plan.meta_blkaddr) + meta.len() as u64 / bs;
         let blocks = u32::try_from(blocks).map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
         if self.opts.flat_devices && !self.devices.is_empty() {
             // Only now is the image's size known: the slots are written again, in place.
@@ -980,7 +1064,7 @@ impl<W: Write + Seek> ImageWriter<W> {
             let t = std::mem::take(&mut self.pending_block0);
             self.out.write_all(&t)?;
         }
-        self.out.seek(SeekFrom::Start(u64::from(blocks) * BLOCK_SIZE))?;
+        self.out.seek(SeekFrom::Start(u64::from(blocks) * bs))?;
         self.out.flush()?;
         let summary = self.summary(&plan, blocks, data_blocks, extra_devices);
         Ok((self.out, summary))
@@ -998,8 +1082,8 @@ impl<W: Write + Seek> ImageWriter<W> {
     /// is computed once and the addresses are adjusted as inodes are encoded.
     ///
     /// ```text
-    /// block 0          superblock at byte 1024
-    /// blocks 1..T      the device table, when files have chunks on extra devices
+    /// head (0..H)      superblock at byte 1024 (the first 4 KiB)
+    /// blocks H..T      the device table, when files have chunks on extra devices
     /// blocks T..M      directory blocks and long symlink targets that are not inlined
     /// blocks M..D      meta area: shared xattrs, then inodes
     /// blocks D..       file bodies, in arrival order
@@ -1014,23 +1098,23 @@ impl<W: Write + Seek> ImageWriter<W> {
             ));
         }
         let files = self.settle()?;
-        let data_blocks = self.next_block - 1;
-        let (table, devt_slotoff, extra_devices) = self.device_table(BLOCK_SIZE)?;
-        let mut plan = Plan::new(tree, &self.opts, 1 + (table.len() / BS) as u32, files)?;
+        let bs = self.block_size();
+        let head = self.head_blocks();
+        let data_blocks = self.next_block - head;
+        let (table, devt_slotoff, extra_devices) = self.device_table(HEAD)?;
+        let mut plan = Plan::new(tree, &self.opts, head + (table.len() as u64 / bs) as u32, files)?;
         check_devices(tree, &plan, extra_devices)?;
-        let meta_end = u64::from(plan.meta_blkaddr) + plan.meta_bytes.div_ceil(BLOCK_SIZE);
-        // Data was addressed from block 1 while it streamed; it now starts at meta_end.
-        plan.data_shift =
-            u32::try_from(meta_end - 1).map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
+        let meta_end = u64::from(plan.meta_blkaddr) + plan.meta_bytes.div_ceil(bs);
+        // Data was addressed from the end of the head while it streamed; it now starts
+        // at meta_end.
+        plan.data_shift = u32::try_from(meta_end - u64::from(head))
+            .map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
         let (late, meta) = plan.encode_meta(tree);
-        debug_assert_eq!(
-            u64::from(plan.meta_blkaddr) * BLOCK_SIZE + meta.len() as u64,
-            meta_end * BLOCK_SIZE
-        );
+        debug_assert_eq!(u64::from(plan.meta_blkaddr) * bs + meta.len() as u64, meta_end * bs);
         let blocks = meta_end + u64::from(data_blocks);
         let blocks = u32::try_from(blocks).map_err(|_| Error::Unrepresentable("image larger than 16 TiB".into()))?;
         let sb = self.superblock(&plan, blocks, extra_devices, devt_slotoff);
-        let mut block0 = vec![0u8; BS];
+        let mut block0 = vec![0u8; HEAD as usize];
         let sbb = sb.encode();
         block0[format::SUPER_OFFSET as usize..format::SUPER_OFFSET as usize + sbb.len()].copy_from_slice(&sbb);
         let cfgs = self.compr_cfgs();
@@ -1041,12 +1125,12 @@ impl<W: Write + Seek> ImageWriter<W> {
         out.write_all(&late)?;
         out.write_all(&meta)?;
         self.out.flush()?;
-        self.out.seek(SeekFrom::Start(BLOCK_SIZE))?;
+        self.out.seek(SeekFrom::Start(HEAD))?;
         let copied = io::copy(
-            &mut io::Read::take(&mut self.out, u64::from(data_blocks) * BLOCK_SIZE),
+            &mut io::Read::take(&mut self.out, u64::from(data_blocks) * bs),
             &mut out,
         )?;
-        if copied != u64::from(data_blocks) * BLOCK_SIZE {
+        if copied != u64::from(data_blocks) * bs {
             return Err(Error::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the data spool is shorter than the data written to it",
@@ -1061,7 +1145,8 @@ impl<W: Write + Seek> ImageWriter<W> {
     /// The encoded device table (whole blocks) for a table at byte `offset`, its slot
     /// offset and the number of devices.
     fn device_table(&self, offset: u64) -> Result<(Vec<u8>, u16, u16)> {
-        let devt_blocks = (self.devices.len() * format::DEVICE_SLOT_SIZE).div_ceil(BS);
+        let bs = self.block_size() as usize;
+        let devt_blocks = (self.devices.len() * format::DEVICE_SLOT_SIZE).div_ceil(bs);
         let devt_slotoff = if self.devices.is_empty() {
             0
         } else {
@@ -1073,11 +1158,11 @@ impl<W: Write + Seek> ImageWriter<W> {
             .ok()
             .filter(|n| *n < u16::MAX)
             .ok_or_else(|| Error::Unrepresentable("more than 65534 extra devices".into()))?;
-        let mut table = Vec::with_capacity(devt_blocks * BS);
+        let mut table = Vec::with_capacity(devt_blocks * bs);
         for d in &self.devices {
             table.extend_from_slice(&d.encode());
         }
-        table.resize(devt_blocks * BS, 0);
+        table.resize(devt_blocks * bs, 0);
         Ok((table, devt_slotoff, extra_devices))
     }
 
@@ -1098,7 +1183,7 @@ impl<W: Write + Seek> ImageWriter<W> {
 
     /// The compression settings the image's compressed files need, if it has any:
     /// (algorithm, big pclusters).
-    /// Where a device table in block 0 would start: after the superblock and the
+    /// Where a device table in the head would start: after the superblock and the
     /// compression configurations, on a slot boundary.
     fn block0_table_start(&self) -> usize {
         (format::SUPER_OFFSET as usize + format::SUPER_SIZE + self.compr_cfgs().len())
@@ -1143,7 +1228,7 @@ impl<W: Write + Seek> ImageWriter<W> {
     fn compr_cfgs(&self) -> Vec<u8> {
         match (self.compr_in_use(), self.opts.compression) {
             (Some((alg, _)), Some(z)) if self.has_cfgs() => {
-                let pcluster = z.pcluster_blocks.clamp(1, 256) as usize * BS;
+                let pcluster = z.pcluster_blocks.clamp(1, 256) as usize * self.block_size() as usize;
                 format::encode_compr_cfgs(
                     alg.bit(),
                     z.pcluster_blocks.clamp(1, 256) as u16,
@@ -1157,7 +1242,7 @@ impl<W: Write + Seek> ImageWriter<W> {
 
     fn superblock(&self, plan: &Plan, blocks: u32, extra_devices: u16, devt_slotoff: u16) -> SuperBlock {
         SuperBlock {
-            blkszbits: BLKSZBITS,
+            blkszbits: self.bits,
             root_nid: plan.root_nid,
             inos: plan.slots.len() as u64,
             build_time: self.opts.build_time,
@@ -1187,9 +1272,9 @@ impl<W: Write + Seek> ImageWriter<W> {
         Summary {
             inodes: plan.slots.len() as u64,
             blocks,
-            bytes: u64::from(blocks) * BLOCK_SIZE,
+            bytes: u64::from(blocks) * self.block_size(),
             data_blocks,
-            data_blkaddr: 1 + self.opts.devt_reserve_blocks,
+            data_blkaddr: self.head_blocks() + self.opts.devt_reserve_blocks,
             meta_blkaddr: plan.meta_blkaddr,
             root_nid: plan.root_nid,
             shared_xattrs: plan.shared_ids.len(),
@@ -1216,7 +1301,8 @@ fn check_devices(tree: &Tree, plan: &Plan, extra_devices: u16) -> Result<()> {
     Ok(())
 }
 
-static ZEROS: [u8; BS] = [0; BS];
+/// Padding up to a block of the largest size.
+static ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
 
 fn copy_exact<R: BufRead + ?Sized, W: Write>(src: &mut R, out: &mut W, mut n: u64) -> io::Result<()> {
     while n > 0 {
@@ -1288,6 +1374,8 @@ struct Plan {
     root_nid: u16,
     chunked_files: u64,
     chunk_bits: u8,
+    /// [`Options::block_bits`].
+    bits: u8,
     /// Added to the address of every block of file data in this image (device 0):
     /// non-zero in the metadata-first layout, where the data moves behind the meta.
     data_shift: u32,
@@ -1308,6 +1396,8 @@ fn resolve<'a>(files: &'a [FileData], f: &'a FileData) -> &'a FileData {
 impl Plan {
     fn new(tree: &Tree, opts: &Options, late_start: u32, files: Vec<FileData>) -> Result<Plan> {
         let (order, nlink, parents) = walk(tree)?;
+        let bits = opts.block_bits;
+        let bs = 1u64 << bits;
 
         let mut index = vec![u32::MAX; tree.len()];
         for (i, id) in order.iter().enumerate() {
@@ -1372,9 +1462,8 @@ impl Plan {
                     let f = resolve(&files, f);
                     if f.compressed.is_some() {
                         // Header, 8 reserved bytes, one index per lcluster.
-                        zmap_bytes = format::MAP_HEADER_SIZE
-                            + 8
-                            + f.size.div_ceil(BLOCK_SIZE) as usize * format::LCLUSTER_INDEX_SIZE;
+                        zmap_bytes =
+                            format::MAP_HEADER_SIZE + 8 + f.size.div_ceil(bs) as usize * format::LCLUSTER_INDEX_SIZE;
                     }
                     if let Some(c) = &f.chunks {
                         let bits = if f.chunk_bits != 0 {
@@ -1382,13 +1471,14 @@ impl Plan {
                         } else {
                             opts.chunk_bits
                         };
-                        if !(BLKSZBITS..BLKSZBITS + 32).contains(&bits)
+                        if !(opts.block_bits..opts.block_bits + 32).contains(&bits)
                             || c.len() as u64 != f.size.div_ceil(1u64 << bits)
                         {
                             return Err(Error::Unrepresentable(format!(
-                                "{} chunk addresses for {} bytes in chunks of 2^{bits}",
+                                "{} chunk addresses for {} bytes in chunks of 2^{bits} ({}-byte blocks)",
                                 c.len(),
-                                f.size
+                                f.size,
+                                bs
                             )));
                         }
                         chunk_index_bytes = c.len() * format::CHUNK_INDEX_SIZE;
@@ -1396,12 +1486,12 @@ impl Plan {
                     }
                     (f.size, f.tail.as_ref().map_or(0, |t| t.len()), 0)
                 }
-                Body::Symlink(t) => split_data(t.len() as u64, m, xattr_size),
+                Body::Symlink(t) => split_data(t.len() as u64, m, xattr_size, bs),
                 Body::Dir(children) => {
                     let entries = dir_entries(children, &[]);
-                    let (blocks, size) = pack_dir(&entries);
+                    let (blocks, size) = pack_dir(&entries, bs);
                     dir_blocks = blocks;
-                    split_data(size, m, xattr_size)
+                    split_data(size, m, xattr_size, bs)
                 }
                 _ => (0, 0, 0),
             };
@@ -1433,7 +1523,7 @@ impl Plan {
             // with inline tails, inodes run up to a block long and that room adds up.
             let need = total.next_multiple_of(32);
             let at = match holes.range((total, 0)..).next().copied() {
-                Some((room, at)) if total <= BLOCK_SIZE => {
+                Some((room, at)) if total <= bs => {
                     holes.remove(&(room, at));
                     if room > need {
                         holes.insert((room - need, at + need));
@@ -1441,12 +1531,12 @@ impl Plan {
                     at
                 }
                 _ => {
-                    let rest = BLOCK_SIZE - cursor % BLOCK_SIZE;
-                    if total <= BLOCK_SIZE && total > rest {
-                        if (32..BLOCK_SIZE).contains(&rest) {
+                    let rest = bs - cursor % bs;
+                    if total <= bs && total > rest {
+                        if (32..bs).contains(&rest) {
                             holes.insert((rest, cursor));
                         }
-                        cursor = cursor.next_multiple_of(BLOCK_SIZE);
+                        cursor = cursor.next_multiple_of(bs);
                     }
                     let at = cursor;
                     cursor += need;
@@ -1495,6 +1585,7 @@ impl Plan {
             root_nid,
             chunked_files,
             chunk_bits: opts.chunk_bits,
+            bits,
             data_shift: 0,
             files,
             z: opts
@@ -1525,7 +1616,7 @@ impl Plan {
                 continue;
             }
             let mut bytes = self.late_bytes(tree, slot);
-            let full = slot.late_blocks as usize * BS;
+            let full = slot.late_blocks as usize * self.bs();
             let n = full.min(bytes.len());
             late.extend_from_slice(&bytes[..n]);
             late.resize(late.len() + full - n, 0);
@@ -1533,7 +1624,7 @@ impl Plan {
                 tails[i] = Some(bytes.split_off(bytes.len() - slot.inline_len));
             }
         }
-        let meta_len = self.meta_bytes.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        let meta_len = self.meta_bytes.next_multiple_of(self.bs() as u64);
         let mut meta = vec![0u8; meta_len as usize];
         meta[..self.shared_area.len()].copy_from_slice(&self.shared_area);
         // Inodes are not in nid order (small ones fill earlier blocks' ends). Each is
@@ -1546,6 +1637,11 @@ impl Plan {
             meta[at..at + one.len()].copy_from_slice(&one);
         }
         (late, meta)
+    }
+
+    /// The block size in bytes.
+    fn bs(&self) -> usize {
+        1 << self.bits
     }
 
     fn nid_of(&self, id: NodeId) -> u64 {
@@ -1567,7 +1663,8 @@ impl Plan {
             (b"..", Some(slot.parent_nid), format::ft::DIR),
         ];
         let entries = dir_entries(children, &dots);
-        let mut out = Vec::with_capacity(slot.dir_blocks.len() * BS);
+        let bs = self.bs();
+        let mut out = Vec::with_capacity(slot.dir_blocks.len() * bs);
         for (bi, range) in slot.dir_blocks.iter().enumerate() {
             let start = out.len();
             let ents = &entries[range.clone()];
@@ -1591,7 +1688,7 @@ impl Plan {
                 out.extend_from_slice(e.0);
             }
             if bi + 1 < slot.dir_blocks.len() {
-                out.resize(start + BS, 0);
+                out.resize(start + bs, 0);
             }
         }
         out
@@ -1611,7 +1708,7 @@ impl Plan {
                 let bits = if *chunk_bits != 0 { *chunk_bits } else { self.chunk_bits };
                 (
                     DataLayout::ChunkBased,
-                    u32::from(format::CHUNK_FORMAT_INDEXES) | u32::from(bits - BLKSZBITS),
+                    u32::from(format::CHUNK_FORMAT_INDEXES) | u32::from(bits - self.bits),
                 )
             }
             Body::File(f) if resolve(&self.files, f).compressed.is_some() => {
@@ -1692,8 +1789,8 @@ impl Plan {
                 };
                 out.extend_from_slice(&header.encode());
                 out.extend_from_slice(&[0; 8]);
-                let indexes = zmap::full_indexes(extents, BLKSZBITS, big, self.data_shift);
-                debug_assert_eq!(indexes.len() as u64, slot.size.div_ceil(BLOCK_SIZE));
+                let indexes = zmap::full_indexes(extents, self.bits, big, self.data_shift);
+                debug_assert_eq!(indexes.len() as u64, slot.size.div_ceil(self.bs() as u64));
                 for i in indexes {
                     out.extend_from_slice(&i.encode());
                 }
@@ -1716,17 +1813,17 @@ impl Plan {
 
 /// Splits in-memory data (directory, symlink) into late blocks and an inline tail,
 /// inlined whenever it fits ([`Options::inline_data`] is about regular files only):
-/// returns (size, inline tail length, late blocks).
-fn split_data(size: u64, m: &Meta, xattr_size: usize) -> (u64, usize, u32) {
-    let tail = (size % BLOCK_SIZE) as usize;
-    let full = (size / BLOCK_SIZE) as u32;
+/// returns (size, inline tail length, late blocks) for blocks of `bs` bytes.
+fn split_data(size: u64, m: &Meta, xattr_size: usize, bs: u64) -> (u64, usize, u32) {
+    let tail = (size % bs) as usize;
+    let full = (size / bs) as u32;
     // Same worst case as for files, so the decision never depends on the inode
     // layout chosen a moment later.
-    let fits = tail != 0 && format::EXTENDED_INODE_SIZE + xattr_size.max(m.xattr_upper_bound()) + tail <= BS;
+    let fits = tail != 0 && format::EXTENDED_INODE_SIZE + xattr_size.max(m.xattr_upper_bound()) + tail <= bs as usize;
     if fits {
         (size, tail, full)
     } else {
-        (size, 0, size.div_ceil(BLOCK_SIZE) as u32)
+        (size, 0, size.div_ceil(bs) as u32)
     }
 }
 
@@ -1768,15 +1865,16 @@ fn dir_entries<'a>(
     v
 }
 
-/// Packs sorted entries into directory blocks: returns each block's entry range and
-/// the directory size (full blocks plus the used part of the last one).
-fn pack_dir(entries: &[(&[u8], DirTarget)]) -> (Vec<std::ops::Range<usize>>, u64) {
+/// Packs sorted entries into directory blocks of `bs` bytes (the kernel reads a
+/// directory block by block, each starting with its own dirents): returns each block's
+/// entry range and the directory size (full blocks plus the used part of the last one).
+fn pack_dir(entries: &[(&[u8], DirTarget)], bs: u64) -> (Vec<std::ops::Range<usize>>, u64) {
     let mut blocks = Vec::new();
     let mut start = 0;
     let mut used = 0;
     for (i, e) in entries.iter().enumerate() {
         let need = format::DIRENT_SIZE + e.0.len();
-        if used + need > BS {
+        if used + need > bs as usize {
             blocks.push(start..i);
             start = i;
             used = 0;
@@ -1784,7 +1882,7 @@ fn pack_dir(entries: &[(&[u8], DirTarget)]) -> (Vec<std::ops::Range<usize>>, u64
         used += need;
     }
     blocks.push(start..entries.len());
-    let size = (blocks.len() as u64 - 1) * BLOCK_SIZE + used as u64;
+    let size = (blocks.len() as u64 - 1) * bs + used as u64;
     (blocks, size)
 }
 
@@ -1872,8 +1970,8 @@ mod tests {
     fn pack_dir_splits_blocks() {
         let names: Vec<Vec<u8>> = (0..1000).map(|i| format!("name-{i:05}").into_bytes()).collect();
         let entries: Vec<(&[u8], DirTarget)> = names.iter().map(|n| (&n[..], DirTarget::Fixed(0, 1))).collect();
-        let (blocks, size) = pack_dir(&entries);
-        let per_block = BS / (12 + 10);
+        let (blocks, size) = pack_dir(&entries, BLOCK_SIZE);
+        let per_block = BLOCK_SIZE as usize / (12 + 10);
         assert_eq!(blocks[0], 0..per_block);
         assert_eq!(blocks.len(), 1000usize.div_ceil(per_block));
         assert_eq!(

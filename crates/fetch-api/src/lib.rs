@@ -49,6 +49,10 @@ pub enum CompressionAlgorithm {
     /// One independent zstd frame per chunk (the registry blob is in zstd's seekable format:
     /// the frames, then a seek table in a skippable frame).
     Zstd,
+    /// The registry blob is an unmodified `tar+gzip` or `tar+zstd` layer, and the served file
+    /// its uncompressed tar: chunk `i` is decoded from the nearest decompression checkpoint
+    /// before it, as [`ChunkCompression::index`] says (a serialized [`tar_index::Index`]).
+    TarIndex,
 }
 
 /// How a compressed registry blob holds the chunks of the image the daemon serves.
@@ -65,6 +69,11 @@ pub struct ChunkCompression {
     /// `sha256:<64 lowercase hex>` of the whole uncompressed image (what the cache file holds when
     /// complete).
     pub uncompressed_digest: String,
+    /// For [`CompressionAlgorithm::TarIndex`]: the layer's [`tar_index::Index`], serialized and
+    /// base64-encoded (checkpoints, and where each chunk's compressed bytes are); `sizes` is then
+    /// empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<String>,
 }
 
 /// A blob to serve: its identity, how it is cut into chunks, the digest of each chunk, and where to
@@ -134,45 +143,33 @@ impl BlobSpec {
         }
     }
 
-    /// The registry blob's byte range `[start, end)` holding each chunk, in chunk order: the
-    /// chunk's own range for a plain blob, its frame's for a compressed one. Call on a
-    /// [validated](BlobSpec::validate) spec (otherwise a compressed spec's ranges may not cover
-    /// every chunk).
-    pub fn fetch_ranges(&self) -> Vec<(u64, u64)> {
-        match &self.compressed {
-            None => (0..self.chunk_count()).map(|i| self.chunk_range(i)).collect(),
-            Some(c) => {
-                let mut start = 0u64;
-                c.sizes
-                    .iter()
-                    .map(|&n| {
-                        let end = start + u64::from(n);
-                        let r = (start, end);
-                        start = end;
-                        r
-                    })
-                    .collect()
-            }
+    /// How chunks come out of the registry blob's bytes: parses the tar index once, so a daemon
+    /// keeps the result for the blob's lifetime. Call on a [validated](BlobSpec::validate) spec.
+    pub fn decoder(&self) -> Result<ChunkDecoder, Error> {
+        let Some(c) = &self.compressed else {
+            return Ok(ChunkDecoder::Plain);
+        };
+        match c.algorithm {
+            CompressionAlgorithm::Zstd => Ok(ChunkDecoder::Zstd(c.sizes.clone())),
+            CompressionAlgorithm::TarIndex => Ok(ChunkDecoder::TarIndex(std::sync::Arc::new(parse_index(c)?))),
         }
     }
 
-    /// The bytes of chunk `index` from what its [fetch range](BlobSpec::fetch_ranges) held:
-    /// `raw` itself for a plain blob; for a compressed one, `raw` must be exactly one zstd
-    /// frame that decompresses to exactly the chunk's length. The output buffer is the chunk's
-    /// length and no more, so a frame cannot make the daemon allocate beyond it. The caller
-    /// still checks the result against the chunk's digest.
+    /// The registry blob's byte range `[start, end)` holding each chunk, in chunk order: the
+    /// chunk's own range for a plain blob, its frame's for a compressed one, from its checkpoint
+    /// to past its end for a tar index. Call on a [validated](BlobSpec::validate) spec
+    /// (otherwise a compressed spec's ranges may not cover every chunk).
+    pub fn fetch_ranges(&self) -> Vec<(u64, u64)> {
+        match self.decoder() {
+            Ok(d) => d.fetch_ranges(self),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The bytes of chunk `index` from what its [fetch range](BlobSpec::fetch_ranges) held (see
+    /// [`ChunkDecoder::decode`]; a daemon keeps one [`BlobSpec::decoder`] instead).
     pub fn decode_chunk(&self, index: u64, raw: Vec<u8>) -> Result<Vec<u8>, String> {
-        let Some(c) = &self.compressed else {
-            return Ok(raw);
-        };
-        if index >= self.chunk_count() {
-            return Err(format!("chunk {index} out of range ({} chunks)", self.chunk_count()));
-        }
-        let (start, end) = self.chunk_range(index);
-        let len = usize::try_from(end - start).map_err(|_| format!("chunk {index} is too large"))?;
-        match c.algorithm {
-            CompressionAlgorithm::Zstd => decode_zstd_frame(&raw, len).map_err(|e| format!("chunk {index}: {e}")),
-        }
+        self.decoder().map_err(|e| e.message)?.decode(self, index, raw)
     }
 
     /// Checks that the spec is self-consistent: digest format, chunk count, chunk digest format,
@@ -212,6 +209,12 @@ impl BlobSpec {
                     c.uncompressed_digest
                 ));
             }
+            if c.algorithm == CompressionAlgorithm::TarIndex {
+                return self.validate_tar_index(c);
+            }
+            if c.index.is_some() {
+                return bad("a tar index given for zstd chunks".into());
+            }
             if c.sizes.len() as u64 != chunks {
                 return bad(format!("{} compressed sizes for {chunks} chunks", c.sizes.len()));
             }
@@ -228,6 +231,120 @@ impl BlobSpec {
         }
         Ok(())
     }
+}
+
+impl BlobSpec {
+    /// A tar index must describe exactly this spec: the blob it was made from (its digest), the
+    /// served file (size, chunking, every chunk digest) and its whole digest.
+    fn validate_tar_index(&self, c: &ChunkCompression) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::new(ErrorKind::InvalidArgument, msg));
+        let index = parse_index(c)?;
+        if !c.sizes.is_empty() {
+            return bad("frame sizes given with a tar index".into());
+        }
+        let hex_of = |d: &[u8; 32]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        if self.hex() != Some(hex_of(&index.compressed_digest).as_str()) {
+            return bad(format!("the tar index was made from another blob than {}", self.digest));
+        }
+        if c.uncompressed_digest != format!("sha256:{}", hex_of(&index.uncompressed_digest)) {
+            return bad(format!(
+                "the tar index is of an uncompressed layer other than {}",
+                c.uncompressed_digest
+            ));
+        }
+        if index.uncompressed_size != self.size || index.chunk_size != self.chunk_size {
+            return bad(format!(
+                "the tar index describes {} bytes in chunks of {}, the spec {} in chunks of {}",
+                index.uncompressed_size, index.chunk_size, self.size, self.chunk_size
+            ));
+        }
+        if index.chunk_digests.len() != self.chunk_digests.len()
+            || index
+                .chunk_digests
+                .iter()
+                .zip(&self.chunk_digests)
+                .any(|(a, b)| hex_of(a) != *b)
+        {
+            return bad("the tar index's chunk digests differ from the spec's".into());
+        }
+        Ok(())
+    }
+}
+
+/// How the chunks of one blob are decoded (see [`BlobSpec::decoder`]).
+#[derive(Debug, Clone)]
+pub enum ChunkDecoder {
+    /// The blob is the served file.
+    Plain,
+    /// One zstd frame per chunk, of these sizes.
+    Zstd(Vec<u32>),
+    /// An unmodified compressed tar layer and its index.
+    TarIndex(std::sync::Arc<tar_index::Index>),
+}
+
+impl ChunkDecoder {
+    /// See [`BlobSpec::fetch_ranges`].
+    pub fn fetch_ranges(&self, spec: &BlobSpec) -> Vec<(u64, u64)> {
+        match self {
+            ChunkDecoder::Plain => (0..spec.chunk_count()).map(|i| spec.chunk_range(i)).collect(),
+            ChunkDecoder::Zstd(sizes) => {
+                let mut start = 0u64;
+                sizes
+                    .iter()
+                    .map(|&n| {
+                        let end = start + u64::from(n);
+                        let r = (start, end);
+                        start = end;
+                        r
+                    })
+                    .collect()
+            }
+            ChunkDecoder::TarIndex(index) => (0..index.chunk_count()).map(|i| index.fetch_range(i)).collect(),
+        }
+    }
+
+    /// The bytes of chunk `index` from what its fetch range held: `raw` itself for a plain
+    /// blob; for zstd chunks, `raw` must be exactly one zstd frame that decompresses to exactly
+    /// the chunk's length; for a tar index, what decompressing from the chunk's checkpoint gives
+    /// for the chunk's range. The output is the chunk's length and no more, so the input cannot
+    /// make the daemon allocate beyond it. The caller still checks the result against the
+    /// chunk's digest.
+    pub fn decode(&self, spec: &BlobSpec, index: u64, raw: Vec<u8>) -> Result<Vec<u8>, String> {
+        if matches!(self, ChunkDecoder::Plain) {
+            return Ok(raw);
+        }
+        if index >= spec.chunk_count() {
+            return Err(format!("chunk {index} out of range ({} chunks)", spec.chunk_count()));
+        }
+        let (start, end) = spec.chunk_range(index);
+        let len = usize::try_from(end - start).map_err(|_| format!("chunk {index} is too large"))?;
+        match self {
+            ChunkDecoder::Plain => Ok(raw),
+            ChunkDecoder::Zstd(_) => decode_zstd_frame(&raw, len).map_err(|e| format!("chunk {index}: {e}")),
+            ChunkDecoder::TarIndex(ix) => {
+                let out = ix
+                    .decode_chunk(index, &raw)
+                    .map_err(|e| format!("chunk {index}: {e}"))?;
+                if out.len() != len {
+                    return Err(format!("chunk {index} decodes to {} bytes, not {len}", out.len()));
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// The tar index of `c`, decoded and checked.
+fn parse_index(c: &ChunkCompression) -> Result<tar_index::Index, Error> {
+    use base64::Engine as _;
+    let b64 = c
+        .index
+        .as_deref()
+        .ok_or_else(|| Error::invalid("tar index compression without an index"))?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| Error::invalid(format!("tar index: bad base64: {e}")))?;
+    tar_index::Index::from_bytes(&bytes).map_err(|e| Error::invalid(format!("tar index: {e}")))
 }
 
 /// Decompresses `frame`, which must be exactly one zstd frame of exactly `len` bytes of content.
@@ -635,6 +752,7 @@ mod tests {
                 algorithm: CompressionAlgorithm::Zstd,
                 sizes: frames.iter().map(|f| f.len() as u32).collect(),
                 uncompressed_digest: format!("sha256:{}", sha256(&image)),
+                index: None,
             }),
         };
         (image, spec, blob)

@@ -117,6 +117,22 @@ pub struct Blob {
     pub(crate) marked: AtomicBool,
     /// The registry blob's range holding each chunk (its compressed frame when the chunks are compressed).
     fetch_ranges: Vec<(u64, u64)>,
+    /// Turns a fetched range into the chunk's bytes (a tar index is parsed once, here).
+    decoder: fetch_api::ChunkDecoder,
+    /// For a tar index: the running sha256 of the compressed layer, fed in order by the fetches
+    /// (chunk ranges overlap, and what a read fetched out of order is fetched again for it by the
+    /// prefetcher), checked against the blob digest before the blob counts as verified.
+    layer_hash: Mutex<LayerHash>,
+    /// The compressed layer matched its digest (in this process, or before the verified marker was
+    /// written).
+    layer_checked: AtomicBool,
+}
+
+/// See [`Blob::layer_hash`].
+struct LayerHash {
+    hasher: Sha256,
+    /// Bytes of the compressed layer hashed so far, from 0.
+    pos: u64,
 }
 
 struct BlobPaths {
@@ -161,6 +177,26 @@ fn set_bit(bits: &mut [u8], i: u64, on: bool) {
 }
 
 impl Blob {
+    /// The compressed layer's size when the blob is served through a tar index (whose layer digest
+    /// is checked besides the uncompressed one).
+    fn layer_size(&self) -> Option<u64> {
+        match &self.decoder {
+            fetch_api::ChunkDecoder::TarIndex(ix) => Some(ix.compressed_size),
+            _ => None,
+        }
+    }
+
+    /// Feeds the layer hash with `raw`, the registry blob's bytes from `start`, if they extend it.
+    fn feed_layer(&self, start: u64, raw: &[u8]) {
+        let mut h = self.layer_hash.lock().unwrap();
+        let end = start + raw.len() as u64;
+        if start <= h.pos && h.pos < end {
+            let from = (h.pos - start) as usize;
+            h.hasher.update(&raw[from..]);
+            h.pos = end;
+        }
+    }
+
     fn chunks(&self) -> u64 {
         self.spec.chunk_count()
     }
@@ -388,6 +424,9 @@ impl Daemon {
         let repo = Repository::parse(&format!("{}/{}", spec.source.registry, spec.source.repository))?;
         let chunks = spec.chunk_count();
         let bitmap_len = chunks.div_ceil(8) as usize;
+        let decoder = spec
+            .decoder()
+            .map_err(|e| anyhow::anyhow!("{}: {}", spec.digest, e.message))?;
         let open = |p: &Path| {
             OpenOptions::new()
                 .read(true)
@@ -437,7 +476,13 @@ impl Daemon {
             fetched_bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             marked: AtomicBool::new(false),
-            fetch_ranges: spec.fetch_ranges(),
+            fetch_ranges: decoder.fetch_ranges(&spec),
+            decoder,
+            layer_hash: Mutex::new(LayerHash {
+                hasher: Sha256::new(),
+                pos: 0,
+            }),
+            layer_checked: AtomicBool::new(verified),
             hex,
             ino,
             repo,
@@ -794,6 +839,14 @@ impl Daemon {
                     if bit(&st.bitmap, i) && bit(&st.checked, i) {
                         return Ok(first_look);
                     }
+                    if blob.broken.load(Ordering::SeqCst) {
+                        // Every chunk matched its digest, the whole did not match the blob's: the chunk
+                        // table describes other bytes than the digest names. Nothing more is served.
+                        return Err(ChunkError::Failed(format!(
+                            "{} does not match its digest: not served",
+                            blob.spec.content_digest()
+                        )));
+                    }
                     if !st.in_flight.contains(&i) {
                         break;
                     }
@@ -897,11 +950,15 @@ impl Daemon {
         self.metrics.fetched_bytes.inc_by(len);
         blob.fetched_bytes.fetch_add(len, Ordering::Relaxed);
         let expected = &blob.spec.chunk_digests[i as usize];
+        let kept = blob.layer_size().map(|_| raw.clone());
         // A frame that does not decode to exactly the chunk's length is as bad as wrong bytes.
-        let decoded = blob.spec.decode_chunk(i, raw);
+        let decoded = blob.decoder.decode(&blob.spec, i, raw);
         let got = decoded.as_ref().map(|b| sha256_hex(b));
         match decoded {
             Ok(bytes) if got.as_deref() == Ok(expected.as_str()) => {
+                if let Some(raw) = kept {
+                    blob.feed_layer(start, &raw);
+                }
                 debug!(digest = %blob.spec.digest, chunk = i, bytes = len, took = ?began.elapsed(), "fetched chunk");
                 Ok(bytes)
             }
@@ -992,17 +1049,22 @@ impl Daemon {
                 if gone() {
                     return;
                 }
-                if bit(&blob.lock().bitmap, i) {
-                    continue;
-                }
-                if !listed[i as usize] {
+                let present = || bit(&blob.lock().bitmap, i);
+                if !present() && !listed[i as usize] {
                     self.wait_for_quiet(blob);
                     if gone() {
                         return;
                     }
-                    if bit(&blob.lock().bitmap, i) {
-                        continue;
+                }
+                if present() {
+                    if let Err(e) = self.fill_layer_hash(blob, blob.fetch_ranges[i as usize].1) {
+                        debug!(digest = %blob.spec.digest, chunk = i, error = %e, ?backoff, "prefetch will retry");
+                        failed = true;
+                        self.sleep_unless_stopped(blob, backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(60));
+                        break;
                     }
+                    continue;
                 }
                 // Paid before the chunk is claimed: a read of the same chunk must never wait for the
                 // bandwidth limit, only for a fetch already on the wire. What the wire carries is paid.
@@ -1028,6 +1090,14 @@ impl Daemon {
             if failed {
                 continue;
             }
+            if let Some(size) = blob.layer_size() {
+                if let Err(e) = self.fill_layer_hash(blob, size) {
+                    debug!(digest = %blob.spec.digest, error = %e, ?backoff, "prefetch will retry");
+                    self.sleep_unless_stopped(blob, backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                    continue;
+                }
+            }
             if blob.complete() {
                 // Another thread may be hashing already (a read completed the blob): wait for it.
                 while blob.verifying.swap(true, Ordering::SeqCst) {
@@ -1049,6 +1119,33 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Hashes the compressed layer of a tar-index blob up to `end`, fetching what no chunk fetch
+    /// of this process gave in order (what reads fetched out of order, or before a restart).
+    fn fill_layer_hash(&self, blob: &Blob, end: u64) -> Result<(), String> {
+        let Some(size) = blob.layer_size() else { return Ok(()) };
+        if blob.layer_checked.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let end = end.min(size);
+        let pos = blob.layer_hash.lock().unwrap().pos;
+        if pos >= end {
+            return Ok(());
+        }
+        self.bucket.take(end - pos);
+        let _slot = self.slots.acquire(true);
+        let raw = self
+            .client
+            .get_blob_range(&blob.repo, &blob.spec.digest, pos, end - pos)
+            .map_err(|e| e.to_string())?;
+        self.metrics.fetched_bytes.inc_by(raw.len() as u64);
+        blob.fetched_bytes.fetch_add(raw.len() as u64, Ordering::Relaxed);
+        if raw.len() as u64 != end - pos {
+            return Err(format!("got {} bytes of {}", raw.len(), end - pos));
+        }
+        blob.feed_layer(pos, &raw);
+        Ok(())
     }
 
     /// Waits until no FUSE read has come for [`Options::prefetch_idle`].
@@ -1076,6 +1173,34 @@ impl Daemon {
 /// whose whole digest does not has an inconsistent chunk table: its bitmap is cleared and it is marked
 /// broken, so it is not prefetched in a loop.
 fn verify_whole(blob: &Blob, metrics: &Metrics) {
+    if let Some(size) = blob.layer_size() {
+        if !blob.layer_checked.load(Ordering::SeqCst) {
+            let h = blob.layer_hash.lock().unwrap();
+            if h.pos != size {
+                // The prefetcher completes the hash, then comes back here.
+                debug!(digest = %blob.spec.digest, hashed = h.pos, size, "layer digest not checked yet");
+                return;
+            }
+            let got = format!("sha256:{}", hex::encode(h.hasher.clone().finalize()));
+            drop(h);
+            if got != blob.spec.digest {
+                metrics.verify_failures.inc();
+                blob.errors.fetch_add(1, Ordering::Relaxed);
+                error!(digest = %blob.spec.digest, got = %got,
+                    "the compressed layer does not match its digest: not served any more");
+                let mut st = blob.lock();
+                for i in 0..blob.chunks() {
+                    blob.mark(&mut st, i, false);
+                }
+                blob.broken.store(true, Ordering::SeqCst);
+                drop(st);
+                blob.changed.notify_all();
+                return;
+            }
+            blob.layer_checked.store(true, Ordering::SeqCst);
+            info!(digest = %blob.spec.digest, "compressed layer matches its digest");
+        }
+    }
     let mut whole = Sha256::new();
     let mut bad = Vec::new();
     for i in 0..blob.chunks() {

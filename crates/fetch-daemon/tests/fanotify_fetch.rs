@@ -308,6 +308,7 @@ fn compressed_chunks_are_fetched_as_frames_and_served_uncompressed() {
         algorithm: fetch_api::CompressionAlgorithm::Zstd,
         sizes: frames.iter().map(|f| f.len() as u32).collect(),
         uncompressed_digest: digest_of(&plain),
+        index: None,
     });
     let reg = d.client.register(&spec).unwrap();
     let file = std::fs::File::open(&reg.path).unwrap();

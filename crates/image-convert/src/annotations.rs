@@ -305,6 +305,7 @@ mod tests {
             size: l.size,
             platform: None,
             annotations: Some(l.annotations()),
+            artifact_type: None,
         }
     }
 

@@ -18,9 +18,11 @@
 
 pub mod annotations;
 mod convert;
+pub mod index;
 mod prefetch;
 pub mod zstd_chunks;
 
 pub use annotations::{LazyLayer, EROFS_LAYER_MEDIA_TYPE};
 pub use convert::{convert_image, ConvertOptions, ConvertReport, ConvertedLayer, Error};
+pub use index::{index_image, Bundle, IndexOptions, IndexReport, IndexedLayer};
 pub use prefetch::{file_extents, parse_prefetch_list, prefetch_chunks, Extent, PrefetchEntry};

@@ -191,6 +191,7 @@ fn compressed_chunks_round_trip() {
             algorithm: fetch_api::CompressionAlgorithm::Zstd,
             sizes: z.sizes.clone(),
             uncompressed_digest: z.uncompressed_digest.clone(),
+            index: None,
         }),
     };
     spec.validate().unwrap();

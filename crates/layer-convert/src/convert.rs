@@ -218,7 +218,7 @@ fn build_stream<R: Read + Send, W: std::io::Write + std::io::Seek>(
     finish: impl FnOnce(ImageWriter<W>, &Tree) -> Result<Summary, Error>,
 ) -> Result<Streamed, Error> {
     stream::with_uncompressed(input, compression, opts.max_size, progress, |s| {
-        let r = build(s, image, opts.build_time, &opts.lowers, reborrow(&mut sink));
+        let r = build(s, image, opts.build_time, &opts.lowers, reborrow(&mut sink), false);
         let r = match r {
             Err(e) => Err(s.take_failure().unwrap_or(e)),
             Ok(v) => Ok(v),
@@ -290,13 +290,16 @@ fn uuid_from(digest: &[u8; 32]) -> [u8; 16] {
 
 type Built<W> = (ImageWriter<W>, Tree, u64);
 
-/// Applies every tar entry to the tree, streaming file bodies into the image.
-fn build<S: BufRead, W: std::io::Write + std::io::Seek>(
+/// Applies every tar entry to the tree, streaming file bodies into the image; with
+/// `tar_index`, regular files are not copied but point at their bodies in the tar itself,
+/// which is the image's device 1 (see [`crate::tarindex`]).
+pub(crate) fn build<S: BufRead, W: std::io::Write + std::io::Seek>(
     s: &mut S,
     mut image: ImageWriter<W>,
     build_time: u64,
     lowers: &crate::Lowers,
     sink: Option<&mut dyn ChunkSink>,
+    tar_index: bool,
 ) -> Result<Built<W>, Error> {
     let implied = Meta {
         perm: 0o755,
@@ -311,6 +314,7 @@ fn build<S: BufRead, W: std::io::Write + std::io::Seek>(
         implied,
         lowers,
         sink,
+        tar_index,
     };
     let mut tar = TarReader::new(s);
     let mut entries = 0u64;
@@ -329,6 +333,8 @@ struct Builder<'s, 'l> {
     implied: Meta,
     lowers: &'l crate::Lowers,
     sink: Option<&'s mut dyn ChunkSink>,
+    /// Regular files point into the tar (device 1) instead of being copied.
+    tar_index: bool,
 }
 
 fn is_whiteout_node(n: &Node) -> bool {
@@ -528,6 +534,7 @@ impl Builder<'_, '_> {
                 }
                 Body::Dir(Default::default())
             }
+            Kind::File if self.tar_index => Body::File(crate::tarindex::file_in_tar(tar.position(), e.size)?),
             Kind::File => {
                 let data = image
                     .write_file(tar.body(), e.size, &meta, reborrow(&mut self.sink))

@@ -15,6 +15,7 @@
 mod convert;
 mod dir;
 mod lower;
+pub mod tarindex;
 
 /// The layer stream: compression detection and decompression (from [`oci_layer`]).
 pub use oci_layer::stream;

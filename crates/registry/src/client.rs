@@ -15,7 +15,7 @@ use crate::auth::{parse_challenges, AuthCache, Challenge, Credentials, DockerCon
 use crate::digest::{sha256_digest, validate_digest, verify, Hasher, VerifyingReader};
 use crate::error::{status_error, Error, Result};
 use crate::hosts::{self, Capabilities, HostEntry};
-use crate::manifest::MANIFEST_ACCEPT;
+use crate::manifest::{Descriptor, MANIFEST_ACCEPT};
 use crate::reference::{Reference, Repository};
 
 /// Registries refuse manifests over 4 MiB; this leaves room for ones that do not, without trusting a
@@ -81,7 +81,7 @@ pub struct Client {
 const DOWN_FOR: Duration = Duration::from_secs(30);
 
 /// One host a registry's requests may go to: a mirror or the upstream.
-struct Endpoint {
+pub(crate) struct Endpoint {
     /// `scheme://host[:port]`: where credentials may be sent, and the key of the down list.
     origin: String,
     /// The API root (`…/v2`), no trailing slash.
@@ -99,7 +99,7 @@ struct Endpoint {
 
 /// Which operation a request is for, i.e. which capability a host needs to be asked.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Need {
+pub(crate) enum Need {
     Pull,
     Resolve,
     Push,
@@ -122,6 +122,18 @@ pub struct RawManifest {
     pub bytes: Vec<u8>,
     pub media_type: String,
     pub digest: String,
+}
+
+impl RawManifest {
+    /// The descriptor of this manifest (media type, digest, size), e.g. as the `subject` of a referrer.
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            media_type: self.media_type.clone(),
+            digest: self.digest.clone(),
+            size: self.bytes.len() as u64,
+            ..Default::default()
+        }
+    }
 }
 
 /// What a blob push did.
@@ -171,7 +183,7 @@ impl Read for Blob {
 }
 
 /// The token scope of a request, and the host whose credentials and tokens it uses.
-struct Scope {
+pub(crate) struct Scope {
     host: String,
     registry: String,
     origin: String,
@@ -188,11 +200,11 @@ impl Scope {
         }
     }
 
-    fn pull(ep: &Endpoint, repo: &Repository) -> Scope {
+    pub(crate) fn pull(ep: &Endpoint, repo: &Repository) -> Scope {
         Scope::new(ep, vec![format!("repository:{}:pull", repo.name())])
     }
 
-    fn push(ep: &Endpoint, repo: &Repository) -> Scope {
+    pub(crate) fn push(ep: &Endpoint, repo: &Repository) -> Scope {
         Scope::new(ep, vec![format!("repository:{}:pull,push", repo.name())])
     }
 
@@ -201,7 +213,7 @@ impl Scope {
     }
 }
 
-enum ReqBody<'a> {
+pub(crate) enum ReqBody<'a> {
     Empty,
     Bytes(&'a [u8]),
     /// Sent once: a request with a streamed body is never retried.
@@ -315,7 +327,12 @@ impl Client {
     /// Runs `op` against each host allowed to do `need`, in order, until one succeeds; the last host's
     /// error is returned. Pushes use the first host that may push, only: an upload session lives on
     /// one host.
-    fn each<T>(&self, repo: &Repository, need: Need, mut op: impl FnMut(&Endpoint) -> Result<T>) -> Result<T> {
+    pub(crate) fn each<T>(
+        &self,
+        repo: &Repository,
+        need: Need,
+        mut op: impl FnMut(&Endpoint) -> Result<T>,
+    ) -> Result<T> {
         let endpoints = self.endpoints(repo);
         let mut candidates: Vec<&Endpoint> = endpoints.iter().filter(|e| need.allowed(e.capabilities)).collect();
         if need == Need::Push {
@@ -380,6 +397,11 @@ impl Client {
     }
 
     fn get_manifest_from(&self, ep: &Endpoint, reference: &Reference) -> Result<RawManifest> {
+        self.get_manifest_limited(ep, reference, MAX_MANIFEST)
+    }
+
+    /// [`Client::get_manifest`] from one host, reading at most `limit` bytes of body.
+    pub(crate) fn get_manifest_limited(&self, ep: &Endpoint, reference: &Reference, limit: u64) -> Result<RawManifest> {
         let url = self.url(ep, reference.repo(), &format!("manifests/{}", reference.locator()))?;
         let request = describe(&Method::GET, &url);
         let accept = MANIFEST_ACCEPT.join(", ");
@@ -398,7 +420,7 @@ impl Client {
         let header_digest = header(&resp, "docker-content-digest")
             .filter(|d| validate_digest(d).is_ok())
             .map(str::to_string);
-        let bytes = read_body(&request, resp, MAX_MANIFEST)?;
+        let bytes = read_body(&request, resp, limit)?;
 
         let digest = match (reference.digest(), header_digest.as_deref()) {
             (Some(d), _) | (None, Some(d)) => {
@@ -439,6 +461,19 @@ impl Client {
     }
 
     fn put_manifest_to(&self, ep: &Endpoint, reference: &Reference, media_type: &str, bytes: &[u8]) -> Result<String> {
+        self.put_manifest_subject(ep, reference, media_type, bytes)
+            .map(|(digest, _)| digest)
+    }
+
+    /// [`Client::put_manifest`] to one host; also returns the `OCI-Subject` header of the answer, by which
+    /// a registry with the referrers API says it indexed the manifest's `subject`.
+    pub(crate) fn put_manifest_subject(
+        &self,
+        ep: &Endpoint,
+        reference: &Reference,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<(String, Option<String>)> {
         let url = self.url(ep, reference.repo(), &format!("manifests/{}", reference.locator()))?;
         let request = describe(&Method::PUT, &url);
         let digest = match reference.digest() {
@@ -470,7 +505,8 @@ impl Client {
                 });
             }
         }
-        Ok(digest)
+        let subject = header(&resp, "oci-subject").map(str::to_string);
+        Ok((digest, subject))
     }
 
     /// Streams a blob; see [`Blob`] for when its digest is checked.
@@ -745,7 +781,7 @@ impl Client {
         }
     }
 
-    fn url(&self, ep: &Endpoint, repo: &Repository, path: &str) -> Result<Url> {
+    pub(crate) fn url(&self, ep: &Endpoint, repo: &Repository, path: &str) -> Result<Url> {
         let s = format!("{}/{}/{}", ep.api, repo.name(), path);
         let mut url = Url::parse(&s).map_err(|e| Error::invalid("registry URL", &s, e.to_string()))?;
         if let Some(ns) = &ep.ns {
@@ -772,7 +808,7 @@ impl Client {
     /// and answering one authentication challenge. Returns any response that is not retried, error
     /// statuses included: callers decide which statuses they expect.
     #[allow(clippy::too_many_arguments)]
-    fn send(
+    pub(crate) fn send(
         &self,
         ep: &Endpoint,
         method: Method,
@@ -1068,7 +1104,7 @@ impl<R: Read> Read for UploadReader<R> {
     }
 }
 
-fn describe(method: &Method, url: &Url) -> String {
+pub(crate) fn describe(method: &Method, url: &Url) -> String {
     let s = url.as_str();
     // Upload URLs carry a long opaque `_state`: keep error messages readable.
     match url.query() {
@@ -1077,11 +1113,11 @@ fn describe(method: &Method, url: &Url) -> String {
     }
 }
 
-fn header<'a>(resp: &'a Response<ureq::Body>, name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(resp: &'a Response<ureq::Body>, name: &str) -> Option<&'a str> {
     resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
-fn expect(request: &str, resp: Response<ureq::Body>, ok: &[u16]) -> Result<Response<ureq::Body>> {
+pub(crate) fn expect(request: &str, resp: Response<ureq::Body>, ok: &[u16]) -> Result<Response<ureq::Body>> {
     if ok.contains(&resp.status().as_u16()) {
         Ok(resp)
     } else {

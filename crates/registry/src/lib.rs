@@ -4,7 +4,9 @@
 //! digests, byte ranges of blobs can be read on their own (for fetching layer data on demand), and
 //! cross-repository mounts avoid re-uploading what a registry already has. Authentication follows the
 //! registry's `WWW-Authenticate` challenge: Bearer tokens (fetched with the docker config's credentials
-//! when there are some, cached per host and scope) or Basic credentials.
+//! when there are some, cached per host and scope) or Basic credentials. OCI 1.1 referrers (artifacts
+//! attached to a manifest through their `subject`) are pushed and listed with or without the registry's
+//! referrers API (see [`Client::referrers`]).
 //!
 //! ```no_run
 //! use registry::{Client, ClientOptions, Reference};
@@ -31,6 +33,7 @@ mod error;
 pub mod hosts;
 mod manifest;
 mod reference;
+mod referrers;
 
 pub use client::{Blob, BlobPush, Client, ClientOptions, RawManifest};
 pub use digest::{sha256_digest, validate_digest, VerifyingReader};
@@ -40,3 +43,4 @@ pub use manifest::{
     MANIFEST_ACCEPT, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST,
 };
 pub use reference::{Reference, Repository, DOCKER_HUB, DOCKER_HUB_HOST};
+pub use referrers::{artifact_manifest, empty_descriptor, referrers_tag, EMPTY_JSON, EMPTY_JSON_DIGEST, OCI_EMPTY};

@@ -26,15 +26,23 @@ pub fn is_index(media_type: &str) -> bool {
 }
 
 /// An OCI content descriptor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Fields this type does not know (`urls`, `data`, ...) are dropped when one is read and written back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
     pub media_type: String,
     pub digest: String,
     pub size: u64,
+    /// The type of the artifact the descriptor points to (`artifactType`, OCI 1.1): set on the entries
+    /// of a referrers list (the referrer's `artifactType`, else its config's media type), and on a
+    /// manifest's `subject` or layers when their author set it. Written only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
     /// Only in index entries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
+    /// Written only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
 }

@@ -67,8 +67,12 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A blob made available as a local file.
 #[derive(Debug, Clone)]
 pub struct Attached {
-    /// The file the EROFS mount reads.
+    /// The file the EROFS mount reads: the layer's image, or with `meta` the device its
+    /// regular files' data is on.
     pub path: PathBuf,
+    /// A tar-index layer: the local EROFS image (metadata only) to mount with `path` as
+    /// its one extra device.
+    pub meta: Option<PathBuf>,
     /// Which incarnation of the fetch daemon serves it: a mount made from an earlier
     /// one reads nothing new and must be made again.
     pub instance: u64,
@@ -454,7 +458,12 @@ impl Snapshotter {
                 ))
             })?;
             let a = remote.attach(layer)?;
-            mounts::mount_erofs_with_devices(&a.path, &[], &self.mountpoint(rec.id))?;
+            match &a.meta {
+                Some(meta) => {
+                    mounts::mount_erofs_with_devices(meta, std::slice::from_ref(&a.path), &self.mountpoint(rec.id))?
+                }
+                None => mounts::mount_erofs_with_devices(&a.path, &[], &self.mountpoint(rec.id))?,
+            }
             lock(&self.attached).insert(rec.id, a.instance);
             if a.complete {
                 lock(&self.incomplete).remove(&rec.id);
