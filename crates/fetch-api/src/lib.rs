@@ -949,4 +949,99 @@ mod tests {
         assert_eq!(client.list().unwrap_err().kind, ErrorKind::Internal);
         server.join().unwrap();
     }
+
+    /// A gzip blob of 300 KB of mixed bytes, its tar-index spec (chunks of 64 KiB) and the uncompressed bytes.
+    fn tar_index_spec() -> (Vec<u8>, Vec<u8>, BlobSpec) {
+        use base64::Engine as _;
+        use std::io::Write as _;
+        let plain: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 & 0x3f)
+            .collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        gz.write_all(&plain).unwrap();
+        let gz = gz.finish().unwrap();
+        let opts = tar_index::IndexOptions {
+            chunk_size: 64 << 10,
+            max_uncompressed: 1 << 30,
+        };
+        let mut ix = tar_index::Indexer::new(tar_index::Format::Gzip, &gz[..], opts).unwrap();
+        std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
+        let ix = ix.finish().unwrap();
+        let spec = BlobSpec {
+            digest: format!("sha256:{}", sha256(&gz)),
+            size: plain.len() as u64,
+            chunk_size: 64 << 10,
+            chunk_digests: plain.chunks(64 << 10).map(sha256).collect(),
+            prefetch: vec![],
+            source: spec().source,
+            compressed: Some(ChunkCompression {
+                algorithm: CompressionAlgorithm::TarIndex,
+                sizes: vec![],
+                uncompressed_digest: format!("sha256:{}", sha256(&plain)),
+                index: Some(base64::engine::general_purpose::STANDARD.encode(ix.to_bytes())),
+            }),
+        };
+        (gz, plain, spec)
+    }
+
+    #[test]
+    fn tar_index_chunks_decode_from_their_ranges() {
+        let (gz, plain, spec) = tar_index_spec();
+        spec.validate().unwrap();
+        assert_eq!(spec.content_digest(), format!("sha256:{}", sha256(&plain)));
+        let d = spec.decoder().unwrap();
+        let ranges = d.fetch_ranges(&spec);
+        assert_eq!(ranges.len() as u64, spec.chunk_count());
+        for (i, &(s, e)) in ranges.iter().enumerate() {
+            let got = d.decode(&spec, i as u64, gz[s as usize..e as usize].to_vec()).unwrap();
+            let (a, b) = spec.chunk_range(i as u64);
+            assert!(got == plain[a as usize..b as usize], "chunk {i}");
+        }
+        // A range cut short is an error, not short bytes.
+        let (s, e) = ranges[1];
+        assert!(d.decode(&spec, 1, gz[s as usize..e as usize - 1].to_vec()).is_err());
+    }
+
+    #[test]
+    fn tar_index_specs_must_match_their_index() {
+        let (_, _, good) = tar_index_spec();
+        let bad = |f: &dyn Fn(&mut BlobSpec)| {
+            let mut s = good.clone();
+            f(&mut s);
+            s.validate().map_err(|e| e.kind)
+        };
+        let invalid = Err(ErrorKind::InvalidArgument);
+        assert_eq!(
+            bad(&|s| s.digest = format!("sha256:{}", "b".repeat(64))),
+            invalid,
+            "another blob"
+        );
+        assert_eq!(bad(&|s| s.size += 1), invalid, "another size");
+        assert_eq!(bad(&|s| s.chunk_digests[2] = "c".repeat(64)), invalid, "a chunk digest");
+        assert_eq!(
+            bad(&|s| s.compressed.as_mut().unwrap().uncompressed_digest = format!("sha256:{}", "d".repeat(64))),
+            invalid,
+            "another diffID"
+        );
+        assert_eq!(
+            bad(&|s| s.compressed.as_mut().unwrap().index = None),
+            invalid,
+            "no index"
+        );
+        assert_eq!(
+            bad(&|s| s.compressed.as_mut().unwrap().index = Some("%%%".into())),
+            invalid,
+            "bad base64"
+        );
+        assert_eq!(
+            bad(&|s| s.compressed.as_mut().unwrap().index = Some("AAAA".into())),
+            invalid,
+            "not an index"
+        );
+        assert_eq!(
+            bad(&|s| s.compressed.as_mut().unwrap().sizes = vec![1]),
+            invalid,
+            "frame sizes too"
+        );
+    }
 }

@@ -403,3 +403,89 @@ pub fn index_image(client: &Client, image: &Reference, opts: &IndexOptions) -> R
         seconds: started.elapsed().as_secs_f64(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_gzip_and_zstd_tar_layers_are_indexed() {
+        assert!(matches!(
+            index_format("application/vnd.oci.image.layer.v1.tar+gzip"),
+            Ok(tar_index::Format::Gzip)
+        ));
+        assert!(matches!(
+            index_format("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            Ok(tar_index::Format::Gzip)
+        ));
+        assert!(matches!(
+            index_format("application/vnd.oci.image.layer.v1.tar+zstd"),
+            Ok(tar_index::Format::Zstd)
+        ));
+        for skipped in [
+            "application/vnd.oci.image.layer.v1.tar",
+            "application/vnd.erofs.layer.v1",
+            "application/vnd.oci.image.layer.v1.erofs",
+            "application/vnd.oci.image.layer.v1.tar+encrypted",
+            "application/octet-stream",
+        ] {
+            let why = index_format(skipped).unwrap_err();
+            assert!(why.contains(skipped), "{why}");
+        }
+    }
+
+    /// A real (small) bundle: the index of a tiny gzip layer and a few bytes of "image".
+    fn bundle() -> Bundle {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&vec![7u8; 100_000]).unwrap();
+        let gz = gz.finish().unwrap();
+        let opts = tar_index::IndexOptions {
+            chunk_size: 64 << 10,
+            max_uncompressed: 1 << 30,
+        };
+        let mut ix = tar_index::Indexer::new(tar_index::Format::Gzip, &gz[..], opts).unwrap();
+        io::copy(&mut ix, &mut io::sink()).unwrap();
+        Bundle {
+            meta: b"not really EROFS, the bundle does not look".to_vec(),
+            index: ix.finish().unwrap(),
+        }
+    }
+
+    #[test]
+    fn bundles_round_trip() {
+        let b = bundle();
+        let bytes = b.to_bytes().unwrap();
+        let back = Bundle::from_bytes(&bytes).unwrap();
+        assert_eq!(back.meta, b.meta);
+        assert_eq!(back.index.to_bytes(), b.index.to_bytes());
+    }
+
+    #[test]
+    fn hostile_bundles_are_refused() {
+        let good = bundle().to_bytes().unwrap();
+        let word = |b: &mut Vec<u8>, i: usize, v: u64| b[8 + 8 * i..16 + 8 * i].copy_from_slice(&v.to_le_bytes());
+        let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+        cases.push(("empty", Vec::new()));
+        cases.push(("truncated header", good[..20].to_vec()));
+        let mut b = good.clone();
+        b[0] ^= 1;
+        cases.push(("bad magic", b));
+        let mut b = good.clone();
+        word(&mut b, 0, MAX_BUNDLE_META + 1);
+        cases.push(("image size beyond the bound (a bomb)", b));
+        let mut b = good.clone();
+        word(&mut b, 0, 5);
+        cases.push(("image smaller than it decompresses to", b));
+        let mut b = good.clone();
+        word(&mut b, 1, u64::MAX);
+        cases.push(("section sizes that overflow", b));
+        let mut b = good.clone();
+        b.push(0);
+        cases.push(("a trailing byte", b));
+        cases.push(("truncated index", good[..good.len() - 1].to_vec()));
+        for (what, bytes) in cases {
+            assert!(Bundle::from_bytes(&bytes).is_err(), "{what} was accepted");
+        }
+    }
+}
