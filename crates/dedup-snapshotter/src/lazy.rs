@@ -427,10 +427,18 @@ impl Lazy {
         }
         use image_convert::index::TARINDEX_ARTIFACT_TYPE;
         let reference = registry::Reference::parse(image_ref).map_err(|e| format!("image ref {image_ref:?}: {e}"))?;
-        let referrers = self
+        let referrers = match self
             .registry
             .referrers(reference.repo(), manifest_digest, Some(TARINDEX_ARTIFACT_TYPE))
-            .map_err(|e| format!("referrers of {manifest_digest}: {e}"))?;
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // Asked once per manifest, not once per layer: a registry that cannot say is one
+                // without tar indexes, and the layers take the normal path.
+                tracing::warn!(manifest = %manifest_digest, error = %e, "cannot list the manifest's referrers: no tar index");
+                Vec::new()
+            }
+        };
         let mut found = None;
         for r in referrers {
             let pinned = reference.with_digest(&r.digest).map_err(|e| e.to_string())?;

@@ -679,19 +679,8 @@ struct ConvertImageArgs {
     /// Where converted layers are kept until they are pushed (default: $TMPDIR).
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// Docker config file with registry credentials (default: $DOCKER_CONFIG or ~/.docker).
-    #[arg(long)]
-    docker_config: Option<PathBuf>,
-    /// Also use plain HTTP for this registry host (loopback always does).
-    #[arg(long)]
-    plain_http: Vec<String>,
-    /// containerd's registry host configuration directory: DIR/<registry>/hosts.toml names mirrors
-    /// (tried first, in order), CAs and client certificates, as containerd reads it.
-    #[arg(long, default_value = registry::hosts::DEFAULT_HOSTS_DIR)]
-    hosts_dir: PathBuf,
-    /// Seconds to wait for a connection to a registry host before the next one is tried.
-    #[arg(long, default_value_t = 5)]
-    connect_timeout_secs: u64,
+    #[command(flatten)]
+    registry: RegistryArgs,
     /// Media type of the converted layers. containerd before 2.x unpacks only OCI/Docker layer types
     /// through its unpacker (the one that lets a snapshotter mount a layer lazily): use `oci` there
     /// (application/vnd.oci.image.layer.v1.erofs); `erofs` is application/vnd.erofs.layer.v1.
@@ -725,32 +714,46 @@ struct IndexImageArgs {
     /// Where tar-index images are kept until they are pushed (default: $TMPDIR).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    registry: RegistryArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How `convert-image` and `index-image` reach registries.
+#[derive(clap::Args)]
+struct RegistryArgs {
     /// Docker config file with registry credentials (default: $DOCKER_CONFIG or ~/.docker).
     #[arg(long)]
     docker_config: Option<PathBuf>,
     /// Also use plain HTTP for this registry host (loopback always does).
     #[arg(long)]
     plain_http: Vec<String>,
-    /// containerd's registry host configuration directory (as for `convert-image`).
+    /// containerd's registry host configuration directory: DIR/<registry>/hosts.toml names mirrors
+    /// (tried first, in order), CAs and client certificates, as containerd reads it.
     #[arg(long, default_value = registry::hosts::DEFAULT_HOSTS_DIR)]
     hosts_dir: PathBuf,
     /// Seconds to wait for a connection to a registry host before the next one is tried.
     #[arg(long, default_value_t = 5)]
     connect_timeout_secs: u64,
-    /// Print the report as JSON.
-    #[arg(long)]
-    json: bool,
+}
+
+impl RegistryArgs {
+    fn client(self) -> Result<registry::Client> {
+        let mut copts = registry::ClientOptions {
+            docker_config: self.docker_config,
+            hosts_dir: Some(self.hosts_dir),
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout_secs.max(1)),
+            ..Default::default()
+        };
+        copts.plain_http.extend(self.plain_http);
+        Ok(registry::Client::new(copts)?)
+    }
 }
 
 fn index_image(a: IndexImageArgs) -> Result<()> {
-    let mut copts = registry::ClientOptions {
-        docker_config: a.docker_config,
-        hosts_dir: Some(a.hosts_dir),
-        connect_timeout: std::time::Duration::from_secs(a.connect_timeout_secs.max(1)),
-        ..Default::default()
-    };
-    copts.plain_http.extend(a.plain_http);
-    let client = registry::Client::new(copts)?;
+    let client = a.registry.client()?;
     let image = registry::Reference::parse(&a.image).with_context(|| format!("image {}", a.image))?;
     let opts = image_convert::IndexOptions {
         chunk_size: a.chunk_size,
@@ -825,14 +828,7 @@ fn parse_chunk_compression(s: &str) -> std::result::Result<ChunkCompression, Str
 }
 
 fn convert_image(a: ConvertImageArgs) -> Result<()> {
-    let mut copts = registry::ClientOptions {
-        docker_config: a.docker_config,
-        hosts_dir: Some(a.hosts_dir),
-        connect_timeout: std::time::Duration::from_secs(a.connect_timeout_secs.max(1)),
-        ..Default::default()
-    };
-    copts.plain_http.extend(a.plain_http);
-    let client = registry::Client::new(copts)?;
+    let client = a.registry.client()?;
     let src = registry::Reference::parse(&a.src).with_context(|| format!("source {}", a.src))?;
     let dst = registry::Reference::parse(&a.dst).with_context(|| format!("target {}", a.dst))?;
     let prefetch_paths = match &a.prefetch {

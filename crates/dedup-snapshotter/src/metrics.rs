@@ -134,6 +134,17 @@ impl Collector for LazyLayers {
             MetricType::Gauge,
         )?;
         ConstGauge::new(i64::from(blobs.is_ok())).encode(up)?;
+        let refused = encoder.encode_descriptor(
+            "tar_index_refused",
+            "Tar indexes refused at Prepare (an artifact or bundle that does not match the image, a first chunk \
+             that does not verify): each such layer was pulled in full.",
+            None,
+            MetricType::Counter,
+        )?;
+        prometheus_client::metrics::counter::ConstCounter::new(
+            crate::lazy::TAR_INDEX_REFUSED.load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .encode(refused)?;
         let Ok(blobs) = blobs else { return Ok(()) };
         let complete = blobs.iter().filter(|b| b.complete && b.verified).count();
         let mut family = encoder.encode_descriptor(

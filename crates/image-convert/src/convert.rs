@@ -122,6 +122,71 @@ pub struct ConvertReport {
     pub seconds: f64,
 }
 
+/// An image as read from its registry: the manifest (an index resolved to this host's
+/// platform), its config and layers, and a config whose diffIDs match the layers.
+pub(crate) struct SourceImage {
+    /// The platform manifest's bytes and media type (what a `subject` names).
+    pub manifest: registry::RawManifest,
+    pub layers: Vec<Descriptor>,
+    pub config: Value,
+}
+
+/// Reads `src`'s manifest (resolving an index to this host's platform) and config.
+pub(crate) fn read_image(client: &Client, src: &Reference) -> Result<SourceImage, Error> {
+    let mut manifest = client.get_manifest(src)?;
+    if registry::is_index(&manifest.media_type) {
+        let d = registry::resolve_platform(&manifest.bytes, "linux", registry::host_arch())?
+            .ok_or_else(|| Error::Invalid(format!("{src}: the index has no linux/{} image", registry::host_arch())))?;
+        manifest = client.get_manifest(&src.with_digest(&d.digest)?)?;
+    }
+    let m: Value = serde_json::from_slice(&manifest.bytes)
+        .map_err(|e| Error::Invalid(format!("{src}: manifest is not JSON: {e}")))?;
+    let config_desc: Descriptor = serde_json::from_value(m["config"].clone())
+        .map_err(|e| Error::Invalid(format!("{src}: manifest config: {e}")))?;
+    let layers: Vec<Descriptor> = serde_json::from_value(m["layers"].clone())
+        .map_err(|e| Error::Invalid(format!("{src}: manifest layers: {e}")))?;
+    let mut config = Vec::new();
+    client
+        .get_blob(src.repo(), &config_desc.digest)?
+        .take(64 << 20)
+        .read_to_end(&mut config)?;
+    let config: Value =
+        serde_json::from_slice(&config).map_err(|e| Error::Invalid(format!("{src}: config is not JSON: {e}")))?;
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().map_or(0, Vec::len);
+    if diff_ids != layers.len() {
+        return Err(Error::Invalid(format!(
+            "{src}: {} layers but {diff_ids} diff_ids in the config",
+            layers.len()
+        )));
+    }
+    Ok(SourceImage {
+        manifest,
+        layers,
+        config,
+    })
+}
+
+/// Where layers are written until they are pushed: a new directory in `dir` (or $TMPDIR),
+/// removed with everything in it when dropped.
+pub(crate) fn work_dir(dir: Option<&std::path::Path>) -> io::Result<tempfile::TempDir> {
+    match dir {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+}
+
+/// One progress bar a layer, on stderr when `progress`, else hidden.
+pub(crate) fn progress_bars(progress: bool) -> (MultiProgress, ProgressStyle) {
+    let bars = MultiProgress::with_draw_target(if progress {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = ProgressStyle::with_template("{prefix:>10} {bar:30} {bytes:>10}/{total_bytes:10} {msg}")
+        .expect("a valid template");
+    (bars, style)
+}
+
 /// Converts `src` (a manifest, or an index resolved to this host's platform) into
 /// an image of EROFS-native layers pushed as `dst`.
 pub fn convert_image(
@@ -153,46 +218,19 @@ pub fn convert_image(
             )));
         }
     }
-    let mut manifest = client.get_manifest(src)?;
-    if registry::is_index(&manifest.media_type) {
-        let d = registry::resolve_platform(&manifest.bytes, "linux", registry::host_arch())?
-            .ok_or_else(|| Error::Invalid(format!("{src}: the index has no linux/{} image", registry::host_arch())))?;
-        manifest = client.get_manifest(&src.with_digest(&d.digest)?)?;
-    }
+    let SourceImage {
+        manifest,
+        layers,
+        config,
+        ..
+    } = read_image(client, src)?;
     let m: Value = serde_json::from_slice(&manifest.bytes)
         .map_err(|e| Error::Invalid(format!("{src}: manifest is not JSON: {e}")))?;
-    let config_desc: Descriptor = serde_json::from_value(m["config"].clone())
-        .map_err(|e| Error::Invalid(format!("{src}: manifest config: {e}")))?;
-    let layers: Vec<Descriptor> = serde_json::from_value(m["layers"].clone())
-        .map_err(|e| Error::Invalid(format!("{src}: manifest layers: {e}")))?;
+    let mut config = config;
     let src_repo = src.repo();
     let dst_repo = dst.repo();
-
-    let mut config = Vec::new();
-    client
-        .get_blob(src_repo, &config_desc.digest)?
-        .read_to_end(&mut config)?;
-    let mut config: Value =
-        serde_json::from_slice(&config).map_err(|e| Error::Invalid(format!("{src}: config is not JSON: {e}")))?;
-    let diff_ids = config["rootfs"]["diff_ids"].as_array().map_or(0, Vec::len);
-    if diff_ids != layers.len() {
-        return Err(Error::Invalid(format!(
-            "{src}: {} layers but {diff_ids} diff_ids in the config",
-            layers.len()
-        )));
-    }
-
-    let work = match &opts.work_dir {
-        Some(d) => tempfile::tempdir_in(d)?,
-        None => tempfile::tempdir()?,
-    };
-    let bars = MultiProgress::with_draw_target(if opts.progress {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
-    let style = ProgressStyle::with_template("{prefix:>10} {bar:30} {bytes:>10}/{total_bytes:10} {msg}")
-        .expect("a valid template");
+    let work = work_dir(opts.work_dir.as_deref())?;
+    let (bars, style) = progress_bars(opts.progress);
 
     let mut converted = Vec::new();
     let mut files: Vec<std::path::PathBuf> = Vec::new();

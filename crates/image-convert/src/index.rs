@@ -19,14 +19,14 @@
 //! the nearest checkpoint and checks it against the chunk digest before it is used.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use registry::{Client, Descriptor, Reference, OCI_MANIFEST};
+use indicatif::ProgressBar;
+use registry::{Client, Reference, OCI_MANIFEST};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use tracing::info;
 
 use crate::Error;
@@ -199,52 +199,18 @@ pub fn index_image(client: &Client, image: &Reference, opts: &IndexOptions) -> R
             opts.chunk_size
         )));
     }
-    let mut manifest = client.get_manifest(image)?;
-    if registry::is_index(&manifest.media_type) {
-        let d = registry::resolve_platform(&manifest.bytes, "linux", registry::host_arch())?.ok_or_else(|| {
-            Error::Invalid(format!(
-                "{image}: the index has no linux/{} image",
-                registry::host_arch()
-            ))
-        })?;
-        manifest = client.get_manifest(&image.with_digest(&d.digest)?)?;
-    }
+    let crate::convert::SourceImage {
+        manifest,
+        layers,
+        config,
+        ..
+    } = crate::convert::read_image(client, image)?;
     let manifest_digest = registry::sha256_digest(&manifest.bytes);
-    let m: Value = serde_json::from_slice(&manifest.bytes)
-        .map_err(|e| Error::Invalid(format!("{image}: manifest is not JSON: {e}")))?;
-    let config_desc: Descriptor = serde_json::from_value(m["config"].clone())
-        .map_err(|e| Error::Invalid(format!("{image}: manifest config: {e}")))?;
-    let layers: Vec<Descriptor> = serde_json::from_value(m["layers"].clone())
-        .map_err(|e| Error::Invalid(format!("{image}: manifest layers: {e}")))?;
-    let repo = image.repo();
-    let mut config = Vec::new();
-    client
-        .get_blob(repo, &config_desc.digest)?
-        .take(64 << 20)
-        .read_to_end(&mut config)?;
-    let config: Value =
-        serde_json::from_slice(&config).map_err(|e| Error::Invalid(format!("{image}: config is not JSON: {e}")))?;
     let diff_ids: Vec<String> = serde_json::from_value(config["rootfs"]["diff_ids"].clone())
         .map_err(|e| Error::Invalid(format!("{image}: config rootfs.diff_ids: {e}")))?;
-    if diff_ids.len() != layers.len() {
-        return Err(Error::Invalid(format!(
-            "{image}: {} layers but {} diff_ids in the config",
-            layers.len(),
-            diff_ids.len()
-        )));
-    }
-
-    let work = match &opts.work_dir {
-        Some(d) => tempfile::tempdir_in(d)?,
-        None => tempfile::tempdir()?,
-    };
-    let bars = MultiProgress::with_draw_target(if opts.progress {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    });
-    let style = ProgressStyle::with_template("{prefix:>10} {bar:30} {bytes:>10}/{total_bytes:10} {msg}")
-        .expect("a valid template");
+    let repo = image.repo();
+    let work = crate::convert::work_dir(opts.work_dir.as_deref())?;
+    let (bars, style) = crate::convert::progress_bars(opts.progress);
 
     let mut report_layers = Vec::new();
     let mut bundles = Vec::new();
