@@ -20,7 +20,7 @@
 #   lazy*       the conversion pulled with CRI's labels (diffclient -cri-labels pull), then `ctr run`: containerd
 #               downloads no layer; dedupd fetches what the start reads, verified, and the rest after.
 #   index       (issue 17) the unmodified gzip image, with the artifact `index-image` pushed for it (chunks of
-#               INDEX_CHUNK, default 2M), pulled the same way: the snapshotter mounts each layer's metadata from the
+#               INDEX_CHUNK, default index-image's 1M), pulled the same way: the snapshotter mounts each layer's metadata from the
 #               artifact and dedupd serves the uncompressed tar from Range requests on the original gzip blobs.
 # Measured per mode: seconds from the pull's start to the command's output; for the lazy modes the bytes dedupd had
 # fetched by then, and the time until every blob was fetched and verified.  At the first rate, read-all (every file

@@ -14,6 +14,10 @@
 //!   fails the read after the deadline and the same read works once the registry is back; kill -9 of dedupd and
 //!   of the snapshotter, each followed by a restart: the next container start works.
 //!
+//! - Unmodified images (issue 17): `index-image` pushes a tar-index artifact next to the gzip python image; CRI
+//!   (containerd 1.7 and 2.1) pulls the image itself lazily through it, a corrupt index falls back to a full
+//!   pull of that layer, and an artifact of another manifest is ignored.
+//!
 //! Needs root, the e2e tools (see tests/e2e/mod.rs), Go (diffclient), FUSE, and the workspace's release binaries
 //! `dedupd` and `registry-proxy` (scripts/test.sh builds them first).
 //!
@@ -1869,18 +1873,17 @@ fn artifact_copy(l: &Lazy, subject: &(String, String, u64), edit: impl FnOnce(&m
 }
 
 /// Issue 17: the unmodified gzip python image, with the artifact `index-image` pushed next to it, pulled by CRI
-/// (containerd 2.1) from a throttled proxy: every layer is mounted from its tar index at once (containerd downloads
+/// (containerd 1.7 and 2.1) from a throttled proxy: every layer is mounted from its tar index at once (containerd downloads
 /// no layer), dedupd serves the uncompressed tars from Range requests on the original gzip blobs, the container
 /// prints before the layers are fetched, and the background fetch completes and verifies them (chunk digests, then
 /// the diffID). Bad indexes: one whose first chunk does not match its digest makes that layer a full pull (the
 /// other layer stays lazy); an artifact that names another manifest as its subject is ignored.
-#[test]
-fn cri_pull_of_an_unmodified_image_through_its_tar_index() {
+fn cri_pull_through_a_tar_index(version: &str) {
     let _serial = e2e::serial();
     let l = Lazy::start_indexed(
         20_000_000,
         &["--prefetch-rate", "10000000", "--read-deadline-secs", "30"],
-        "2.1",
+        version,
     );
     let layers = l.converted["layers"].as_array().unwrap();
     for x in layers {
@@ -2013,7 +2016,7 @@ fn cri_pull_of_an_unmodified_image_through_its_tar_index() {
     let blobs = l.dedupd.blobs();
     let out = Cri::logs(&pod, "py");
     eprintln!(
-        "e2e: tar index on containerd 2.1: PullImage {pull_s:.2}s, first output {first_s:.2}s, {fetched} of {total} \
+        "e2e: tar index on containerd {version}: PullImage {pull_s:.2}s, first output {first_s:.2}s, {fetched} of {total} \
          compressed bytes fetched then ({:.1}%)",
         100.0 * fetched as f64 / total as f64
     );
@@ -2056,4 +2059,14 @@ fn cri_pull_of_an_unmodified_image_through_its_tar_index() {
         .unwrap_or_default();
     assert!(kept.is_empty(), "tar indexes left after their layers went: {kept:?}");
     l.stop();
+}
+
+#[test]
+fn cri_pull_of_an_unmodified_image_through_its_tar_index_on_containerd_1_7() {
+    cri_pull_through_a_tar_index("1.7");
+}
+
+#[test]
+fn cri_pull_of_an_unmodified_image_through_its_tar_index_on_containerd_2_1() {
+    cri_pull_through_a_tar_index("2.1");
 }
