@@ -325,6 +325,24 @@ impl RemoteLayers for Lazy {
         }
     }
 
+    fn retain(&self, layers: &[RemoteLayer]) {
+        let Some(dir) = &self.tar_index_dir else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let kept: HashSet<PathBuf> = layers
+            .iter()
+            .filter_map(|l| serde_json::from_value::<TarIndexLayer>(l.spec.clone()).ok())
+            .flat_map(|t| [t.tar_index.meta, t.tar_index.index])
+            .collect();
+        for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+            if !kept.contains(&path) {
+                tracing::info!(path = %path.display(), "removing a tar index no layer uses");
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "removing a tar index");
+                }
+            }
+        }
+    }
+
     fn stream(&self, labels: &BTreeMap<String, String>) -> Result<Option<StreamedLayer>, String> {
         if !self.stream {
             return Ok(None);
@@ -660,6 +678,63 @@ impl Lazy {
 mod tests {
     use super::*;
     use image_convert::annotations::{ZstdChunks, OCI_EROFS_ZSTD_LAYER_MEDIA_TYPE};
+
+    #[test]
+    fn start_up_keeps_only_the_tar_indexes_of_recorded_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let ti = dir.path().join("tarindex");
+        std::fs::create_dir(&ti).unwrap();
+        let names = [
+            "a.erofs",
+            "a.index",
+            "b.erofs",
+            "b.index",
+            "c.erofs.tmp-12",
+            "d.device-check",
+        ];
+        for n in names {
+            std::fs::write(ti.join(n), b"x").unwrap();
+        }
+        let client = registry::Client::new(Default::default()).unwrap();
+        let lazy = Lazy::new(None, client, false).with_tar_index(ti.clone());
+        let blob = fetch_api::BlobSpec {
+            digest: format!("sha256:{}", "a".repeat(64)),
+            size: 1,
+            chunk_size: 1,
+            chunk_digests: vec!["0".repeat(64)],
+            prefetch: vec![],
+            source: fetch_api::Source {
+                registry: "127.0.0.1:5000".into(),
+                repository: "app".into(),
+            },
+            compressed: None,
+        };
+        let layer = RemoteLayer {
+            digest: blob.digest.clone(),
+            size: 1,
+            spec: serde_json::to_value(TarIndexLayer {
+                tar_index: TarIndexFiles {
+                    meta: ti.join("a.erofs"),
+                    index: ti.join("a.index"),
+                },
+                blob: blob.clone(),
+            })
+            .unwrap(),
+        };
+        // A converted image's lazy layer has no tar index: it keeps nothing.
+        let native = RemoteLayer {
+            digest: blob.digest.clone(),
+            size: 1,
+            spec: serde_json::to_value(&blob).unwrap(),
+        };
+        lazy.retain(&[layer, native]);
+        let mut left: Vec<String> = std::fs::read_dir(&ti)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a.erofs", "a.index"]);
+    }
 
     #[test]
     fn compressed_layers_are_served_uncompressed() {

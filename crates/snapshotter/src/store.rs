@@ -99,6 +99,9 @@ pub trait RemoteLayers: Send + Sync {
     }
     /// The blob is not needed any more (no layer names it).
     fn detach(&self, layer: &RemoteLayer);
+    /// At start-up, the lazy layers the store records: whatever the source keeps for
+    /// layers not among them (left by a crash between its files and the record) can go.
+    fn retain(&self, _layers: &[RemoteLayer]) {}
     /// A plain (tar) layer the labels name that the source can stream from its
     /// registry, for the store to convert while it downloads; `None` (the default)
     /// lets containerd download it and our Diff service apply it.
@@ -1592,6 +1595,13 @@ impl Snapshotter {
     fn repair(&self) -> Result<()> {
         self.repair_blob_counts()?;
         self.remove_orphans(true)?;
+        if let Some(remote) = &self.remote {
+            let layers: Vec<RemoteLayer> = meta::read(&self.db, |r| r.all())?
+                .into_iter()
+                .filter_map(|(_, rec)| rec.remote)
+                .collect();
+            remote.retain(&layers);
+        }
         let mounted = mounts::mounted_under(&self.root.join("m")).map_err(internal)?;
         for (key, rec) in meta::read(&self.db, |r| r.all())? {
             let dir = self.dir(rec.id);
