@@ -15,7 +15,7 @@
 //!   of the snapshotter, each followed by a restart: the next container start works.
 //!
 //! - Unmodified images (issue 17): `index-image` pushes a tar-index artifact next to the gzip python image; CRI
-//!   (containerd 1.7 and 2.1) pulls the image itself lazily through it, a corrupt index falls back to a full
+//!   (containerd 1.7 with dedupd on FUSE, 2.1 on fanotify) pulls the image itself lazily through it, a corrupt index falls back to a full
 //!   pull of that layer, and an artifact of another manifest is ignored.
 //!
 //! Needs root, the e2e tools (see tests/e2e/mod.rs), Go (diffclient), FUSE, and the workspace's release binaries
@@ -1878,13 +1878,21 @@ fn artifact_copy(l: &Lazy, subject: &(String, String, u64), edit: impl FnOnce(&m
 /// prints before the layers are fetched, and the background fetch completes and verifies them (chunk digests, then
 /// the diffID). Bad indexes: one whose first chunk does not match its digest makes that layer a full pull (the
 /// other layer stays lazy); an artifact that names another manifest as its subject is ignored.
-fn cri_pull_through_a_tar_index(version: &str) {
+fn cri_pull_through_a_tar_index(version: &str, data_path: &str) {
     let _serial = e2e::serial();
     let l = Lazy::start_indexed(
         20_000_000,
-        &["--prefetch-rate", "10000000", "--read-deadline-secs", "30"],
+        &[
+            "--prefetch-rate",
+            "10000000",
+            "--read-deadline-secs",
+            "30",
+            "--data-path",
+            data_path,
+        ],
         version,
     );
+    assert_eq!(l.dedupd.client().ping().unwrap().data_path, data_path);
     let layers = l.converted["layers"].as_array().unwrap();
     for x in layers {
         assert!(
@@ -2061,12 +2069,14 @@ fn cri_pull_through_a_tar_index(version: &str) {
     l.stop();
 }
 
+/// containerd 1.7, dedupd on its FUSE data path.
 #[test]
-fn cri_pull_of_an_unmodified_image_through_its_tar_index_on_containerd_1_7() {
-    cri_pull_through_a_tar_index("1.7");
+fn cri_pull_of_an_unmodified_image_through_its_tar_index_on_containerd_1_7_fuse() {
+    cri_pull_through_a_tar_index("1.7", "fuse");
 }
 
+/// containerd 2.1, dedupd on its fanotify data path.
 #[test]
-fn cri_pull_of_an_unmodified_image_through_its_tar_index_on_containerd_2_1() {
-    cri_pull_through_a_tar_index("2.1");
+fn cri_pull_of_an_unmodified_image_through_its_tar_index_on_containerd_2_1_fanotify() {
+    cri_pull_through_a_tar_index("2.1", "fanotify");
 }

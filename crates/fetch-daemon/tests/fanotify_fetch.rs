@@ -332,3 +332,74 @@ fn compressed_chunks_are_fetched_as_frames_and_served_uncompressed() {
     let status = d.client.wait(&spec.digest, Duration::from_secs(30)).unwrap();
     assert!(status.complete && status.verified, "{status:?}");
 }
+
+/// A tar-index blob (an unmodified gzip layer served uncompressed): reads are answered with chunks inflated from
+/// their checkpoints and verified. The registry serves a gzip stream that differs from the indexed one only in its
+/// header's MTIME: every chunk decodes and matches, the whole tar matches its diffID, but the compressed layer does
+/// not match its digest once the background fetch has hashed it all, so the blob is not served any more (EIO),
+/// never counts as verified, and the mismatch is counted.
+#[test]
+fn a_tar_index_layer_whose_compressed_bytes_do_not_match_its_digest_stops_being_served() {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let plain: Vec<u8> = (0..(3 * MIB + 5000) as usize)
+        .map(|i| ((i / 512) % 251) as u8 ^ (i % 7) as u8)
+        .collect();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    gz.write_all(&plain).unwrap();
+    let indexed = gz.finish().unwrap();
+    let opts = tar_index::IndexOptions {
+        chunk_size: MIB,
+        max_uncompressed: 1 << 30,
+    };
+    let mut ix = tar_index::Indexer::new(tar_index::Format::Gzip, &indexed[..], opts).unwrap();
+    std::io::copy(&mut ix, &mut std::io::sink()).unwrap();
+    let ix = ix.finish().unwrap();
+    // Bytes 4..8 of a gzip header are its MTIME: no decoder output depends on them.
+    let mut served = indexed.clone();
+    served[4] ^= 0x5a;
+    let server = BlobServer::start(served);
+    let place = Place::new();
+    let d = fanotify(&place, &["--read-deadline-secs", "3", "--prefetch-idle-ms", "10"]);
+    let mut spec = spec_for(&plain, MIB, &server.addr, "layers/indexed");
+    spec.digest = digest_of(&indexed);
+    spec.compressed = Some(fetch_api::ChunkCompression {
+        algorithm: fetch_api::CompressionAlgorithm::TarIndex,
+        sizes: vec![],
+        uncompressed_digest: digest_of(&plain),
+        index: Some(base64::engine::general_purpose::STANDARD.encode(ix.to_bytes())),
+    });
+    let reg = d.client.register(&spec).unwrap();
+    let file = std::fs::File::open(&reg.path).unwrap();
+    // Chunk 2, inflated from its checkpoint: the bytes of the tar.
+    assert!(read_at(&file, 2 * MIB + 3, 100).unwrap() == plain[2 * MIB as usize + 3..2 * MIB as usize + 103]);
+    let t = Instant::now();
+    loop {
+        let s = d.client.status(&spec.digest).unwrap();
+        assert!(
+            !s.verified,
+            "a layer that does not match its digest was verified: {s:?}"
+        );
+        if s.errors > 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no mismatch found: {s:?}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.metric("dedupd_verify_failures_total") >= 1.0);
+    assert!(
+        d.log_text().contains("the compressed layer does not match its digest"),
+        "{}",
+        d.log_text()
+    );
+    drop_page_cache(&file);
+    assert!(
+        eio(&read_at(&file, 10, 100)),
+        "a layer that does not match its digest was still served"
+    );
+    assert!(!d.client.status(&spec.digest).unwrap().verified);
+}
