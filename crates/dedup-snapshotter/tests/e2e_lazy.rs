@@ -15,7 +15,8 @@
 //!   of the snapshotter, each followed by a restart: the next container start works.
 //!
 //! - Unmodified images (issue 17): `index-image` pushes a tar-index artifact next to the gzip python image; CRI
-//!   (containerd 1.7 with dedupd on FUSE, 2.1 on fanotify) pulls the image itself lazily through it, a corrupt index falls back to a full
+//!   (containerd 1.7 with dedupd on FUSE, 2.1 on fanotify; containerd 1.6's unpacker with CRI's labels) pulls the image
+//!   itself lazily through it, a corrupt index falls back to a full
 //!   pull of that layer, and an artifact of another manifest is ignored.
 //!
 //! Needs root, the e2e tools (see tests/e2e/mod.rs), Go (diffclient), FUSE, and the workspace's release binaries
@@ -253,8 +254,8 @@ impl Lazy {
 
     /// The unmodified python image with the tar index `index-image` pushes for it: `lazy` is the image itself
     /// (through the proxy), `converted` the index report.
-    fn start_indexed(proxy_rate: u64, dedupd_args: &[&str], cri_version: &str) -> Lazy {
-        let (env, dedupd, source) = Lazy::python_env(dedupd_args, Some(cri_version));
+    fn start_indexed(proxy_rate: u64, dedupd_args: &[&str], cri_version: Option<&str>) -> Lazy {
+        let (env, dedupd, source) = Lazy::python_env(dedupd_args, cri_version);
         let t = Instant::now();
         let out = Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
             .args(["index-image", "--json", &source])
@@ -1890,7 +1891,7 @@ fn cri_pull_through_a_tar_index(version: &str, data_path: &str) {
             "--data-path",
             data_path,
         ],
-        version,
+        Some(version),
     );
     assert_eq!(l.dedupd.client().ping().unwrap().data_path, data_path);
     let layers = l.converted["layers"].as_array().unwrap();
@@ -2079,4 +2080,21 @@ fn cri_pull_of_an_unmodified_image_through_its_tar_index_on_containerd_1_7_fuse(
 #[test]
 fn cri_pull_of_an_unmodified_image_through_its_tar_index_on_containerd_2_1_fanotify() {
     cri_pull_through_a_tar_index("2.1", "fanotify");
+}
+
+/// containerd 1.6 (no CRI plugin here): its client-side unpacker with CRI's labels (`diffclient -cri-labels`), as
+/// the kubelet's pulls label layers; the unmodified image mounts from its tar index and runs.
+#[test]
+fn labelled_pull_of_an_unmodified_image_through_its_tar_index_on_containerd_1_6() {
+    let _serial = e2e::serial();
+    let l = Lazy::start_indexed(20_000_000, &["--read-deadline-secs", "30"], None);
+    l.dc(&["-cri-labels", "pull", &l.lazy]);
+    l.check_lazy_layers();
+    let content = l.env.ctr(&["content", "ls", "-q"]);
+    for layer in l.converted["layers"].as_array().unwrap() {
+        let d = layer["digest"].as_str().unwrap();
+        assert!(!content.contains(d), "containerd downloaded layer {d}: {content}");
+    }
+    assert_eq!(l.run(&l.lazy, "indexed", &["python3", "-c", "print(42)"]).trim(), "42");
+    l.stop();
 }
