@@ -413,3 +413,23 @@ pub fn same_verdict(format: Format, blob: &[u8]) -> bool {
         ),
     }
 }
+
+/// Flips 1 to 3 random bits of `blob`, 1500 times, and checks each mutant gets the same verdict
+/// (and output) from the indexer and the project's plain decoder; returns (accepted, refused).
+pub fn mutation_verdicts(format: Format, blob: &[u8], seed: u64) -> (u32, u32) {
+    let mut rng = Rng::new(seed);
+    let (mut ok, mut bad) = (0, 0);
+    for _ in 0..1500 {
+        let mut b = blob.to_vec();
+        for _ in 0..1 + rng.below(3) {
+            let i = rng.below(b.len() as u64) as usize;
+            b[i] ^= 1 << rng.below(8);
+        }
+        if same_verdict(format, &b) {
+            ok += 1;
+        } else {
+            bad += 1;
+        }
+    }
+    (ok, bad)
+}
