@@ -255,46 +255,49 @@ impl Lazy {
     /// The unmodified python image with the tar index `index-image` pushes for it: `lazy` is the image itself
     /// (through the proxy), `converted` the index report.
     fn start_indexed(proxy_rate: u64, dedupd_args: &[&str], cri_version: Option<&str>) -> Lazy {
-        let (env, dedupd, source) = Lazy::python_env(dedupd_args, cri_version);
-        let t = Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
-            .args(["index-image", "--json", &source])
-            .output()
-            .expect("spawn index-image");
-        assert!(out.status.success(), "{}", describe("index-image", &out));
-        let converted: serde_json::Value = serde_json::from_slice(&out.stdout).expect("index-image JSON");
-        eprintln!("e2e: index-image in {:.1}s: {converted}", t.elapsed().as_secs_f64());
-        let proxy = Proxy::start(&env.registry, proxy_rate);
-        let lazy = format!("{}/python:latest", proxy.addr);
-        Lazy {
-            env,
-            dedupd,
-            proxy,
-            source,
-            lazy,
-            converted,
-        }
+        Lazy::start_made(proxy_rate, dedupd_args, cri_version, "latest", |source, _| {
+            vec!["index-image".into(), "--json".into(), source.into()]
+        })
     }
 
     fn start_on(media: &str, proxy_rate: u64, dedupd_args: &[&str], cri_version: Option<&str>) -> Lazy {
         let (media, zstd) = media.split_once('+').map_or((media, false), |(m, _)| (m, true));
+        Lazy::start_made(proxy_rate, dedupd_args, cri_version, "erofs", |source, registry| {
+            let mut a: Vec<String> = vec![
+                "convert-image".into(),
+                "--json".into(),
+                "--layer-media-type".into(),
+                media.into(),
+            ];
+            if zstd {
+                a.extend(["--chunk-compression".into(), "zstd".into()]);
+            }
+            a.extend([source.into(), format!("{registry}/python:erofs")]);
+            a
+        })
+    }
+
+    /// The python image pushed, then `dedup-snapshotter` run with the arguments `args(source, registry)` gives
+    /// (its JSON report is `converted`); `lazy` is `python:TAG` through a proxy at `proxy_rate`.
+    fn start_made(
+        proxy_rate: u64,
+        dedupd_args: &[&str],
+        cri_version: Option<&str>,
+        tag: &str,
+        args: impl FnOnce(&str, &str) -> Vec<String>,
+    ) -> Lazy {
         let (env, dedupd, source) = Lazy::python_env(dedupd_args, cri_version);
         let t = Instant::now();
+        let args = args(&source, &env.registry);
         let out = Command::new(env!("CARGO_BIN_EXE_dedup-snapshotter"))
-            .args(["convert-image", "--json", "--layer-media-type", media])
-            .args(if zstd {
-                &["--chunk-compression", "zstd"][..]
-            } else {
-                &[]
-            })
-            .args([&source, &format!("{}/python:erofs", env.registry)])
+            .args(&args)
             .output()
-            .expect("spawn convert-image");
-        assert!(out.status.success(), "{}", describe("convert-image", &out));
-        let converted: serde_json::Value = serde_json::from_slice(&out.stdout).expect("convert-image JSON");
-        eprintln!("e2e: convert-image in {:.1}s: {converted}", t.elapsed().as_secs_f64());
+            .expect("spawn dedup-snapshotter");
+        assert!(out.status.success(), "{}", describe(&args[0], &out));
+        let converted: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+        eprintln!("e2e: {} in {:.1}s: {converted}", args[0], t.elapsed().as_secs_f64());
         let proxy = Proxy::start(&env.registry, proxy_rate);
-        let lazy = format!("{}/python:erofs", proxy.addr);
+        let lazy = format!("{}/python:{tag}", proxy.addr);
         Lazy {
             env,
             dedupd,
