@@ -1,5 +1,5 @@
 # The fuzz targets and their seeds, for fuzz/run.sh and scripts/fuzz-smoke.sh (sourced).
-FUZZ_TARGETS=(erofs_image tar_convert tar_reader lazy_layer filters compressed)
+FUZZ_TARGETS=(erofs_image tar_convert tar_reader lazy_layer filters compressed tar_index)
 
 # fuzz_seeds TARGET: sets `seeds` (dir under fuzz/) and `len` (libFuzzer's -max_len).
 fuzz_seeds() {

@@ -75,6 +75,7 @@ fuzz_target!(|data: &[u8]| {
                 algorithm: fetch_api::CompressionAlgorithm::Zstd,
                 sizes: z.sizes.clone(),
                 uncompressed_digest: z.uncompressed_digest.clone(),
+                index: None,
             }),
         };
         if let Err(e) = spec.validate() {
